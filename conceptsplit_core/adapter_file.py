@@ -1,0 +1,332 @@
+"""ToVA adapter files: read the native and the official format, write the native one (spec §2.7).
+
+Native:   tova.<diffusers path>.attn2.to_v.lora_A.weight (r, d) and ....lora_B.weight (C, r), conceptsplit.* metadata.
+Official: unet.<diffusers path>.attn2.to_v.original_linear.lora_A.weight / lora_B (KU-VGI/ConceptSplit checkpoints).
+A <diffusers path> names one transformer block, e.g. "down_blocks.2.attentions.0.transformer_blocks.0".
+Everything else (kohya, diffusers, PEFT LoRAs, keys on q/k/out or self-attention) is refused before any patching.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .atomic_file import atomic_replace
+from .config import (
+    FAMILIES,
+    FAMILY_DISPLAY,
+    NATIVE_FORMAT_NAME,
+    NATIVE_FORMAT_VERSION,
+    PREDICTION_EPS,
+    PREDICTION_V,
+    ROLES,
+)
+from .errors import ConceptSplitError
+
+FORMAT_NATIVE = "native"
+FORMAT_OFFICIAL = "official"
+
+_NATIVE_KEY = re.compile(r"^tova\.(?P<path>.+)\.attn2\.to_v\.lora_(?P<part>[AB])\.weight$")
+_OFFICIAL_KEY = re.compile(r"^unet\.(?P<path>.+)\.attn2\.to_v\.original_linear\.lora_(?P<part>[AB])\.weight$")
+# Fragments that only ordinary LoRA / LyCORIS files use (kohya, diffusers, PEFT, ComfyUI's own trainer).
+_REGULAR_LORA_MARKERS = ("lora_up", "lora_down", "lora_unet_", "lora_te", ".alpha", "lora_A", "lora_B",
+                         "hada_w", "lokr_w", ".diff", "lora.up", "lora.down", "lora_linear_layer")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_LOADER_HINT = 'Load it with ComfyUI\'s "Load LoRA" node (LoraLoader) instead'
+
+META = "conceptsplit."  # metadata key prefix
+
+
+@dataclass(frozen=True)
+class AdapterMetadata:
+    """The `conceptsplit.*` metadata of a native file (spec §2.7). All values are stored as strings."""
+
+    base_model: str  # "sd1.5", "sd2.1" or "sd2.1-v", "sdxl"
+    text_width: int  # d, the adapter input width
+    rank: int  # r
+    alpha: float  # scale is alpha / r
+    identifier_word: str  # the plain class word, e.g. "dog" (spec §2.4)
+    role: str = "object"  # "object" or "background" (spec §5)
+    prediction: str = PREDICTION_EPS  # "eps" or "v": what the base model predicts
+    layers: int = 0  # number of attn2.to_v layers covered
+    training: Mapping[str, str] = field(default_factory=dict)  # train_steps, train_lr, ... (spec §2.7)
+
+    @property
+    def family(self) -> str:
+        return family_of_base_model(self.base_model)
+
+    def to_strings(self) -> dict[str, str]:
+        out = {
+            META + "format": NATIVE_FORMAT_NAME,
+            META + "format_version": str(NATIVE_FORMAT_VERSION),
+            META + "base_model": self.base_model,
+            META + "text_width": str(self.text_width),
+            META + "layers": str(self.layers),
+            META + "rank": str(self.rank),
+            META + "alpha": _number_text(self.alpha),
+            META + "identifier_word": self.identifier_word,
+            META + "role": self.role,
+            META + "prediction": self.prediction,
+        }
+        for key, value in self.training.items():
+            out[META + key] = str(value)
+        return out
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One adapter file in memory: per transformer block (diffusers path), lora_A (r, d) and lora_B (C, r) in fp32."""
+
+    name: str  # file name shown in messages
+    file_format: str  # FORMAT_NATIVE or FORMAT_OFFICIAL
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (A (r, d), B (C, r))
+    rank: int
+    text_width: int
+    alpha: float
+    metadata: AdapterMetadata | None  # None for official files
+
+    @property
+    def scale(self) -> float:
+        """alpha / r (spec §2.1: 1.0 for the paper's adapters)."""
+        return self.alpha / self.rank
+
+
+def family_of_base_model(base_model: str) -> str:
+    """'sd2.1-v' -> 'sd2.1'; raises for an unknown family."""
+    family = base_model[:-2] if base_model.endswith("-v") else base_model
+    if family not in FAMILIES:
+        raise ConceptSplitError.build(
+            f"Unknown base model {base_model!r} in adapter metadata",
+            seen=f"conceptsplit.base_model = {base_model!r}",
+            expected="one of " + ", ".join(FAMILIES) + " (optionally with -v)",
+            fix="re-save the adapter with this pack's trainer, or fix the metadata",
+        )
+    return family
+
+
+def read_adapter_file(path: str | Path) -> AdapterWeights:
+    """Load and validate a ToVA adapter file (spec §2.7 "Loading"): format, metadata, pairing, one rank, finite values.
+
+    Shapes: lora_A (r, d), lora_B (C, r) per layer, returned as fp32 CPU tensors.
+    Raises: ConceptSplitError for a missing, corrupt, pickled, regular-LoRA or otherwise invalid file.
+    """
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise ConceptSplitError.build(
+            f'Adapter file "{path}" does not exist',
+            seen="no file at that path", expected="a .safetensors ToVA adapter",
+            fix='put the file in ComfyUI/models/tova and press "Refresh" (R) in the UI',
+        )
+    tensors, raw_meta = _read_tensors(path)
+    file_format, layer_parts = _classify_keys(name, tensors)
+    metadata = _parse_metadata(name, raw_meta) if file_format == FORMAT_NATIVE else None
+    layers = _pair_layers(name, layer_parts)
+    rank, text_width = _check_shapes(name, layers)
+    if metadata is not None:
+        _check_metadata_against_tensors(name, metadata, rank, text_width, len(layers))
+    alpha = metadata.alpha if metadata is not None else float(rank)  # official: alpha = r, scale 1 (spec §2.5)
+    return AdapterWeights(name=name, file_format=file_format, layers=layers, rank=rank, text_width=text_width,
+                          alpha=alpha, metadata=metadata)
+
+
+def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       metadata: AdapterMetadata, *, dtype: torch.dtype = torch.float32,
+                       overwrite: bool = False) -> Path:
+    """Write the native format atomically (temp file in the folder, then rename); never a partial file.
+
+    Shapes: layers maps diffusers path -> (A (r, d), B (C, r)). dtype: torch.float32 (default) or torch.float16.
+    """
+    from safetensors.torch import save
+
+    if dtype not in (torch.float32, torch.float16):
+        raise ConceptSplitError.build("Unsupported adapter precision", seen=str(dtype),
+                                      expected="torch.float32 or torch.float16", fix="choose fp32 or fp16")
+    tensors = {}
+    for layer_path, (lora_a, lora_b) in sorted(layers.items()):
+        tensors[f"tova.{layer_path}.attn2.to_v.lora_A.weight"] = lora_a.detach().to("cpu", dtype).contiguous()
+        tensors[f"tova.{layer_path}.attn2.to_v.lora_B.weight"] = lora_b.detach().to("cpu", dtype).contiguous()
+    payload = save(tensors, metadata=metadata.to_strings())
+    return atomic_replace(Path(path), lambda handle: handle.write(payload), overwrite=overwrite)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                meta = handle.metadata() or {}
+                return {key: handle.get_tensor(key) for key in handle.keys()}, meta
+        except Exception as err:  # safetensors raises several types for truncated/garbled headers and data
+            raise ConceptSplitError.build(
+                f'Adapter file "{path.name}" is truncated or corrupt',
+                seen=f"{type(err).__name__}: {err}", expected="a complete safetensors file",
+                fix="download or train the adapter again",
+            ) from err
+    if suffix in _PICKLE_SUFFIXES:
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for truncated zips
+            raise ConceptSplitError.build(
+                f'Adapter file "{path.name}" cannot be loaded safely',
+                seen=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                expected="plain tensors (loaded with torch.load(weights_only=True)) or, better, a .safetensors file",
+                fix="convert the file to .safetensors; pickled Python objects are never executed",
+            ) from err
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise ConceptSplitError.build(
+                f'Adapter file "{path.name}" is not a flat tensor dictionary',
+                seen=type(loaded).__name__, expected="a dict of name -> tensor",
+                fix="save the adapter as a safetensors state dict",
+            )
+        return dict(loaded), {}
+    raise ConceptSplitError.build(
+        f'"{path.name}" has an unsupported file type',
+        seen=suffix or "no extension", expected=".safetensors (or .pt/.ckpt/.bin holding plain tensors)",
+        fix="use a .safetensors ToVA adapter",
+    )
+
+
+def _classify_keys(name: str, tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """Return the format and {path: {"A": tensor, "B": tensor}}; refuse anything that is not a ToVA adapter."""
+    keys = list(tensors)
+    if not keys:
+        raise ConceptSplitError.build(f'Adapter file "{name}" holds no tensors', seen="0 tensors",
+                                      expected="lora_A/lora_B pairs for attn2.to_v", fix="train or download it again")
+    native = [k for k in keys if k.startswith("tova.")]
+    official = [k for k in keys if ".original_linear." in k]
+    if native:
+        file_format, pattern = FORMAT_NATIVE, _NATIVE_KEY
+    elif official:
+        file_format, pattern = FORMAT_OFFICIAL, _OFFICIAL_KEY
+    elif any(marker in key for key in keys for marker in _REGULAR_LORA_MARKERS):
+        sample = next(k for k in keys if any(m in k for m in _REGULAR_LORA_MARKERS))
+        raise ConceptSplitError.build(
+            f'"{name}" is a regular LoRA, not a token-wise ToVA adapter',
+            seen=f'keys like "{sample}" ({len(keys)} tensors), which a LoRA loader applies to every token',
+            expected='keys "tova.<block>.attn2.to_v.lora_A.weight" (this pack) or '
+                     '"unet.<block>.attn2.to_v.original_linear.lora_A.weight" (official ConceptSplit)',
+            fix=_LOADER_HINT,
+        )
+    else:
+        raise ConceptSplitError.build(
+            f'"{name}" is not a ToVA adapter', seen=f'keys like "{keys[0]}"',
+            expected="tova.* keys (this pack) or *.original_linear.* keys (official ConceptSplit)",
+            fix="choose a ToVA adapter file",
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys:
+        match = pattern.match(key)
+        if match is None:
+            raise ConceptSplitError.build(
+                f'"{name}" adapts more than the cross-attention value projection',
+                seen=f'key "{key}"',
+                expected="only attn2.to_v (cross-attention values); ToVA never changes q, k, out or self-attention",
+                fix="retrain with target modules attn2.to_v only, or load the file as a regular LoRA with LoraLoader",
+            )
+        parts.setdefault(match["path"], {})[match["part"]] = tensors[key]
+    return file_format, parts
+
+
+def _parse_metadata(name: str, raw: Mapping[str, str]) -> AdapterMetadata:
+    def get(key: str, required: bool = True) -> str | None:
+        value = raw.get(META + key)
+        if value is None and required:
+            raise ConceptSplitError.build(
+                f'Adapter "{name}" lacks metadata field {META + key}',
+                seen="fields: " + (", ".join(sorted(k for k in raw if k.startswith(META))) or "none"),
+                expected="the full conceptsplit.* metadata of the native format",
+                fix="re-save the adapter with this pack (Train ToVA Adapter or the command-line trainer)",
+            )
+        return value
+
+    if get("format") != NATIVE_FORMAT_NAME:
+        raise ConceptSplitError.build(f'Adapter "{name}" has tova.* keys but another format tag',
+                                      seen=f"{META}format = {raw.get(META + 'format')!r}",
+                                      expected=f"{NATIVE_FORMAT_NAME!r}", fix="re-save the adapter with this pack")
+    version = get("format_version")
+    if not version.isdigit() or int(version) > NATIVE_FORMAT_VERSION:
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" uses format version {version}', seen=f"version {version}",
+            expected=f"version {NATIVE_FORMAT_VERSION} or older", fix="update ComfyUI-ConceptSplit",
+        )
+    prediction = get("prediction")
+    role = get("role")
+    if prediction not in (PREDICTION_EPS, PREDICTION_V) or role not in ROLES:
+        raise ConceptSplitError.build(f'Adapter "{name}" has invalid metadata',
+                                      seen=f"prediction={prediction!r}, role={role!r}",
+                                      expected=f"prediction eps|v, role {'|'.join(ROLES)}",
+                                      fix="re-save the adapter with this pack")
+    training = {key[len(META):]: value for key, value in raw.items()
+                if key.startswith(META + "train") or key == META + "templates"}
+    try:
+        return AdapterMetadata(
+            base_model=get("base_model"), text_width=int(get("text_width")), rank=int(get("rank")),
+            alpha=float(get("alpha")), identifier_word=get("identifier_word"), role=role, prediction=prediction,
+            layers=int(get("layers")), training=training,
+        )
+    except ValueError as err:
+        raise ConceptSplitError.build(f'Adapter "{name}" has non-numeric metadata', seen=str(err),
+                                      expected="integers for text_width, rank, layers; a number for alpha",
+                                      fix="re-save the adapter with this pack") from err
+
+
+def _pair_layers(name: str, parts: Mapping[str, Mapping[str, torch.Tensor]]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    layers = {}
+    for layer_path, pair in sorted(parts.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise ConceptSplitError.build(f'Adapter "{name}" is missing {missing} for layer {layer_path}',
+                                          seen=f"only {', '.join('lora_' + p for p in pair)}",
+                                          expected="lora_A and lora_B for every layer",
+                                          fix="the file is incomplete; train or download it again")
+        layers[layer_path] = (pair["A"].to(torch.float32), pair["B"].to(torch.float32))
+    return layers
+
+
+def _check_shapes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+    """One rank r and one text width d across layers; A (r, d), B (C, r); all values finite. Returns (r, d)."""
+    ranks, widths = set(), set()
+    for layer_path, (lora_a, lora_b) in layers.items():
+        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
+            raise ConceptSplitError.build(
+                f'Adapter "{name}" has mis-shaped tensors at {layer_path}',
+                seen=f"lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)}",
+                expected="lora_A (r, d) and lora_B (C, r) with the same r", fix="train or download the adapter again")
+        ranks.add(lora_a.shape[0])
+        widths.add(lora_a.shape[1])
+        for part, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ConceptSplitError.build(
+                    f'Adapter "{name}" contains NaN or Inf values', seen=f"{bad} non-finite values in {part} of {layer_path}",
+                    expected="finite weights", fix="the training diverged or the file is damaged; retrain it")
+    if len(ranks) != 1 or len(widths) != 1:
+        raise ConceptSplitError.build(f'Adapter "{name}" mixes ranks or text widths across layers',
+                                      seen=f"ranks {sorted(ranks)}, text widths {sorted(widths)}",
+                                      expected="one rank and one text width", fix="train or download the adapter again")
+    return ranks.pop(), widths.pop()
+
+
+def _check_metadata_against_tensors(name: str, meta: AdapterMetadata, rank: int, width: int, n_layers: int) -> None:
+    family = meta.family  # raises on unknown families
+    seen = f"metadata rank {meta.rank}, text width {meta.text_width}, layers {meta.layers}"
+    if (meta.rank, meta.text_width, meta.layers) != (rank, width, n_layers):
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" ({FAMILY_DISPLAY[family]}) has metadata that does not match its tensors',
+            seen=f"{seen}; tensors rank {rank}, text width {width}, layers {n_layers}",
+            expected="the same numbers", fix="the file was edited or damaged; re-save it with this pack")
+
+
+def _number_text(value: float) -> str:
+    return json.dumps(int(value)) if float(value).is_integer() else repr(float(value))

@@ -1,0 +1,113 @@
+"""Concepts: an adapter file plus what the user said about it (word, strength, role, token index), and the plan
+that binds a list of concepts to one model and one prompt (spec §2.4, §2.8).
+
+Each concept keeps its own position next to it: never parallel lists of adapters and positions (spec §2.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .adapter_file import AdapterWeights
+from .adapter_layers import UNetLayout, bind_adapter_layers
+from .config import ROLES, TOKEN_INDEX_AUTO
+from .errors import ConceptSplitError
+from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
+from .token_value_delta import TokenDelta
+
+BlockKey = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class ConceptAdapter:
+    """One concept as it travels on the adapters wire between nodes (immutable)."""
+
+    weights: AdapterWeights
+    identifier_word: str  # the plain class word whose first BPE token gets the delta (spec §2.4)
+    strength: float  # λ_k multiplier (spec §2.1, default 1.0)
+    role: str  # "object" (ToVA + LODA) or "background" (ToVA only), spec §5
+    token_index: int | None = None  # explicit s_k; None = find the word in the prompt
+
+    @property
+    def label(self) -> str:
+        return f"{self.weights.name} ({self.identifier_word})"
+
+
+@dataclass(frozen=True)
+class BoundConcept:
+    """A concept located in a prompt: its position s_k and its tensors keyed by the host's attn2 blocks."""
+
+    concept: ConceptAdapter
+    position: int  # s_k, 0-based in the flat token sequence
+    layers: dict  # BlockKey -> (A (r, d), B (C, r))
+
+
+def make_concept(weights: AdapterWeights, identifier_word: str, strength: float, role: str,
+                 token_index: int = TOKEN_INDEX_AUTO) -> ConceptAdapter:
+    """Resolve the identifier word and role (node input first, then the file's metadata) and validate them."""
+    word = identifier_word.strip()
+    if not word and weights.metadata is not None:
+        word = weights.metadata.identifier_word
+    if not word:
+        raise ConceptSplitError.build(
+            f'Adapter "{weights.name}" needs an identifier word',
+            seen="an empty identifier_word and a file without one (official ConceptSplit checkpoints carry none)",
+            expected='the plain class word the adapter was trained on, e.g. "dog"',
+            fix="type the word into identifier_word",
+        )
+    if role == "from file":
+        role = weights.metadata.role if weights.metadata is not None else "object"
+    if role not in ROLES:
+        raise ConceptSplitError.build("Unknown concept role", seen=repr(role), expected=" or ".join(ROLES),
+                                      fix="pick object or background")
+    explicit = None if token_index == TOKEN_INDEX_AUTO else int(token_index)
+    return ConceptAdapter(weights=weights, identifier_word=word, strength=float(strength), role=role,
+                          token_index=explicit)
+
+
+def bind_concepts(concepts: Sequence[ConceptAdapter], layout: UNetLayout, prompt: PromptTokens,
+                  word_ids: Callable[[str], tuple[int, ...]]) -> list[BoundConcept]:
+    """Check every adapter against the model, then find every identifier in the prompt (spec §2.4, §2.7, §2.8).
+
+    All checks run before anything is patched. Raises: ConceptSplitError (family, layers, word, occurrence).
+    """
+    if not concepts:
+        raise ConceptSplitError.build("No ToVA adapters given", seen="an empty adapter list",
+                                      expected="at least one adapter", fix="connect a Load ToVA Adapter node")
+    layers = [bind_adapter_layers(concept.weights, layout) for concept in concepts]
+    requests = []
+    for concept in concepts:
+        ids = word_ids(concept.identifier_word) if concept.token_index is None else ()
+        if concept.token_index is None and not ids:
+            raise ConceptSplitError.build(
+                f'Identifier word "{concept.identifier_word}" of "{concept.weights.name}" has no tokens',
+                seen="the tokenizer returned nothing for it", expected="a word, e.g. dog",
+                fix="type a real word into identifier_word")
+        requests.append(IdentifierRequest(label=concept.weights.name, word=concept.identifier_word,
+                                          word_ids=ids, explicit_position=concept.token_index))
+    positions = locate_identifier_positions(prompt, requests)
+    return [BoundConcept(concept, position, bound) for concept, position, bound in zip(concepts, positions, layers)]
+
+
+def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int) -> dict[BlockKey, tuple[TokenDelta, ...]]:
+    """Per attn2 block, the deltas of every concept, in concept order (spec §2.1: scale = strength · alpha / r)."""
+    plan: dict[BlockKey, list[TokenDelta]] = {}
+    for item in bound:
+        scale = item.concept.strength * item.concept.weights.scale
+        for key, (lora_a, lora_b) in item.layers.items():
+            plan.setdefault(key, []).append(TokenDelta(lora_a, lora_b, scale, item.position, prompt_length,
+                                                       item.concept.label))
+    return {key: tuple(deltas) for key, deltas in plan.items()}
+
+
+def describe_bindings(bound: Sequence[BoundConcept], prompt: PromptTokens) -> str:
+    """One line per concept for the node's text output: word, position (window and index), role, strength."""
+    lines = []
+    window = prompt.window_length
+    for item in bound:
+        c = item.concept
+        lines.append(f'{c.weights.name}: "{c.identifier_word}" -> token {item.position} '
+                     f"(window {item.position // window}, index {item.position % window}), role {c.role}, "
+                     f"strength {c.strength:g}, rank {c.weights.rank}, {c.weights.file_format} format")
+    return "\n".join(lines)

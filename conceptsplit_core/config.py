@@ -1,0 +1,44 @@
+"""ToVA defaults and widget ranges (spec §2, §6). Nodes read their defaults from here so UI and algorithm agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Model families the pack knows (spec §2.2). The key is what adapter metadata stores in `conceptsplit.base_model`
+# after the optional "-v" suffix is removed.
+FAMILY_SD15 = "sd1.5"
+FAMILY_SD21 = "sd2.1"
+FAMILY_SDXL = "sdxl"
+FAMILIES = (FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL)
+FAMILY_DISPLAY = {FAMILY_SD15: "SD1.5", FAMILY_SD21: "SD2.1", FAMILY_SDXL: "SDXL"}
+# Text feature width d of the full-size models (spec §0); used to name the family of a file without metadata.
+FAMILY_TEXT_WIDTH = {FAMILY_SD15: 768, FAMILY_SD21: 1024, FAMILY_SDXL: 2048}
+
+ROLE_OBJECT = "object"  # ToVA + LODA + attention fixing (spec §5)
+ROLE_BACKGROUND = "background"  # ToVA only (spec §5)
+ROLES = (ROLE_OBJECT, ROLE_BACKGROUND)
+
+PREDICTION_EPS = "eps"
+PREDICTION_V = "v"
+
+
+@dataclass(frozen=True)
+class ToVAConfig:
+    """Inference-time ToVA settings (spec §2.1, §2.3)."""
+
+    strength: float = 1.0  # λ_k multiplier on alpha/r; 1.0 = the paper (spec §2.1); useful range 0..1.5
+    apply_to_uncond: bool = True  # add the delta in the unconditional CFG branch too, as the official code does (§2.3)
+
+
+TOVA_DEFAULTS = ToVAConfig()
+
+# Widget ranges: (min, max, step). "recommended" is what the tooltip tells the user.
+STRENGTH_RANGE = (-4.0, 4.0, 0.05)
+STRENGTH_RECOMMENDED = "0.0 to 1.5; 1.0 reproduces the paper"
+TOKEN_INDEX_AUTO = -1  # "find the identifier word in the prompt" (spec §2.4)
+TOKEN_INDEX_MAX = 77 * 8 - 1  # ComfyUI allows long prompts as several 77-token windows
+
+# Native adapter file format (spec §2.7).
+NATIVE_FORMAT_NAME = "tova"
+NATIVE_FORMAT_VERSION = 1
+DEFAULT_RANK = 64  # r (spec §2.5)

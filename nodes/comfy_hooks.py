@@ -1,0 +1,236 @@
+"""The one module that knows ComfyUI's patch signatures, option keys, model classes and tokenizers.
+
+Node modules call the functions here; conceptsplit_core never sees ComfyUI objects. Hooks used (comfyui-notes §1-§3):
+- attn2_patch  p(n, context, value, extra_options) -> (n, context, value): stashes the raw text features.
+- attn2 replace f(q, k, v, extra_options) -> out (b, Lq, heads·dim_head): one ConceptSplit processor per block,
+  which adds the ToVA delta to V's identifier rows and then runs attention (or the foreign replace it wraps).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_base
+import comfy.supported_models
+import comfy.utils
+
+from ..conceptsplit_core.adapter_layers import CrossAttentionLayer, UNetLayout
+from ..conceptsplit_core.config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL, PREDICTION_EPS, PREDICTION_V
+from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.prompt_tokens import PromptTokens
+from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta
+
+VALUE_INPUT_KEY = "conceptsplit_value_input"  # extra_options key: the tensor that to_v receives, (B, T, d)
+BlockKey = tuple[str, int, int]  # ("input", 7, 0): block name, block id, block_index (depth)
+
+
+# --- model description ----------------------------------------------------------------------------------------
+
+def unet_layout(model_patcher) -> UNetLayout:
+    """Describe the MODEL's family, prediction type, text width and cross-attention layers (spec §2.2).
+
+    Raises: ConceptSplitError for a model that is not an SD1.5, SD2.x or SDXL UNet.
+    """
+    base = model_patcher.model
+    config = base.model_config
+    family = _family_of(config)
+    prediction = PREDICTION_V if base.model_type == comfy.model_base.ModelType.V_PREDICTION else PREDICTION_EPS
+    diffusers_to_ldm = comfy.utils.unet_to_diffusers(config.unet_config)
+    modules = dict(base.diffusion_model.named_modules())
+    layers = []
+    suffix = ".attn2.to_v.weight"
+    for diffusers_key, ldm_key in diffusers_to_ldm.items():
+        if not diffusers_key.endswith(suffix):
+            continue
+        module = modules[ldm_key[: -len(".weight")]]
+        out_features, in_features = module.weight.shape  # (C, d)
+        layers.append(CrossAttentionLayer(
+            path=diffusers_key[: -len(suffix)], block=_block_of(ldm_key), block_index=_depth_of(ldm_key),
+            out_features=int(out_features), in_features=int(in_features)))
+    layers.sort(key=lambda layer: (("input", "middle", "output").index(layer.block[0]), layer.block[1],
+                                   layer.block_index))
+    return UNetLayout(family=family, prediction=prediction, text_width=int(config.unet_config["context_dim"]),
+                      layers=tuple(layers))
+
+
+def _family_of(config) -> str:
+    # Order matters: SDXL variants subclass SDXL, SD2 unCLIP subclasses SD20.
+    for cls, family in ((comfy.supported_models.SDXL, FAMILY_SDXL), (comfy.supported_models.SD20, FAMILY_SD21),
+                        (comfy.supported_models.SD15, FAMILY_SD15)):
+        if isinstance(config, cls):
+            return family
+    raise ConceptSplitError.build(
+        "ConceptSplit supports SD1.5, SD2.x and SDXL UNets only",
+        seen=f"a {type(config).__name__} model", expected="an SD1.5, SD2.1 or SDXL checkpoint",
+        fix="load an SD1.5, SD2.1 or SDXL checkpoint",
+    )
+
+
+def _block_of(ldm_key: str) -> tuple[str, int]:
+    # "input_blocks.7.1.transformer_blocks.0..." -> ("input", 7); "middle_block.1..." -> ("middle", 0)
+    head, number = ldm_key.split(".")[:2]
+    if head == "middle_block":
+        return ("middle", 0)
+    return (head[: -len("_blocks")], int(number))
+
+
+def _depth_of(ldm_key: str) -> int:
+    parts = ldm_key.split(".")
+    return int(parts[parts.index("transformer_blocks") + 1])
+
+
+# --- tokens ---------------------------------------------------------------------------------------------------
+
+def _position_tokenizer(clip) -> tuple[str, object]:
+    """The tokenizer whose positions ComfyUI's context uses: CLIP-L for SD1.5/SDXL, OpenCLIP-H for SD2 (spec §2.4)."""
+    tokenizer = clip.tokenizer
+    for key in ("l", "h", "g"):
+        inner = getattr(tokenizer, f"clip_{key}", None)
+        if inner is not None:
+            return key, inner
+    raise ConceptSplitError.build("This CLIP has no CLIP-L/H/G tokenizer", seen=type(tokenizer).__name__,
+                                  expected="the text encoder of an SD1.5, SD2.x or SDXL checkpoint",
+                                  fix="connect the CLIP output of the same checkpoint loader as the MODEL")
+
+
+def prompt_tokens(clip, text: str) -> PromptTokens:
+    """Tokenize `text` exactly as CLIPTextEncode does and flatten its 77-token windows (spec §2.4, notes §3).
+
+    Shapes: one slot per context row; position = window · 77 + index in window.
+    """
+    key, inner = _position_tokenizer(clip)
+    windows = clip.tokenize(text)[key]  # list of windows, each a list of (token, weight)
+    ids: list[int | None] = []
+    starts: list[bool] = []
+    previous_ends_word = True
+    for window in windows:
+        for entry in window:
+            token = entry[0]
+            if isinstance(token, int):
+                special = token in (inner.start_token, inner.end_token, inner.pad_token)
+                ids.append(token)
+                starts.append(previous_ends_word and not special)
+                previous_ends_word = special or inner.inv_vocab.get(token, "").endswith("</w>")
+            else:  # a textual-inversion embedding vector occupies one slot
+                ids.append(None)
+                starts.append(False)
+                previous_ends_word = True
+    return PromptTokens(text=text, token_ids=tuple(ids), word_starts=tuple(starts),
+                        window_length=len(windows[0]) if windows else 77)
+
+
+def word_token_ids(clip, word: str) -> tuple[int, ...]:
+    """BPE ids of the word alone, without start/end tokens (lowercased and split by CLIP's own tokenizer)."""
+    _, inner = _position_tokenizer(clip)
+    ids = inner.tokenizer(word)["input_ids"]
+    return tuple(i for i in ids if i not in (inner.start_token, inner.end_token, inner.pad_token))
+
+
+# --- the attention processor ----------------------------------------------------------------------------------
+
+def stash_value_input(n, context, value, extra_options):
+    """attn2_patch: remember the tensor that to_v will project, so the replace can add ΔW·c on chosen rows."""
+    extra_options[VALUE_INPUT_KEY] = value if value is not None else context  # (B, T, d)
+    return n, context, value
+
+
+class ConceptSplitAttention:
+    """The attn2 replace for one block: ToVA deltas on V's identifier rows, then attention.
+
+    Immutable: adding adapters builds a new processor. `__deepcopy__` returns self, because ComfyUI deep-copies
+    model_options on every clone() and the adapters' tensors must not be duplicated (notes §1.1).
+    """
+
+    def __init__(self, deltas: tuple[TokenDelta, ...] = (), apply_to_uncond: bool = True, wrapped=None):
+        self.deltas = deltas
+        self.apply_to_uncond = apply_to_uncond
+        self.wrapped = wrapped  # a foreign attn2 replace (IPAdapter, ...) that we delegate the attention call to
+        self._device_cache: dict[tuple, tuple[TokenDelta, ...]] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def with_deltas(self, deltas: tuple[TokenDelta, ...], apply_to_uncond: bool) -> "ConceptSplitAttention":
+        if self.deltas and apply_to_uncond != self.apply_to_uncond:
+            raise ConceptSplitError.build(
+                "Two Apply ToVA nodes on one model disagree on apply_to_uncond",
+                seen=f"{self.apply_to_uncond} before, {apply_to_uncond} now", expected="the same setting",
+                fix="use one setting, or put all adapters into one Apply ToVA node")
+        return ConceptSplitAttention(self.deltas + deltas, apply_to_uncond, self.wrapped)
+
+    def _deltas_on(self, device: torch.device) -> tuple[TokenDelta, ...]:
+        cached = self._device_cache.get((device,))
+        if cached is None:
+            cached = tuple(d.with_weights(d.lora_A.to(device), d.lora_B.to(device)) for d in self.deltas)
+            self._device_cache[(device,)] = cached
+        return cached
+
+    def __call__(self, q, k, v, extra_options):
+        if self.deltas:
+            v = self._add_value_deltas(v, extra_options)
+        if self.wrapped is not None:
+            return self.wrapped(q, k, v, extra_options)
+        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                                   attn_precision=extra_options.get("attn_precision"),
+                                                   transformer_options=extra_options)
+
+    def _add_value_deltas(self, v, extra_options):
+        context = extra_options.get(VALUE_INPUT_KEY)
+        if context is None or context.shape[:2] != v.shape[:2]:
+            raise RuntimeError("ConceptSplit: the value stash patch did not run before the attn2 replace")
+        row_mask = branch_row_mask(extra_options["cond_or_uncond"], v.shape[0], self.apply_to_uncond, v.device)
+        for delta in self._deltas_on(v.device):
+            v = apply_token_value_delta(v, context, delta, row_mask)  # (B, T, C)
+        return v
+
+
+def branch_row_mask(cond_or_uncond, batch: int, include_uncond: bool, device) -> torch.Tensor:
+    """(B,) bool: which rows of this call belong to the branches that get the delta.
+
+    The batch is len(cond_or_uncond) chunks of equal size; 0 marks a positive chunk, 1 a negative one. Their order
+    varies per call (uncond first is common), so index by the list, never by position (notes §1.7).
+    """
+    chunks = len(cond_or_uncond)
+    per_chunk = batch // chunks
+    flags = torch.tensor([include_uncond or c == 0 for c in cond_or_uncond], device=device)
+    return flags.repeat_interleave(per_chunk)
+
+
+def install_token_deltas(model_patcher, deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]],
+                         apply_to_uncond: bool) -> None:
+    """Install or extend the ConceptSplit processor on each block of `model_patcher` (already a clone).
+
+    Chains with what is there: an earlier ConceptSplit processor is extended, a foreign attn2 replace is wrapped,
+    attn2_patch lists are appended to, weight patches are untouched.
+    """
+    options = model_patcher.model_options
+    patches = options.get("transformer_options", {}).get("patches", {})
+    if stash_value_input not in patches.get("attn2_patch", []):
+        model_patcher.set_model_attn2_patch(stash_value_input)
+    replaces = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for key, deltas in deltas_by_key.items():
+        block_name, block_id, block_index = key
+        existing = replaces.get(key, replaces.get((block_name, block_id)))
+        if isinstance(existing, ConceptSplitAttention):
+            processor = existing.with_deltas(tuple(deltas), apply_to_uncond)
+        else:
+            processor = ConceptSplitAttention(tuple(deltas), apply_to_uncond, wrapped=existing)
+        model_patcher.set_model_attn2_replace(processor, block_name, block_id, block_index)
+
+
+def encode_prompt(clip, text: str, layout: UNetLayout):
+    """CONDITIONING for `text`, exactly as CLIPTextEncode makes it; checks the CLIP matches the model's text width.
+
+    Shapes: [[cond (1, 77·windows, d), {"pooled_output": ...}]].
+    """
+    conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    width = conditioning[0][0].shape[-1]
+    if width != layout.text_width:
+        raise ConceptSplitError.build(
+            "The CLIP does not belong to this model",
+            seen=f"text features of width {width}", expected=f"width {layout.text_width} for this model",
+            fix="connect the CLIP output of the same checkpoint loader as the MODEL")
+    return conditioning

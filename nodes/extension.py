@@ -1,0 +1,26 @@
+"""The V3 extension: registers the `tova` model folder and lists every ConceptSplit node."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+
+from .adapters import ApplyToVA, LoadToVAAdapter
+
+TOVA_FOLDER = "tova"
+
+
+def register_tova_folder() -> None:
+    """Add models/tova (first) without dropping paths the user set in extra_model_paths.yaml (notes §5)."""
+    folder_paths.add_model_folder_path(TOVA_FOLDER, os.path.join(folder_paths.models_dir, TOVA_FOLDER), is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[TOVA_FOLDER]
+    folder_paths.folder_names_and_paths[TOVA_FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+
+
+class ConceptSplitExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.3.64 never calls on_load, so the folder is registered here, before any node runs.
+        register_tova_folder()
+        return [LoadToVAAdapter, ApplyToVA]

@@ -1,0 +1,72 @@
+"""Fixtures for tests that run the pack inside a real ComfyUI process (loaded by ComfyUI's own loader)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))  # tova_reference.py and other test helpers
+
+
+class PackModules:
+    """The pack as ComfyUI loaded it: `pack.core("adapter_file")`, `pack.glue("comfy_hooks")`.
+
+    Its classes (ConceptSplitError included) are the ones the nodes raise, not those of a second import of
+    `conceptsplit_core` from the repo root.
+    """
+
+    def __init__(self, module):
+        self.module = module
+        self.name = module.__name__
+
+    def core(self, name: str):
+        return importlib.import_module(f"{self.name}.conceptsplit_core.{name}")
+
+    def glue(self, name: str):
+        return importlib.import_module(f"{self.name}.nodes.{name}")
+
+    @property
+    def error(self):
+        return self.core("errors").ConceptSplitError
+
+
+@pytest.fixture(scope="session")
+def pack(comfyui) -> PackModules:
+    from testing.comfy_bootstrap import load_pack_in_process
+
+    return PackModules(load_pack_in_process())
+
+
+@pytest.fixture
+def tova_folder(pack, tmp_path):
+    """A fresh folder registered as ComfyUI's `tova` model folder for this test (removed afterwards)."""
+    import folder_paths
+
+    folder = tmp_path / "tova"
+    folder.mkdir()
+    paths = folder_paths.folder_names_and_paths["tova"][0]
+    paths.insert(0, str(folder))
+    folder_paths.filename_list_cache.clear()
+    yield folder
+    paths.remove(str(folder))
+    folder_paths.filename_list_cache.clear()
+
+
+def sample(model, clip, positive_text="a dog and a cat", negative_text="", seed=0, steps=3, cfg=7.0, batch=1,
+           positive=None, sampler="euler", size=64):
+    """KSampler exactly as the node runs it, under inference mode like ComfyUI's executor. Returns (B, 4, h, w)."""
+    import nodes
+
+    with torch.inference_mode():
+        if positive is None:
+            positive = nodes.CLIPTextEncode().encode(clip, positive_text)[0]
+        negative = nodes.CLIPTextEncode().encode(clip, negative_text)[0]
+        latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
+        return nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", positive, negative, latent)[0][
+            "samples"].clone()

@@ -1,0 +1,229 @@
+"""ToVA through the real ComfyUI, in process: nodes, token positions, the delta inside sampling, isolation, chaining."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import sample
+from tova_reference import ReferenceToVA, adapter_tensors_by_module, explicit_attention, module_path_of
+
+from testing.tiny_adapters import write_tiny_adapter
+from testing.tiny_models import build_tiny_model
+
+ARCHS = ("sd15", "sd21", "sdxl")
+PROMPT = "a dog and a cat"  # [SOT, a, dog, and, a, cat, EOT]: dog = 2, cat = 5 (spec §2.4)
+
+
+def load(pack, name, word="", strength=1.0, role="from file", token_index=-1, adapters=None):
+    node = pack.glue("adapters").LoadToVAAdapter
+    return node.execute(name, word, strength, role, token_index, adapters).result[0]
+
+
+def apply(pack, model, adapters, clip, text=PROMPT, apply_to_uncond=True):
+    return pack.glue("adapters").ApplyToVA.execute(model, adapters, clip, text, apply_to_uncond).result
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def two_adapters(pack, arch, tova_folder):
+    model, clip, vae = build_tiny_model(arch, seed=0)
+    dog = write_tiny_adapter(tova_folder / f"{arch}_dog.safetensors", model, "dog", seed=1)
+    cat = write_tiny_adapter(tova_folder / f"{arch}_cat.safetensors", model, "cat", seed=2)
+    return model, clip, vae, dog, cat
+
+
+def test_nodes_register_with_tooltips_and_comfy_nodes_module_is_comfyuis(pack, comfyui):
+    import sys
+
+    import nodes
+
+    assert sys.modules["nodes"].__file__ == str(comfyui / "nodes.py")
+    for node_id, display in (("ConceptSplitLoadAdapter", "Load ToVA Adapter"),
+                             ("ConceptSplitApplyToVA", "Apply ToVA to Model")):
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
+        schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+        assert [i.id for i in schema.inputs if not i.tooltip] == []
+        assert all(o.tooltip for o in schema.outputs)
+
+
+@pytest.mark.parametrize("arch_name", ARCHS)
+def test_positions_match_comfyuis_own_token_sequence(pack, arch_name):
+    hooks = pack.glue("comfy_hooks")
+    _, clip, _ = build_tiny_model(arch_name)
+    key = "h" if arch_name == "sd21" else "l"
+    cases = [("A photo of my Dog, next to a CAT.", "dog"), ("(dog:1.3) and a cat", "dog"),
+             ("cat " * 80 + "and a dog", "dog"), ("a catdog and a dog", "dog")]
+    for text, word in cases:
+        flat = [t[0] for window in clip.tokenize(text)[key] for t in window]
+        word_id = hooks.word_token_ids(clip, word)
+        position = pack.core("prompt_tokens").locate_identifier_positions(
+            hooks.prompt_tokens(clip, text),
+            [pack.core("prompt_tokens").IdentifierRequest("x", word, word_id)])[0]
+        assert flat[position] == word_id[0] and len(flat) % 77 == 0
+        with torch.inference_mode():
+            assert clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0].shape[1] == len(flat)
+        if text.startswith("cat"):
+            assert position >= 77  # second window
+        if "catdog" in text:  # "catdog" is BPE cat + dog</w>: that dog is inside a word and must not match
+            assert flat[position - 1] == 320 and position == 6  # [SOT, a, cat, dog, and, a, dog]
+    if arch_name == "sdxl":  # CLIP-G sees the same positions (spec §2.4)
+        text = "A photo of my Dog, next to a CAT."
+        g = [t[0] for window in clip.tokenize(text)["g"] for t in window]
+        l_ids = [t[0] for window in clip.tokenize(text)["l"] for t in window]
+        content = [i for i, t in enumerate(l_ids) if t not in (49406, 49407)]
+        assert [g[i] for i in content] == [l_ids[i] for i in content]
+
+
+class ValueSpy:
+    """A foreign attn2 replace (as IPAdapter installs): records q, k, v, context and the chunk layout, then attends."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def stash(self, n, context, value, extra_options):
+        extra_options["spy_context"] = context
+        return n, context, value
+
+    def __call__(self, q, k, v, extra_options):
+        self.calls.append((module_path_of(extra_options), v.clone(), extra_options["spy_context"].clone(),
+                           list(extra_options["cond_or_uncond"])))
+        return explicit_attention(q, k, v, extra_options["n_heads"])
+
+
+@pytest.mark.parametrize("apply_to_uncond", [True, False])
+def test_delta_inside_a_real_sampling_run_matches_merged_weight_reference(pack, two_adapters, tova_folder,
+                                                                         apply_to_uncond):
+    model, clip, _, dog, cat = two_adapters
+    spy = ValueSpy()
+    spied = model.clone()
+    spied.set_model_attn2_patch(spy.stash)
+    modules = dict(model.model.diffusion_model.named_modules())
+    for name in modules:
+        if name.endswith(".attn2"):
+            parts = name.split(".")
+            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
+            spied.set_model_attn2_replace(spy, block[0], block[1], 0)
+    adapters = load(pack, dog.name, strength=0.8, adapters=load(pack, cat.name))
+    patched, positive, info = apply(pack, spied, adapters, clip, apply_to_uncond=apply_to_uncond)
+    assert 'cat" -> token 5' in info and 'dog" -> token 2' in info
+    import nodes
+
+    with torch.inference_mode():  # batch 2 and two positive conditionings: chunks [uncond, cond, cond]
+        two_positives = nodes.ConditioningCombine().combine(positive, copy.deepcopy(positive))[0]
+    sample(patched, clip, positive=two_positives, batch=2, steps=2)
+    tensors = {p.name: adapter_tensors_by_module(p, model) for p in (dog, cat)}
+    scales = {dog.name: 0.8, cat.name: 1.0}
+    positions = {dog.name: 2, cat.name: 5}
+    assert len(spy.calls) >= 2 * len(tensors[dog.name])  # every attn2 layer, every step
+    seen_chunks = set()
+    with torch.no_grad():  # the recorded tensors are inference tensors
+        for name, v, context, chunks in spy.calls:
+            weight = modules[name].to_v.weight
+            base = torch.nn.functional.linear(context, weight)  # V without ToVA, (B, T, C)
+            per = v.shape[0] // len(chunks)
+            changed = torch.zeros(v.shape[:2], dtype=torch.bool)
+            for file, position in positions.items():
+                lora_a, lora_b = tensors[file][name]
+                merged = weight + scales[file] * lora_b @ lora_a  # W + λ·B·A
+                for i, chunk in enumerate(chunks):
+                    seen_chunks.add(chunk)
+                    rows = slice(i * per, (i + 1) * per)
+                    if chunk == 1 and not apply_to_uncond:
+                        continue
+                    reference = torch.nn.functional.linear(context[rows, position], merged)
+                    assert torch.allclose(v[rows, position], reference, atol=1e-5, rtol=1e-4)
+                    changed[rows, position] = True
+            assert torch.equal(v[~changed], base[~changed])  # every other row bit-identical
+            assert (v[changed] - base[changed]).abs().max() > 1e-3
+    assert seen_chunks == {0, 1}
+
+
+def test_unpatched_model_is_bit_identical_after_a_patched_run(pack, two_adapters):
+    model, clip, _, dog, cat = two_adapters
+    weights_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    options_before = copy.deepcopy(model.model_options)
+    plain_before = sample(model, clip)
+    patched = apply(pack, model, load(pack, cat.name, adapters=load(pack, dog.name)), clip)[0]
+    tova = sample(patched, clip)
+    plain_after = sample(model, clip)
+    assert torch.equal(plain_before, plain_after)
+    assert not torch.equal(tova, plain_before)
+    assert model.model_options == options_before and model.model_options["transformer_options"] == {}
+    assert all(torch.equal(weights_before[k], v) for k, v in model.model.state_dict().items())
+    assert model.clone().model_options["transformer_options"] == {}  # a fresh clone carries no ConceptSplit patch
+
+
+def test_graph_equals_hand_written_reference_and_differs_from_plain(pack, two_adapters):
+    import nodes
+
+    model, clip, vae, dog, cat = two_adapters
+    patched, positive, _ = apply(pack, model, load(pack, cat.name, strength=0.5, adapters=load(pack, dog.name)), clip)
+    reference = ReferenceToVA(model, [(dog, 2, 1.0), (cat, 5, 0.5)]).install(model)
+    tova = sample(patched, clip, positive=positive)
+    ref = sample(reference, clip)
+    plain = sample(model, clip)
+    assert torch.allclose(tova, ref, atol=1e-4, rtol=1e-4), (tova - ref).abs().max()
+    assert (tova - plain).abs().max() > 1e-2
+    with torch.inference_mode():
+        image = nodes.VAEDecode().decode(vae, {"samples": tova})[0]
+    assert image.shape == (1, 64, 64, 3) and 0 <= image.min() and image.max() <= 1
+
+
+def test_native_and_official_formats_give_identical_outputs(pack, arch, tova_folder):
+    model, clip, _ = build_tiny_model(arch)
+    native = write_tiny_adapter(tova_folder / "dog_native.safetensors", model, "dog", seed=3)
+    official = write_tiny_adapter(tova_folder / "dog_official.safetensors", model, "dog", seed=3, official=True)
+    out_native = sample(apply(pack, model, load(pack, native.name), clip)[0], clip)
+    with pytest.raises(pack.error, match="needs an identifier word"):
+        load(pack, official.name)
+    out_official = sample(apply(pack, model, load(pack, official.name, word="dog"), clip)[0], clip)
+    assert torch.equal(out_native, out_official)
+    assert not torch.equal(out_native, sample(model, clip))
+
+
+def test_chained_apply_nodes_equal_one_node_with_both(pack, two_adapters):
+    model, clip, _, dog, cat = two_adapters
+    both = apply(pack, model, load(pack, cat.name, adapters=load(pack, dog.name)), clip)[0]
+    chained = apply(pack, apply(pack, model, load(pack, dog.name), clip)[0], load(pack, cat.name), clip)[0]
+    assert torch.equal(sample(both, clip), sample(chained, clip))
+    stash = pack.glue("comfy_hooks").stash_value_input
+    assert chained.model_options["transformer_options"]["patches"]["attn2_patch"].count(stash) == 1
+
+
+def test_chains_with_a_weight_lora_on_to_v(pack, tova_folder):
+    """A regular LoRA on attn2.to_v (LoraLoader) keeps working under ToVA, which adds on top of the patched W."""
+    import comfy.sd
+
+    model, clip, _ = build_tiny_model("sd21")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    g = torch.Generator().manual_seed(7)
+    lora = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        if name.endswith("attn2.to_v"):
+            out_f, in_f = module.weight.shape
+            key = "lora_unet_" + name.replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = torch.randn(2, in_f, generator=g) * 0.3
+            lora[f"{key}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.3
+    with torch.inference_mode():
+        lora_model, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
+    both = sample(apply(pack, lora_model, load(pack, dog.name), clip)[0], clip)
+    reference = sample(ReferenceToVA(lora_model, [(dog, 2, 1.0)]).install(lora_model), clip)
+    only_lora = sample(lora_model, clip)
+    only_tova = sample(apply(pack, model, load(pack, dog.name), clip)[0], clip)
+    assert torch.allclose(both, reference, atol=1e-4, rtol=1e-4)
+    assert (both - only_lora).abs().max() > 1e-2 and (both - only_tova).abs().max() > 1e-2
+
+
+def test_zero_strength_is_bit_identical_to_plain(pack, two_adapters):
+    model, clip, _, dog, _ = two_adapters
+    patched = apply(pack, model, load(pack, dog.name, strength=0.0), clip)[0]
+    assert torch.equal(sample(patched, clip), sample(model, clip))

@@ -43,6 +43,23 @@ class BoundConcept:
     layers: dict  # BlockKey -> (A (r, d), B (C, r))
 
 
+@dataclass(frozen=True)
+class LocatedConcept:
+    """What later nodes (LODA, viewer) need to know of a ToVA concept: no tensors, so it is cheap to copy."""
+
+    word: str  # identifier word
+    position: int  # s_k
+    role: str  # "object" or "background"
+    prompt_length: int  # 77 · windows of the prompt s_k was found in
+    label: str  # adapter file name
+
+
+def located(bound: Sequence[BoundConcept], prompt_length: int) -> tuple[LocatedConcept, ...]:
+    """The tensor-free record of bound concepts, in concept order."""
+    return tuple(LocatedConcept(b.concept.identifier_word, b.position, b.concept.role, prompt_length,
+                                b.concept.weights.name) for b in bound)
+
+
 def make_concept(weights: AdapterWeights, identifier_word: str, strength: float, role: str,
                  token_index: int = TOKEN_INDEX_AUTO) -> ConceptAdapter:
     """Resolve the identifier word and role (node input first, then the file's metadata) and validate them."""

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from ..conceptsplit_core import config
 from ..conceptsplit_core.adapter_file import read_adapter_file
-from ..conceptsplit_core.concepts import bind_concepts, describe_bindings, make_concept, plan_token_deltas
+from ..conceptsplit_core.concepts import bind_concepts, describe_bindings, located, make_concept, plan_token_deltas
 from ..conceptsplit_core.errors import ConceptSplitError
 from . import comfy_hooks
 
@@ -129,5 +129,8 @@ class ApplyToVA(io.ComfyNode):
                               lambda word: comfy_hooks.word_token_ids(clip, word))
         positive = comfy_hooks.encode_prompt(clip, text, layout)
         patched = model.clone()
-        comfy_hooks.install_token_deltas(patched, plan_token_deltas(bound, len(prompt.token_ids)), apply_to_uncond)
+        comfy_hooks.install_token_deltas(patched, layout, plan_token_deltas(bound, len(prompt.token_ids)),
+                                         apply_to_uncond)
+        patched.model_options = comfy_hooks.with_located_concepts(patched.model_options,
+                                                                  located(bound, len(prompt.token_ids)))
         return io.NodeOutput(patched, positive, describe_bindings(bound, prompt))

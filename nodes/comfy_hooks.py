@@ -18,12 +18,20 @@ import comfy.supported_models
 import comfy.utils
 
 from ..conceptsplit_core.adapter_layers import CrossAttentionLayer, UNetLayout
+from ..conceptsplit_core.attention_calls import AttentionCall, attention_probabilities
 from ..conceptsplit_core.config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL, PREDICTION_EPS, PREDICTION_V
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.prompt_tokens import PromptTokens
 from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta
 
 VALUE_INPUT_KEY = "conceptsplit_value_input"  # extra_options key: the tensor that to_v receives, (B, T, d)
+# transformer_options key: a tuple of AttentionObserver objects (a tuple, so ComfyUI's per-call dict/list copying
+# keeps the same objects; notes §1.1)
+OBSERVERS_KEY = "conceptsplit_observers"
+# CONDITIONING dict key: the PromptTokens the conditioning was encoded from (token positions for LODA and the viewer)
+PROMPT_TOKENS_KEY = "conceptsplit_prompt"
+# transformer_options key: tuple of LocatedConcept, the ToVA concepts and their positions (no tensors)
+CONCEPTS_KEY = "conceptsplit_concepts"
 BlockKey = tuple[str, int, int]  # ("input", 7, 0): block name, block id, block_index (depth)
 
 
@@ -138,7 +146,8 @@ def stash_value_input(n, context, value, extra_options):
 
 
 class ConceptSplitAttention:
-    """The attn2 replace for one block: ToVA deltas on V's identifier rows, then attention.
+    """The attn2 replace for one block: ToVA deltas on V's identifier rows, the observers' bias and probability
+    capture (LODA, viewer), then attention (ComfyUI's, or the foreign replace it wraps).
 
     Immutable: adding adapters builds a new processor. `__deepcopy__` returns self, because ComfyUI deep-copies
     model_options on every clone() and the adapters' tensors must not be duplicated (notes §1.1).
@@ -148,7 +157,7 @@ class ConceptSplitAttention:
         self.deltas = deltas
         self.apply_to_uncond = apply_to_uncond
         self.wrapped = wrapped  # a foreign attn2 replace (IPAdapter, ...) that we delegate the attention call to
-        self._device_cache: dict[tuple, tuple[TokenDelta, ...]] = {}
+        self._device_cache: dict[torch.device, tuple[TokenDelta, ...]] = {}
 
     def __deepcopy__(self, memo):
         return self
@@ -162,19 +171,50 @@ class ConceptSplitAttention:
         return ConceptSplitAttention(self.deltas + deltas, apply_to_uncond, self.wrapped)
 
     def _deltas_on(self, device: torch.device) -> tuple[TokenDelta, ...]:
-        cached = self._device_cache.get((device,))
+        if any(d.lora_A.requires_grad for d in self.deltas):  # training: keep the parameters in the graph
+            return tuple(d.with_weights(d.lora_A.to(device), d.lora_B.to(device)) for d in self.deltas)
+        cached = self._device_cache.get(device)
         if cached is None:
             cached = tuple(d.with_weights(d.lora_A.to(device), d.lora_B.to(device)) for d in self.deltas)
-            self._device_cache[(device,)] = cached
+            self._device_cache[device] = cached
         return cached
 
     def __call__(self, q, k, v, extra_options):
         if self.deltas:
             v = self._add_value_deltas(v, extra_options)
+        observers = extra_options.get(OBSERVERS_KEY, ())
+        if not observers:
+            return self._attend(q, k, v, extra_options, None)
+        call = attention_call(extra_options, q, k)
+        bias = None
+        for observer in observers:
+            extra = observer.attention_bias(call, q, k)
+            if extra is not None:
+                bias = extra if bias is None else bias + extra  # (B, N, T)
+        if any(observer.needs_probabilities(call) for observer in observers):
+            probs = attention_probabilities(q, k, call.heads, bias)  # (B, H, N, T) fp32
+            for observer in observers:
+                observer.observe_probabilities(call, probs)
+        out = self._attend(q, k, v, extra_options, bias)
+        for observer in observers:
+            observer.after_attention(call)
+        return out
+
+    def _attend(self, q, k, v, extra_options, bias):
         if self.wrapped is not None:
+            if bias is not None:
+                raise ConceptSplitError.build(
+                    "Attention fixing cannot pass a bias through another pack's attention patch",
+                    seen=f"a foreign attn2 replace ({type(self.wrapped).__name__}) at block {extra_options['block']}",
+                    expected="no other attn2 replace on layers that get the LODA bias",
+                    fix="set fixing off (p = m = 0) or remove the other attention patch from this model")
             return self.wrapped(q, k, v, extra_options)
-        return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                                   attn_precision=extra_options.get("attn_precision"),
+        heads = extra_options["n_heads"]
+        precision = extra_options.get("attn_precision")
+        if bias is None:
+            return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
+                                                       transformer_options=extra_options)
+        return comfy_attention.optimized_attention(q, k, v, heads, mask=bias.to(q.dtype), attn_precision=precision,
                                                    transformer_options=extra_options)
 
     def _add_value_deltas(self, v, extra_options):
@@ -185,6 +225,16 @@ class ConceptSplitAttention:
         for delta in self._deltas_on(v.device):
             v = apply_token_value_delta(v, context, delta, row_mask)  # (B, T, C)
         return v
+
+
+def attention_call(extra_options, q, k) -> AttentionCall:
+    """Describe this attn2 call from ComfyUI's extra_options (block keys, grid, chunk layout; notes §1.2, §1.7)."""
+    block = extra_options["block"]
+    grid = tuple(int(x) for x in extra_options["activations_shape"][-2:])
+    return AttentionCall(key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))), grid=grid,
+                         heads=int(extra_options["n_heads"]),
+                         cond_or_uncond=tuple(int(c) for c in extra_options["cond_or_uncond"]),
+                         batch=int(q.shape[0]), context_length=int(k.shape[1]), sigmas=extra_options.get("sigmas"))
 
 
 def branch_row_mask(cond_or_uncond, batch: int, include_uncond: bool, device) -> torch.Tensor:
@@ -199,38 +249,89 @@ def branch_row_mask(cond_or_uncond, batch: int, include_uncond: bool, device) ->
     return flags.repeat_interleave(per_chunk)
 
 
-def install_token_deltas(model_patcher, deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]],
-                         apply_to_uncond: bool) -> None:
-    """Install or extend the ConceptSplit processor on each block of `model_patcher` (already a clone).
+def with_processors(model_options: dict, layout: UNetLayout,
+                    deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]] | None = None,
+                    apply_to_uncond: bool = True) -> dict:
+    """Return model_options with a ConceptSplit processor on every cross-attention block of `layout`.
 
     Chains with what is there: an earlier ConceptSplit processor is extended, a foreign attn2 replace is wrapped,
-    attn2_patch lists are appended to, weight patches are untouched.
+    the attn2_patch list is appended to (once), weight patches are untouched. The input dict is not modified.
     """
-    options = model_patcher.model_options
-    patches = options.get("transformer_options", {}).get("patches", {})
+    deltas_by_key = deltas_by_key or {}
+    options = dict(model_options)  # copy every level we write, so the caller's (shared) dicts stay as they were
+    transformer_options = dict(options.get("transformer_options", {}))
+    options["transformer_options"] = transformer_options
+    patches = dict(transformer_options.get("patches", {}))
+    transformer_options["patches"] = patches
     if stash_value_input not in patches.get("attn2_patch", []):
-        model_patcher.set_model_attn2_patch(stash_value_input)
-    replaces = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    for key, deltas in deltas_by_key.items():
-        block_name, block_id, block_index = key
-        existing = replaces.get(key, replaces.get((block_name, block_id)))
+        patches["attn2_patch"] = list(patches.get("attn2_patch", [])) + [stash_value_input]
+    patches_replace = dict(transformer_options.get("patches_replace", {}))
+    transformer_options["patches_replace"] = patches_replace
+    replaces = dict(patches_replace.get("attn2", {}))
+    patches_replace["attn2"] = replaces
+    for layer in layout.layers:
+        key = layer.key
+        existing = replaces.get(key, replaces.get(key[:2]))
+        deltas = tuple(deltas_by_key.get(key, ()))
         if isinstance(existing, ConceptSplitAttention):
-            processor = existing.with_deltas(tuple(deltas), apply_to_uncond)
+            processor = existing.with_deltas(deltas, apply_to_uncond) if deltas else existing
         else:
-            processor = ConceptSplitAttention(tuple(deltas), apply_to_uncond, wrapped=existing)
-        model_patcher.set_model_attn2_replace(processor, block_name, block_id, block_index)
+            processor = ConceptSplitAttention(deltas, apply_to_uncond, wrapped=existing)
+        replaces[key] = processor
+    return options
 
 
-def encode_prompt(clip, text: str, layout: UNetLayout):
-    """CONDITIONING for `text`, exactly as CLIPTextEncode makes it; checks the CLIP matches the model's text width.
+def install_token_deltas(model_patcher, layout: UNetLayout,
+                         deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]], apply_to_uncond: bool) -> None:
+    """Install ToVA on `model_patcher` (already a clone): processors on every attn2 block, deltas where given."""
+    model_patcher.model_options = with_processors(model_patcher.model_options, layout, deltas_by_key,
+                                                  apply_to_uncond)
 
-    Shapes: [[cond (1, 77·windows, d), {"pooled_output": ...}]].
+
+def with_observers(model_options: dict, layout: UNetLayout, observers: tuple) -> dict:
+    """Return model_options whose processors report to `observers` (appended after any already there)."""
+    options = with_processors(model_options, layout)
+    transformer_options = options["transformer_options"]
+    transformer_options[OBSERVERS_KEY] = tuple(transformer_options.get(OBSERVERS_KEY, ())) + tuple(observers)
+    return options
+
+
+def encode_prompt(clip, text: str, layout: UNetLayout | None = None):
+    """CONDITIONING for `text`, exactly as CLIPTextEncode makes it, with its PromptTokens attached.
+
+    Checks the CLIP matches the model's text width when a layout is given.
+    Shapes: [[cond (1, 77·windows, d), {"pooled_output": ..., PROMPT_TOKENS_KEY: PromptTokens}]].
     """
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    tokens = prompt_tokens(clip, text)
+    conditioning = [[cond, {**extras, PROMPT_TOKENS_KEY: tokens}] for cond, extras in conditioning]
     width = conditioning[0][0].shape[-1]
-    if width != layout.text_width:
+    if layout is not None and width != layout.text_width:
         raise ConceptSplitError.build(
             "The CLIP does not belong to this model",
             seen=f"text features of width {width}", expected=f"width {layout.text_width} for this model",
             fix="connect the CLIP output of the same checkpoint loader as the MODEL")
     return conditioning
+
+
+def conditioning_prompt_tokens(conditioning) -> PromptTokens | None:
+    """The PromptTokens attached by Apply ToVA / ConceptSplit Text Encode to a CONDITIONING, or None."""
+    for _, extras in conditioning:
+        tokens = extras.get(PROMPT_TOKENS_KEY)
+        if tokens is not None:
+            return tokens
+    return None
+
+
+def with_located_concepts(model_options: dict, concepts: tuple) -> dict:
+    """Record the ToVA concepts and their positions on the model (appended to any recorded before)."""
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    transformer_options[CONCEPTS_KEY] = tuple(transformer_options.get(CONCEPTS_KEY, ())) + tuple(concepts)
+    options["transformer_options"] = transformer_options
+    return options
+
+
+def located_concepts(model_patcher) -> tuple:
+    """The LocatedConcepts recorded on a MODEL by Apply ToVA nodes, in concept order (empty when none)."""
+    return tuple(model_patcher.model_options.get("transformer_options", {}).get(CONCEPTS_KEY, ()))

@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from .adapters import ApplyToVA, LoadToVAAdapter
+from .prompt import ConceptSplitTextEncode
 
 TOVA_FOLDER = "tova"
 
@@ -23,4 +24,4 @@ class ConceptSplitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.64 never calls on_load, so the folder is registered here, before any node runs.
         register_tova_folder()
-        return [LoadToVAAdapter, ApplyToVA]
+        return [LoadToVAAdapter, ApplyToVA, ConceptSplitTextEncode]

@@ -75,7 +75,8 @@ else
   say "deps: installing ComfyUI requirements (without torch, torchvision, torchaudio)"
   reqs=$venv/.comfyui-requirements-no-torch.txt
   grep -vE '^(torch|torchvision|torchaudio)([<>=~ ;]|$)' "$comfy/requirements.txt" | grep -vE '^\s*(#|$)' > "$reqs"
-  "$py" -m pip install -q -r "$reqs"
+  # server.py imports requests (app/frontend_management.py), which 0.3.64's requirements.txt does not list.
+  "$py" -m pip install -q -r "$reqs" requests
   say "deps: installing the pack with its test extra"
   if grep -qE '^test *=' "$repo/pyproject.toml" 2>/dev/null && "$py" -m pip install -q -e "$repo[test]"; then
     :

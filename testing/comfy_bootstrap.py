@@ -78,6 +78,9 @@ def bootstrap_comfyui(path: Path | str) -> ModuleType:
         import comfy.options
 
         comfy.options.enable_args_parsing()
+        # As main.py does: claim the name `utils` for ComfyUI's top-level package before nodes.py puts comfy/
+        # (with its utils.py) first on sys.path; otherwise `import server` fails in comfy_extras/nodes_images.py.
+        import utils.extra_config  # noqa: F401
         import nodes
     finally:
         sys.argv = saved_argv

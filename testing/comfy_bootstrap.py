@@ -122,7 +122,10 @@ def load_pack_in_process(pack_dir: Path | str | None = None) -> ModuleType:
     if module_name in sys.modules:
         return sys.modules[module_name]
     load_builtin_extra_nodes()
-    if not asyncio.run(nodes.load_custom_node(module_path, set(nodes.NODE_CLASS_MAPPINGS), module_parent="custom_nodes")):
+    core_ids = set(nodes.NODE_CLASS_MAPPINGS)
+    if not asyncio.run(nodes.load_custom_node(module_path, core_ids, module_parent="custom_nodes")):
         sys.modules.pop(module_name, None)  # the loader leaves a half-run module behind
-        raise RuntimeError(f"ComfyUI's load_custom_node failed for {module_path}; the warning logged above has the traceback")
+        raise RuntimeError(
+            f"ComfyUI's load_custom_node failed for {module_path}; the warning it logged has the traceback"
+        )
     return sys.modules[module_name]

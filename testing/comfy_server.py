@@ -220,7 +220,10 @@ class ComfyServer:
             if entry is not None and (entry.get("status") or {}).get("completed") is not None:
                 return entry
             time.sleep(0.1)
-        self._request("POST", "/interrupt", {})
+        try:  # leave the server usable for the next test
+            self._request("POST", "/interrupt", {}, timeout=5)
+        except OSError:
+            logger.warning("POST /interrupt failed after a timeout of prompt %s", prompt_id)
         raise ComfyServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s", self.log_tail())
 
     @staticmethod

@@ -74,11 +74,13 @@ def tiny_model(request, comfyui):
 
 
 @pytest.fixture(scope="session")
-def tiny_sd15_checkpoint(comfyui, tmp_path_factory) -> Path:
+def tiny_sd15_checkpoint(comfyui, tmp_path_factory):
     """A ~285 MB seeded SD1.5 checkpoint that ComfyUI's real loader detects (recipe B); written once per session."""
     from testing.tiny_checkpoint import write_tiny_sd15_checkpoint
 
-    return write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny_sd15.safetensors", seed=0)
+    path = write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny_sd15.safetensors", seed=0)
+    yield path
+    path.unlink(missing_ok=True)  # pytest keeps the last 3 base temp dirs; do not keep 289 MB in each
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,20 @@ def test_bootstrap_imports_comfyuis_nodes(comfyui):
     ), "the repo root must never come before ComfyUI's root on sys.path"
 
 
+def test_load_pack_in_process_uses_comfyuis_loader(comfyui, tmp_path):
+    import nodes
+
+    from testing.comfy_bootstrap import REPO_ROOT, load_pack_in_process
+
+    module = load_pack_in_process()
+    assert Path(module.__file__).resolve() == REPO_ROOT / "__init__.py"
+    assert load_pack_in_process() is module, "loading twice must not re-import the pack"
+    # comfy_extras/nodes_images.py imports ComfyUI's `server`, which needs its top-level `utils` package.
+    assert "ImageCrop" in nodes.NODE_CLASS_MAPPINGS
+    with pytest.raises(RuntimeError, match="No pack to load"):
+        load_pack_in_process(tmp_path)
+
+
 # -- recipe B: the real checkpoint loader -------------------------------------------------------------
 
 def test_tiny_checkpoint_loads_as_sd15_and_samples(tiny_sd15_checkpoint):

@@ -78,7 +78,7 @@ def ksample(model, positive, negative, steps: int, size: int, seed: int = 0, sam
     with torch.inference_mode():
         latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
         return nodes.common_ksampler(model, seed, steps, 7.5, sampler, "normal", positive, negative, latent,
-                                     disable_pbar=True)[0]["samples"]
+                                     disable_noise=False)[0]["samples"]
 
 
 def _reset_peak() -> None:

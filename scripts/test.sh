@@ -1,101 +1,15 @@
 #!/usr/bin/env bash
-# Run the test suite against a real ComfyUI 0.3.64, setting everything up on first use:
+# Run the test suite against a real ComfyUI 0.3.64, setting everything up on first use (scripts/setup_env.sh):
 #   bash scripts/test.sh [pytest args...]        e.g.  bash scripts/test.sh tests/core -x
-# Environment (all optional):
-#   COMFYUI_PATH            an existing ComfyUI checkout (must hold main.py) to test against
-#   COMFYUI_SRC             otherwise fetch ComfyUI from here: a .tar.gz path or a git URL (tag v0.3.64)
-#   CONCEPTSPLIT_CACHE      cache folder (default ~/.cache/comfyui-conceptsplit)
-#   CONCEPTSPLIT_VENV       virtual environment (default $CONCEPTSPLIT_CACHE/venv)
-#   CONCEPTSPLIT_TORCH_SPEC pip spec used when the venv has no torch (default "torch==2.14.1 torchvision==0.29.1")
-#   PYTHON                  interpreter that creates the venv (default python3)
-# A second run skips every install whose inputs (ComfyUI requirements, pyproject.toml, this script) are unchanged.
+# See scripts/setup_env.sh for the environment variables (COMFYUI_PATH, COMFYUI_SRC, ...).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 
-COMFYUI_TAG=v0.3.64
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache=${CONCEPTSPLIT_CACHE:-$HOME/.cache/comfyui-conceptsplit}
-venv=${CONCEPTSPLIT_VENV:-$cache/venv}
-src=${COMFYUI_SRC:-https://github.com/comfyanonymous/ComfyUI}
-torch_spec=${CONCEPTSPLIT_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-say() { echo "[test.sh] $*"; }
-
-# --- ComfyUI ----------------------------------------------------------------------------------------
-if [ -n "${COMFYUI_PATH:-}" ] && [ -f "$COMFYUI_PATH/main.py" ]; then
-  comfy=$(cd "$COMFYUI_PATH" && pwd)
-  say "ComfyUI: using COMFYUI_PATH=$comfy"
-else
-  [ -n "${COMFYUI_PATH:-}" ] && say "COMFYUI_PATH=$COMFYUI_PATH has no main.py; using COMFYUI_SRC instead"
-  comfy=$cache/comfyui-${COMFYUI_TAG#v}/ComfyUI
-  if [ -f "$comfy/main.py" ]; then
-    say "ComfyUI: reusing $comfy"
-  else
-    say "ComfyUI: fetching $COMFYUI_TAG from $src"
-    mkdir -p "$cache"
-    staging=$(mktemp -d "$cache/staging.XXXXXX")
-    trap 'rm -rf "$staging"' EXIT
-    case "$src" in
-      *.tar.gz|*.tgz) tar xzf "$src" -C "$staging" ;;
-      *) git clone -q --depth 1 --branch "$COMFYUI_TAG" "$src" "$staging/ComfyUI" ;;
-    esac
-    main=$(find "$staging" -maxdepth 2 -name main.py -print -quit)
-    [ -n "$main" ] || { echo "[test.sh] no main.py in $src" >&2; exit 1; }
-    mkdir -p "$(dirname "$comfy")"
-    # Move into place only once complete, so an interrupted fetch is never mistaken for a checkout.
-    mv "$(dirname "$main")" "$comfy"
-    rm -rf "$staging"
-    trap - EXIT
-  fi
-fi
-# Never commit ComfyUI: refuse a checkout inside this repo.
-case "$comfy/" in "$repo"/*) echo "[test.sh] ComfyUI must live outside the repo ($comfy)" >&2; exit 2;; esac
-
-# --- virtual environment ------------------------------------------------------------------------------
-if [ ! -x "$venv/bin/python" ]; then
-  say "venv: creating $venv"
-  mkdir -p "$(dirname "$venv")"
-  "${PYTHON:-python3}" -m venv "$venv"
-else
-  say "venv: reusing $venv"
-fi
-py=$venv/bin/python
-stamp=$venv/.conceptsplit-installed
-want=$(cat "$comfy/requirements.txt" "$repo/pyproject.toml" "${BASH_SOURCE[0]}" 2>/dev/null \
-  | { echo "$torch_spec"; cat; } | sha256sum | cut -d' ' -f1)
-
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import torch, pytest" 2>/dev/null; then
-  say "deps: up to date (stamp $stamp)"
-else
-  if "$py" -c "import torch" 2>/dev/null; then
-    say "deps: torch already installed, keeping it"
-  else
-    say "deps: installing $torch_spec"
-    # shellcheck disable=SC2086  # the spec is a list of requirements
-    "$py" -m pip install -q $torch_spec
-  fi
-  say "deps: installing ComfyUI requirements (without torch, torchvision, torchaudio)"
-  reqs=$venv/.comfyui-requirements-no-torch.txt
-  grep -vE '^(torch|torchvision|torchaudio)([<>=~ ;]|$)' "$comfy/requirements.txt" | grep -vE '^\s*(#|$)' > "$reqs"
-  # server.py imports requests (app/frontend_management.py), which 0.3.64's requirements.txt does not list.
-  "$py" -m pip install -q -r "$reqs" requests
-  say "deps: installing the pack with its test extra"
-  if grep -qE '^test *=' "$repo/pyproject.toml" 2>/dev/null && "$py" -m pip install -q -e "$repo[test]"; then
-    :
-  elif [ "${CI:-}" = "true" ]; then
-    echo "[test.sh] pip install -e '$repo[test]' failed; on CI the packaging must work" >&2; exit 1
-  else
-    say "WARNING: no usable pyproject.toml [test] extra (or pip install -e failed); installing pytest only"
-    "$py" -m pip install -q pytest
-  fi
-  echo "$want" > "$stamp"
-fi
-
-# --- tests ---------------------------------------------------------------------------------------------
 # Default to the whole tests/ folder unless a test path (or node id) was given.
 targets=(tests)
 for arg in "$@"; do
   case "$arg" in -*) ;; *) if [ -e "$repo/${arg%%::*}" ] || [ -e "${arg%%::*}" ]; then targets=(); fi ;; esac
 done
-export COMFYUI_PATH=$comfy
 cd "$repo"
-say "pytest: COMFYUI_PATH=$COMFYUI_PATH $py -m pytest ${targets[*]} $*"
+echo "[test.sh] pytest: COMFYUI_PATH=$COMFYUI_PATH $py -m pytest ${targets[*]} $*"
 exec "$py" -m pytest "${targets[@]}" "$@"

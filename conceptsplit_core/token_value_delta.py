@@ -53,22 +53,19 @@ def apply_token_value_delta(value: torch.Tensor, context: torch.Tensor, delta: T
     Shapes:
         value:    (B, T, C)  projected values V = c @ W_vᵀ, any float dtype
         context:  (B, T, d)  text features c that produced V
-        row_mask: (B,) bool  batch rows that get the delta (e.g. cond rows only)
+        row_mask: (B,) bool  batch rows that get the delta (e.g. cond rows only), on value's device
         returns   (B, T, C)  same dtype; rows other than (row_mask, s_k) bit-identical to `value`
-    The delta is computed in fp32 and added in fp32 before casting back.
+    The delta is computed in fp32 and added in fp32 before casting back. The token rows are taken with a strided
+    slice (s_k, s_k + L, ...), and the batch rows with a mask, so nothing here waits for the GPU.
     """
-    batch, tokens, _ = value.shape
-    rows = torch.nonzero(row_mask, as_tuple=False).flatten().to(value.device)  # (b',)
-    if rows.numel() == 0:
-        return value
-    positions = torch.tensor(repeated_positions(delta.position, delta.prompt_length, tokens, delta.label),
-                             device=value.device)  # (P,)
-    row_index = rows[:, None]  # (b', 1)
-    pos_index = positions[None, :]  # (1, P)
-    text_rows = context[row_index, pos_index].to(torch.float32)  # (b', P, d)
-    lora_a = delta.lora_A.to(device=value.device, dtype=torch.float32)  # (r, d)
-    lora_b = delta.lora_B.to(device=value.device, dtype=torch.float32)  # (C, r)
-    update = (text_rows @ lora_a.T) @ lora_b.T  # (b', P, d) -> (b', P, r) -> (b', P, C)
+    tokens = value.shape[1]
+    positions = repeated_positions(delta.position, delta.prompt_length, tokens, delta.label)
+    stride = positions[1] - positions[0] if len(positions) > 1 else 1
+    rows = slice(positions[0], positions[-1] + 1, stride)  # token rows s_k, s_k + L, ...
+    base = value[:, rows].to(torch.float32)  # (B, P, C)
+    text_rows = context[:, rows].to(torch.float32)  # (B, P, d)
+    update = (text_rows @ delta.lora_A.to(torch.float32).T) @ delta.lora_B.to(torch.float32).T  # (B, P, r) -> (B, P, C)
+    updated = torch.where(row_mask[:, None, None], base + delta.scale * update, base)  # (B, P, C)
     out = value.clone()
-    out[row_index, pos_index] = (value[row_index, pos_index].to(torch.float32) + delta.scale * update).to(value.dtype)
+    out[:, rows] = updated.to(value.dtype)  # fp32 -> dtype is exact for the untouched rows
     return out

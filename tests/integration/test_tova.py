@@ -227,3 +227,28 @@ def test_zero_strength_is_bit_identical_to_plain(pack, two_adapters):
     model, clip, _, dog, _ = two_adapters
     patched = apply(pack, model, load(pack, dog.name, strength=0.0), clip)[0]
     assert torch.equal(sample(patched, clip), sample(model, clip))
+
+
+def test_chains_with_controlnet(pack, tova_folder):
+    """ControlNet's model never sees the attention patches; ToVA and the control both act on the result."""
+    import nodes
+
+    from testing.tiny_controlnet import build_tiny_controlnet
+
+    model, clip, vae = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    control = build_tiny_controlnet("sd15")
+    with torch.inference_mode():
+        positive = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(5))
+        positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0,
+                                                                         1.0, vae=vae)
+    patched = apply(pack, model, load(pack, dog.name), clip)[0]
+    both = sample(patched, clip, positive=positive)
+    reference = sample(ReferenceToVA(model, [(dog, 2, 1.0)]).install(model), clip, positive=positive)
+    only_control = sample(model, clip, positive=positive)
+    only_tova = sample(patched, clip)
+    scale = both.abs().max()  # the random control drives latents to ~1e2; compare relative to that
+    assert (both - reference).abs().max() <= 1e-5 * scale
+    assert (both - only_control).abs().max() > 1e-2 and (both - only_tova).abs().max() > 1e-2

@@ -8,7 +8,10 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from .adapters import ApplyToVA, LoadToVAAdapter
+from .loda_nodes import LodaResults, LodaSampler, LodaSamplerSelect
 from .prompt import ConceptSplitTextEncode
+from .training import TrainToVAAdapter
+from .viewer import AttentionMapViewer, CaptureAttention
 
 TOVA_FOLDER = "tova"
 
@@ -24,4 +27,5 @@ class ConceptSplitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.64 never calls on_load, so the folder is registered here, before any node runs.
         register_tova_folder()
-        return [LoadToVAAdapter, ApplyToVA, ConceptSplitTextEncode]
+        return [LoadToVAAdapter, ApplyToVA, ConceptSplitTextEncode, LodaSampler, LodaSamplerSelect, LodaResults,
+                CaptureAttention, AttentionMapViewer, TrainToVAAdapter]

@@ -1,0 +1,138 @@
+"""LODA sampling vs the same sampler plain, same process, full-size SD2.1-architecture UNet with random weights.
+
+    COMFYUI_PATH=... python -m bench.bench_loda [--size 256] [--steps 50] [--loda-steps 10] [--repeats 1]
+
+Goals (issue 3): total time ratio ≤ 1.15, peak memory ratio ≤ 1.3. Also times one stage-1 gradient pass that stops
+after the last loss layer (output 5) against a full forward + backward. 256 px gives 8×8 maps at latent/4, the
+smallest size LODA accepts is 224 px. Weights are made under inference mode, as ComfyUI loads them, so LODA pays its
+one-off parameter release (comfyui-notes §4.2 fix (a)) in the first measured run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+import torch
+
+from bench.common import bootstrap, build_full_sd21, compare, device_description, measured, random_conditioning
+
+PROMPT = "a dog and a cat"
+
+
+def positive_with_tokens(pack, width: int = 1024):
+    """Random text features carrying the PromptTokens of PROMPT, as ConceptSplit Text Encode attaches them."""
+    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+    prompt_tokens = importlib.import_module(f"{pack.__name__}.conceptsplit_core.prompt_tokens")
+    words = [hooks.default_word_token_ids(w)[0] for w in PROMPT.split()]
+    ids = (49406, *words, 49407) + (0,) * (77 - len(words) - 2)
+    starts = (False, *([True] * len(words)), False) + (False,) * (77 - len(words) - 2)
+    tokens = prompt_tokens.PromptTokens(PROMPT, ids, starts, 77)
+    cond, extras = random_conditioning(width)[0]
+    return [[cond, {**extras, hooks.PROMPT_TOKENS_KEY: tokens}]]
+
+
+def sample(model, sampler, positive, negative, steps: int, size: int, seed: int = 0):
+    import comfy.sample
+    import comfy.samplers
+
+    with torch.inference_mode():
+        latent = torch.zeros(1, 4, size // 8, size // 8)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent, seed=seed)
+
+
+def gradient_pass_seconds(pack, model, positive, size: int, repeats: int) -> tuple[float, float]:
+    """Median times of one stage-1 pass (cond-only forward at batch 1 to the maps, loss, gradient w.r.t. x),
+    truncated after the last loss layer and full, alternated so load drift hits both alike."""
+    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+    loda = importlib.import_module(f"{pack.__name__}.conceptsplit_core.loda")
+    layout = hooks.unet_layout(model)
+    latent_hw = (size // 8, size // 8)
+    layers = loda.select_map_layers(hooks.layer_levels(model, layout), layout.family, latent_hw, "all")
+    collector = loda.MapCollector(loda.LodaConcepts(("dog", "cat"), (2, 5), 77), layers)
+    options = hooks.with_observers(model.model_options, layout, (collector,))["transformer_options"]
+    sigma = torch.tensor([14.6])
+    options = dict(options, cond_or_uncond=[0], sigmas=sigma)
+    context = positive[0][0].clone()
+    times = {True: [], False: []}
+    for _ in range(repeats + 1):
+        for truncate in (True, False):
+            x = torch.randn(1, 4, *latent_hw, requires_grad=True)
+            start = time.perf_counter()
+            collector.start(layers.loss_keys, (0,), truncate=truncate)
+            loda.run_truncated(lambda: model.model.apply_model(x, sigma, c_crossattn=context,
+                                                               transformer_options=options))
+            collector.stop()
+            torch.autograd.grad(collector.maps()[0].var(), x)  # a loss of the maps; L itself may be 0 here
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[truncate].append(time.perf_counter() - start)
+    return statistics.median(times[True][1:]), statistics.median(times[False][1:])  # the first pair warms up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--loda-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--gradient-pass-only", action="store_true", help="only time the stage-1 passes")
+    args = parser.parse_args()
+    pack = bootstrap()
+    import comfy.samplers
+
+    run = importlib.import_module(f"{pack.__name__}.nodes.loda_sampling")
+    config = importlib.import_module(f"{pack.__name__}.conceptsplit_core.loda_config").LodaConfig(
+        loda_steps=args.loda_steps)
+    with torch.inference_mode():
+        model = build_full_sd21()
+        positive = positive_with_tokens(pack)
+        negative = random_conditioning(seed=2)
+    plain_sampler = comfy.samplers.sampler_object("euler")
+    results: dict = {}
+    with torch.inference_mode(False), torch.enable_grad():
+        hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+        hooks.release_inference_parameters(model)
+        truncated, full = gradient_pass_seconds(pack, model, positive, args.size, 3)
+    print(f"stage-1 gradient pass: truncated {truncated:.2f} s, full forward + backward {full:.2f} s")
+    if args.gradient_pass_only:
+        return
+    with torch.inference_mode():
+        model = build_full_sd21()  # inference-tensor weights again, as ComfyUI loads them
+    sample(model, plain_sampler, positive, negative, 1, args.size)  # warm-up: load the model
+    for _ in range(args.repeats):
+        with measured(results, "plain"):
+            sample(model, plain_sampler, positive, negative, args.steps, args.size)
+        request = run.LodaRequest(config, ("dog", "cat"), None, run.LodaResult())
+        with measured(results, "loda"):
+            sample(model, run.loda_sampler(plain_sampler, request), positive, negative, args.steps, args.size)
+    ratio = compare(results, "plain", "loda")
+    with torch.inference_mode():
+        forward = measured_forward(model, positive, args.size)
+    print(f"\nLODA benchmark: {device_description()}, SD2.1 UNet (random weights), {args.size}×{args.size} px, "
+          f"euler, {args.steps} steps, N = {args.loda_steps}, CFG 7.5\n")
+    print("| measure | plain | LODA | ratio | goal |")
+    print("|---|---|---|---|---|")
+    print(f"| total time (s) | {ratio['baseline_s']:.1f} | {ratio['candidate_s']:.1f} | "
+          f"{ratio['time_ratio']:.3f} | ≤ 1.15 |")
+    print(f"| peak memory (MiB) | {ratio['baseline_peak_mb']:.0f} | {ratio['candidate_peak_mb']:.0f} | "
+          f"{ratio['memory_ratio']:.3f} | ≤ 1.3 |")
+    print(f"| gradient pass (s): truncated after output 5 vs full forward + backward | {full:.2f} | "
+          f"{truncated:.2f} | {truncated / full:.3f} | < 1 |")
+    print(f"| CFG forward, batch 2 (s), for scale | {forward:.2f} | | | |")
+
+
+def measured_forward(model, positive, size: int) -> float:
+    x = torch.randn(2, 4, size // 8, size // 8)
+    context = positive[0][0].repeat(2, 1, 1)
+    start = time.perf_counter()
+    model.model.apply_model(x, torch.tensor([14.6, 14.6]), c_crossattn=context)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Capture the cross-attention maps of chosen words during any sampling run, for the Attention Map Viewer (issue 4).
+
+The captured map of word k for image b is spec §3.1's Ā[:, :, s] extended over steps:
+
+    M[b, k] = mean over (model calls in the step range) × (chosen attn2 layers) × (heads) of
+              Σ_{s ∈ positions(k)} softmax(Q Kᵀ / √D)[b, :, s]            reshaped to (h, w)
+
+on the positive (cond) branch only, with every key column raw (SOT included, no re-softmax), as spec §3.1. Running
+sums keep memory at O(K × h × w) per image (one sum per distinct layer grid), never O(steps × layers × heads).
+Layers with coarser grids are upsampled bilinearly to the finest chosen grid when the run ends; since that is linear,
+each (call, layer) map still counts as one uniform vote.
+
+Rules (documented choices):
+- A word of several BPE tokens sums its tokens' columns in "all tokens" mode (the probability of attending to any of
+  them), or uses its first token (spec §2.4) in "first token" mode.
+- LCM-repeated contexts (notes §1.6: a cond shorter than the uncond is tiled to the common length) sum the copies of
+  each column. The copies have identical keys, so their sum equals the probability without the repeat.
+- Several positive chunks in one call (ConditioningCombine) are averaged. Calls made with gradients on (LODA's
+  optimisation passes) are not part of the sampling trajectory and are skipped.
+- A model call at sigma σ belongs to step i when sample_sigmas[i] ≥ σ > sample_sigmas[i+1]: second-order samplers'
+  extra calls count toward their step, each call one vote.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention_calls import AttentionCall, BlockKey
+from .attention_record import ConceptMaps
+from .errors import ConceptSplitError
+from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
+
+TOKEN_FIRST = "first token"
+TOKEN_ALL = "all tokens"
+TOKEN_MODES = (TOKEN_FIRST, TOKEN_ALL)
+LAYERS_BLOCKS = "blocks"
+# "latent/N": the layers whose grid is the latent's divided by N (ceil at each halving); latent/4 is LODA's level.
+LAYER_CHOICES = ("latent/4", "all", "latent", "latent/2", "latent/8", LAYERS_BLOCKS)
+_SIGMA_TOLERANCE = 1e-5  # relative; a call's sigma is the schedule's own value, so only float noise is tolerated
+_BLOCK_PATTERN = re.compile(r"^(input|middle|output)(?:[\s_]*(\d+))?(?:\.(\d+))?$")
+
+
+@dataclass(frozen=True)
+class CaptureDefaults:
+    """Widget defaults of the Capture Attention node (issue 4)."""
+
+    token_mode: str = TOKEN_FIRST  # the token ToVA and LODA use (spec §2.4)
+    layers: str = "latent/4"  # LODA's map level (spec §3.1); "all" shows detail, latent/8 the layout
+    first_step: int = 0  # 0-based, inclusive
+    last_step: int = -1  # inclusive; -1 = the run's last step
+    kept_runs: int = 8  # finished runs remembered per capture (a few KB each), for graphs with several samplers
+
+
+CAPTURE_DEFAULTS = CaptureDefaults()
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """What one Capture Attention node records."""
+
+    labels: tuple[str, ...]  # K words, as typed
+    token_positions: tuple[tuple[int, ...], ...]  # per word: its positions in the positive prompt
+    prompt_length: int  # T of the positive prompt (77 · windows) the positions refer to
+    layer_keys: frozenset  # attn2 block keys (name, id, depth) to average over
+    first_step: int = CAPTURE_DEFAULTS.first_step
+    last_step: int = CAPTURE_DEFAULTS.last_step
+
+    def __post_init__(self) -> None:
+        assert len(self.labels) == len(self.token_positions) > 0, "one position tuple per word"
+        assert all(0 <= p < self.prompt_length for ps in self.token_positions for p in ps), "positions in prompt"
+
+
+def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
+               word_ids: Callable[[str], tuple[int, ...]], token_mode: str
+               ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], int]:
+    """Which words to capture and where they are: (labels, token positions per word, prompt length T).
+
+    Typed words (comma-separated) are located in the positive prompt's tokens; without typed words the ToVA
+    concepts' identifier words are used. Without the prompt's tokens only ToVA concepts can be captured, at their
+    recorded positions s_k (concepts.LocatedConcept). Raises: ConceptSplitError on an empty word list, a word not in
+    the prompt, or typed words with nothing to locate them in.
+    """
+    typed = tuple(word.strip() for word in words_text.split(",") if word.strip())
+    words = typed or tuple(concept.word for concept in concepts)
+    if not words:
+        raise ConceptSplitError.build(
+            "Capture Attention got no words", seen=f"words {words_text!r} and no ToVA concepts on the model",
+            expected='one or more comma-separated words of the prompt, e.g. "dog, cat"',
+            fix="type the words to inspect, or apply ToVA adapters before this node")
+    if prompt is not None:
+        return words, locate_words(prompt, words, word_ids, token_mode), len(prompt.token_ids)
+    by_word = {concept.word.lower(): concept for concept in concepts}
+    missing = [word for word in words if word.lower() not in by_word]
+    if missing:
+        raise ConceptSplitError.build(
+            f'Capture Attention cannot find "{missing[0]}" without the prompt\'s tokens',
+            seen="no token record on the positive input" + (f", ToVA concepts {', '.join(by_word)}" if by_word else ""),
+            expected="the positive CONDITIONING of ConceptSplit Text Encode or Apply ToVA, or only ToVA words",
+            fix="connect that conditioning to Capture Attention's positive input")
+    positions = []
+    for word in words:
+        start = by_word[word.lower()].position
+        width = len(word_ids(word)) if token_mode == TOKEN_ALL else 1
+        positions.append(tuple(range(start, start + max(width, 1))))
+    return words, tuple(positions), by_word[words[0].lower()].prompt_length
+
+
+def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[[str], tuple[int, ...]],
+                 token_mode: str) -> tuple[tuple[int, ...], ...]:
+    """Token positions of each word in the prompt, by ToVA's rule (spec §2.4: first free occurrence starting a word).
+
+    Returns per word its first token's position, or all its BPE tokens' positions (token_mode "all tokens").
+    Raises: ConceptSplitError for a word not in the prompt (or fewer occurrences than the word is listed).
+    """
+    ids_of = {word: tuple(word_ids(word)) for word in words}
+    for word in dict.fromkeys(words):
+        ids = ids_of[word]
+        found = _count_occurrences(prompt, ids)
+        wanted = sum(1 for other in words if other == word)
+        if found < wanted:
+            raise ConceptSplitError.build(
+                f'Word "{word}" is not in the prompt' + (f" {wanted} times" if found else ""),
+                seen=f'{found} occurrence(s) as a separate word in "{_short(prompt.text)}"',
+                expected=f'"{word}" written in the positive prompt ("{word}s" or "hot{word}" do not match)',
+                fix=f'add "{word}" to the prompt or remove it from the words')
+    requests = [IdentifierRequest(label=word, word=word, word_ids=ids_of[word]) for word in words]
+    starts = locate_identifier_positions(prompt, requests)
+    if token_mode == TOKEN_ALL:
+        return tuple(tuple(range(start, start + len(ids_of[word]))) for word, start in zip(words, starts))
+    return tuple((start,) for start in starts)
+
+
+def _count_occurrences(prompt: PromptTokens, ids: tuple[int, ...]) -> int:
+    n = len(ids)
+    slots = range(len(prompt.token_ids) - n + 1) if n else ()
+    return sum(1 for p in slots if prompt.word_starts[p] and tuple(prompt.token_ids[p:p + n]) == ids)
+
+
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def select_layers(levels: Mapping[BlockKey, int], choice: str, blocks: str = "") -> frozenset:
+    """Resolve a layer choice against the model's attn2 layers and their downsampling levels.
+
+    Args:
+        levels: {block key: level}; a layer at level l has the grid ceil(latent / 2^l).
+        choice: "all", "latent", "latent/N" (N a power of 2), or "blocks" to read `blocks`.
+        blocks: comma-separated ComfyUI block names, e.g. "input 7, middle, output 3.0" (".d" = depth index d).
+    Raises: ConceptSplitError when the model has no such layer, or the choice cannot be read.
+    """
+    if choice == "all":
+        return frozenset(levels)
+    if choice == LAYERS_BLOCKS:
+        return _parse_blocks(levels, blocks)
+    match = re.fullmatch(r"latent(?:/(\d+))?", choice)
+    factor = int(match.group(1) or 1) if match else 0
+    if factor < 1 or factor & (factor - 1):
+        raise ConceptSplitError.build("Unknown layer choice", seen=repr(choice), expected=", ".join(LAYER_CHOICES),
+                                      fix="pick a choice from the list")
+    keys = frozenset(key for key, level in levels.items() if 2 ** level == factor)
+    if not keys:
+        have = ", ".join(_level_name(level) for level in sorted(set(levels.values())))
+        raise ConceptSplitError.build(
+            f"This model has no cross-attention layer at {choice}",
+            seen=f"attn2 layers at {have}", expected=f"one of: all, {have}, or blocks",
+            fix=f"pick one of {have}, or all")
+    return keys
+
+
+def _level_name(level: int) -> str:
+    return "latent" if level == 0 else f"latent/{2 ** level}"
+
+
+def _parse_blocks(levels: Mapping[BlockKey, int], blocks: str) -> frozenset:
+    keys: set[BlockKey] = set()
+    for item in (part.strip().lower() for part in blocks.split(",")):
+        if not item:
+            continue
+        match = _BLOCK_PATTERN.match(item)
+        chosen = set()
+        if match:
+            name, number, depth = match.group(1), int(match.group(2) or 0), match.group(3)
+            chosen = {key for key in levels
+                      if key[:2] == (name, number) and (depth is None or key[2] == int(depth))}
+        if not chosen:
+            raise ConceptSplitError.build(
+                f'This model has no cross-attention block "{item}"', seen=f"its attn2 blocks: {_blocks_text(levels)}",
+                expected='comma-separated names like "input 7, middle, output 3" (".d" picks depth d)',
+                fix="type blocks from that list, or pick a latent level")
+        keys |= chosen
+    if not keys:
+        raise ConceptSplitError.build(
+            'Layer choice "blocks" needs block names', seen="an empty blocks field",
+            expected=f"some of: {_blocks_text(levels)}", fix='type e.g. "input 7, output 3", or pick a latent level')
+    return frozenset(keys)
+
+
+def _blocks_text(levels: Mapping[BlockKey, int]) -> str:
+    names: dict[str, list[str]] = {}
+    for name, number, depth in sorted(levels, key=lambda k: (("input", "middle", "output").index(k[0]), k[1], k[2])):
+        label = str(number) if depth == 0 else f"{number}.{depth}"
+        names.setdefault(name, []).append(label)
+    return "; ".join(f"{name} {', '.join(labels)}" for name, labels in names.items())
+
+
+def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
+    """0-based step of a model call at `sigma`: the last i with sample_sigmas[i] ≥ σ (a decreasing schedule).
+
+    Shapes: sample_sigmas (S + 1,) — S steps and the final sigma.
+    """
+    reached = sample_sigmas[:-1] >= sigma * (1.0 - _SIGMA_TOLERANCE)  # (S,)
+    return max(int(reached.sum().item()) - 1, 0)
+
+
+def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: CaptureRequest) -> torch.Tensor:
+    """One attn2 call's per-word maps: cond rows, heads averaged, word columns (and LCM copies) summed.
+
+    Shapes: probs (B, H, N, T) fp32, N = h·w, T = copies · prompt_length -> (B_img, K, h, w), B_img = rows per chunk.
+    Raises: ConceptSplitError when T is not a multiple of the captured prompt's length (another prompt was sampled).
+    """
+    B, H, N, T = probs.shape
+    h, w = call.grid
+    copies, rest = divmod(T, request.prompt_length)
+    if rest or copies == 0:
+        raise ConceptSplitError.build(
+            "The sampled prompt is not the one Capture Attention located the words in",
+            seen=f"a text context of {T} tokens", expected=f"a multiple of {request.prompt_length} tokens",
+            fix="connect the same positive conditioning to Capture Attention and to the sampler")
+    columns, owners = [], []
+    for k, positions in enumerate(request.token_positions):
+        for position in positions:
+            for copy in range(copies):
+                columns.append(position + copy * request.prompt_length)
+                owners.append(k)
+    picked = probs[..., columns][call.chunk_rows(0)].mean(dim=1)  # (C·B_img, N, P), heads averaged
+    assign = F.one_hot(torch.tensor(owners, device=probs.device), len(request.labels)).to(picked.dtype)  # (P, K)
+    per_word = picked @ assign  # (C·B_img, N, P) x (P, K) -> (C·B_img, N, K)
+    per_word = rearrange(per_word, "(c b) (h w) k -> c b k h w", b=call.rows_per_chunk, h=h, w=w)
+    return per_word.mean(dim=0)  # (B_img, K, h, w), positive chunks averaged
+
+
+class _RunSums:
+    """Running sums of one sampling run: per layer grid, Σ maps (B_img, K, h, w) and the number of maps added."""
+
+    def __init__(self, sample_sigmas: torch.Tensor, first_step: int, last_step: int):
+        self.sample_sigmas = sample_sigmas  # (S + 1,) fp32, CPU
+        self.first_step, self.last_step = first_step, last_step
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int], int] = {}
+        self.steps: set[int] = set()
+        self.layers: set[BlockKey] = set()
+
+    def add(self, key: BlockKey, step: int, maps: torch.Tensor) -> None:
+        grid = tuple(maps.shape[-2:])
+        if grid in self.sums:
+            self.sums[grid] += maps
+        else:
+            self.sums[grid] = maps.clone()
+        self.counts[grid] = self.counts.get(grid, 0) + 1
+        self.steps.add(step)
+        self.layers.add(key)
+
+    def result(self, labels: tuple[str, ...]) -> ConceptMaps | None:
+        """Mean over every added map, coarser grids upsampled (bilinear) to the finest. Maps (B_img, K, h, w) CPU."""
+        if not self.sums:
+            return None
+        target = max(self.sums, key=lambda grid: grid[0] * grid[1])
+        total = None
+        for grid, summed in self.sums.items():
+            if grid != target:  # upsampling is linear, so upsampling the sum equals summing the upsampled maps
+                summed = F.interpolate(summed, size=target, mode="bilinear", align_corners=False)
+            total = summed if total is None else total + summed
+        maps = (total / sum(self.counts.values())).float().cpu()  # (B_img, K, h, w)
+        order = ("input", "middle", "output")
+        layers = tuple(sorted(self.layers, key=lambda k: (order.index(k[0]), k[1], k[2])))
+        return ConceptMaps(labels=labels, maps=maps, steps=tuple(sorted(self.steps)), layers=layers)
+
+
+class AttentionCapture:
+    """The capture observer (attention_calls.AttentionObserver) plus the results of the runs it saw.
+
+    The seam calls start_run(sample_sigmas) before and finish_run(output latent) after each sampling run with the
+    patched model; the viewer asks maps_for(latent). `__deepcopy__` returns self: ComfyUI deep-copies model_options on
+    every clone() and the results must stay in this one object (notes §1.1).
+    """
+
+    def __init__(self, request: CaptureRequest, kept_runs: int = CAPTURE_DEFAULTS.kept_runs):
+        self.request = request
+        self.kept_runs = kept_runs
+        self._run: _RunSums | None = None
+        self._finished: list[tuple[torch.Tensor, ConceptMaps | None]] = []  # (output latent on CPU, maps), oldest first
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- run lifecycle -------------------------------------------------------------------------------------------
+    def start_run(self, sample_sigmas: torch.Tensor) -> None:
+        """Begin a run over `sample_sigmas` (S + 1,). Raises: ConceptSplitError when the step range is outside it."""
+        steps = int(sample_sigmas.shape[0]) - 1
+        first, last = self.request.first_step, self.request.last_step
+        last = steps - 1 if last == -1 else last
+        if first >= steps or last >= steps:
+            raise ConceptSplitError.build(
+                "Capture Attention's step range is outside the sampling run",
+                seen=f"steps {first} to {self.request.last_step} for a run of {steps} steps (0 to {steps - 1})",
+                expected=f"first_step and last_step between 0 and {steps - 1} (last_step -1 = the last step)",
+                fix="lower the step range, or raise the sampler's steps")
+        self._run = _RunSums(sample_sigmas.detach().float().cpu(), first, last)
+
+    def finish_run(self, output: torch.Tensor) -> None:
+        """End the run; remember its maps with the sampler's output latent (B_img, 4, h, w), which identifies it."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        self._finished.append((output.detach().float().cpu().clone(), run.result(self.request.labels)))
+        del self._finished[: -self.kept_runs]
+
+    def abort_run(self) -> None:
+        self._run = None
+
+    # -- AttentionObserver -----------------------------------------------------------------------------------------
+    def attention_bias(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
+        return None
+
+    def needs_probabilities(self, call: AttentionCall) -> bool:
+        return self._step_of(call) is not None
+
+    def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        step = self._step_of(call)  # checked again: another observer may have asked for these probabilities
+        if step is not None:
+            self._run.add(call.key, step, call_concept_maps(probs.detach(), call, self.request))
+
+    def after_attention(self, call: AttentionCall) -> None:
+        return None
+
+    def _step_of(self, call: AttentionCall) -> int | None:
+        run = self._run
+        if (run is None or call.key not in self.request.layer_keys or 0 not in call.cond_or_uncond
+                or call.sigmas is None or torch.is_grad_enabled()):
+            return None
+        step = step_index(float(call.sigmas.flatten()[0]), run.sample_sigmas)
+        return step if run.first_step <= step <= run.last_step else None
+
+    # -- results ---------------------------------------------------------------------------------------------------
+    def maps_for(self, samples: torch.Tensor | None = None) -> ConceptMaps:
+        """The maps of the run whose output is `samples` (B_img, 4, h, w), or of the latest run when None.
+
+        Raises: ConceptSplitError when no run finished, none produced `samples`, or nothing was recorded.
+        """
+        if not self._finished:
+            raise ConceptSplitError.build(
+                "No attention was captured yet", seen="no finished sampling run with Capture Attention's model",
+                expected="the viewer to run after a sampler that uses the MODEL output of Capture Attention",
+                fix="connect that sampler's LATENT (or the decoded IMAGE) to the viewer")
+        if samples is None:
+            _, maps = self._finished[-1]
+        else:
+            wanted = samples.detach().float().cpu()
+            matches = [maps for output, maps in self._finished
+                       if output.shape == wanted.shape and torch.equal(output, wanted)]
+            if not matches:
+                raise ConceptSplitError.build(
+                    "The LATENT was not sampled with this Capture Attention's model",
+                    seen=f"a latent of shape {tuple(wanted.shape)} that none of the last {len(self._finished)} "
+                         "captured runs produced",
+                    expected="the LATENT output of the sampler that uses Capture Attention's MODEL",
+                    fix="connect that sampler's LATENT directly (not an upscaled or edited one), or the IMAGE only")
+            maps = matches[-1]
+        if maps is None:
+            raise ConceptSplitError.build(
+                "The sampling run recorded no attention for the chosen steps and layers",
+                seen=f"steps {self.request.first_step} to {self.request.last_step}, "
+                     f"{len(self.request.layer_keys)} layer(s), no positive-prompt call among them",
+                expected="at least one model call with the positive prompt in the step range",
+                fix="widen the step range or the layers")
+        return maps
+
+
+def describe_coverage(record: ConceptMaps) -> str:
+    """One line naming what the maps average over, for the viewer's report."""
+    B, K, h, w = record.maps.shape
+    parts = [f"{B} image(s), {K} word(s), {h}x{w} grid"]
+    if record.steps:
+        parts.append(f"steps {record.steps[0]}-{record.steps[-1]} ({len(record.steps)} steps)")
+    if record.layers:
+        parts.append(f"{len(record.layers)} attn2 layer(s)")
+    return "Maps: " + ", ".join(parts) + ", heads averaged."

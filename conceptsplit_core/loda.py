@@ -1,0 +1,298 @@
+"""LODA during sampling, as attention observers: map capture for stage 1 and the masks, the stage-2 fixing bias,
+layer selection, and the run report (spec §3.1, §3.3, §4).
+
+The sampler (ComfyUI glue) owns the loop; these objects only see `AttentionCall`s, q, k and probabilities. They
+need autograd where stated and never toggle grad modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .attention_calls import AttentionCall, BlockKey
+from .attention_fixing import build_fixing_bias, build_fixing_masks, resize_masks_nearest
+from .errors import ConceptSplitError
+from .loda_config import LodaConfig
+from .loda_loss import AE_KERNEL_SIZE
+
+__all__ = [
+    "FixingBias",
+    "LodaConcepts",
+    "MapCollector",
+    "MapLayers",
+    "StepRecord",
+    "build_concept_masks",
+    "format_report",
+    "map_grid",
+    "run_truncated",
+    "select_map_layers",
+]
+
+MAP_LEVEL = 2  # the map level is latent/4: two downsamplings (spec §3.1)
+COND, UNCOND = 0, 1  # cond_or_uncond values of ComfyUI's chunks
+SDXL_FAMILY = "sdxl"
+
+
+class _TruncatedForward(Exception):
+    """Raised after the last layer the stage-1 loss needs, so the rest of the decoder never runs (spec §3.3)."""
+
+
+def run_truncated(forward: Callable[[], object]) -> None:
+    """Call `forward`; a truncation raised by a `MapCollector` ends it early and is swallowed."""
+    try:
+        forward()
+    except _TruncatedForward:
+        pass
+
+
+@dataclass(frozen=True)
+class LodaConcepts:
+    """The object concepts LODA separates, in concept order (spec §5 roles: objects only)."""
+
+    labels: tuple[str, ...]  # shown in the report and the viewer, e.g. ("dog", "cat")
+    positions: tuple[int, ...]  # s_k in the flat prompt sequence, SOT at 0 (spec §2.4)
+    prompt_length: int  # L = 77 · windows of the positive prompt
+
+    def __post_init__(self) -> None:
+        if len(self.positions) < 2:
+            raise ConceptSplitError.build(
+                "LODA separates concepts and needs at least 2 object concepts",
+                seen=f"{len(self.positions)} object concept(s): {', '.join(self.labels) or 'none'}",
+                expected="2 or more concept words, or 2 or more object adapters on the model",
+                fix="write two or more comma-separated concept words (e.g. 'dog, cat'), or connect a second "
+                    "object adapter to Apply ToVA",
+            )
+
+    def columns(self, context_length: int) -> list[list[int]]:
+        """Columns of each concept in a context of T tokens: s_k + c·L for every LCM copy c (notes §1.6)."""
+        copies = max(1, context_length // self.prompt_length)
+        return [[p + c * self.prompt_length for c in range(copies) if p + c * self.prompt_length < context_length]
+                for p in self.positions]
+
+
+@dataclass(frozen=True)
+class MapLayers:
+    """Which cross-attention layers LODA reads and biases (spec §3.1, §4.3)."""
+
+    grid: tuple[int, int]  # (h, w) of the map level
+    loss_keys: tuple[BlockKey, ...]  # stage-1 loss layers, execution order; the last one ends the gradient pass
+    mask_keys: tuple[BlockKey, ...]  # layers averaged for the stage-2 masks
+    fixing_keys: Optional[frozenset]  # layers that get the bias; None = every cross-attention layer
+
+
+def map_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """Grid after `level` stride-2 downsamplings with padding 1: ceil at each one (spec §3.1, notes §1.3)."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def select_map_layers(layer_levels: Sequence[tuple[BlockKey, int]], family: str, latent_hw: tuple[int, int],
+                      fixing_layers: str) -> MapLayers:
+    """Pick the map-level layers (spec §3.1): all layers at latent/4; SDXL's loss uses only the down blocks.
+
+    [choice] A UNet shallower than SD's (fewer than 3 levels, e.g. the tiny test models) uses its deepest level.
+
+    Args:
+        layer_levels: (replace key, downsampling level) for every cross-attention layer, in execution order.
+        family: "sd1.5", "sd2.1" or "sdxl". latent_hw: (H_lat, W_lat). fixing_layers: "all" or "map_level".
+    Raises:
+        ConceptSplitError: no cross-attention layer at the level, or maps smaller than the 7×7 smoothing kernel.
+    """
+    down_levels = [level for key, level in layer_levels if key[0] == "input"]
+    if not down_levels:
+        raise ConceptSplitError.build(
+            "This model has no cross-attention layers in its down blocks, which LODA needs",
+            seen=f"{len(layer_levels)} cross-attention layers, none in input blocks",
+            expected="an SD1.5, SD2.1 or SDXL UNet (cross-attention at latent/4)",
+            fix="use LODA with an SD1.5, SD2.1 or SDXL checkpoint",
+        )
+    level = min(MAP_LEVEL, max(down_levels))
+    grid = map_grid(latent_hw, level)
+    if min(grid) < AE_KERNEL_SIZE:
+        side = AE_KERNEL_SIZE * 8 * 2 ** level
+        raise ConceptSplitError.build(
+            "Unsupported resolution: the LODA attention maps are smaller than the smoothing kernel",
+            seen=f"latent {latent_hw[0]}×{latent_hw[1]} gives {grid[0]}×{grid[1]} maps at latent/{2 ** level}",
+            expected=f"maps of at least {AE_KERNEL_SIZE}×{AE_KERNEL_SIZE} (24×24 at 768 px for SD2.1)",
+            fix=f"use an image of at least {side}×{side} px",
+        )
+    at_level = tuple(key for key, key_level in layer_levels if key_level == level)
+    loss_keys = tuple(key for key in at_level if family != SDXL_FAMILY or key[0] == "input")  # spec §3.1 SDXL
+    fixing = None if fixing_layers == "all" else frozenset(at_level)
+    return MapLayers(grid=grid, loss_keys=loss_keys, mask_keys=at_level, fixing_keys=fixing)
+
+
+class MapCollector:
+    """Observer that averages the concept columns of the attention probabilities over heads and layers (spec §3.1).
+
+    Keeps them in the autograd graph when grad mode is on (stage 1). Per image: rows of each chunk are images.
+    """
+
+    def __init__(self, concepts: LodaConcepts, layers: MapLayers):
+        self.concepts = concepts
+        self.layers = layers
+        self.active = False
+        self._keys: frozenset = frozenset()
+        self._branches: tuple[int, ...] = (COND,)
+        self._truncate_after: Optional[BlockKey] = None
+        self._sums: Optional[torch.Tensor] = None  # (B_img, K, N) fp32
+        self._count = 0
+        self._reset_on_new_sigma = False
+        self._last_sigma: Optional[float] = None
+
+    def __deepcopy__(self, memo):  # run state: ComfyUI must never copy it (notes §1.1)
+        return self
+
+    def start(self, keys: Sequence[BlockKey], branches: Sequence[int], truncate: bool = False,
+              reset_on_new_sigma: bool = False) -> None:
+        """Collect from `keys` on chunks of `branches`.
+
+        With `truncate`, end the pass after the last key. With `reset_on_new_sigma`, a call at a new sigma starts
+        over, so a multi-evaluation step (heun) keeps only its last forward's maps (spec §4.1).
+        """
+        self.active, self._keys, self._branches = True, frozenset(keys), tuple(branches)
+        self._truncate_after = tuple(keys)[-1] if truncate else None
+        self._reset_on_new_sigma, self._last_sigma = reset_on_new_sigma, None
+        self._sums, self._count = None, 0
+
+    def stop(self) -> None:
+        self.active = False
+        self._truncate_after = None
+
+    def maps(self) -> torch.Tensor:
+        """Ā[:, :, s_k] per image: shape (B_img, K, h, w) fp32 (differentiable in stage 1).
+
+        Raises: RuntimeError when nothing was captured (an internal error: the sampler started no forward).
+        """
+        if self._sums is None or self._count == 0:
+            raise RuntimeError("ConceptSplit LODA: no attention maps were captured at the map level")
+        h, w = self.layers.grid
+        return (self._sums / self._count).unflatten(-1, (h, w))  # (B_img, K, h, w)
+
+    def attention_bias(self, call: AttentionCall, q, k):
+        return None
+
+    def needs_probabilities(self, call: AttentionCall) -> bool:
+        return self.active and call.key in self._keys
+
+    def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        if not self.needs_probabilities(call):
+            return
+        if self._reset_on_new_sigma and call.sigmas is not None:
+            sigma = float(call.sigmas.reshape(-1)[0])
+            if self._last_sigma is not None and sigma != self._last_sigma:
+                self._sums, self._count = None, 0
+            self._last_sigma = sigma
+        per, heads = call.rows_per_chunk, call.heads
+        columns = torch.tensor(self.concepts.columns(call.context_length), device=probs.device)  # (K, copies)
+        for chunk, branch in enumerate(call.cond_or_uncond):
+            if branch not in self._branches:
+                continue
+            rows = probs[chunk * per:(chunk + 1) * per]  # (B_img, H, N, T)
+            picked = rows[..., columns.flatten()].unflatten(-1, columns.shape)  # (B_img, H, N, K, copies)
+            summed = picked.sum(dim=(-1, 1)).transpose(1, 2)  # (B_img, K, N): copies and heads summed
+            self._sums = summed if self._sums is None else self._sums + summed
+            self._count += heads
+
+    def after_attention(self, call: AttentionCall) -> None:
+        if self.active and self._truncate_after is not None and call.key == self._truncate_after:
+            raise _TruncatedForward()
+
+
+class FixingBias:
+    """Observer adding the stage-2 logit bias (spec §4.3): +p on s_k and m on the other concepts inside mask_k.
+
+    Each image of the batch gets its own masks; masks are nearest-resized to every biased layer's grid.
+    """
+
+    def __init__(self, concepts: LodaConcepts, masks: torch.Tensor, config: LodaConfig, layers: MapLayers):
+        self.concepts = concepts
+        self.masks = masks  # (B_img, K, h, w) bool at the map level
+        self.config = config
+        self.keys = layers.fixing_keys
+        self.branches = (COND, UNCOND) if config.fixing_branches == "both" else (COND,)
+        self.active = False
+        self._cache: dict = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def _image_bias(self, call: AttentionCall, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (call.grid, call.context_length, dtype, device)
+        if key not in self._cache:
+            h, w = call.grid
+            columns = self.concepts.columns(call.context_length)
+            per_image = []
+            for image_masks in self.masks.to(device):  # (K, h0, w0)
+                at_layer = resize_masks_nearest(image_masks, h, w).flatten(1)  # (K, N)
+                per_image.append(build_fixing_bias(at_layer, columns, call.context_length, self.config.boost,
+                                                   self.config.suppression, dtype))  # (N, T)
+            self._cache[key] = torch.stack(per_image)  # (B_img, N, T)
+        return self._cache[key]
+
+    def attention_bias(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.active or (self.keys is not None and call.key not in self.keys):
+            return None
+        images = self._image_bias(call, q.dtype, q.device)  # (B_img, N, T)
+        per = call.rows_per_chunk
+        image_index = torch.arange(per, device=q.device) % images.shape[0]  # rows of a chunk are images
+        chunks = [images[image_index] if branch in self.branches else torch.zeros_like(images[image_index])
+                  for branch in call.cond_or_uncond]
+        return torch.cat(chunks)  # (B, N, T)
+
+    def needs_probabilities(self, call: AttentionCall) -> bool:
+        return False
+
+    def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
+        return None
+
+    def after_attention(self, call: AttentionCall) -> None:
+        return None
+
+
+def build_concept_masks(maps: torch.Tensor, config: LodaConfig) -> torch.Tensor:
+    """mask_k per image from the maps of the last completed forward (spec §4.1, §4.2).
+
+    Shapes: maps (B_img, K, h, w) any float; returns (B_img, K, h, w) bool.
+    """
+    return torch.stack([build_fixing_masks(image_maps, config) for image_maps in maps.detach()])
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One stage-1 latent update of one image (spec §3.3)."""
+
+    step: int  # sampling step i (sigma index)
+    image: int  # index in the batch
+    iteration: int  # inner iteration
+    harmonic_mean: float  # HM of the pairwise KLs before the update
+    loss: float  # L = max(0, τ − HM)
+    eta: float  # η_i
+    outcome: str  # "updated", "loss 0, no update", "skipped: non-finite gradient", "skipped: non-finite latent"
+
+
+def format_report(records: Sequence[StepRecord], concepts: LodaConcepts, stage1_steps: int, total_steps: int,
+                  masks: Optional[torch.Tensor], fixing: bool) -> str:
+    """The node's text output: per-step HM and loss, skipped updates, and the mask sizes (spec §3, §4)."""
+    named = ", ".join(f"{label} (token {p})" for label, p in zip(concepts.labels, concepts.positions))
+    stage1 = f"stage 1 on steps 0..{stage1_steps - 1} of {total_steps}" if stage1_steps else "stage 1 off"
+    lines = [f"LODA: concepts {named}; {stage1}"]
+    for r in records:
+        lines.append(f"step {r.step} image {r.image} iter {r.iteration}: HM {r.harmonic_mean:.4f} loss "
+                     f"{r.loss:.4f} eta {r.eta:.2f}: {r.outcome}")
+    skipped = sum(r.outcome.startswith("skipped") for r in records)
+    if skipped:
+        lines.append(f"{skipped} update(s) skipped because of non-finite values")
+    if fixing and masks is not None:
+        sizes = masks.flatten(2).sum(-1).tolist()  # (B_img, K) pixels per mask
+        lines.append(f"attention fixing from step {stage1_steps}: mask pixels per image and concept {sizes} "
+                     f"of {masks.shape[-2]}×{masks.shape[-1]}")
+    else:
+        lines.append("attention fixing off (p = m = 0)")
+    return "\n".join(lines)

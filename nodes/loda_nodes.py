@@ -1,0 +1,170 @@
+"""LODA nodes: "LODA Sampler" (KSampler-style, all in one), "ConceptSplit LODA" (a SAMPLER for SamplerCustom) and
+"ConceptSplit LODA Results" (ConceptSplit, Lim et al., ICCV 2025, §3.2 LODA: latent optimisation for disentangled
+attention, then attention fixing).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+import comfy.samplers
+
+from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.loda_config import LODA_DEFAULTS, UI_OPTIONS, UI_RANGES, LodaConfig
+from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda
+from . import comfy_hooks
+
+ConceptMapsType = io.Custom("CONCEPTSPLIT_MAPS")  # conceptsplit_core.attention_record.ConceptMaps
+LodaResultType = io.Custom("CONCEPTSPLIT_LODA_RESULT")  # nodes.loda_sampling.LodaResult, filled by sampling
+LATENT_SCALE = 8  # image pixels per latent pixel (SD1.5, SD2.1, SDXL)
+
+_MEANINGS = {
+    "loda_steps": "N: sampling steps 0..N-1 get a latent update (stage 1); attention fixing runs from step N.",
+    "inner_iterations": "Gradient steps per stage-1 sampling step.",
+    "kl_threshold": "τ: updates stop once the harmonic mean of the concepts' pairwise KL reaches it.",
+    "step_scale": "η at step 0; the step size falls linearly to half of it over the steps (paper schedule).",
+    "step_schedule": "Step-size schedule: linear = the paper (40 − 20·i/S), sqrt = the official code.",
+    "smoothing_sigma": "σ of the 7×7 Gaussian that smooths the maps before the KL.",
+    "kl_pairs": "ordered: KL for a < b (official code); symmetric: both directions (Algorithm 1).",
+    "mask_percentile": "γ: each concept's mask is its smoothed map above this quantile (0.90 = top 10 %).",
+    "mask_sigma": "σ_m of the Gaussian that smooths the maps before the percentile.",
+    "boost": "p: added to the concept token's attention logits inside its own mask.",
+    "suppression": "m: added to the other concept tokens' logits inside a concept's mask.",
+    "fixing_layers": "all cross-attention layers (paper reconstruction) or only the map-level layers.",
+    "fixing_branches": "both CFG branches (official processors) or only the conditional one.",
+    "mask_source": "cond: masks from the conditional maps; cond_and_uncond: both, as the official code.",
+}
+
+
+def loda_setting_inputs() -> list:
+    """One widget per LodaConfig field, defaults and ranges from conceptsplit_core.loda_config (STYLE §6)."""
+    inputs = [io.String.Input("concept_words", default="", tooltip=(
+        "Comma-separated object words to separate, e.g. 'dog, cat' (at least 2), found in the positive prompt "
+        "as ToVA finds identifier words. Needs a positive from ConceptSplit Text Encode or Apply ToVA. Empty = "
+        "the object concepts of the ToVA-patched model."))]
+    for name, meaning in _MEANINGS.items():
+        if name in UI_OPTIONS:
+            options = list(UI_OPTIONS[name])
+            inputs.append(io.Combo.Input(name, options=options, default=options[0],
+                                         tooltip=f"{meaning} Default {options[0]}."))
+            continue
+        low, high, step, recommended = UI_RANGES[name]
+        default = getattr(LODA_DEFAULTS, name)
+        tooltip = f"{meaning} Recommended: {recommended}."
+        if name in ("loda_steps", "inner_iterations"):
+            inputs.append(io.Int.Input(name, default=default or 0, min=int(low), max=int(high), tooltip=tooltip))
+        else:
+            inputs.append(io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip))
+    return inputs
+
+
+def loda_request(concept_words: str, settings: dict, result: LodaResult) -> LodaRequest:
+    values = dict(settings)
+    values["loda_steps"] = values.get("loda_steps") or None  # the widget's 0 means round(0.2·steps)
+    config = LodaConfig(**values)
+    config.validate()
+    return LodaRequest(config=config, words=parse_words(concept_words), result=result)
+
+
+def result_outputs(result: LodaResult, latent_hw: tuple[int, int]):
+    """MASK (B·K, H_img, W_img), image-major then concept order, and the maps and report of `result`."""
+    masks = result.masks.float()  # (B, K, h, w)
+    size = (latent_hw[0] * LATENT_SCALE, latent_hw[1] * LATENT_SCALE)
+    image_masks = F.interpolate(masks, size=size, mode="nearest").flatten(0, 1)  # (B·K, H_img, W_img)
+    return image_masks, result.maps, result.report
+
+
+_OUTPUTS = [
+    io.Mask.Output(display_name="concept_masks", tooltip="Stage-2 masks, one per image and concept "
+                   "(image-major, concept order), at image size. Zeros when no mask was built."),
+    ConceptMapsType.Output(display_name="concept_maps", tooltip="Each concept's attention map at step N (map "
+                           "level, latent/4), per image, for the ConceptSplit attention viewer."),
+    io.String.Output(display_name="report", tooltip="Per step: harmonic-mean KL, loss and step size; skipped "
+                     "updates; mask sizes."),
+]
+
+
+class LodaSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptSplitLodaSampler", display_name="LODA Sampler", category="ConceptSplit/sampling",
+            description="KSampler with LODA: separates the concepts' cross-attention during the first steps, then "
+                        "fixes each concept to its region. ConceptSplit, Lim et al., ICCV 2025.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5, SD2.1 or SDXL model, with or without Apply ToVA."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed, as in KSampler."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps S (paper: 50)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (paper: 7.5)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="Any k-diffusion sampler (paper: ddim)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Noise schedule."),
+                io.Conditioning.Input("positive", tooltip="From ConceptSplit Text Encode or Apply ToVA, so the "
+                                      "concept words can be located."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt."),
+                io.Latent.Input("latent_image", tooltip="Latent to denoise; maps at latent/4 must be at least 7×7 "
+                                "(at least 224 px for SD1.5/SD2.1)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="As in KSampler; LODA counts the steps that actually run."),
+                *loda_setting_inputs(),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The sampled latent."), *_OUTPUTS],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                concept_words, **settings) -> io.NodeOutput:
+        result = LodaResult()
+        request = loda_request(concept_words, settings, result)
+        sigmas = comfy_hooks.ksampler_sigmas(model, steps, sampler_name, scheduler, denoise)
+        latent_hw = tuple(latent_image["samples"].shape[-2:])
+        plan_loda(model, comfy_hooks.conditioning_prompt_tokens(positive), latent_hw, request, len(sigmas) - 1)
+        sampler = loda_sampler(comfy_hooks.named_sampler(sampler_name), request)
+        latent = comfy_hooks.sample_latent_with_sampler(model, seed, cfg, sampler, sigmas, positive, negative,
+                                                        latent_image)
+        return io.NodeOutput(latent, *result_outputs(result, latent_hw))
+
+
+class LodaSamplerSelect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptSplitLoda", display_name="ConceptSplit LODA", category="ConceptSplit/sampling",
+            description="Wrap a sampler with LODA for SamplerCustom / SamplerCustomAdvanced. ConceptSplit, Lim et "
+                        "al., ICCV 2025.",
+            inputs=[io.Sampler.Input("sampler", tooltip="The sampler to wrap, from KSamplerSelect."),
+                    *loda_setting_inputs()],
+            outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustom(Advanced)."),
+                     LodaResultType.Output(display_name="loda_result", tooltip="Masks, maps and report of the "
+                                           "run; read them with ConceptSplit LODA Results.")],
+        )
+
+    @classmethod
+    def execute(cls, sampler, concept_words, **settings) -> io.NodeOutput:
+        result = LodaResult()
+        return io.NodeOutput(loda_sampler(sampler, loda_request(concept_words, settings, result)), result)
+
+
+class LodaResults(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptSplitLodaResults", display_name="ConceptSplit LODA Results",
+            category="ConceptSplit/sampling",
+            description="The masks, maps and report of a ConceptSplit LODA sampler run. ConceptSplit, ICCV 2025.",
+            inputs=[io.Latent.Input("latent", tooltip="The sampler's output, so this node runs after sampling."),
+                    LodaResultType.Input("loda_result", tooltip="From ConceptSplit LODA.")],
+            outputs=list(_OUTPUTS),
+        )
+
+    @classmethod
+    def execute(cls, latent, loda_result) -> io.NodeOutput:
+        if loda_result.masks is None:
+            raise ConceptSplitError.build(
+                "The LODA sampler has not run yet", seen="no result recorded",
+                expected="the LATENT of the SamplerCustom that used this ConceptSplit LODA sampler",
+                fix="connect that sampler's output latent to this node")
+        return io.NodeOutput(*result_outputs(loda_result, tuple(latent["samples"].shape[-2:])))

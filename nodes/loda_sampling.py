@@ -1,0 +1,203 @@
+"""The LODA SAMPLER function: stage 1 step by step around any k-diffusion sampler, then stage 2 in one call
+(spec §3.3, §3.4, §4; comfyui-notes §4.3). ComfyUI signatures come from `comfy_hooks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..conceptsplit_core.attention_record import ConceptMaps
+from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaConcepts, MapCollector, MapLayers, StepRecord,
+                                      build_concept_masks, format_report, run_truncated, select_map_layers)
+from ..conceptsplit_core.loda_config import LodaConfig
+from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
+from ..conceptsplit_core.prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
+from . import comfy_hooks
+
+OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaRequest
+
+
+@dataclass(frozen=True)
+class LodaRequest:
+    """What the user asked for; resolved against the model, prompt and latent when sampling starts."""
+
+    config: LodaConfig
+    words: tuple[str, ...] = ()  # concept words; empty = the object concepts of the ToVA-patched model
+    stage1_steps: Optional[int] = None  # explicit N, 0 allowed (stage 1 off); None = config.loda_steps_for(S)
+    result: Optional["LodaResult"] = None  # filled after sampling (masks, maps, report)
+
+
+class LodaResult:
+    """Mutable holder of one run's masks, maps and report (shared by reference, never deep-copied)."""
+
+    def __init__(self):
+        self.masks: Optional[torch.Tensor] = None  # (B_img, K, h, w) bool
+        self.maps: Optional[ConceptMaps] = None
+        self.report = ""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True)
+class LodaPlan:
+    """A request resolved against one model, prompt, latent and schedule; checked before any step."""
+
+    concepts: LodaConcepts
+    layers: MapLayers
+    stage1_steps: int  # N
+    total_steps: int  # S
+    fixing: bool  # p or m non-zero
+
+
+def parse_words(text: str) -> tuple[str, ...]:
+    """'dog, cat' -> ("dog", "cat"); empty entries are dropped."""
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+def plan_loda(model_patcher, prompt: Optional[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
+              total_steps: int) -> LodaPlan:
+    """Check every input and resolve concepts, layers and N before any sampling step (spec §5, STYLE §10).
+
+    Raises: ConceptSplitError for a bad setting, fewer than 2 concepts, a word not in the prompt, N > S, a model
+        without the map-level layers, or maps smaller than the smoothing kernel.
+    """
+    config = request.config
+    if request.stage1_steps is None:
+        config.validate(total_steps)
+        stage1_steps = config.loda_steps_for(total_steps)
+    else:
+        config.validate()
+        stage1_steps = request.stage1_steps
+        if not 0 <= stage1_steps <= total_steps:
+            raise ConceptSplitError.build(
+                "More LODA steps than sampling steps", seen=f"N = {stage1_steps} with {total_steps} steps",
+                expected=f"0 <= N <= {total_steps}", fix="lower loda_steps")
+    layout = comfy_hooks.unet_layout(model_patcher)
+    concepts = _resolve_concepts(model_patcher, prompt, request.words)
+    layers = select_map_layers(comfy_hooks.layer_levels(model_patcher, layout), layout.family, latent_hw,
+                               config.fixing_layers)
+    return LodaPlan(concepts, layers, stage1_steps, total_steps, config.boost != 0 or config.suppression != 0)
+
+
+def _resolve_concepts(model_patcher, prompt: Optional[PromptTokens], words: tuple[str, ...]) -> LodaConcepts:
+    if not words:
+        objects = [c for c in comfy_hooks.located_concepts(model_patcher) if c.role == "object"]
+        length = objects[0].prompt_length if objects else 0
+        return LodaConcepts(tuple(c.word for c in objects), tuple(c.position for c in objects), length)  # K >= 2
+    if prompt is None:
+        raise ConceptSplitError.build(
+            "LODA cannot find the concept words: the positive prompt carries no token record",
+            seen=f"concept words {', '.join(words)} with a positive from a plain CLIP Text Encode",
+            expected="a positive from Apply ToVA to Model or ConceptSplit Text Encode",
+            fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)")
+    requests = [IdentifierRequest(word, word, comfy_hooks.default_word_token_ids(word)) for word in words]
+    positions = locate_identifier_positions(prompt, requests)
+    return LodaConcepts(words, tuple(positions), len(prompt.token_ids))
+
+
+def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+    """k-diffusion sampler function: LODA around `options["inner"]` (a KSAMPLER). Returns the final state x."""
+    inner, request = options["inner"], options[OPTION_KEY]
+    extra_args = dict(extra_args or {})
+    guider = comfy_hooks.sampling_guider(model_k)
+    plan = plan_loda(guider.model_patcher, comfy_hooks.guider_prompt_tokens(guider), tuple(x.shape[-2:]), request,
+                     len(sigmas) - 1)
+    config = request.config
+    layout = comfy_hooks.unet_layout(guider.model_patcher)
+    collector = MapCollector(plan.concepts, plan.layers)
+    fixer = FixingBias(plan.concepts, torch.zeros(0), config, plan.layers)
+    options_with = comfy_hooks.with_observers(extra_args.get("model_options", {}), layout, (collector, fixer))
+    extra_args["model_options"] = options_with
+    mask_branches = (COND,) if config.mask_source == "cond" else (COND, UNCOND)
+    records: list[StepRecord] = []
+    n = plan.stage1_steps
+    noise_sampler = None
+    if n > 0:
+        noise_sampler = comfy_hooks.persistent_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
+        with torch.inference_mode(False):
+            comfy_hooks.release_inference_parameters(guider.model_patcher)
+    maps = None
+    for i in range(n):
+        comfy_hooks.throw_if_interrupted()
+        x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, options_with, records)
+        if i == n - 1:
+            collector.start(plan.layers.mask_keys, mask_branches, reset_on_new_sigma=True)
+        x = comfy_hooks.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
+                                          noise_sampler)
+        if i == n - 1:
+            maps = collector.maps().detach()
+            collector.stop()
+    if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (spec §4.1)
+        collector.start(plan.layers.mask_keys, mask_branches)
+        with torch.no_grad():
+            comfy_hooks.cond_forward(model_k, x, sigmas[0], options_with, negative=UNCOND in mask_branches)
+        maps = collector.maps().detach()
+        collector.stop()
+    masks = None if maps is None else build_concept_masks(maps, config)
+    if plan.fixing and masks is not None and n < plan.total_steps:
+        fixer.masks, fixer.active = masks, True
+    x = comfy_hooks.run_inner_sampler(inner, model_k, x, sigmas[n:], extra_args, callback, disable, n, noise_sampler)
+    fixer.active = False
+    _record(request.result, plan, records, maps, masks, x.shape[0])
+    return x
+
+
+def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, collector: MapCollector,
+                   model_options, records: list) -> torch.Tensor:
+    """Stage 1 at step i: per image, a truncated cond-only forward with gradients, the loss, and the k-diffusion
+    update x ← x − η_i (1 + σ_i²) ∇_x L replacing the sampler's state (spec §3.3, §3.4)."""
+    eta = step_size(i, plan.total_steps, config)
+    images = []
+    with torch.inference_mode(False), torch.enable_grad():
+        sigma = sigmas[i].detach().clone()  # () normal tensor
+        for b in range(x.shape[0]):
+            x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
+            for iteration in range(config.inner_iterations):
+                comfy_hooks.throw_if_interrupted()
+                x_b, record = _one_update(model_k, x_b, sigma, eta, config, collector, model_options)
+                records.append(StepRecord(i, b, iteration, *record))
+            images.append(x_b.detach())
+    return torch.cat(images).to(x.dtype)
+
+
+def _one_update(model_k, x_b, sigma, eta, config, collector, model_options):
+    x_grad = x_b.detach().requires_grad_(True)
+    collector.start(collector.layers.loss_keys, (COND,), truncate=True)
+    try:
+        run_truncated(lambda: comfy_hooks.cond_forward(model_k, x_grad, sigma, model_options))
+        concept_maps = collector.maps()[0]  # (K, h, w) in the graph
+    finally:
+        collector.stop()
+    loss, diagnostics = separation_loss(concept_maps, config)
+    hm, value = float(diagnostics.harmonic_mean), float(diagnostics.loss)
+    if not value > 0:  # L = 0 (or NaN): no update, skip the backward pass
+        outcome = "loss 0, no update" if value == 0 else "skipped: non-finite loss"
+        return x_b, (hm, value, eta, outcome)
+    (grad,) = torch.autograd.grad(loss, x_grad)  # (1, 4, h, w)
+    if not bool(torch.isfinite(grad).all()):
+        return x_b, (hm, value, eta, "skipped: non-finite gradient")
+    updated = kdiffusion_latent_update(x_b.detach(), grad, sigma, eta)
+    if not bool(torch.isfinite(updated).all()):
+        return x_b, (hm, value, eta, "skipped: non-finite latent")
+    return updated, (hm, value, eta, "updated")
+
+
+def _record(result: Optional[LodaResult], plan: LodaPlan, records, maps, masks, batch: int) -> None:
+    if result is None:
+        return
+    h, w = plan.layers.grid
+    k = len(plan.concepts.labels)
+    result.maps = ConceptMaps(plan.concepts.labels,
+                              maps.float().cpu() if maps is not None else torch.zeros(batch, k, h, w))
+    result.masks = masks.cpu() if masks is not None else torch.zeros(batch, k, h, w, dtype=torch.bool)
+    result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
+
+
+def loda_sampler(inner, request: LodaRequest):
+    """A SAMPLER running LODA around the SAMPLER `inner` (from KSamplerSelect)."""
+    return comfy_hooks.wrapping_ksampler(sample_loda, inner, {"inner": inner, OPTION_KEY: request})

@@ -1,0 +1,179 @@
+""""Train ToVA Adapter": learn one concept's token-wise value LoRA from a few photos (ConceptSplit, Lim et al.,
+ICCV 2025, §3.1 ToVA; recipe in spec §2.6). `train_adapter` is the one code path of the node and the CLI trainer.
+
+Images: an IMAGE batch shares one size in ComfyUI (Batch Images resizes the second input to the first). Every image
+is resized on its shorter side to the resolution R (bilinear, antialiased) and cropped R×R at a seeded random
+offset, so any size and aspect ratio works; the CLI passes photos of different sizes the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..conceptsplit_core import training as core
+from ..conceptsplit_core.adapter_file import AdapterMetadata, read_adapter_file, write_adapter_file
+from ..conceptsplit_core.atomic_file import safe_save_name
+from ..conceptsplit_core.concepts import ConceptAdapter, make_concept
+from ..conceptsplit_core.config import FAMILY_SD21, PREDICTION_V, ROLE_OBJECT
+from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.loss_curve import render_loss_curve
+from ..conceptsplit_core.tova_lora import ToVALoraSet
+from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, TrainConfig, load_prompt_templates,
+                                               preprocess_images, templates_hash)
+from . import comfy_hooks
+from .adapters import ConceptAdapters
+
+CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Adapter never lists it
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    identifier_word: str  # the plain class word, e.g. "dog" (spec §2.4)
+    config: TrainConfig
+    save_name: str  # file name inside the tova folder
+    overwrite: bool = False
+    resume: bool = False
+    role: str = ROLE_OBJECT
+    templates: tuple[str, ...] | None = None  # prompt templates; None = the pack's list (spec §2.6)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    concept: ConceptAdapter  # the saved file as Load ToVA Adapter reads it (strength 1)
+    losses: list[float]
+    path: Path
+    resumed_from: int
+
+
+def tova_folder() -> Path:
+    return Path(folder_paths.get_folder_paths("tova")[0])
+
+
+def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Path,
+                  on_step: Callable[[int, int, float], None] | None = None) -> TrainingOutcome:
+    """Validate everything, encode once, train (spec §2.6), save atomically; nothing is written on bad input.
+
+    images: an IMAGE batch (n, H_img, W_img, 3) in 0..1, or a list of such tensors of different sizes.
+    Raises: ConceptSplitError (settings, rank, class word, images, save name, NaN loss, foreign checkpoint).
+    """
+    config = request.config.validate()
+    word = request.identifier_word.strip()
+    layout = comfy_hooks.unet_layout(model)
+    sigmas, prediction, sigma_data = comfy_hooks.training_noise_schedule(model)
+    path = safe_save_name(folder, request.save_name)
+    if path.exists() and not request.overwrite:
+        raise ConceptSplitError.build(
+            f'An adapter named "{path.name}" already exists', seen=str(path),
+            expected="a new save name, or overwrite on", fix="change save_name or turn overwrite on")
+    shapes = {layer.path: (layer.in_features, layer.out_features) for layer in layout.layers}  # (d, C)
+    core.check_rank(config.rank, shapes)
+    templates = request.templates or load_prompt_templates()
+    prompts = core.template_prompts(templates, word)
+    positions = core.identifier_positions([comfy_hooks.prompt_tokens(clip, p) for p in prompts], word,
+                                          comfy_hooks.word_token_ids(clip, word))
+    base_model = layout.family + ("-v" if layout.family == FAMILY_SD21 and prediction == PREDICTION_V else "")
+    resolution = config.resolved_resolution(base_model)
+    crops = torch.Generator().manual_seed(config.seed)
+    pixels = preprocess_images(images, resolution, crops)  # (n, 3, R, R) in [-1, 1]
+    mean, std = comfy_hooks.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
+    conditionings = [comfy_hooks.training_conditioning(clip, p, resolution) for p in prompts]
+    schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
+    alpha = float(config.resolved_alpha())
+    record = {"word": word, "base_model": base_model, "layers": len(shapes), "images": core.fingerprint(pixels),
+              "templates": templates_hash(templates), "resolution": resolution, "rank": config.rank,
+              "alpha": alpha, "learning_rate": config.learning_rate, "seed": config.seed, "steps": config.steps}
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = core.CheckpointPlan(path.with_name(path.stem + CHECKPOINT_SUFFIX), config.checkpoint_every, request.resume)
+    autocast = comfy_hooks.training_autocast_dtype(model)
+
+    def body(denoise):
+        # Runs with autograd on and inference mode off: tensors made here can be saved for backward (notes §4.2).
+        data = core.TrainingData(mean.clone(), std.clone(), positions)
+        lora = ToVALoraSet(shapes, config.rank, config.alpha, torch.Generator().manual_seed(config.seed))
+        result = core.train_tova(lora.to(mean.device), data, schedule, denoise, config, run_record=record,
+                                 checkpoint=plan, on_step=on_step, autocast_dtype=autocast, label=word)
+        return lora.state_for_saving(), result
+
+    weights, result = comfy_hooks.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body)
+    meta = AdapterMetadata(
+        base_model=base_model, text_width=layout.text_width, rank=config.rank, alpha=alpha,
+        identifier_word=word, role=request.role, prediction=prediction, layers=len(shapes),
+        training={"train_steps": config.steps, "train_lr": config.learning_rate, "train_resolution": resolution,
+                  "train_batch": config.batch_size, "templates": templates_hash(templates)})
+    write_adapter_file(path, weights, meta, overwrite=request.overwrite)
+    plan.path.unlink(missing_ok=True)  # the run is complete; its checkpoint is no longer needed
+    concept = make_concept(read_adapter_file(path), word, 1.0, request.role)
+    return TrainingOutcome(concept, result.losses, path, result.resumed_from)
+
+
+def _int_input(name: str, default: int, tooltip: str) -> io.Int.Input:
+    low, high, step, advice = UI_RANGES[name]
+    return io.Int.Input(name, default=default, min=int(low), max=int(high), step=int(step),
+                        tooltip=f"{tooltip} Recommended: {advice}.")
+
+
+class TrainToVAAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        lr = UI_RANGES["learning_rate"]
+        return io.Schema(
+            node_id="ConceptSplitTrainToVA",
+            display_name="Train ToVA Adapter",
+            category="ConceptSplit/training",
+            description="Train one concept's ToVA adapter (a LoRA on every cross-attention value projection, applied "
+                        "only at the class word's token) from a few photos. ConceptSplit, Lim et al., ICCV 2025.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="SD2.1-768 (v), SD1.5 or SDXL model to train on. It is not changed."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; it encodes the ~200 prompt "
+                                              "templates once (frozen)."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; it encodes each photo once."),
+                io.Image.Input("images", tooltip="3-20 photos of the concept as one IMAGE batch. Each is resized "
+                                                 "(shorter side to resolution) and randomly cropped square."),
+                io.String.Input("identifier_word", default="dog",
+                                tooltip="The plain class word of the concept (dog, cat, barn). Its first token gets "
+                                        "the delta, in training and in every later prompt."),
+                _int_input("steps", TRAIN_DEFAULTS.steps, "Optimizer steps, batch 1."),
+                io.Float.Input("learning_rate", default=TRAIN_DEFAULTS.learning_rate, min=lr.min, max=lr.max,
+                               step=lr.step, tooltip=f"AdamW learning rate, constant. Recommended: {lr.recommended}."),
+                _int_input("rank", TRAIN_DEFAULTS.rank, "LoRA rank r of each layer."),
+                io.Int.Input("seed", default=0, min=0, max=int(UI_RANGES["seed"].max), control_after_generate=False,
+                             tooltip="Seeds the init, crops, order, timesteps and noise: same seed, same adapter."),
+                _int_input("resolution", 0, "Training crop size in pixels."),
+                io.String.Input("save_name", default="my_concept",
+                                tooltip="File name in ComfyUI/models/tova (.safetensors is added). No folders."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing adapter with this name. Off: the node refuses."),
+                _int_input("checkpoint_every", TRAIN_DEFAULTS.checkpoint_every,
+                           "Save a resumable checkpoint next to the adapter every N steps."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue a stopped run from its checkpoint (same images and settings); "
+                                         "the result equals an uninterrupted run."),
+            ],
+            outputs=[
+                ConceptAdapters.Output(display_name="adapters",
+                                       tooltip="The trained adapter (strength 1, role object): connect to Apply ToVA "
+                                               "to Model or to Load ToVA Adapter's adapters input."),
+                io.Image.Output(display_name="loss_curve",
+                                tooltip="Loss per step (light) and its moving average (dark)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, identifier_word: str, steps: int, learning_rate: float, rank: int,
+                seed: int, resolution: int, save_name: str, overwrite: bool, checkpoint_every: int,
+                resume: bool) -> io.NodeOutput:
+        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed,
+                             resolution=resolution or None, checkpoint_every=checkpoint_every)
+        request = TrainingRequest(identifier_word, config, save_name, overwrite, resume)
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        outcome = train_adapter(model, clip, vae, images, request, tova_folder(),
+                                comfy_hooks.training_progress(steps, node_id))
+        return io.NodeOutput((outcome.concept,), render_loss_curve(outcome.losses))

@@ -1,0 +1,165 @@
+"""Attention viewer nodes: "Capture Attention" and "Attention Map Viewer" (ConceptSplit, ICCV 2025, spec §3.1, §7).
+
+See where each word attends during sampling, as heatmaps and as the paper's numbers (Table 1 entropy, LODA's KL).
+Capture patches a model clone so any sampler records the words' cross-attention maps; the viewer renders them after
+sampling, from the capture (matched to the sampler's LATENT) or from the LODA Sampler's maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..conceptsplit_core import attention_capture as capture_core
+from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.map_metrics import format_metrics_report
+from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
+from . import comfy_hooks
+
+AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
+ConceptMapsSocket = io.Custom("CONCEPTSPLIT_MAPS")  # attention_record.ConceptMaps
+DEFAULTS = capture_core.CAPTURE_DEFAULTS
+MAX_STEP = 10000
+ALPHA_DEFAULT = 0.5
+
+
+class CaptureAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptSplitCaptureAttention",
+            display_name="Capture Attention",
+            category="ConceptSplit",
+            description="Record the cross-attention maps of chosen words during any sampling run (running means over "
+                        "steps, layers and heads), for the Attention Map Viewer. ConceptSplit, Lim et al., ICCV 2025.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5, SD2.1 or SDXL model, with or without ToVA. It is cloned; the "
+                                                "input is untouched and sampling gives the same image."),
+                io.String.Input("words", default="",
+                                tooltip="Comma-separated words of the positive prompt to watch, e.g. 'dog, cat'. "
+                                        "Empty = the ToVA identifier words. A repeated word takes its next "
+                                        "occurrence."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="The positive prompt from ConceptSplit Text Encode or Apply ToVA (they "
+                                              "record its tokens). Needed for words that are not ToVA identifiers."),
+                io.Combo.Input("token_mode", options=list(capture_core.TOKEN_MODES), default=DEFAULTS.token_mode,
+                               tooltip="first token: the token ToVA and LODA use (spec §2.4). all tokens: sum the "
+                                       "attention of every BPE token of the word (for long or rare words)."),
+                io.Int.Input("first_step", default=DEFAULTS.first_step, min=0, max=MAX_STEP,
+                             tooltip="First sampling step to average, 0-based, inclusive. 0 = from the start."),
+                io.Int.Input("last_step", default=DEFAULTS.last_step, min=-1, max=MAX_STEP,
+                             tooltip="Last sampling step to average, inclusive; -1 = the run's last step. Early "
+                                     "steps show the layout, late steps the details."),
+                io.Combo.Input("layers", options=list(capture_core.LAYER_CHOICES), default=DEFAULTS.layers,
+                               tooltip="Which cross-attention layers to average. latent/4: LODA's level (16x16 at "
+                                       "SD1.5 512 px; spec §3.1). all: every layer, upsampled to the finest grid. "
+                                       "latent/N: layers with grid latent/N. blocks: the blocks typed below."),
+                io.String.Input("blocks", default="", optional=True,
+                                tooltip="With layers = blocks: ComfyUI block names, e.g. 'input 7, middle, output "
+                                        "3'; add '.d' for depth d of an SDXL block ('output 0.3')."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model clone that records attention. Sample with "
+                                                              "it."),
+                AttentionCaptureSocket.Output(display_name="capture",
+                                              tooltip="The recorded maps. Connect to Attention Map Viewer, together "
+                                                      "with the sampler's LATENT."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, words: str, token_mode: str, first_step: int, last_step: int, layers: str,
+                positive=None, blocks: str = "") -> io.NodeOutput:
+        layout = comfy_hooks.unet_layout(model)
+        layer_keys = capture_core.select_layers(dict(comfy_hooks.layer_levels(model, layout)), layers, blocks)
+        prompt = None if positive is None else comfy_hooks.conditioning_prompt_tokens(positive)
+        labels, positions, prompt_length = capture_core.plan_words(
+            words, prompt, comfy_hooks.located_concepts(model), comfy_hooks.default_word_token_ids, token_mode)
+        if last_step != -1 and last_step < first_step:
+            raise ConceptSplitError.build(
+                "Capture Attention's step range is empty", seen=f"first_step {first_step}, last_step {last_step}",
+                expected="last_step >= first_step, or -1 for the last step", fix="swap the two values")
+        request = capture_core.CaptureRequest(labels=labels, token_positions=positions, prompt_length=prompt_length,
+                                              layer_keys=layer_keys, first_step=first_step, last_step=last_step)
+        capture = capture_core.AttentionCapture(request)
+        patched = model.clone()
+        comfy_hooks.install_attention_capture(patched, layout, capture)
+        return io.NodeOutput(patched, capture)
+
+
+class AttentionMapViewer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptSplitAttentionViewer",
+            display_name="Attention Map Viewer",
+            category="ConceptSplit",
+            description="Show where each word attends: heatmaps over the image in a labeled grid, a mask per word, and "
+                        "the entropy, KL and overlap numbers of the paper's Table 1 and LODA. ConceptSplit, ICCV 2025.",
+            inputs=[
+                AttentionCaptureSocket.Input("capture", optional=True,
+                                             tooltip="From Capture Attention. Also connect the sampler's LATENT (or "
+                                                     "IMAGE), so the viewer runs after sampling and shows that run."),
+                io.Latent.Input("samples", optional=True,
+                                tooltip="The LATENT output of the sampler that used Capture Attention's model: picks "
+                                        "the matching run and orders the viewer after sampling."),
+                ConceptMapsSocket.Input("maps", optional=True,
+                                        tooltip="Maps from the LODA Sampler (instead of a capture)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The decoded image(s), to draw the heatmaps over; same batch size as the maps. "
+                                       "Without it the heatmaps are shown alone."),
+                io.Float.Input("alpha", default=ALPHA_DEFAULT, min=0.0, max=1.0, step=0.05,
+                               tooltip="Heatmap opacity over the image: 0 = image only, 1 = heatmap only."),
+                io.Combo.Input("colormap", options=list(COLORMAPS), default=COLORMAPS[0],
+                               tooltip="Perceptual colormap; dark = little attention, bright = most (per map)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid", tooltip="One labeled grid per image: a heatmap tile per word."),
+                io.Mask.Output(display_name="masks", tooltip="One soft mask (0..1, min-max normalised) per image and "
+                                                             "word, image-major: image 0's words, then image 1's."),
+                io.String.Output(display_name="metrics", tooltip="The numbers shown in the node: entropy per word, "
+                                                                 "KL and overlap per pair, LODA's harmonic mean."),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, alpha: float, colormap: str, capture=None, samples=None, maps=None,
+                image=None) -> io.NodeOutput:
+        record = _concept_maps(capture, samples, maps, image)
+        labels = list(record.labels)
+        if image is not None and image.shape[0] != record.maps.shape[0]:
+            raise ConceptSplitError.build(
+                "The image and the attention maps have different batch sizes",
+                seen=f"{image.shape[0]} image(s) and maps for {record.maps.shape[0]}",
+                expected="one image per set of maps", fix="connect the images decoded from the same sampler run")
+        grids, masks, reports = [], [], [capture_core.describe_coverage(record)]
+        for b in range(record.maps.shape[0]):
+            grid, mask = render_attention_grid(None if image is None else image[b], record.maps[b], labels, alpha,
+                                               colormap)  # (H_grid, W_grid, 3), (K, H_img, W_img)
+            grids.append(grid)
+            masks.append(mask)
+            header = f"Image {b + 1} of {record.maps.shape[0]}\n" if record.maps.shape[0] > 1 else ""
+            reports.append(header + format_metrics_report(labels, record.maps[b]))
+        grid_batch = torch.stack(grids)  # (B, H_grid, W_grid, 3)
+        report = "\n\n".join(reports)
+        shown = {**ui.PreviewImage(grid_batch, cls=cls).as_dict(), **ui.PreviewText(report).as_dict()}
+        return io.NodeOutput(grid_batch, torch.cat(masks), report, ui=shown)  # masks (B·K, H_img, W_img)
+
+
+def _concept_maps(capture, samples, maps, image):
+    """The maps to show: the LODA Sampler's, or the capture's run that produced `samples` (latest run for IMAGE)."""
+    if (capture is None) == (maps is None):
+        raise ConceptSplitError.build(
+            "Attention Map Viewer needs exactly one source of maps",
+            seen="both capture and maps connected" if capture is not None else "neither capture nor maps connected",
+            expected="capture (from Capture Attention) or maps (from the LODA Sampler)", fix="connect one of them")
+    if maps is not None:
+        return maps
+    if samples is None and image is None:
+        raise ConceptSplitError.build(
+            "Attention Map Viewer would not wait for sampling", seen="capture connected without a LATENT or IMAGE",
+            expected="the sampler's LATENT (or the decoded IMAGE) connected too, so the viewer runs after it",
+            fix="connect the sampler's LATENT output to the viewer's samples input")
+    return capture.maps_for(None if samples is None else samples["samples"])

@@ -1,0 +1,300 @@
+"""Generate the example workflows in workflows/ (UI format, for ComfyUI's template browser) from compact API graphs.
+
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py              # every workflow -> workflows/*.json
+    COMFYUI_PATH=... python scripts/build_workflows.py --only two_concepts_tova_sd21
+    COMFYUI_PATH=... python scripts/build_workflows.py --thumbnails               # also workflows/*.jpg and the README
+                                                                                  # screenshot (needs chromium +
+                                                                                  # playwright, see testing/browser.py)
+
+Node definitions come from the real ComfyUI (bootstrapped in this process, the pack loaded by ComfyUI's own loader),
+so widget order and defaults are what the frontend expects. One function per workflow, registered with
+`@workflow(...)`: it returns the API graph (omitted widget inputs get their defaults). Adapter file names follow
+`<identifier word>_<family>.safetensors`; tests/integration/test_workflows.py relies on it to serve tiny adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+README_SCREENSHOT = REPO_ROOT / "docs" / "images" / "workflow_two_concepts.png"
+README_WORKFLOW = "two_concepts_tova_sd21"
+THUMBNAIL_WIDTH = 400
+
+logger = logging.getLogger("build_workflows")
+
+SD21_CHECKPOINT = "v2-1_768-ema-pruned.safetensors"
+SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+NEGATIVE = "blurry, low quality, deformed"
+
+
+@dataclass(frozen=True)
+class WorkflowDef:
+    name: str
+    family: str  # sd15 | sd21 | sdxl: which tiny model the tests swap in for the checkpoint
+    title: str
+    note: str
+    build: Callable[[], dict]
+
+
+WORKFLOWS: dict[str, WorkflowDef] = {}
+
+
+def workflow(name: str, family: str, title: str, note: str):
+    """Register a function returning an API graph as the workflow `workflows/<name>.json`."""
+    def register(build: Callable[[], dict]) -> Callable[[], dict]:
+        WORKFLOWS[name] = WorkflowDef(name, family, title, note, build)
+        return build
+    return register
+
+
+# -- building blocks (API format; ids are strings of integers) ------------------------------------------------
+def node(class_type: str, title: str | None = None, **inputs) -> dict:
+    out = {"class_type": class_type, "inputs": inputs}
+    if title:
+        out["_meta"] = {"title": title}
+    return out
+
+
+def adapters(first_id: int, words: list[str], family: str) -> dict:
+    """A chain of Load ToVA Adapter nodes, one per word; the last one's output holds every adapter."""
+    graph = {}
+    for i, word in enumerate(words):
+        inputs = {"adapter_name": f"{word}_{family}.safetensors", "identifier_word": "", "strength": 1.0,
+                  "role": "from file"}
+        if i:
+            inputs["adapters"] = [str(first_id + i - 1), 0]
+        graph[str(first_id + i)] = node("ConceptSplitLoadAdapter", title=f"Load ToVA Adapter ({word})", **inputs)
+    return graph
+
+
+def decode_and_save(latent: list, vae: list, first_id: int, prefix: str) -> dict:
+    return {str(first_id): node("VAEDecode", samples=latent, vae=vae),
+            str(first_id + 1): node("SaveImage", images=[str(first_id), 0], filename_prefix=prefix)}
+
+
+V_PREDICTION = {"sampling": "v_prediction", "zsnr": False}
+SAMPLING_50 = {"seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+               "denoise": 1.0}
+
+
+# -- the workflows --------------------------------------------------------------------------------------------
+@workflow("two_concepts_tova_sd21", family="sd21", title="Two personal concepts in one image (ToVA, SD2.1)", note=(
+    "Two personal concepts in one image with ToVA (ConceptSplit, ICCV 2025).\n\n"
+    "Set:\n"
+    "1. Load Checkpoint: Stable Diffusion 2.1 (768-v).\n"
+    "2. Each Load ToVA Adapter: an adapter file from models/tova (trained with Train ToVA Adapter or "
+    "scripts/train_tova.py). 'from file' uses the identifier word and role stored in the file.\n"
+    "3. Apply ToVA to Model, text: the prompt. It must contain each adapter's identifier word (here: dog, cat).\n\n"
+    "ModelSamplingDiscrete = v_prediction, because ComfyUI may detect SD2.1-768 as eps. "
+    "Paper settings: 768x768, DDIM, 50 steps, CFG 7.5."))
+def two_concepts_tova_sd21() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
+        "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
+        **adapters(3, ["dog", "cat"], "sd21"),
+        "5": node("ConceptSplitApplyToVA", model=["2", 0], adapters=["4", 0], clip=["1", 1],
+                  text="a photo of a dog and a cat sitting on a sofa", apply_to_uncond=True),
+        "6": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+        "7": node("EmptyLatentImage", width=768, height=768, batch_size=1),
+        "8": node("KSampler", model=["5", 0], positive=["5", 1], negative=["6", 0], latent_image=["7", 0],
+                  **SAMPLING_50),
+    }
+    graph.update(decode_and_save(["8", 0], ["1", 2], 9, "conceptsplit/two_concepts"))
+    return graph
+
+
+LODA_NOTE = ("LODA Sampler: a KSampler that also separates the concepts' attention in the first steps (LODA). "
+             "concept_words: the words to separate (empty = the identifier words of the ToVA adapters). "
+             "The masks output shows where each concept was placed.")
+
+
+def tova_loda(family: str, checkpoint: str, size: int) -> dict:
+    """ToVA adapters + LODA Sampler; SD2.1-768 gets ModelSamplingDiscrete v_prediction."""
+    graph = {"1": node("CheckpointLoaderSimple", ckpt_name=checkpoint)}
+    model = ["1", 0]
+    if family == "sd21":
+        graph["2"] = node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION)
+        model = ["2", 0]
+    graph.update(adapters(3, ["dog", "cat"], family))
+    graph.update({
+        "5": node("ConceptSplitApplyToVA", model=model, adapters=["4", 0], clip=["1", 1],
+                  text="a photo of a dog and a cat playing in the snow", apply_to_uncond=True),
+        "6": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+        "7": node("EmptyLatentImage", width=size, height=size, batch_size=1),
+        "8": node("ConceptSplitLodaSampler", model=["5", 0], positive=["5", 1], negative=["6", 0],
+                  latent_image=["7", 0], concept_words="", **SAMPLING_50),
+        "11": node("MaskToImage", mask=["8", 1]),
+        "12": node("PreviewImage", title="Concept masks", images=["11", 0]),
+    })
+    graph.update(decode_and_save(["8", 0], ["1", 2], 9, f"conceptsplit/tova_loda_{family}"))
+    return graph
+
+
+@workflow("tova_loda_sd21", family="sd21", title="ToVA + LODA, two concepts (SD2.1)", note=(
+    "ToVA + LODA: the full ConceptSplit pipeline on Stable Diffusion 2.1 (768-v).\n\n"
+    "Set:\n1. Load Checkpoint: SD2.1 768-v (ModelSamplingDiscrete = v_prediction).\n"
+    "2. Each Load ToVA Adapter: your adapter file (models/tova).\n"
+    "3. Apply ToVA to Model, text: a prompt with each identifier word (dog, cat).\n\n" + LODA_NOTE))
+def tova_loda_sd21() -> dict:
+    return tova_loda("sd21", SD21_CHECKPOINT, 768)
+
+
+@workflow("tova_loda_sdxl", family="sdxl", title="ToVA + LODA, two concepts (SDXL)", note=(
+    "ToVA + LODA on SDXL.\n\n"
+    "Set:\n1. Load Checkpoint: SDXL base 1.0.\n"
+    "2. Each Load ToVA Adapter: an adapter trained on SDXL (models/tova).\n"
+    "3. Apply ToVA to Model, text: a prompt with each identifier word (dog, cat).\n\n" + LODA_NOTE))
+def tova_loda_sdxl() -> dict:
+    return tova_loda("sdxl", SDXL_CHECKPOINT, 1024)
+
+
+@workflow("loda_plain_sd15", family="sd15", title="LODA alone on a plain model (SD1.5)", note=(
+    "LODA without adapters: keeps two subjects of a plain model apart (less mixing of a dog and a cat).\n\n"
+    "Set:\n1. Load Checkpoint: any SD1.5 model.\n"
+    "2. ConceptSplit Text Encode: the prompt.\n"
+    "3. LODA Sampler, concept_words: the words to separate, comma-separated (at least 2), all in the prompt.\n\n"
+    "ConceptSplit Text Encode (not CLIP Text Encode) is needed: it keeps the token positions LODA looks up."))
+def loda_plain_sd15() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT),
+        "2": node("ConceptSplitTextEncode", clip=["1", 1], text="a photo of a dog and a cat on a wooden floor"),
+        "3": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+        "4": node("EmptyLatentImage", width=512, height=512, batch_size=1),
+        "5": node("ConceptSplitLodaSampler", model=["1", 0], positive=["2", 0], negative=["3", 0],
+                  latent_image=["4", 0], concept_words="dog, cat", **SAMPLING_50),
+        "8": node("MaskToImage", mask=["5", 1]),
+        "9": node("PreviewImage", title="Concept masks", images=["8", 0]),
+    }
+    graph.update(decode_and_save(["5", 0], ["1", 2], 6, "conceptsplit/loda_plain"))
+    return graph
+
+
+@workflow("attention_maps_sd21", family="sd21", title="Attention maps of each concept (SD2.1)", note=(
+    "See where each concept's word attends while sampling (the picture of concept mixing in the paper).\n\n"
+    "Set:\n1. Load Checkpoint: SD2.1 768-v; the adapters as in the ToVA workflow.\n"
+    "2. Capture Attention, words: the words to show, comma-separated (here dog, cat).\n"
+    "3. Attention Map Viewer shows one heatmap per word over the image; its masks output is one mask per word.\n\n"
+    "Capture Attention goes between the model and the sampler; the viewer takes the sampler's LATENT so it runs "
+    "after sampling."))
+def attention_maps_sd21() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
+        "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
+        **adapters(3, ["dog", "cat"], "sd21"),
+        "5": node("ConceptSplitApplyToVA", model=["2", 0], adapters=["4", 0], clip=["1", 1],
+                  text="a photo of a dog and a cat sitting on a sofa", apply_to_uncond=True),
+        "6": node("ConceptSplitCaptureAttention", model=["5", 0], words="dog, cat", positive=["5", 1]),
+        "7": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+        "8": node("EmptyLatentImage", width=768, height=768, batch_size=1),
+        "9": node("KSampler", model=["6", 0], positive=["5", 1], negative=["7", 0], latent_image=["8", 0],
+                  **SAMPLING_50),
+        "12": node("ConceptSplitAttentionViewer", capture=["6", 1], samples=["9", 0], image=["10", 0]),
+        "13": node("PreviewImage", title="Attention maps", images=["12", 0]),
+    }
+    graph.update(decode_and_save(["9", 0], ["1", 2], 10, "conceptsplit/attention_maps"))
+    return graph
+
+
+@workflow("train_tova_adapter_sd21", family="sd21", title="Train a ToVA adapter from photos (SD2.1)", note=(
+    "Train a ToVA adapter for one concept from 3-20 photos, then try it.\n\n"
+    "Set:\n1. Put the photos in a folder under ComfyUI/input (here input/my_dog) and pick it in "
+    "Load Image Dataset from Folder.\n"
+    "2. Train ToVA Adapter: identifier_word = the plain class word (dog, cat, ...), save_name = the file name "
+    "in models/tova. The paper trains 300 steps at lr 1e-4, rank 64 (about an hour on a GPU).\n"
+    "3. The lower branch generates a test image with the new adapter; afterwards load it with Load ToVA Adapter.\n\n"
+    "The loss curve preview shows how training went."))
+def train_tova_adapter_sd21() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
+        "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
+        "3": node("LoadImageSetFromFolderNode", folder="my_dog", resize_method="None"),
+        "4": node("ConceptSplitTrainToVA", model=["2", 0], clip=["1", 1], vae=["1", 2], images=["3", 0],
+                  identifier_word="dog", save_name="my_dog"),
+        "5": node("PreviewImage", title="Loss curve", images=["4", 1]),
+        "6": node("ConceptSplitApplyToVA", model=["2", 0], adapters=["4", 0], clip=["1", 1],
+                  text="a photo of a dog on the beach", apply_to_uncond=True),
+        "7": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+        "8": node("EmptyLatentImage", width=768, height=768, batch_size=1),
+        "9": node("KSampler", model=["6", 0], positive=["6", 1], negative=["7", 0], latent_image=["8", 0],
+                  **SAMPLING_50),
+    }
+    graph.update(decode_and_save(["9", 0], ["1", 2], 10, "conceptsplit/trained_adapter"))
+    return graph
+
+
+# -- output ---------------------------------------------------------------------------------------------------
+def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
+    from testing.workflow_format import Layout, Note, api_to_ui
+
+    layout = Layout(node_width=300, column_gap=50, wide_types={"ConceptSplitApplyToVA": 380, "CLIPTextEncode": 380, "ConceptSplitTextEncode": 380,
+                                "ConceptSplitLodaSampler": 340})
+    return api_to_ui(definition.build(), object_info, layout=layout,
+                     notes=[Note(definition.note, title=definition.title)],
+                     extra={"conceptsplit": {"family": definition.family, "title": definition.title}})
+
+
+def write_workflow(definition: WorkflowDef, object_info: dict, out_dir: Path) -> Path:
+    path = out_dir / f"{definition.name}.json"
+    path.write_text(json.dumps(build_ui_workflow(definition, object_info), indent=1) + "\n")
+    return path
+
+
+def missing_node_types(definition: WorkflowDef, object_info: dict) -> list[str]:
+    return sorted({n["class_type"] for n in definition.build().values()} - set(object_info))
+
+
+def load_object_info() -> dict:
+    """/object_info of an in-process ComfyUI (COMFYUI_PATH) with the pack loaded."""
+    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
+    from testing.comfy_object_info import object_info
+
+    path = comfyui_path()
+    if path is None:
+        raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout (scripts/setup_env.sh makes one)")
+    bootstrap_comfyui(path)
+    load_pack_in_process()
+    return object_info()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", choices=sorted(WORKFLOWS), help="build only this workflow")
+    parser.add_argument("--out", type=Path, default=WORKFLOWS_DIR)
+    parser.add_argument("--thumbnails", action="store_true", help="render <name>.jpg with the real frontend")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[build_workflows] %(message)s")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))  # after ComfyUI's root, which the bootstrap puts first
+
+    info = load_object_info()
+    names = args.only or sorted(WORKFLOWS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in names:
+        missing = missing_node_types(WORKFLOWS[name], info)
+        if missing:
+            failed.append(name)
+            logger.error("%s: node types not registered: %s", name, ", ".join(missing))
+            continue
+        logger.info("wrote %s", write_workflow(WORKFLOWS[name], info, args.out))
+    if args.thumbnails:
+        from testing.browser import render_thumbnails
+
+        done = render_thumbnails(args.out, [n for n in names if n not in failed], THUMBNAIL_WIDTH,
+                                 README_SCREENSHOT if README_WORKFLOW in names else None, README_WORKFLOW)
+        for path in done:
+            logger.info("wrote %s", path)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

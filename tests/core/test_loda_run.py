@@ -1,0 +1,152 @@
+"""LODA run logic without ComfyUI: layer selection, map capture, truncation, fixing bias, masks, report (§3, §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conceptsplit_core.attention_calls import AttentionCall
+from conceptsplit_core.attention_fixing import build_fixing_bias, build_fixing_masks
+from conceptsplit_core.errors import ConceptSplitError
+from conceptsplit_core.loda import (FixingBias, LodaConcepts, MapCollector, StepRecord, _TruncatedForward,
+                                    build_concept_masks, format_report, map_grid, run_truncated, select_map_layers)
+from conceptsplit_core.loda_config import LodaConfig
+
+# Full-size SD1/SD2 layout (notes §1.3): key, level. input 1,2 L0; 4,5 L1; 7,8 L2; middle L3; output 3,4,5 L2 ...
+SD2_LEVELS = ([(("input", i, 0), lv) for i, lv in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))]
+              + [(("middle", 0, 0), 3)]
+              + [(("output", i, 0), lv) for i, lv in ((3, 2), (4, 2), (5, 2), (6, 1), (7, 1), (8, 1), (9, 0),
+                                                      (10, 0), (11, 0))])
+SDXL_LEVELS = ([(("input", i, d), lv) for i, lv, depth in ((4, 1, 2), (5, 1, 2), (7, 2, 10), (8, 2, 10))
+                for d in range(depth)]
+               + [(("middle", 0, d), 2) for d in range(10)]
+               + [(("output", i, d), lv) for i, lv, depth in ((0, 2, 10), (1, 2, 10), (2, 2, 10), (3, 1, 2),
+                                                             (4, 1, 2), (5, 1, 2)) for d in range(depth)])
+TINY_LEVELS = [(("input", 1, 0), 0), (("input", 3, 0), 1), (("middle", 0, 0), 1), (("output", 0, 0), 1),
+               (("output", 1, 0), 1), (("output", 2, 0), 0), (("output", 3, 0), 0)]
+
+
+def test_sd21_map_layers_at_768_are_input_7_8_and_output_3_4_5_at_24x24():
+    layers = select_map_layers(SD2_LEVELS, "sd2.1", (96, 96), "all")
+    assert layers.grid == (24, 24)
+    assert layers.loss_keys == (("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0),
+                                ("output", 5, 0))
+    assert layers.mask_keys == layers.loss_keys and layers.fixing_keys is None
+    assert select_map_layers(SD2_LEVELS, "sd2.1", (96, 96), "map_level").fixing_keys == frozenset(layers.loss_keys)
+
+
+def test_sdxl_loss_uses_down_blocks_only_and_masks_all_60_level_blocks():
+    layers = select_map_layers(SDXL_LEVELS, "sdxl", (128, 128), "all")
+    assert layers.grid == (32, 32)
+    assert len(layers.loss_keys) == 20 and {k[0] for k in layers.loss_keys} == {"input"}
+    assert len(layers.mask_keys) == 60 and layers.loss_keys[-1] == ("input", 8, 9)
+
+
+def test_odd_latents_use_ceil_and_shallow_unets_use_their_deepest_level():
+    assert map_grid((97, 75), 2) == (25, 19)
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (16, 16), "all")
+    assert layers.grid == (8, 8) and layers.mask_keys == tuple(k for k, lv in TINY_LEVELS if lv == 1)
+
+
+def test_maps_smaller_than_the_kernel_and_models_without_down_attention_are_refused():
+    with pytest.raises(ConceptSplitError, match=r"Unsupported resolution.*6×6 maps.*at least 224×224 px"):
+        select_map_layers(SD2_LEVELS, "sd2.1", (24, 24), "all")
+    with pytest.raises(ConceptSplitError, match="no cross-attention layers in its down blocks"):
+        select_map_layers([(("middle", 0, 0), 1)], "sd1.5", (64, 64), "all")
+
+
+def test_concepts_need_two_objects_and_repeat_columns_for_lcm_contexts():
+    with pytest.raises(ConceptSplitError, match="at least 2 object concepts.*1 object concept"):
+        LodaConcepts(("dog",), (2,), 77)
+    concepts = LodaConcepts(("dog", "cat"), (2, 5), 77)
+    assert concepts.columns(77) == [[2], [5]]
+    assert concepts.columns(231) == [[2, 79, 156], [5, 82, 159]]
+
+
+def _call(key, grid, heads, cond_or_uncond, per, context, sigma=1.0):
+    return AttentionCall(key=key, grid=grid, heads=heads, cond_or_uncond=cond_or_uncond,
+                         batch=per * len(cond_or_uncond), context_length=context,
+                         sigmas=torch.full((per,), sigma))
+
+
+def test_collector_equals_numpy_mean_over_heads_and_layers_of_the_concept_columns():
+    torch.manual_seed(0)
+    concepts = LodaConcepts(("dog", "cat"), (2, 5), 8)
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")  # 7×7 grid
+    keys = layers.mask_keys[:2]
+    collector = MapCollector(concepts, layers)
+    collector.start(keys, (0,))
+    heads, per, context = 2, 2, 16  # two images, uncond first, context repeated twice (LCM)
+    all_probs = []
+    for key in keys:
+        probs = torch.rand(2 * per, heads, 49, context).softmax(-1)  # (B, H, N, T)
+        all_probs.append(probs.numpy())
+        collector.observe_probabilities(_call(key, (7, 7), heads, (1, 0), per, context), probs)
+    got = collector.maps()  # (2, K, 7, 7)
+    for image in range(per):
+        ref = []
+        for s in (2, 5):
+            cond_rows = [np.asarray(p)[per + image] for p in all_probs]  # chunk 1 holds cond
+            ref.append(np.mean([r[h, :, s] + r[h, :, s + 8] for r in cond_rows for h in range(heads)], axis=0))
+        np.testing.assert_allclose(got[image].numpy(), np.stack(ref).reshape(2, 7, 7), rtol=1e-6, atol=1e-7)
+
+
+def test_collector_keeps_the_graph_truncates_after_the_last_key_and_resets_on_a_new_sigma():
+    concepts = LodaConcepts(("dog", "cat"), (1, 2), 4)
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
+    collector = MapCollector(concepts, layers)
+    collector.start(layers.loss_keys, (0,), truncate=True)
+    logits = torch.randn(1, 1, 49, 4, requires_grad=True)
+    for key in layers.loss_keys[:-1]:
+        call = _call(key, (7, 7), 1, (0,), 1, 4)
+        collector.observe_probabilities(call, logits.softmax(-1))
+        collector.after_attention(call)  # no truncation before the last key
+    last = _call(layers.loss_keys[-1], (7, 7), 1, (0,), 1, 4)
+    with pytest.raises(_TruncatedForward):
+        collector.after_attention(last)
+    run_truncated(lambda: collector.after_attention(last))  # swallowed
+    collector.maps().sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    collector.start(layers.mask_keys, (0,), reset_on_new_sigma=True)
+    first = torch.rand(1, 1, 49, 4)
+    second = torch.rand(1, 1, 49, 4)
+    collector.observe_probabilities(_call(layers.mask_keys[0], (7, 7), 1, (0,), 1, 4, sigma=2.0), first)
+    collector.observe_probabilities(_call(layers.mask_keys[0], (7, 7), 1, (0,), 1, 4, sigma=1.0), second)
+    torch.testing.assert_close(collector.maps()[0], second[0, 0, :, 1:3].T.reshape(2, 7, 7))
+
+
+def test_fixing_bias_gives_each_image_its_masks_on_the_chosen_branches_and_layers():
+    concepts = LodaConcepts(("dog", "cat"), (2, 5), 8)
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (28, 28), "map_level")  # 14×14 map level
+    masks = torch.rand(2, 2, 14, 14) > 0.7  # (B_img, K, h, w), different per image
+    config = LodaConfig(fixing_branches="cond", boost=5.0, suppression=-1e8)
+    fixer = FixingBias(concepts, masks, config, layers)
+    q = torch.zeros(4, 196, 8)
+    call = _call(layers.mask_keys[0], (14, 14), 2, (1, 0), 2, 16)
+    assert fixer.attention_bias(call, q, q) is None  # inactive until the masks exist
+    fixer.active = True
+    bias = fixer.attention_bias(call, q, q)  # (B, N, T)
+    assert bias.shape == (4, 196, 16)
+    assert bias[:2].abs().sum() == 0  # uncond chunk first: untouched with fixing_branches = cond
+    for image in range(2):
+        ref = build_fixing_bias(masks[image].flatten(1), [[2, 10], [5, 13]], 16, 5.0, -1e8, torch.float32)
+        torch.testing.assert_close(bias[2 + image], ref)
+    assert fixer.attention_bias(_call(("input", 1, 0), (28, 28), 2, (0,), 2, 16), q, q) is None  # not map level
+    coarse = FixingBias(concepts, masks, LodaConfig(), select_map_layers(TINY_LEVELS, "sd2.1", (28, 28), "all"))
+    coarse.active = True
+    big = coarse.attention_bias(_call(("input", 1, 0), (28, 28), 2, (0,), 2, 16), q, q)
+    upsampled = masks[1].repeat_interleave(2, -1).repeat_interleave(2, -2).flatten(1)  # nearest 14 -> 28, (K, N)
+    torch.testing.assert_close(big[1], build_fixing_bias(upsampled, [[2, 10], [5, 13]], 16, 5.0, -1e8))
+
+
+def test_masks_per_image_and_report():
+    maps = torch.rand(2, 3, 10, 10)
+    masks = build_concept_masks(maps, LodaConfig())
+    for image in range(2):
+        assert torch.equal(masks[image], build_fixing_masks(maps[image], LodaConfig()))
+    concepts = LodaConcepts(("dog", "cat", "bear"), (2, 5, 8), 77)
+    records = [StepRecord(0, 0, 0, 0.25, 0.75, 40.0, "updated"),
+               StepRecord(0, 1, 0, 0.1, 0.9, 40.0, "skipped: non-finite gradient")]
+    text = format_report(records, concepts, 1, 4, masks, True)
+    assert "HM 0.2500 loss 0.7500" in text and "1 update(s) skipped" in text and "fixing from step 1" in text

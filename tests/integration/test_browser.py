@@ -1,0 +1,97 @@
+"""The real ComfyUI frontend (comfyui-frontend-package) in headless Debian chromium opens every example workflow.
+
+The session's ComfyUI server serves the frontend on 127.0.0.1; Playwright drives /usr/bin/chromium (never a
+downloaded browser) and aborts every request that would leave the machine. Each workflow is fetched through the
+template route and loaded with `app.loadGraphData`, as the template browser does; the frontend must know every
+node type, show no missing-nodes dialog, and queue exactly the prompt that testing/workflow_format.py computes.
+
+Outside CI a missing chromium or playwright skips these tests with the install command; on CI (CI=true) the skip
+is a failure (tests/conftest.py), and .ci/run installs both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from testing.browser import browser_unavailable_reason, frontend
+from testing.comfy_server import PACK_FOLDER
+from testing.workflow_format import api_to_ui, node_types, ui_to_api
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+BUDGET_S = 60.0
+
+
+def without_meta(prompt: dict) -> dict:
+    return {nid: {"class_type": node["class_type"], "inputs": node["inputs"]} for nid, node in prompt.items()}
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server):
+    reason = browser_unavailable_reason()
+    if reason:
+        pytest.skip(f"browser test needs Debian chromium and playwright: {reason}")
+    started = time.monotonic()
+    with frontend(comfy_server.url) as tab:
+        tab.page.set_default_timeout(20_000)
+        yield tab
+    assert time.monotonic() - started < BUDGET_S, "the browser tests must stay under a minute"
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+def test_every_example_workflow_opens_without_missing_nodes(page, object_info):
+    paths = sorted(WORKFLOWS_DIR.glob("*.json"))
+    assert paths
+    for path in paths:
+        workflow = page.load_template(PACK_FOLDER, path.stem)
+        assert workflow == json.loads(path.read_text())
+        report = page.inspect(sorted(node_types(workflow)))
+        assert report.unregistered == [], f"{path.name}: node types unknown to the frontend"
+        assert report.broken_nodes == [], f"{path.name}: nodes the frontend could not create"
+        assert report.missing_node_dialogs == [], f"{path.name}: {report.missing_node_dialogs}"
+        assert report.node_count == len(workflow["nodes"])
+        # the prompt the frontend would queue is the one the server tests run
+        assert without_meta(report.prompt) == ui_to_api(workflow, object_info), path.name
+
+
+def test_frontend_reads_generated_widget_layouts_like_the_converter(page, object_info):
+    from test_workflow_format import CUSTOM, TOVA
+
+    for name, graph in (("tova", TOVA), ("custom_sampling", CUSTOM)):
+        page.load_json(api_to_ui(graph, object_info), name)
+        report = page.inspect(sorted({n["class_type"] for n in graph.values()}))
+        assert report.broken_nodes == [] and report.missing_node_dialogs == []
+        assert without_meta(report.prompt) == graph, name
+
+
+def test_a_missing_node_type_is_reported(page):
+    """The negative control: the checks above do see a node pack that is not installed."""
+    workflow = json.loads((WORKFLOWS_DIR / "two_concepts_tova_sd21.json").read_text())
+    broken = copy.deepcopy(workflow)
+    target = next(n for n in broken["nodes"] if n["type"] == "ConceptSplitApplyToVA")
+    target["type"] = "ConceptSplitNoSuchNode"
+    page.load_json(broken, "broken")
+    page.page.wait_for_function("() => document.body.innerText.includes('ConceptSplitNoSuchNode')")
+    report = page.inspect(sorted(node_types(broken)))
+    page.close_dialogs()
+    assert report.unregistered == ["ConceptSplitNoSuchNode"]
+    assert report.broken_nodes == [f"{target['id']}:ConceptSplitNoSuchNode"]
+    assert any("ConceptSplitNoSuchNode" in text for text in report.missing_node_dialogs)
+
+
+def test_screenshot_of_the_main_workflow_shows_the_graph(page):
+    page.load_template(PACK_FOLDER, "two_concepts_tova_sd21")
+    full, graph = page.screenshot(), page.screenshot(graph_only=True)
+    assert full.size == (1600, 900)
+    assert 600 <= graph.width <= 1600 and 300 <= graph.height <= 900
+    # not a blank canvas: node bodies, wires and text give many distinct colours
+    assert len(graph.convert("RGB").getcolors(maxcolors=1 << 24)) > 200
+    assert all(url.startswith(("http://", "https://")) and "127.0.0.1" not in url for url in page.blocked)

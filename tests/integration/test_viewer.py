@@ -1,0 +1,260 @@
+"""Capture Attention and Attention Map Viewer inside a real ComfyUI (issue 4): maps against an independent softmax,
+bit-identical sampling, rendering at the node level, bad inputs, long prompts and LCM-repeated contexts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import sample
+
+from testing.tiny_adapters import write_tiny_adapter
+from testing.tiny_models import build_tiny_model
+
+LONG_PROMPT = "a photo of " + "grass " * 80 + "and a dog next to a cat"  # dog and cat in the second window
+
+
+class QKSpy:
+    """A foreign attn2 replace installed before the capture patch: records q, k and the call layout, then attends."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+
+        block = extra_options["block"]
+        self.calls.append(dict(
+            key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))), q=q.clone(), k=k.clone(),
+            heads=extra_options["n_heads"], chunks=list(extra_options["cond_or_uncond"]),
+            sigma=float(extra_options["sigmas"][0]), schedule=extra_options["sample_sigmas"].tolist(),
+            grid=tuple(extra_options["activations_shape"][-2:]), latent=tuple(extra_options["original_shape"][-2:])))
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+def spied(model):
+    spy = QKSpy()
+    clone = model.clone()
+    for name, _ in model.model.diffusion_model.named_modules():
+        if name.endswith(".attn2"):
+            parts = name.split(".")
+            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][: -len("_blocks")], int(parts[1]))
+            depth = int(parts[parts.index("transformer_blocks") + 1])
+            clone.set_model_attn2_replace(spy, block[0], block[1], depth)
+    return clone, spy
+
+
+def sharpened(arch):
+    """A fresh tiny model whose attn2 logits are factor² larger, so maps are far from uniform (N(0, 0.02) weights
+    give near-uniform attention, against which a 1e-5 comparison would prove little)."""
+    model, clip, vae = build_tiny_model(arch)
+    factor = 20.0 if arch == "sdxl" else 10.0  # SDXL's penultimate, un-normalised text features are smaller
+    with torch.no_grad():
+        for name, module in model.model.diffusion_model.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(factor)
+                module.to_k.weight.mul_(factor)
+    return model, clip, vae
+
+
+def encode(pack, clip, text):
+    with torch.inference_mode():
+        return pack.glue("prompt").ConceptSplitTextEncode.execute(clip, text).result[0]
+
+
+def capture(pack, model, words, positive=None, token_mode="first token", first=0, last=-1, layers="all", blocks=""):
+    node = pack.glue("viewer").CaptureAttention
+    return node.execute(model, words, token_mode, first, last, layers, positive=positive, blocks=blocks).result
+
+
+def view(pack, alpha=0.5, colormap="inferno", **sources):
+    with torch.inference_mode():
+        return pack.glue("viewer").AttentionMapViewer.execute(alpha, colormap, **sources)
+
+
+def reference_maps(calls, keys, positions, prompt_length, first, last):
+    """Mean over calls in [first, last] and layers in `keys` of the head-mean softmax(q kᵀ/√D) of the cond rows,
+    word columns and LCM copies summed, each call's map upsampled bilinearly to the finest grid; float64."""
+    chosen = []
+    for call in calls:
+        step = call["schedule"].index(call["sigma"])  # euler calls the model exactly at the schedule's sigmas
+        if call["key"] not in keys or not first <= step <= (len(call["schedule"]) - 2 if last == -1 else last):
+            continue
+        q, k, heads = call["q"].double(), call["k"].double(), call["heads"]
+        B, N, _ = q.shape
+        T = k.shape[1]
+        qh = q.reshape(B, N, heads, -1).permute(0, 2, 1, 3)  # (B, H, N, D)
+        kh = k.reshape(B, T, heads, -1).permute(0, 2, 1, 3)  # (B, H, T, D)
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)  # (B, H, N, T)
+        per = B // len(call["chunks"])
+        cond = [probs[i * per:(i + 1) * per] for i, c in enumerate(call["chunks"]) if c == 0]
+        probs = torch.stack(cond).mean(0)  # (B_img, H, N, T)
+        words = [sum(probs[..., p + c * prompt_length] for p in word for c in range(T // prompt_length))
+                 for word in positions]  # K x (B_img, H, N)
+        maps = torch.stack(words, 1).mean(2).reshape(per, len(positions), *call["grid"])  # (B_img, K, h, w)
+        chosen.append(maps)
+    finest = max((m.shape[-2:] for m in chosen), key=lambda s: s[0] * s[1])
+    return torch.stack([F.interpolate(m, size=tuple(finest), mode="bilinear", align_corners=False)
+                        for m in chosen]).mean(0)
+
+
+CASES = [  # arch, prompt, negative, words, token mode, steps, layers, batch
+    ("sd15", "a dog and a cat", "", "dog, cat", "first token", (0, -1), "all", 2),
+    ("sd21", "a blorptastic dog and a cat", "ugly " * 90, "blorptastic, cat", "all tokens", (1, 2), "latent", 1),
+    ("sdxl", LONG_PROMPT, "", "cat, dog", "first token", (1, 1), "latent/2", 1),
+]
+
+
+@pytest.mark.parametrize("arch, prompt, negative, words, mode, steps, layers, batch", CASES,
+                         ids=["sd15-batch2-all-layers", "sd21-long-negative-all-tokens", "sdxl-long-prompt"])
+def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, prompt, negative, words, mode, steps,
+                                                                   layers, batch):
+    model, clip, _ = sharpened(arch)
+    spy_model, spy = spied(model)
+    positive = encode(pack, clip, prompt)
+    patched, store = capture(pack, spy_model, words, positive, mode, *steps, layers=layers)
+    latent = sample(patched, clip, positive=positive, negative_text=negative, steps=3, batch=batch)
+    record = store.maps_for(latent)
+    tokens = pack.glue("comfy_hooks").conditioning_prompt_tokens(positive)
+    hooks = pack.glue("comfy_hooks")
+    positions = []
+    for word in words.split(", "):  # positions found by plain search in ComfyUI's own token sequence
+        ids = hooks.default_word_token_ids(word)
+        flat = list(tokens.token_ids)
+        start = next(p for p in range(len(flat)) if tuple(flat[p:p + len(ids)]) == ids)
+        positions.append(list(range(start, start + len(ids))) if mode == "all tokens" else [start])
+    if mode == "all tokens":
+        assert len(positions[0]) > 1  # the made-up word really has several BPE tokens
+    if arch == "sdxl":
+        assert min(min(p) for p in positions) >= 77  # the words sit in the second window
+    if negative:
+        assert {c["k"].shape[1] for c in spy.calls} == {2 * len(tokens.token_ids)}  # cond LCM-repeated (×2)
+    levels = dict(hooks.layer_levels(model, hooks.unet_layout(model)))
+    factor = {"all": None, "latent": 1, "latent/2": 2}[layers]
+    keys = {key for key, level in levels.items() if factor is None or 2 ** level == factor}
+    reference = reference_maps(spy.calls, keys, positions, len(tokens.token_ids), *steps)
+    assert record.maps.shape == (batch, len(positions), *reference.shape[-2:])
+    assert record.labels == tuple(words.split(", ")) and set(record.layers) == keys
+    assert torch.allclose(record.maps.double(), reference, atol=1e-5, rtol=0), (record.maps - reference).abs().max()
+    first, last = steps
+    assert record.steps == tuple(range(first, 3 if last == -1 else last + 1))
+    assert reference.std() > 1e-3  # 100× the tolerance: the maps are far from flat
+
+
+def test_layer_levels_match_the_grids_seen_in_a_run(pack):
+    hooks = pack.glue("comfy_hooks")
+    for arch in ("sd15", "sdxl"):
+        model, clip, _ = build_tiny_model(arch)
+        spy_model, spy = spied(model)
+        sample(spy_model, clip, steps=1, size=72)  # latent 9x9: odd, so the ceil rule matters
+        levels = dict(hooks.layer_levels(model, hooks.unet_layout(model)))
+        seen = {call["key"]: call["grid"] for call in spy.calls}
+        assert set(seen) == set(levels)
+        for key, (h, w) in seen.items():
+            size = 9
+            for _ in range(levels[key]):
+                size = math.ceil(size / 2)
+            assert (h, w) == (size, size), key
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_capture_does_not_change_the_sampled_output(pack, arch):
+    model, clip, _ = build_tiny_model(arch)
+    positive = encode(pack, clip, "a dog and a cat")
+    plain = sample(model, clip, positive=positive, batch=2)
+    patched, store = capture(pack, model, "dog, cat", positive, layers="all")
+    captured = sample(patched, clip, positive=positive, batch=2)
+    assert torch.equal(plain, captured)
+    assert store.maps_for(captured).maps.shape[:2] == (2, 2)
+    assert model.model_options["transformer_options"] == {}  # the input model carries no patch
+
+
+def test_capture_on_a_tova_model_uses_its_concepts_and_keeps_its_output(pack, tova_folder):
+    model, clip, _ = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    adapters = pack.glue("adapters")
+    loaded = adapters.LoadToVAAdapter.execute(dog.name, "", 1.0, "from file", -1, None).result[0]
+    tova, positive, _ = adapters.ApplyToVA.execute(model, loaded, clip, "a dog and a cat", True).result
+    patched, store = capture(pack, tova, "", None, layers="latent")  # no words, no conditioning: ToVA's concepts
+    out = sample(patched, clip, positive=positive)
+    assert torch.equal(out, sample(tova, clip, positive=positive))
+    record = store.maps_for(out)
+    assert record.labels == ("dog",) and record.maps.shape[:2] == (1, 1)
+
+
+def test_viewer_renders_known_maps_with_colormap_endpoints_overlay_and_metrics(pack):
+    record_type = pack.core("attention_record").ConceptMaps
+    render = pack.core("map_render")
+    maps = torch.full((2, 2, 4, 4), 0.01)
+    maps[0, 0, 0, 0] = maps[0, 1, 3, 3] = maps[1, 0, 1, 2] = maps[1, 1, 2, 1] = 0.5  # one peak per map
+    record = record_type(labels=("dog", "cat"), maps=maps)
+    image = torch.rand(2, 64, 64, 3)
+    grid, masks, report = view(pack, alpha=0.25, maps=record, image=image).result
+    assert grid.shape == (2, 84, 134, 3)  # 2 columns: H = 64 + 16 label + 2·2 pad, W = 2·64 + 3·2 pad
+    assert masks.shape == (4, 64, 64) and masks[1, 63, 63] == 1.0 and masks[1, 0, 0] == 0.0
+    lut = render.colormap_lut("inferno")
+    # tile "cat" of image 0 starts at (2, 68); its bottom-right pixel is the peak: α·lut[255] + (1 − α)·image
+    expected_peak = 0.25 * lut[255] + 0.75 * image[0, 63, 63]
+    expected_low = 0.25 * lut[0] + 0.75 * image[0, 0, 0]
+    assert torch.allclose(grid[0, 2 + 63, 68 + 63], expected_peak, atol=1e-6)
+    assert torch.allclose(grid[0, 2, 68], expected_low, atol=1e-6)
+    p = maps[1, 1].double().numpy().ravel()
+    p = p / p.sum() + 1e-10
+    assert f"{-(p * np.log(p)).sum():9.5f}" in report.split("Image 2 of 2")[1].split("cat")[1]
+    ui = pack.glue("viewer").AttentionMapViewer.execute(0.5, "viridis", maps=record).ui
+    assert len(ui["images"]) == 2 and "KL a->b" in ui["text"][0]
+
+
+def test_bad_inputs_raise_one_clear_error_each(pack):
+    model, clip, _ = build_tiny_model("sd15")
+    positive = encode(pack, clip, "a dog and a cat")
+    error = pack.error
+    with pytest.raises(error, match=r'Word "horse" is not in the prompt.*Fix: add "horse"'):
+        capture(pack, model, "dog, horse", positive)
+    with pytest.raises(error, match=r'Word "dog" is not in the prompt 2 times'):
+        capture(pack, model, "dog, dog", positive)
+    with pytest.raises(error, match="got no words"):
+        capture(pack, model, " , ", positive)
+    with pytest.raises(error, match=r"no cross-attention layer at latent/4.*Expected: one of: all, latent, latent/2"):
+        capture(pack, model, "dog", positive, layers="latent/4")
+    with pytest.raises(error, match=r'no cross-attention block "input 7".*input 1, 3; middle 0; output 0, 1, 2, 3'):
+        capture(pack, model, "dog", positive, layers="blocks", blocks="input 1, input 7")
+    with pytest.raises(error, match="cannot find \"dog\" without the prompt's tokens"):
+        capture(pack, model, "dog", None)
+    patched, store = capture(pack, model, "dog, cat", positive, first=2, last=5)
+    with pytest.raises(error, match=r"step range is outside the sampling run.*run of 3 steps"):
+        sample(patched, clip, positive=positive, steps=3)
+    patched, store = capture(pack, model, "dog, cat", positive)
+    with pytest.raises(error, match="No attention was captured yet"):
+        view(pack, capture=store, samples={"samples": torch.zeros(1, 4, 8, 8)})
+    latent = sample(patched, clip, positive=positive, batch=2)
+    with pytest.raises(error, match="would not wait for sampling"):
+        view(pack, capture=store)
+    with pytest.raises(error, match="LATENT was not sampled with this Capture Attention"):
+        view(pack, capture=store, samples={"samples": latent + 1})
+    with pytest.raises(error, match=r"different batch sizes.*3 image\(s\) and maps for 2"):
+        view(pack, capture=store, samples={"samples": latent}, image=torch.rand(3, 64, 64, 3))
+    with pytest.raises(error, match="exactly one source"):
+        view(pack, capture=store, maps=store.maps_for(latent), samples={"samples": latent})
+
+
+def test_image_only_connection_shows_the_latest_run_and_a_grid_per_image(pack):
+    model, clip, vae = build_tiny_model("sd21")
+    positive = encode(pack, clip, "a dog and a cat")
+    patched, store = capture(pack, model, "dog, cat", positive, layers="all")
+    sample(patched, clip, positive=positive, batch=2, seed=1)
+    latent = sample(patched, clip, positive=positive, batch=2, seed=2)
+    import nodes
+
+    with torch.inference_mode():
+        image = nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+    by_image = view(pack, capture=store, image=image).result
+    by_latent = view(pack, capture=store, samples={"samples": latent}, image=image).result
+    assert by_image[0].shape[0] == 2 and torch.equal(by_image[0], by_latent[0])
+    assert by_image[1].shape == (4, 64, 64)

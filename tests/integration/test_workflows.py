@@ -1,0 +1,143 @@
+"""Every example workflow in workflows/ is served to the template browser and runs on the real server.
+
+A workflow is converted to an API prompt with the server's /object_info (testing/workflow_format.py), then made
+cheap with the explicit substitutions below: the checkpoint loader becomes the test helper pack's tiny-model loader
+(of the family in the workflow's `extra.conceptsplit.family`), adapters become tiny random ones with the same
+identifier word, photo folders get three small photos, and sizes and step counts shrink.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from testing.comfy_server import PACK_FOLDER
+from testing.workflow_format import node_types, ui_to_api
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
+FAMILIES = ("sd15", "sd21", "sdxl")
+
+# class_type -> inputs replaced for a CPU run on tiny models (the rest of each node stays as the user gets it).
+TINY_INPUTS = {
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "KSampler": {"steps": 2},
+    "BasicScheduler": {"steps": 2},
+    "ConceptSplitLodaSampler": {"steps": 3, "loda_steps": 1},
+    "ConceptSplitLoda": {"loda_steps": 1},
+    "ConceptSplitCaptureAttention": {"layers": "all"},  # the tiny models have no latent/4 cross-attention
+    "ConceptSplitTrainToVA": {"steps": 2, "rank": 4, "resolution": 64, "overwrite": True,
+                              "save_name": "workflow_test_adapter"},
+}
+LODA_TYPES = ("ConceptSplitLodaSampler", "ConceptSplitLoda")
+LODA_LATENT = {"width": 112, "height": 112}  # LODA needs maps of at least 7x7 (latent / 4) in the tiny models
+
+
+def workflow_family(workflow: dict) -> str:
+    family = workflow.get("extra", {}).get("conceptsplit", {}).get("family")
+    assert family in FAMILIES, f"extra.conceptsplit.family must be one of {FAMILIES}, got {family!r}"
+    return family
+
+
+def adapter_word(adapter_name: str) -> str:
+    """`dog_sd21.safetensors` -> `dog` (the naming rule of scripts/build_workflows.py)."""
+    return Path(adapter_name).stem.split("_")[0]
+
+
+def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder) -> dict:
+    family = workflow_family(workflow)
+    prompt = ui_to_api(workflow, object_info)
+    uses_loda = any(node["class_type"] in LODA_TYPES for node in prompt.values())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "ConceptSplitTestTinyModelLoader", {"arch": family, "seed": 0}
+            continue
+        if node["class_type"] == "ConceptSplitLoadAdapter":
+            inputs["adapter_name"] = serve_adapter(family, adapter_word(inputs["adapter_name"]))
+        if node["class_type"] == "LoadImageSetFromFolderNode":
+            inputs["folder"] = photo_folder(inputs["folder"])
+        inputs.update(TINY_INPUTS.get(node["class_type"], {}))
+        if uses_loda and node["class_type"] == "EmptyLatentImage":
+            inputs.update(LODA_LATENT)
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+@pytest.fixture(scope="module")
+def serve_adapter(comfy_server, pack, tmp_path_factory):
+    """serve_adapter(family, word) -> the name of a tiny adapter in the server's models/tova (made once)."""
+    from testing.tiny_adapters import write_tiny_adapter
+    from testing.tiny_models import build_tiny_model
+
+    folder, served = tmp_path_factory.mktemp("workflow_adapters"), {}
+
+    def serve(family: str, word: str) -> str:
+        if (family, word) not in served:
+            model, _, _ = build_tiny_model(family, seed=0)  # the server's tiny loader builds the same weights
+            path = write_tiny_adapter(folder / f"workflow_{family}_{word}.safetensors", model, word,
+                                      seed=len(served) + 1)
+            served[(family, word)] = comfy_server.add_model("tova", path)
+        return served[(family, word)]
+    return serve
+
+
+@pytest.fixture(scope="module")
+def photo_folder(comfy_server):
+    """photo_folder(name) -> `name`, a folder of three small photos in the server's input directory."""
+    def make(name: str) -> str:
+        folder = comfy_server.base_dir / "input" / name
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (72, 64), (60 * i, 120, 200 - 50 * i)).save(folder / f"photo_{i}.png")
+        return name
+    return make
+
+
+def test_there_are_example_workflows():
+    assert [p.stem for p in WORKFLOW_FILES if p.stem == "two_concepts_tova_sd21"], "workflows/ lost its main example"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
+def test_workflow_file_is_complete(path, object_info):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4 and workflow["nodes"] and workflow["links"]
+    missing = node_types(workflow) - set(object_info)
+    assert not missing, f"{path.name} uses node types the server does not have: {sorted(missing)}"
+    assert any(n["type"] in ("Note", "MarkdownNote") and n["widgets_values"][0].strip() for n in workflow["nodes"])
+    workflow_family(workflow)
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{path.name} has no thumbnail {thumbnail.name} (scripts/build_workflows.py " \
+                                "--thumbnails)"
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and 300 <= image.width <= 800
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
+def test_workflow_runs_to_completion_on_tiny_models(path, comfy_server, object_info, serve_adapter, photo_folder):
+    workflow = json.loads(path.read_text())
+    prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder)
+    entry = comfy_server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    outputs = [nid for nid, node in prompt.items() if object_info[node["class_type"]]["output_node"]]
+    assert outputs and all(nid in entry["outputs"] for nid in outputs), "every output node must have run"
+    images = [img for nid in outputs for img in comfy_server.output_images(entry, nid)]
+    assert images, "the workflow produced no image"
+
+
+def test_template_browser_lists_and_serves_every_workflow(comfy_server):
+    listed = comfy_server._get("/workflow_templates")
+    assert sorted(listed.get(PACK_FOLDER, [])) == sorted(p.stem for p in WORKFLOW_FILES)
+    for path in WORKFLOW_FILES:
+        url = f"{comfy_server.url}/api/workflow_templates/{PACK_FOLDER}/{path.name}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert json.loads(response.read()) == json.loads(path.read_text())

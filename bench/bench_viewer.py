@@ -43,7 +43,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--words", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads; 1 makes CPU time robust to other processes (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     pack = bootstrap()
     model = build_full_sd21()
@@ -67,7 +73,8 @@ def main() -> None:
             assert (latent == plain).all(), "capturing changed the sampled latent"
             assert store.maps_for(latent).maps.shape[:2] == (1, args.words)
     print(f"Capture Attention vs plain KSampler: SD2.1 UNet (random weights), {args.size}x{args.size}, "
-          f"{args.steps} steps, {args.words} words, median of {args.repeats}, {device_description()}")
+          f"{args.steps} steps, {args.words} words, median of {args.repeats}, {device_description()}, "
+          f"{args.threads or 'default'} thread(s)")
     cpu = {name: statistics.median(values) for name, values in cpu_seconds.items()}
     print("| run | wall s | CPU s | peak memory (MB) | wall ratio | CPU-time ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|")

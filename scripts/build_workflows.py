@@ -235,8 +235,9 @@ def train_tova_adapter_sd21() -> dict:
 def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
     from testing.workflow_format import Layout, Note, api_to_ui
 
-    layout = Layout(node_width=300, column_gap=50, wide_types={"ConceptSplitApplyToVA": 380, "CLIPTextEncode": 380, "ConceptSplitTextEncode": 380,
-                                "ConceptSplitLodaSampler": 340})
+    wide = {"ConceptSplitApplyToVA": 380, "CLIPTextEncode": 380, "ConceptSplitTextEncode": 380,
+            "ConceptSplitLodaSampler": 340}
+    layout = Layout(node_width=300, column_gap=50, wide_types=wide)
     return api_to_ui(definition.build(), object_info, layout=layout,
                      notes=[Note(definition.note, title=definition.title)],
                      extra={"conceptsplit": {"family": definition.family, "title": definition.title}})
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=WORKFLOWS_DIR)
     parser.add_argument("--thumbnails", action="store_true", help="render <name>.jpg with the real frontend")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[build_workflows] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="[build_workflows] %(message)s")
+    logger.setLevel(logging.INFO)
     if str(REPO_ROOT) not in sys.path:
         sys.path.append(str(REPO_ROOT))  # after ComfyUI's root, which the bootstrap puts first
 

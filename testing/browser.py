@@ -127,7 +127,8 @@ class FrontendPage:
         self.page.wait_for_function(_APP_READY_JS, timeout=APP_READY_MS)
 
     def load_template(self, module: str, name: str) -> dict:
-        """Fetch `/api/workflow_templates/<module>/<name>.json` in the page and load it, as the template browser does."""
+        """Fetch `/api/workflow_templates/<module>/<name>.json` in the page and load it, as the template browser
+        does."""
         return self.page.evaluate(_LOAD_TEMPLATE_JS, [module, name])
 
     def load_json(self, workflow: dict, name: str) -> None:

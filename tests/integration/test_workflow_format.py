@@ -39,7 +39,8 @@ TOVA = {
         "adapter_name": "cat.safetensors", "identifier_word": "kitty", "strength": 0.8, "role": "object",
         "token_index": -1, "adapters": ["3", 0]}},
     "5": {"class_type": "ConceptSplitApplyToVA", "inputs": {
-        "model": ["1", 0], "adapters": ["4", 0], "clip": ["1", 1], "text": "a dog and a kitty", "apply_to_uncond": False}},
+        "model": ["1", 0], "adapters": ["4", 0], "clip": ["1", 1], "text": "a dog and a kitty",
+        "apply_to_uncond": False}},
     "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
     "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 768, "height": 768, "batch_size": 1}},
     "8": {"class_type": "KSampler", "inputs": {

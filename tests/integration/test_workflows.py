@@ -128,10 +128,11 @@ def test_workflow_runs_to_completion_on_tiny_models(path, comfy_server, object_i
     prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder)
     entry = comfy_server.run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success"
-    outputs = [nid for nid, node in prompt.items() if object_info[node["class_type"]]["output_node"]]
-    assert outputs and all(nid in entry["outputs"] for nid in outputs), "every output node must have run"
-    images = [img for nid in outputs for img in comfy_server.output_images(entry, nid)]
-    assert images, "the workflow produced no image"
+    image_nodes = [nid for nid, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")]
+    assert image_nodes, "an example workflow must show its result"
+    for nid in image_nodes:
+        images = comfy_server.output_images(entry, nid)
+        assert images and all(img.width >= 64 and img.height >= 64 for img in images), f"node {nid}"
 
 
 def test_template_browser_lists_and_serves_every_workflow(comfy_server):

@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=... python -m bench.bench_training [--size 256] [--iterations 3] [--warmup 1] [--rank 64]
 
-A training iteration is the real path (comfy_hooks.run_training + core.train_tova: ComfyUI's calc_cond_batch, the
+A training iteration is the real path (comfy_training.run_training + core.train_tova: ComfyUI's calc_cond_batch, the
 ToVA processor on 16 layers, the v-loss, backward, clipping, AdamW). The baseline is the bare UNet forward with an
 MSE loss and a backward to the input latent, at the same resolution. Goal (issue 5): ratio ≤ 1.15. The adapter
 size is measured by writing the rank-r adapter of the real SD2.1 layer shapes (goal 3.7 MB in fp16).

@@ -107,14 +107,18 @@ def bind_concepts(concepts: Sequence[ConceptAdapter], layout: UNetLayout, prompt
     return [BoundConcept(concept, position, bound) for concept, position, bound in zip(concepts, positions, layers)]
 
 
-def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int) -> dict[BlockKey, tuple[TokenDelta, ...]]:
-    """Per attn2 block, the deltas of every concept, in concept order (spec §2.1: scale = strength · alpha / r)."""
+def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int,
+                      prompt_ids: tuple | None = None) -> dict[BlockKey, tuple[TokenDelta, ...]]:
+    """Per attn2 block, the deltas of every concept, in concept order (spec §2.1: scale = strength · alpha / r).
+
+    `prompt_ids` (the prompt's token ids) lets the sampler tell this prompt's conditioning from others in a batch.
+    """
     plan: dict[BlockKey, list[TokenDelta]] = {}
     for item in bound:
         scale = item.concept.strength * item.concept.weights.scale
         for key, (lora_a, lora_b) in item.layers.items():
             plan.setdefault(key, []).append(TokenDelta(lora_a, lora_b, scale, item.position, prompt_length,
-                                                       item.concept.label))
+                                                       item.concept.label, prompt_ids))
     return {key: tuple(deltas) for key, deltas in plan.items()}
 
 

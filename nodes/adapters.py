@@ -129,8 +129,9 @@ class ApplyToVA(io.ComfyNode):
                               lambda word: comfy_hooks.word_token_ids(clip, word))
         positive = comfy_hooks.encode_prompt(clip, text, layout)
         patched = model.clone()
-        comfy_hooks.install_token_deltas(patched, layout, plan_token_deltas(bound, len(prompt.token_ids)),
-                                         apply_to_uncond)
+        comfy_hooks.install_token_deltas(patched, layout,
+                                         plan_token_deltas(bound, len(prompt.token_ids), prompt.token_ids),
+                                         apply_to_uncond, prompt, ", ".join(c.label for c in adapters))
         patched.model_options = comfy_hooks.with_located_concepts(patched.model_options,
                                                                   located(bound, len(prompt.token_ids)))
         return io.NodeOutput(patched, positive, describe_bindings(bound, prompt))

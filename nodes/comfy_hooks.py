@@ -1,4 +1,4 @@
-"""The one module that knows ComfyUI's patch signatures, option keys, model classes and tokenizers.
+"""Seam, part 1: ComfyUI's model classes, tokenizers, attention patch signatures and option keys.
 
 Node modules call the functions here; conceptsplit_core never sees ComfyUI objects. Hooks used (comfyui-notes §1-§3):
 - attn2_patch  p(n, context, value, extra_options) -> (n, context, value): stashes the raw text features.
@@ -8,15 +8,14 @@ Node modules call the functions here; conceptsplit_core never sees ComfyUI objec
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
-import comfy.k_diffusion.sampling as k_diffusion_sampling
-import comfy.ldm.models.autoencoder as comfy_autoencoder
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_base
+import comfy.patcher_extension
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
@@ -24,14 +23,13 @@ import comfy.samplers
 import comfy.sd1_clip
 import comfy.supported_models
 import comfy.utils
-import latent_preview
 
 from ..conceptsplit_core.adapter_layers import CrossAttentionLayer, UNetLayout
 from ..conceptsplit_core.attention_calls import AttentionCall, attention_probabilities
 from ..conceptsplit_core.config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL, PREDICTION_EPS, PREDICTION_V
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.prompt_tokens import PromptTokens
-from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta
+from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows
 
 VALUE_INPUT_KEY = "conceptsplit_value_input"  # extra_options key: the tensor that to_v receives, (B, T, d)
 # transformer_options key: a tuple of AttentionObserver objects (a tuple, so ComfyUI's per-call dict/list copying
@@ -41,6 +39,17 @@ OBSERVERS_KEY = "conceptsplit_observers"
 PROMPT_TOKENS_KEY = "conceptsplit_prompt"
 # transformer_options key: tuple of LocatedConcept, the ToVA concepts and their positions (no tensors)
 CONCEPTS_KEY = "conceptsplit_concepts"
+# transformer_options key: {cond uuid: ChunkPrompt}, set per model call by ToVA's CALC_COND_BATCH wrapper
+CHUNKS_KEY = "conceptsplit_chunks"
+TOVA_WRAPPER_KEY = "conceptsplit_tova"
+
+
+@dataclass(frozen=True)
+class ChunkPrompt:
+    """What ToVA knows of one conditioning entry in a model call: its own length and, if recorded, its tokens."""
+
+    length: int  # tokens of that conditioning before ComfyUI repeats it to a common length
+    prompt_ids: tuple | None  # PromptTokens.token_ids when Apply ToVA / ConceptSplit Text Encode encoded it
 BlockKey = tuple[str, int, int]  # ("input", 7, 0): block name, block id, block_index (depth)
 
 
@@ -188,11 +197,13 @@ class ConceptSplitAttention:
             self._device_cache[device] = cached
         return cached
 
-    def _row_mask(self, cond_or_uncond: tuple, batch: int, device) -> torch.Tensor:
-        key = (cond_or_uncond, batch, device)
+    def _row_mask(self, members: tuple[int, ...], chunks: int, batch: int, device) -> torch.Tensor:
+        """(B,) bool: the rows of the chunks in `members`; cached, since building it on the GPU copies from the host."""
+        key = (members, chunks, batch, device)
         mask = self._device_cache.get(key)
-        if mask is None:  # cached: building it on the GPU every call would copy from the host each time
-            mask = branch_row_mask(cond_or_uncond, batch, self.apply_to_uncond, device)
+        if mask is None:
+            flags = torch.tensor([index in members for index in range(chunks)], device=device)
+            mask = flags.repeat_interleave(batch // chunks)
             self._device_cache[key] = mask
         return mask
 
@@ -237,11 +248,38 @@ class ConceptSplitAttention:
     def _add_value_deltas(self, v, extra_options):
         context = extra_options.get(VALUE_INPUT_KEY)
         if context is None or context.shape[:2] != v.shape[:2]:
-            raise RuntimeError("ConceptSplit: the value stash patch did not run before the attn2 replace")
-        row_mask = self._row_mask(tuple(extra_options["cond_or_uncond"]), v.shape[0], v.device)
+            raise ConceptSplitError.build(
+                "Another attention patch changed the text conditioning after ToVA read it",
+                seen=f"values of {tuple(v.shape[:2])} rows but a stashed conditioning of "
+                     f"{None if context is None else tuple(context.shape[:2])}",
+                expected="ToVA's attn2_patch to run last", fix="apply the other patch node before Apply ToVA")
+        chunks = tuple(extra_options["cond_or_uncond"])
+        uuids = extra_options.get("uuids") or [None] * len(chunks)
+        table = extra_options.get(CHUNKS_KEY) or {}
+        tokens = v.shape[1]
         for delta in self._deltas_on(v.device):
-            v = apply_token_value_delta(v, context, delta, row_mask)  # (B, T, C)
+            groups: dict[tuple[int, int], list[int]] = {}  # token rows (start, stride) -> chunks that have them
+            for index, branch in enumerate(chunks):
+                rows = self._chunk_rows(delta, branch, table.get(uuids[index]), tokens)
+                if rows is not None:
+                    groups.setdefault((rows.start, rows.step), []).append(index)
+            for (start, stride), members in groups.items():
+                row_mask = self._row_mask(tuple(members), len(chunks), v.shape[0], v.device)
+                v = apply_token_value_delta(v, context, delta, row_mask, slice(start, tokens, stride))  # (B, T, C)
         return v
+
+    def _chunk_rows(self, delta: TokenDelta, branch: int, chunk: "ChunkPrompt | None", tokens: int):
+        """Token rows of s_k in one CFG chunk, or None: spec §2.3 (both branches, where the token is present)."""
+        if branch == 1 and not self.apply_to_uncond:
+            return None
+        if chunk is None:  # no record of this conditioning (ComfyUI path without calc_cond_batch): assume the prompt
+            return identifier_rows(delta.position, delta.prompt_length, tokens)
+        if branch == 0 and chunk.prompt_ids is not None and delta.prompt_ids is not None \
+                and chunk.prompt_ids != delta.prompt_ids:
+            return None  # another positive prompt (ConditioningCombine, regions): its token s_k is another word
+        if branch == 0 and chunk.prompt_ids is None and chunk.length != delta.prompt_length:
+            return None  # an unrecorded positive of another length cannot be this prompt
+        return identifier_rows(delta.position, chunk.length, tokens)
 
 
 def attention_call(extra_options, q, k) -> AttentionCall:
@@ -252,18 +290,6 @@ def attention_call(extra_options, q, k) -> AttentionCall:
                          heads=int(extra_options["n_heads"]),
                          cond_or_uncond=tuple(int(c) for c in extra_options["cond_or_uncond"]),
                          batch=int(q.shape[0]), context_length=int(k.shape[1]), sigmas=extra_options.get("sigmas"))
-
-
-def branch_row_mask(cond_or_uncond, batch: int, include_uncond: bool, device) -> torch.Tensor:
-    """(B,) bool: which rows of this call belong to the branches that get the delta.
-
-    The batch is len(cond_or_uncond) chunks of equal size; 0 marks a positive chunk, 1 a negative one. Their order
-    varies per call (uncond first is common), so index by the list, never by position (notes §1.7).
-    """
-    chunks = len(cond_or_uncond)
-    per_chunk = batch // chunks
-    flags = torch.tensor([include_uncond or c == 0 for c in cond_or_uncond], device=device)
-    return flags.repeat_interleave(per_chunk)
 
 
 def with_processors(model_options: dict, layout: UNetLayout,
@@ -299,10 +325,48 @@ def with_processors(model_options: dict, layout: UNetLayout,
 
 
 def install_token_deltas(model_patcher, layout: UNetLayout,
-                         deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]], apply_to_uncond: bool) -> None:
-    """Install ToVA on `model_patcher` (already a clone): processors on every attn2 block, deltas where given."""
+                         deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]], apply_to_uncond: bool,
+                         prompt: PromptTokens | None = None, label: str = "") -> None:
+    """Install ToVA on `model_patcher` (already a clone): processors on every attn2 block, deltas where given.
+
+    With `prompt`, a CALC_COND_BATCH wrapper also records each conditioning's own length and tokens per model call,
+    so the delta lands only on the rows of that prompt's conditioning (notes §2, variant 1), and checks that the
+    positive prompt being sampled is this prompt.
+    """
     model_patcher.model_options = with_processors(model_patcher.model_options, layout, deltas_by_key,
                                                   apply_to_uncond)
+    if prompt is not None:
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TOVA_WRAPPER_KEY,
+                                           _chunk_table_wrapper(prompt, label))
+
+
+def _chunk_table_wrapper(prompt: PromptTokens, label: str):
+    prompt_ids, prompt_length = tuple(prompt.token_ids), len(prompt.token_ids)
+
+    def wrapper(executor, model, conds, x_in, timestep, model_options):
+        table = {}
+        matched = False
+        for index, group in enumerate(conds):  # index 0 = positive, 1 = negative (comfy.samplers)
+            for cond in group or ():
+                cross = cond.get("cross_attn")  # (1, L, d)
+                tokens = cond.get(PROMPT_TOKENS_KEY)
+                chunk = ChunkPrompt(int(cross.shape[1]) if cross is not None else prompt_length,
+                                    tuple(tokens.token_ids) if tokens is not None else None)
+                table[cond["uuid"]] = chunk
+                matched |= index == 0 and (chunk.prompt_ids == prompt_ids
+                                           or (chunk.prompt_ids is None and chunk.length == prompt_length))
+        if conds and conds[0] and not matched:
+            raise ConceptSplitError.build(
+                f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in",
+                seen=f"positive conditionings of {sorted({c.length for c in table.values()})} tokens, none encoded "
+                     f"from \"{prompt.text[:80]}\"",
+                expected=f"the conditioning of that prompt ({prompt_length} tokens)",
+                fix="connect Apply ToVA's positive output to the sampler, or give Apply ToVA the prompt you sample")
+        to = dict(model_options.get("transformer_options", {}))
+        to[CHUNKS_KEY] = {**to.get(CHUNKS_KEY, {}), **table}
+        return executor(model, conds, x_in, timestep, {**model_options, "transformer_options": to})
+
+    return wrapper
 
 
 def with_observers(model_options: dict, layout: UNetLayout, observers: tuple) -> dict:
@@ -354,7 +418,8 @@ def located_concepts(model_patcher) -> tuple:
     return tuple(model_patcher.model_options.get("transformer_options", {}).get(CONCEPTS_KEY, ()))
 
 
-# --- LODA sampling (issue 3): sampler, guider and gradient-pass signatures (notes §4) -------------------------
+
+# --- model levels and default tokens (used by LODA and the viewer) ---------------------------------------
 
 def layer_levels(model_patcher, layout: UNetLayout) -> list[tuple[BlockKey, int]]:
     """(replace key, downsampling level) of every cross-attention layer, in execution order (notes §1.3).
@@ -383,103 +448,6 @@ def layer_levels(model_patcher, layout: UNetLayout) -> list[tuple[BlockKey, int]
             for layer in layout.layers]
 
 
-def release_inference_parameters(model_patcher) -> int:
-    """Replace the UNet's inference-tensor parameters and buffers by equal normal tensors (notes §4.2 fix (a)).
-
-    Must run inside `torch.inference_mode(False)`, after the model is loaded, once per run (LoRA patching makes
-    inference tensors again). Values are unchanged, so later plain runs are bit-identical. Returns the count.
-    """
-    replaced = 0
-    for module in model_patcher.model.diffusion_model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_inference():
-                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-                replaced += 1
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.is_inference():
-                module._buffers[name] = buffer.detach().clone()
-                replaced += 1
-    return replaced
-
-
-def sampling_guider(model_k):
-    """The guider behind a k-diffusion model function (KSamplerX0Inpaint.inner_model; notes §4.1)."""
-    return model_k.inner_model
-
-
-def guider_prompt_tokens(guider) -> PromptTokens | None:
-    """PromptTokens of the guider's processed positive conds (convert_cond keeps the conditioning's dict keys)."""
-    for entry in guider.conds.get("positive", None) or ():
-        tokens = entry.get(PROMPT_TOKENS_KEY)
-        if tokens is not None:
-            return tokens
-    return None
-
-
-def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False):
-    """One cond-only UNet forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; notes §4.3 step 2).
-
-    Differentiable w.r.t. x when grad mode is on; the model input scaling is part of the graph (spec §3.4).
-    Shapes: x (b, 4, h, w); sigma () or (b,). With `negative`, the negative conds run as well (mask capture).
-    """
-    guider = sampling_guider(model_k)
-    conds = [guider.conds["positive"]]
-    if negative and guider.conds.get("negative") is not None:
-        conds.append(guider.conds["negative"])
-    timestep = sigma.reshape(-1).expand(x.shape[0]) if sigma.dim() <= 1 else sigma
-    return comfy.samplers.calc_cond_batch(guider.inner_model, conds, x, timestep, model_options)
-
-
-def persistent_noise_sampler(inner, x: torch.Tensor, sigmas: torch.Tensor, seed):
-    """One noise sampler for the whole run when the inner sampler takes `noise_sampler`, else None (pitfall §7.10).
-
-    Built as the sampler itself would build it from the full sigmas: a Brownian tree for the SDE samplers, the
-    seeded default sampler for the ancestral ones, so slice-by-slice sampling draws the same noise as one call.
-    """
-    function = inner.sampler_function
-    try:
-        parameters = inspect.signature(function).parameters
-        source = inspect.getsource(function)
-    except (TypeError, ValueError, OSError):
-        return None
-    if "noise_sampler" not in parameters or "noise_sampler" in inner.extra_options:
-        return None
-    if "BrownianTreeNoiseSampler" in source:
-        positive = sigmas[sigmas > 0]
-        return k_diffusion_sampling.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seed, cpu=True)
-    return k_diffusion_sampling.default_noise_sampler(x, seed=seed)
-
-
-def run_inner_sampler(inner, model_k, x, sigmas, extra_args, callback, disable, step_offset: int, noise_sampler):
-    """Run the wrapped SAMPLER's function on `sigmas` (a slice), its callback steps shifted by `step_offset`."""
-    if len(sigmas) < 2:
-        return x
-    shifted = None if callback is None else (lambda d: callback({**d, "i": d["i"] + step_offset}))
-    options = dict(inner.extra_options)
-    if noise_sampler is not None:
-        options["noise_sampler"] = noise_sampler
-    return inner.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=shifted, disable=disable,
-                                  **options)
-
-
-def wrapping_ksampler(function, inner, options: dict):
-    """A SAMPLER for SamplerCustom(Advanced) that calls `function(model_k, x, sigmas, ..., **options)`."""
-    if not isinstance(inner, comfy.samplers.KSAMPLER):
-        raise ConceptSplitError.build(
-            "LODA can only wrap k-diffusion samplers", seen=f"a {type(inner).__name__} sampler",
-            expected="a SAMPLER from KSamplerSelect (euler, dpmpp_2m, heun, ...)",
-            fix="connect KSamplerSelect's output to the LODA node")
-    return comfy.samplers.KSAMPLER(function, extra_options=options, inpaint_options=dict(inner.inpaint_options))
-
-
-def named_sampler(sampler_name: str):
-    return comfy.samplers.sampler_object(sampler_name)
-
-
-def throw_if_interrupted() -> None:
-    comfy.model_management.throw_exception_if_processing_interrupted()
-
-
 _DEFAULT_TOKENIZER = []
 
 
@@ -491,212 +459,3 @@ def default_word_token_ids(word: str) -> tuple[int, ...]:
     inner = _DEFAULT_TOKENIZER[0]
     ids = inner.tokenizer(word)["input_ids"]
     return tuple(i for i in ids if i not in (inner.start_token, inner.end_token, inner.pad_token))
-
-
-def ksampler_sigmas(model_patcher, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
-    """The sigmas the KSampler node would use (denoise < 1 keeps the last steps; notes §4.1)."""
-    sampler = comfy.samplers.KSampler(model_patcher, steps=steps, device=model_patcher.load_device,
-                                      sampler=sampler_name, scheduler=scheduler, denoise=denoise,
-                                      model_options=model_patcher.model_options)
-    return sampler.sigmas
-
-
-def sample_latent_with_sampler(model_patcher, seed: int, cfg: float, sampler, sigmas, positive, negative,
-                               latent: dict) -> dict:
-    """KSampler's sampling (noise, mask, preview callback) with a custom SAMPLER and sigmas; returns a LATENT."""
-    latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    callback = latent_preview.prepare_callback(model_patcher, len(sigmas) - 1)
-    samples = comfy.sample.sample_custom(model_patcher, noise, cfg, sampler, sigmas, positive, negative,
-                                         latent_image, noise_mask=latent.get("noise_mask"), callback=callback,
-                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    out = latent.copy()
-    out["samples"] = samples
-    return out
-
-
-# --- attention capture for the viewer (issue 4): a sampling-run wrapper around the capture observer -----------
-
-CAPTURE_WRAPPER_KEY = "conceptsplit_attention_capture"
-
-
-def install_attention_capture(model_patcher, layout: UNetLayout, capture) -> None:
-    """Make `model_patcher` (already a clone) report attn2 probabilities to `capture` and tell it each run's bounds.
-
-    `capture` is an attention_capture.AttentionCapture. An OUTER_SAMPLE wrapper (notes §1.4; it chains, and clone()
-    copies wrapper lists shallowly) calls capture.start_run(sigmas) before the first model call, so a bad step range
-    fails before sampling, and capture.finish_run(output latent) after the last.
-    """
-    import comfy.patcher_extension  # kept local to this section (already loaded by comfy.samplers)
-
-    model_patcher.model_options = with_observers(model_patcher.model_options, layout, (capture,))
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
-                                       _capture_run_wrapper(capture))
-
-
-def _capture_run_wrapper(capture):
-    # A closure, not a bound method: deepcopy treats functions as atomic (notes §1.1).
-    def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        capture.start_run(sigmas)  # (S + 1,) the run's schedule; LODA's slices still see the full one here
-        try:
-            output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)  # (B, 4, h, w)
-        except BaseException:
-            capture.abort_run()
-            raise
-        capture.finish_run(output)
-        return output
-
-    return outer_sample
-
-
-# --- ToVA training (issue 5): schedule, VAE posterior, conditioning, autograd inside ComfyUI's sampling ----------
-
-def training_noise_schedule(model_patcher) -> tuple[torch.Tensor, str, float]:
-    """(σ_t table (1000,), "v" | "eps", σd) of the model's sampling object, which a ModelSamplingDiscrete may patch."""
-    sampling = model_patcher.get_model_object("model_sampling")
-    sigmas = getattr(sampling, "sigmas", None)
-    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        prediction = PREDICTION_V
-    elif type(sampling).calculate_denoised is comfy.model_sampling.EPS.calculate_denoised:
-        prediction = PREDICTION_EPS
-    else:
-        prediction = None
-    if prediction is None or sigmas is None or sigmas.numel() != 1000:
-        raise ConceptSplitError.build(
-            "ToVA training needs a discrete 1000-step v- or ε-prediction model",
-            seen=f"model sampling {type(sampling).__name__}", expected="SD1.5, SD2.1 or SDXL sampling (discrete)",
-            fix="remove ModelSampling nodes other than ModelSamplingDiscrete (eps or v_prediction) before training")
-    return sigmas.detach().to("cpu", torch.float32).clone(), prediction, float(sampling.sigma_data)
-
-
-@torch.no_grad()
-def encode_latent_posterior(vae, model_patcher, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior N(mean, std²) of each image, in the model's latent space (× scaling factor, spec §2.6).
-
-    ComfyUI's VAE.encode returns the posterior mode; the recipe samples it, so the moments are read from the
-    encoder directly (AutoencoderKL), one image at a time. Other VAEs fall back to the mode with std 0.
-    Shapes: pixels (n, R, R, 3) in 0..1 -> mean, std (n, 4, R/8, R/8) fp32 on the model's load device.
-    """
-    engine = vae.first_stage_model
-    regularizer = getattr(engine, "regularization", None)
-    means, stds = [], []
-    if isinstance(regularizer, comfy_autoencoder.DiagonalGaussianRegularizer) and hasattr(engine, "quant_conv"):
-        comfy.model_management.load_models_gpu([vae.patcher])
-        for image in pixels.split(1):
-            x = vae.process_input(image.movedim(-1, 1)).to(vae.device, vae.vae_dtype)  # (1, 3, R, R) in [-1, 1]
-            moments = engine.quant_conv(engine.encoder(x)).float()  # (1, 8, R/8, R/8)
-            mean, logvar = moments.chunk(2, dim=1)
-            means.append(mean)
-            stds.append(torch.exp(0.5 * logvar.clamp(-30.0, 20.0)))  # as DiagonalGaussianDistribution
-        mean, std = torch.cat(means), torch.cat(stds)
-    else:
-        mean = vae.encode(pixels)
-        std = torch.zeros_like(mean)
-    base = model_patcher.model
-    device = model_patcher.load_device
-    scale = float(base.latent_format.scale_factor)
-    return base.process_latent_in(mean.float()).to(device), (std.float() * scale).to(device)
-
-
-def training_conditioning(clip, text: str, resolution: int) -> list:
-    """CONDITIONING of one training prompt; SDXL's size conditioning says "an R×R image, uncropped" (spec §2.6)."""
-    size = {"width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
-            "target_width": resolution, "target_height": resolution}
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text), add_dict=size, show_pbar=False)
-
-
-def training_autocast_dtype(model_patcher) -> torch.dtype | None:
-    """bf16 autocast on a CUDA device that supports it; None (fp32) elsewhere. LoRA master weights stay fp32."""
-    device = model_patcher.load_device
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def _clone_conditioning(item):
-    # Tensors made under the executor's inference mode cannot be saved for backward (notes §4.2): clone inside.
-    cond, extras = item
-    return [cond.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in extras.items()}]
-
-
-class _FrozenUNet:
-    """Only the LoRA parameters require grad: the UNet's requires_grad flags are off for the run and restored
-    afterwards; inference-tensor weights are released first (notes §4.2 fix (a))."""
-
-    def __init__(self, model_patcher):
-        self.model_patcher = model_patcher
-        self.flags: list[tuple[torch.nn.Parameter, bool]] = []
-
-    def __enter__(self):
-        release_inference_parameters(self.model_patcher)
-        for param in self.model_patcher.model.diffusion_model.parameters():
-            self.flags.append((param, param.requires_grad))
-            param.requires_grad_(False)
-        return self
-
-    def __exit__(self, *exc):
-        for param, flag in self.flags:
-            param.requires_grad_(flag)
-
-
-class _TrainingSampler(comfy.samplers.Sampler):
-    """A SAMPLER that trains instead of sampling (the shape of comfy_extras/nodes_train.py): ComfyUI has loaded
-    the model and encoded the conds; `body(denoise)` runs the core training loop with a k-diffusion denoiser."""
-
-    def __init__(self, layout: UNetLayout, body):
-        self.layout = layout
-        self.body = body
-        self.result = None
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        base = model_wrap.inner_model
-        conds = model_wrap.conds["positive"]  # one processed cond per training prompt, in order
-        options = extra_args["model_options"]
-        keys = {layer.path: layer.key for layer in self.layout.layers}
-
-        def denoise(x, sigma, template_index, deltas):
-            # x (1, 4, h, w), sigma (1,) -> denoised x0 (1, 4, h, w); cond-only forward, our processor adds deltas
-            run_options = with_processors(options, self.layout, {keys[path]: (d,) for path, d in deltas.items()})
-            return comfy.samplers.calc_cond_batch(base, [[conds[template_index]]], x, sigma, run_options)[0]
-
-        with _FrozenUNet(model_wrap.model_patcher):
-            self.result = self.body(denoise)
-        return torch.zeros_like(latent_image)
-
-
-def run_training(model_patcher, layout: UNetLayout, conditionings: list, latent_shape: tuple[int, ...], body):
-    """Run `body(denoise)` inside ComfyUI's sampling machinery with autograd on; returns what body returns.
-
-    `model_patcher` must be a clone (ComfyUI patches it while loading); `conditionings` holds one CONDITIONING per
-    training prompt, in template order. Works inside the executor's inference mode (notes §4.2).
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        positives = []
-        for conditioning in conditionings:
-            if len(conditioning) != 1:
-                raise ConceptSplitError.build(
-                    "A training prompt encoded to several conditionings", seen=f"{len(conditioning)} entries",
-                    expected="one conditioning per prompt", fix="remove scheduled CLIP hooks from the CLIP input")
-            positives.append(_clone_conditioning(conditioning[0]))
-        guider = comfy.samplers.CFGGuider(model_patcher)
-        guider.set_conds(positives, [])
-        guider.set_cfg(1.0)
-        sampler = _TrainingSampler(layout, body)
-        zeros = torch.zeros(latent_shape)
-        guider.sample(zeros, zeros, sampler, torch.tensor([1.0, 0.0]), disable_pbar=True, seed=0)
-        return sampler.result
-
-
-def training_progress(total: int, node_id: str | None = None):
-    """on_step callback: ComfyUI's progress bar, the loss as progress text, and the interrupt check per step."""
-    bar = comfy.utils.ProgressBar(total, node_id=node_id)
-
-    def report(done: int, steps: int, loss: float) -> None:
-        bar.update_absolute(done, steps)
-        server = getattr(__import__("server").PromptServer, "instance", None)
-        if server is not None and node_id is not None:
-            server.send_progress_text(f"step {done}/{steps}  loss {loss:.4f}", node_id)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-    return report

@@ -13,7 +13,7 @@ import comfy.samplers
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda_config import LODA_DEFAULTS, UI_OPTIONS, UI_RANGES, LodaConfig
 from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda
-from . import comfy_hooks
+from . import comfy_hooks, comfy_sampling
 
 ConceptMapsType = io.Custom("CONCEPTSPLIT_MAPS")  # conceptsplit_core.attention_record.ConceptMaps
 LodaResultType = io.Custom("CONCEPTSPLIT_LODA_RESULT")  # nodes.loda_sampling.LodaResult, filled by sampling
@@ -119,11 +119,11 @@ class LodaSampler(io.ComfyNode):
                 concept_words, **settings) -> io.NodeOutput:
         result = LodaResult()
         request = loda_request(concept_words, settings, result)
-        sigmas = comfy_hooks.ksampler_sigmas(model, steps, sampler_name, scheduler, denoise)
+        sigmas = comfy_sampling.ksampler_sigmas(model, steps, sampler_name, scheduler, denoise)
         latent_hw = tuple(latent_image["samples"].shape[-2:])
         plan_loda(model, comfy_hooks.conditioning_prompt_tokens(positive), latent_hw, request, len(sigmas) - 1)
-        sampler = loda_sampler(comfy_hooks.named_sampler(sampler_name), request)
-        latent = comfy_hooks.sample_latent_with_sampler(model, seed, cfg, sampler, sigmas, positive, negative,
+        sampler = loda_sampler(comfy_sampling.named_sampler(sampler_name), request)
+        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, sampler, sigmas, positive, negative,
                                                         latent_image)
         return io.NodeOutput(latent, *result_outputs(result, latent_hw))
 

@@ -16,7 +16,7 @@ from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaConcepts, Ma
 from ..conceptsplit_core.loda_config import LodaConfig
 from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
 from ..conceptsplit_core.prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
-from . import comfy_hooks
+from . import comfy_hooks, comfy_sampling
 
 OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaRequest
 
@@ -104,8 +104,8 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     """k-diffusion sampler function: LODA around `options["inner"]` (a KSAMPLER). Returns the final state x."""
     inner, request = options["inner"], options[OPTION_KEY]
     extra_args = dict(extra_args or {})
-    guider = comfy_hooks.sampling_guider(model_k)
-    plan = plan_loda(guider.model_patcher, comfy_hooks.guider_prompt_tokens(guider), tuple(x.shape[-2:]), request,
+    guider = comfy_sampling.sampling_guider(model_k)
+    plan = plan_loda(guider.model_patcher, comfy_sampling.guider_prompt_tokens(guider), tuple(x.shape[-2:]), request,
                      len(sigmas) - 1)
     config = request.config
     layout = comfy_hooks.unet_layout(guider.model_patcher)
@@ -118,16 +118,16 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     n = plan.stage1_steps
     noise_sampler = None
     if n > 0:
-        noise_sampler = comfy_hooks.persistent_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
+        noise_sampler = comfy_sampling.persistent_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
         with torch.inference_mode(False):
-            comfy_hooks.release_inference_parameters(guider.model_patcher)
+            comfy_sampling.release_inference_parameters(guider.model_patcher)
     maps = None
     for i in range(n):
-        comfy_hooks.throw_if_interrupted()
+        comfy_sampling.throw_if_interrupted()
         x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, options_with, records)
         if i == n - 1:
             collector.start(plan.layers.mask_keys, mask_branches, reset_on_new_sigma=True)
-        x = comfy_hooks.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
+        x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
                                           noise_sampler)
         if i == n - 1:
             maps = collector.maps().detach()
@@ -135,13 +135,13 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (spec §4.1)
         collector.start(plan.layers.mask_keys, mask_branches)
         with torch.no_grad():
-            comfy_hooks.cond_forward(model_k, x, sigmas[0], options_with, negative=UNCOND in mask_branches)
+            comfy_sampling.cond_forward(model_k, x, sigmas[0], options_with, negative=UNCOND in mask_branches)
         maps = collector.maps().detach()
         collector.stop()
     masks = None if maps is None else build_concept_masks(maps, config)
     if plan.fixing and masks is not None and n < plan.total_steps:
         fixer.masks, fixer.active = masks, True
-    x = comfy_hooks.run_inner_sampler(inner, model_k, x, sigmas[n:], extra_args, callback, disable, n, noise_sampler)
+    x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[n:], extra_args, callback, disable, n, noise_sampler)
     fixer.active = False
     _record(request.result, plan, records, maps, masks, x.shape[0])
     return x
@@ -158,7 +158,7 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
         for b in range(x.shape[0]):
             x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
             for iteration in range(config.inner_iterations):
-                comfy_hooks.throw_if_interrupted()
+                comfy_sampling.throw_if_interrupted()
                 x_b, record = _one_update(model_k, x_b, sigma, eta, config, collector, model_options)
                 records.append(StepRecord(i, b, iteration, *record))
             images.append(x_b.detach())
@@ -169,7 +169,7 @@ def _one_update(model_k, x_b, sigma, eta, config, collector, model_options):
     x_grad = x_b.detach().requires_grad_(True)
     collector.start(collector.layers.loss_keys, (COND,), truncate=True)
     try:
-        run_truncated(lambda: comfy_hooks.cond_forward(model_k, x_grad, sigma, model_options))
+        run_truncated(lambda: comfy_sampling.cond_forward(model_k, x_grad, sigma, model_options))
         concept_maps = collector.maps()[0]  # (K, h, w) in the graph
     finally:
         collector.stop()
@@ -200,4 +200,4 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, records, maps, masks, 
 
 def loda_sampler(inner, request: LodaRequest):
     """A SAMPLER running LODA around the SAMPLER `inner` (from KSamplerSelect)."""
-    return comfy_hooks.wrapping_ksampler(sample_loda, inner, {"inner": inner, OPTION_KEY: request})
+    return comfy_sampling.wrapping_ksampler(sample_loda, inner, {"inner": inner, OPTION_KEY: request})

@@ -26,7 +26,7 @@ from ..conceptsplit_core.loss_curve import render_loss_curve
 from ..conceptsplit_core.tova_lora import ToVALoraSet
 from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, TrainConfig, load_prompt_templates,
                                                preprocess_images, templates_hash)
-from . import comfy_hooks
+from . import comfy_hooks, comfy_training
 from .adapters import ConceptAdapters
 
 CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Adapter never lists it
@@ -65,7 +65,7 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     config = request.config.validate()
     word = request.identifier_word.strip()
     layout = comfy_hooks.unet_layout(model)
-    sigmas, prediction, sigma_data = comfy_hooks.training_noise_schedule(model)
+    sigmas, prediction, sigma_data = comfy_training.training_noise_schedule(model)
     path = safe_save_name(folder, request.save_name)
     if path.exists() and not request.overwrite:
         raise ConceptSplitError.build(
@@ -81,8 +81,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     resolution = config.resolved_resolution(base_model)
     crops = torch.Generator().manual_seed(config.seed)
     pixels = preprocess_images(images, resolution, crops)  # (n, 3, R, R) in [-1, 1]
-    mean, std = comfy_hooks.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
-    conditionings = [comfy_hooks.training_conditioning(clip, p, resolution) for p in prompts]
+    mean, std = comfy_training.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
+    conditionings = [comfy_training.training_conditioning(clip, p, resolution) for p in prompts]
     schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
     alpha = float(config.resolved_alpha())
     record = {"word": word, "base_model": base_model, "layers": len(shapes), "images": core.fingerprint(pixels),
@@ -90,7 +90,7 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
               "alpha": alpha, "learning_rate": config.learning_rate, "seed": config.seed, "steps": config.steps}
     folder.mkdir(parents=True, exist_ok=True)
     plan = core.CheckpointPlan(path.with_name(path.stem + CHECKPOINT_SUFFIX), config.checkpoint_every, request.resume)
-    autocast = comfy_hooks.training_autocast_dtype(model)
+    autocast = comfy_training.training_autocast_dtype(model)
 
     def body(denoise):
         # Runs with autograd on and inference mode off: tensors made here can be saved for backward (notes §4.2).
@@ -100,7 +100,7 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
                                  checkpoint=plan, on_step=on_step, autocast_dtype=autocast, label=word)
         return lora.state_for_saving(), result
 
-    weights, result = comfy_hooks.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body)
+    weights, result = comfy_training.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body)
     meta = AdapterMetadata(
         base_model=base_model, text_width=layout.text_width, rank=config.rank, alpha=alpha,
         identifier_word=word, role=request.role, prediction=prediction, layers=len(shapes),
@@ -175,5 +175,5 @@ class TrainToVAAdapter(io.ComfyNode):
         request = TrainingRequest(identifier_word, config, save_name, overwrite, resume)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         outcome = train_adapter(model, clip, vae, images, request, tova_folder(),
-                                comfy_hooks.training_progress(steps, node_id))
+                                comfy_training.training_progress(steps, node_id))
         return io.NodeOutput((outcome.concept,), render_loss_curve(outcome.losses))

@@ -14,7 +14,7 @@ from ..conceptsplit_core import attention_capture as capture_core
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.map_metrics import format_metrics_report
 from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
-from . import comfy_hooks
+from . import comfy_hooks, comfy_sampling
 
 AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
 ConceptMapsSocket = io.Custom("CONCEPTSPLIT_MAPS")  # attention_record.ConceptMaps
@@ -83,7 +83,7 @@ class CaptureAttention(io.ComfyNode):
                                               layer_keys=layer_keys, first_step=first_step, last_step=last_step)
         capture = capture_core.AttentionCapture(request)
         patched = model.clone()
-        comfy_hooks.install_attention_capture(patched, layout, capture)
+        comfy_sampling.install_attention_capture(patched, layout, capture)
         return io.NodeOutput(patched, capture)
 
 

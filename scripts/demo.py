@@ -8,7 +8,6 @@ tiny adapters, so it runs anywhere in seconds and shows the pipeline, not pretty
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 

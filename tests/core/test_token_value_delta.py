@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conceptsplit_core.errors import ConceptSplitError
-from conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, repeated_positions
+from conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows
 
 B, T, D, C, R = 4, 77, 16, 24, 4
 
@@ -57,11 +56,16 @@ def test_fp16_value_gets_fp32_delta_then_cast():
     assert torch.equal(out[:, 3], expected)
 
 
-def test_repeated_context_gets_the_delta_at_every_copy():
+def test_identifier_rows_follow_each_conditionings_own_length():
     # ComfyUI repeats a 77-token cond to 154 next to a 154-token uncond (LCM padding): token 4 sits at 4 and 81.
-    assert repeated_positions(4, 77, 154) == [4, 81]
-    assert repeated_positions(80, 154, 154) == [80]
-    assert repeated_positions(4, 77, 100) == [4]  # not a multiple: no repetition assumed
+    assert identifier_rows(4, 77, 154) == slice(4, 154, 77)
+    assert identifier_rows(80, 154, 154) == slice(80, 154, 154)  # one row
+    assert identifier_rows(4, 77, 100) == slice(4, 100, 100)  # not a multiple: no repetition assumed
+    assert identifier_rows(85, 77, 77) is None  # a one-window negative has no token 85
+    assert identifier_rows(85, 154, 77) is None  # a split call that only carries a shorter context
+
+
+def test_repeated_context_gets_the_delta_at_every_copy():
     g = torch.Generator().manual_seed(1)
     context = torch.randn(2, 154, D, generator=g)
     value = torch.randn(2, 154, C, generator=g)
@@ -69,11 +73,16 @@ def test_repeated_context_gets_the_delta_at_every_copy():
     out = apply_token_value_delta(value, context, TokenDelta(lora_a, lora_b, 1.0, 4, 77), torch.ones(2, dtype=bool))
     diff = (out - value).abs().amax(dim=(0, 2))  # (T,)
     assert set(torch.nonzero(diff).flatten().tolist()) == {4, 81}
+    # explicit rows: only the first copy (a 154-token conditioning of its own)
+    out = apply_token_value_delta(value, context, TokenDelta(lora_a, lora_b, 1.0, 4, 77), torch.ones(2, dtype=bool),
+                                  slice(4, 154, 154))
+    assert set(torch.nonzero((out - value).abs().amax(dim=(0, 2))).flatten().tolist()) == {4}
 
 
-def test_position_beyond_context_is_an_error():
-    with pytest.raises(ConceptSplitError, match="outside the text conditioning.*token position 80, conditioning of 77"):
-        repeated_positions(80, 154, 77, "dog.safetensors")
+def test_position_beyond_context_changes_nothing():
+    context, _, lora_a, lora_b, value = setup()
+    out = apply_token_value_delta(value, context, TokenDelta(lora_a, lora_b, 1.0, 80, 154), torch.ones(B, dtype=bool))
+    assert out is value
 
 
 def test_empty_row_mask_returns_value_unchanged():

@@ -252,3 +252,101 @@ def test_chains_with_controlnet(pack, tova_folder):
     scale = both.abs().max()  # the random control drives latents to ~1e2; compare relative to that
     assert (both - reference).abs().max() <= 1e-5 * scale
     assert (both - only_control).abs().max() > 1e-2 and (both - only_tova).abs().max() > 1e-2
+
+
+def spy_model(model):
+    """A clone with the ValueSpy as a foreign attn2 replace on every block (ToVA will wrap it)."""
+    spy = ValueSpy()
+    spied = model.clone()
+    spied.set_model_attn2_patch(spy.stash)
+    for name in dict(model.model.diffusion_model.named_modules()):
+        if name.endswith(".attn2"):
+            parts = name.split(".")
+            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
+            spied.set_model_attn2_replace(spy, block[0], block[1], 0)
+    return spy, spied
+
+
+def changed_rows_per_chunk(spy, model, encodings):
+    """For every recorded call and chunk: (name of the conditioning it carries, set of token rows ToVA changed)."""
+    modules = dict(model.model.diffusion_model.named_modules())
+    seen = []
+    with torch.no_grad():
+        for name, v, context, chunks in spy.calls:
+            base = torch.nn.functional.linear(context, modules[name].to_v.weight)  # (B, T, C)
+            per = v.shape[0] // len(chunks)
+            for i in range(len(chunks)):
+                rows = slice(i * per, (i + 1) * per)
+                chunk_context = context[rows][0]  # (T, d)
+                label = next(key for key, enc in encodings.items()
+                             if torch.equal(chunk_context[: enc.shape[0]], enc))
+                diff = (v[rows] - base[rows]).abs().amax(dim=(0, 2))  # (T,)
+                seen.append((label, frozenset(torch.nonzero(diff).flatten().tolist())))
+    return seen
+
+
+def test_delta_follows_each_conditioning_in_combined_and_padded_batches(pack, tova_folder):
+    """The ToVA prompt repeated to a longer batch gets every copy; another positive and a longer negative don't get
+    the ToVA prompt's copies (notes §1.6: L is each conditioning's own length)."""
+    import nodes
+
+    model, clip, _ = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    spy, spied = spy_model(model)
+    patched, positive, _ = apply(pack, spied, load(pack, dog.name), clip, text="a photo of a dog")  # dog = 5
+    other_text, negative_text = "cat " * 80, "blurry " * 80  # 2 windows each
+    with torch.inference_mode():
+        other = nodes.CLIPTextEncode().encode(clip, other_text)[0]
+        both = nodes.ConditioningCombine().combine(positive, other)[0]
+        encodings = {"tova": positive[0][0][0], "other": other[0][0][0],
+                     "negative": nodes.CLIPTextEncode().encode(clip, negative_text)[0][0][0][0]}
+    sample(patched, clip, positive=both, negative_text=negative_text, steps=1)
+    seen = set(changed_rows_per_chunk(spy, model, encodings))
+    assert seen == {("tova", frozenset({5, 82})), ("other", frozenset()), ("negative", frozenset({5}))}
+
+
+def test_split_cond_and_uncond_calls_with_a_long_prompt(pack, tova_folder, monkeypatch):
+    """Low memory makes ComfyUI run cond and uncond in separate calls; a one-window negative has no token 85."""
+    import comfy.model_management
+
+    model, clip, _ = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    spy, spied = spy_model(model)
+    text = "cat " * 80 + "and a dog"
+    patched, positive, info = apply(pack, spied, load(pack, dog.name), clip, text=text)
+    position = int(info.split("-> token ")[1].split()[0])
+    assert position > 77
+    real = comfy.model_management.get_free_memory
+
+    def scarce(device=None, torch_free_too=False):  # comfy.samplers asks without torch_free_too
+        return real(device, torch_free_too) if torch_free_too else 1
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", scarce)
+    with torch.inference_mode():
+        encodings = {"tova": positive[0][0][0], "negative": pack_encode(clip, "")}
+    sample(patched, clip, positive=positive, steps=1)
+    calls = changed_rows_per_chunk(spy, model, encodings)
+    assert {len(chunks) for _, _, _, chunks in spy.calls} == {1}  # really split
+    assert set(calls) == {("tova", frozenset({position})), ("negative", frozenset())}
+
+
+def pack_encode(clip, text):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0][0][0][0]
+
+
+def test_sampling_another_positive_prompt_is_refused_at_the_first_model_call(pack, tova_folder):
+    model, clip, _ = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    patched = apply(pack, model, load(pack, dog.name), clip)[0]
+    with pytest.raises(pack.error, match="positive prompt being sampled is not the prompt Apply ToVA located"):
+        sample(patched, clip, positive_text="cat " * 80)  # another length, no token record
+    import nodes
+
+    with torch.inference_mode():
+        recorded = pack.glue("comfy_hooks").encode_prompt(clip, "a cat on a sofa")  # recorded, other tokens
+    with pytest.raises(pack.error, match="positive prompt being sampled is not the prompt Apply ToVA located"):
+        sample(patched, clip, positive=recorded)
+    with torch.inference_mode():  # the same text through plain CLIP Text Encode is accepted (same length)
+        plain = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    assert torch.equal(sample(patched, clip, positive=plain), sample(patched, clip))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
@@ -30,7 +31,7 @@ def test_every_family_mismatch_is_named(pack, tova_folder, adapter_arch, model_a
     adapter_model, _, _ = build_tiny_model(adapter_arch)
     model, clip, _ = build_tiny_model(model_arch)
     path = write_tiny_adapter(tova_folder / "dog.safetensors", adapter_model, "dog", seed=1)
-    options_before = dict(model.model_options)
+    options_before = copy.deepcopy(model.model_options)
     with pytest.raises(pack.error, match=f"trained for {DISPLAY[adapter_arch]} .* but the model is "
                                          f"{DISPLAY[model_arch]}.*Fix: load a {DISPLAY[model_arch]} adapter"):
         apply(pack, model, load(pack, path.name), clip)

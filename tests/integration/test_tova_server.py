@@ -116,10 +116,12 @@ def test_bad_inputs_through_the_server_report_the_message(comfy_server, served_a
     graph = tova_graph("sd21", served_adapters[("sd21", "dog")], served_adapters[("sd21", "cat")],
                        text="a cat on a sofa")
     message = comfy_server.run_expect_error(graph)
+    assert message.startswith("ConceptSplitApplyToVA")  # raised by Apply ToVA, before the KSampler ran
     assert 'Identifier word "dog"' in message and "is not in the prompt" in message
 
     graph = tova_graph("sd21", served_adapters[("sdxl", "dog")], served_adapters[("sd21", "cat")])
     message = comfy_server.run_expect_error(graph)
+    assert message.startswith("ConceptSplitApplyToVA")
     assert "trained for SDXL" in message and "the model is SD2.1" in message
 
     kohya = tmp_path / "kohya_style.safetensors"
@@ -127,4 +129,5 @@ def test_bad_inputs_through_the_server_report_the_message(comfy_server, served_a
               str(kohya))
     graph = tova_graph("sd21", comfy_server.add_model("tova", kohya), served_adapters[("sd21", "cat")])
     message = comfy_server.run_expect_error(graph)
+    assert message.startswith("ConceptSplitLoadAdapter")
     assert "is a regular LoRA, not a token-wise ToVA adapter" in message and "Load LoRA" in message

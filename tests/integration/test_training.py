@@ -57,7 +57,7 @@ def request(pack, name="dog", steps=4, lr=1e-4, rank=4, seed=0, checkpoint_every
 
 def train(pack, model, clip, vae, folder, images=None, **kwargs):
     """The glue function the node and the CLI call, under inference mode like ComfyUI's executor."""
-    training, hooks = pack.glue("training"), pack.glue("comfy_hooks")
+    training, hooks = pack.glue("training"), pack.glue("comfy_training")
     req = request(pack, **kwargs)
     with torch.inference_mode():
         images = synthetic_images() if images is None else images
@@ -72,24 +72,24 @@ def inference_model(arch="sd21"):
 
 def run_body(pack, model, clip, vae, body, images=None, templates=TEMPLATES):
     """Run `body(denoise, data, schedule, lora_shapes)` inside the training seam, like train_adapter does."""
-    core, hooks = pack.core("training"), pack.glue("comfy_hooks")
+    core, hooks, seam = pack.core("training"), pack.glue("comfy_hooks"), pack.glue("comfy_training")
     layout = hooks.unet_layout(model)
-    sigmas, prediction, sigma_data = hooks.training_noise_schedule(model)
+    sigmas, prediction, sigma_data = seam.training_noise_schedule(model)
     prompts = core.template_prompts(templates, WORD)
     positions = core.identifier_positions([hooks.prompt_tokens(clip, p) for p in prompts], WORD,
                                           hooks.word_token_ids(clip, WORD))
     with torch.inference_mode():
         pixels = pack.core("training_data").preprocess_images(
             synthetic_images() if images is None else images, 64, torch.Generator().manual_seed(0))
-        mean, std = hooks.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
-        conds = [hooks.training_conditioning(clip, p, 64) for p in prompts]
+        mean, std = seam.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
+        conds = [seam.training_conditioning(clip, p, 64) for p in prompts]
     schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
     shapes = {layer.path: (layer.in_features, layer.out_features) for layer in layout.layers}
 
     def wrapped(denoise):
         return body(denoise, core.TrainingData(mean.clone(), std.clone(), positions), schedule, shapes)
 
-    return hooks.run_training(model.clone(), layout, conds, tuple(mean[:1].shape), wrapped), conds, positions
+    return seam.run_training(model.clone(), layout, conds, tuple(mean[:1].shape), wrapped), conds, positions
 
 
 def evaluation_loss(pack, model, clip, vae, pairs, items=12):

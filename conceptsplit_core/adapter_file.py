@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -37,6 +37,7 @@ _OFFICIAL_KEY = re.compile(r"^unet\.(?P<path>.+)\.attn2\.to_v\.original_linear\.
 _REGULAR_LORA_MARKERS = ("lora_up", "lora_down", "lora_unet_", "lora_te", ".alpha", "lora_A", "lora_B",
                          "hada_w", "lokr_w", ".diff", "lora.up", "lora.down", "lora_linear_layer")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _LOADER_HINT = 'Load it with ComfyUI\'s "Load LoRA" node (LoraLoader) instead'
 
 META = "conceptsplit."  # metadata key prefix
@@ -53,7 +54,7 @@ class AdapterMetadata:
     identifier_word: str  # the plain class word, e.g. "dog" (spec §2.4)
     role: str = "object"  # "object" or "background" (spec §5)
     prediction: str = PREDICTION_EPS  # "eps" or "v": what the base model predicts
-    layers: int = 0  # number of attn2.to_v layers covered
+    layers: int = 0  # number of attn2.to_v layers covered; the writer fills it in from the tensors
     training: Mapping[str, str] = field(default_factory=dict)  # train_steps, train_lr, ... (spec §2.7)
 
     @property
@@ -147,6 +148,13 @@ def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor
     if dtype not in (torch.float32, torch.float16):
         raise ConceptSplitError.build("Unsupported adapter precision", seen=str(dtype),
                                       expected="torch.float32 or torch.float16", fix="choose fp32 or fp16")
+    rank, width = _check_shapes(Path(path).name, layers)
+    if (metadata.rank, metadata.text_width) != (rank, width):
+        raise ConceptSplitError.build(
+            "Adapter metadata does not match the tensors being saved",
+            seen=f"metadata rank {metadata.rank}, text width {metadata.text_width}; tensors rank {rank}, width {width}",
+            expected="the same numbers", fix="build the metadata from the trained tensors")
+    metadata = replace(metadata, layers=len(layers))
     tensors = {}
     for layer_path, (lora_a, lora_b) in sorted(layers.items()):
         tensors[f"tova.{layer_path}.attn2.to_v.lora_A.weight"] = lora_a.detach().to("cpu", dtype).contiguous()
@@ -159,13 +167,17 @@ def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix in _SAFETENSORS_SUFFIXES:
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 meta = handle.metadata() or {}
-                return {key: handle.get_tensor(key) for key in handle.keys()}, meta
+                keys = list(handle.keys())
+                _classify_keys(path.name, dict.fromkeys(keys))  # refuse a LoRA or checkpoint before reading it
+                return {key: handle.get_tensor(key) for key in keys}, meta
+        except ConceptSplitError:
+            raise
         except Exception as err:  # safetensors raises several types for truncated/garbled headers and data
             raise ConceptSplitError.build(
                 f'Adapter file "{path.name}" is truncated or corrupt',
@@ -191,12 +203,13 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return dict(loaded), {}
     raise ConceptSplitError.build(
         f'"{path.name}" has an unsupported file type',
-        seen=suffix or "no extension", expected=".safetensors (or .pt/.ckpt/.bin holding plain tensors)",
+        seen=suffix or "no extension", expected=".safetensors or .sft (or .pt/.ckpt/.bin holding plain tensors)",
         fix="use a .safetensors ToVA adapter",
     )
 
 
-def _classify_keys(name: str, tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+def _classify_keys(name: str, tensors: Mapping[str, torch.Tensor | None]
+                   ) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """Return the format and {path: {"A": tensor, "B": tensor}}; refuse anything that is not a ToVA adapter."""
     keys = list(tensors)
     if not keys:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from .adapter_file import AdapterWeights
 from .adapter_layers import UNetLayout, bind_adapter_layers
-from .config import ROLES, TOKEN_INDEX_AUTO
+from .config import ROLE_FROM_FILE, ROLES, TOKEN_INDEX_AUTO
 from .errors import ConceptSplitError
 from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
 from .token_value_delta import TokenDelta
@@ -73,7 +73,7 @@ def make_concept(weights: AdapterWeights, identifier_word: str, strength: float,
             expected='the plain class word the adapter was trained on, e.g. "dog"',
             fix="type the word into identifier_word",
         )
-    if role == "from file":
+    if role == ROLE_FROM_FILE:
         role = weights.metadata.role if weights.metadata is not None else "object"
     if role not in ROLES:
         raise ConceptSplitError.build("Unknown concept role", seen=repr(role), expected=" or ".join(ROLES),

@@ -17,6 +17,7 @@ FAMILY_TEXT_WIDTH = {FAMILY_SD15: 768, FAMILY_SD21: 1024, FAMILY_SDXL: 2048}
 ROLE_OBJECT = "object"  # ToVA + LODA + attention fixing (spec §5)
 ROLE_BACKGROUND = "background"  # ToVA only (spec §5)
 ROLES = (ROLE_OBJECT, ROLE_BACKGROUND)
+ROLE_FROM_FILE = "from file"  # node choice: the role stored in the adapter's metadata (object for official files)
 
 PREDICTION_EPS = "eps"
 PREDICTION_V = "v"
@@ -41,4 +42,3 @@ TOKEN_INDEX_MAX = 77 * 8 - 1  # ComfyUI allows long prompts as several 77-token 
 # Native adapter file format (spec §2.7).
 NATIVE_FORMAT_NAME = "tova"
 NATIVE_FORMAT_VERSION = 1
-DEFAULT_RANK = 64  # r (spec §2.5)

@@ -19,7 +19,6 @@ from . import comfy_hooks
 
 ConceptAdapters = io.Custom("CONCEPTSPLIT_ADAPTERS")  # tuple[ConceptAdapter, ...]
 ADAPTER_FOLDERS = ("tova", "loras")  # ToVA files belong in models/tova; models/loras is searched too
-ROLE_FROM_FILE = "from file"
 
 
 def adapter_file_names() -> list[str]:
@@ -62,7 +61,7 @@ class LoadToVAAdapter(io.ComfyNode):
                                max=config.STRENGTH_RANGE[1], step=config.STRENGTH_RANGE[2],
                                tooltip="Multiplier on the adapter delta (λ). Recommended "
                                        f"{config.STRENGTH_RECOMMENDED}; 0 turns the concept off."),
-                io.Combo.Input("role", options=[ROLE_FROM_FILE, *config.ROLES], default=ROLE_FROM_FILE,
+                io.Combo.Input("role", options=[config.ROLE_FROM_FILE, *config.ROLES], default=config.ROLE_FROM_FILE,
                                tooltip="object: ToVA + LODA separation and attention fixing. background (a place, "
                                        "a style): ToVA only, never separated. 'from file' uses the adapter's "
                                        "metadata (object for official checkpoints)."),

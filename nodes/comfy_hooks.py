@@ -180,6 +180,18 @@ class ConceptSplitAttention:
     def __deepcopy__(self, memo):
         return self
 
+    def add(self, *args, **kwargs):
+        """IPAdapter_plus extends the replace object it finds at a block with .add(); ours cannot host its patch."""
+        raise ConceptSplitError.build(
+            "Another pack tried to add its attention patch on top of ConceptSplit's",
+            seen="an IPAdapter-style node applied after Apply ToVA / LODA on the same model",
+            expected="other attention patches applied first; ConceptSplit wraps them",
+            fix="move the IPAdapter (or similar) node before Apply ToVA in the model chain")
+
+    def clear_device_cache(self) -> None:
+        """Drop the adapter copies made for the GPU; called when ComfyUI cleans the model up after sampling."""
+        self._device_cache.clear()
+
     def with_deltas(self, deltas: tuple[TokenDelta, ...], apply_to_uncond: bool) -> "ConceptSplitAttention":
         if self.deltas and apply_to_uncond != self.apply_to_uncond:
             raise ConceptSplitError.build(
@@ -338,12 +350,45 @@ def install_token_deltas(model_patcher, layout: UNetLayout,
     if prompt is not None:
         model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TOVA_WRAPPER_KEY,
                                            _chunk_table_wrapper(prompt, label))
+    cleanups = model_patcher.callbacks.get(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, {}).get(TOVA_WRAPPER_KEY, [])
+    if _clear_device_caches not in cleanups:
+        model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, TOVA_WRAPPER_KEY,
+                                            _clear_device_caches)
+
+
+def check_patch_order(model_options: dict) -> None:
+    """Raise if a patch added after ToVA would be skipped or would change the text after ToVA read it."""
+    transformer_options = model_options.get("transformer_options", {})
+    attn2_patches = transformer_options.get("patches", {}).get("attn2_patch", [])
+    if attn2_patches and attn2_patches[-1] is not stash_value_input and stash_value_input in attn2_patches:
+        raise ConceptSplitError.build(
+            "An attention patch was added after Apply ToVA and changes the text it reads",
+            seen=f"attn2 patches after ToVA's: {[getattr(p, '__qualname__', type(p).__name__) for p in attn2_patches]}",
+            expected="ToVA's attn2 patch last", fix="apply the other patch node before Apply ToVA")
+    replaces = transformer_options.get("patches_replace", {}).get("attn2", {})
+    shadowed = [key for key, patch in replaces.items() if len(key) == 2 and not isinstance(patch, ConceptSplitAttention)
+                and any(len(k) == 3 and k[:2] == key for k in replaces)]
+    if shadowed:
+        raise ConceptSplitError.build(
+            "Another pack's attention patch was applied after ConceptSplit and would be ignored",
+            seen=f"foreign attn2 replaces at blocks {shadowed[:3]} next to ConceptSplit's",
+            expected="other attention patches applied before Apply ToVA, so ConceptSplit wraps them",
+            fix="move that node before Apply ToVA in the model chain")
+
+
+def _clear_device_caches(model_patcher) -> None:
+    """ON_CLEANUP callback: free the GPU copies of adapter weights held by this model's processors."""
+    replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for processor in replaces.values():
+        if isinstance(processor, ConceptSplitAttention):
+            processor.clear_device_cache()
 
 
 def _chunk_table_wrapper(prompt: PromptTokens, label: str):
     prompt_ids, prompt_length = tuple(prompt.token_ids), len(prompt.token_ids)
 
     def wrapper(executor, model, conds, x_in, timestep, model_options):
+        check_patch_order(model_options)
         table = {}
         matched = False
         for index, group in enumerate(conds):  # index 0 = positive, 1 = negative (comfy.samplers)

@@ -30,6 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=("sd15", "sd21", "sdxl"), nargs="*", default=["sd15", "sd21", "sdxl"],
                         help="tiny families to run when no --checkpoint is given")
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even with a GPU (tiny models"
+                        " always use the CPU)")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo", help="folder for the images")
     return parser.parse_args()
 
@@ -104,7 +106,7 @@ def main() -> None:
         raise SystemExit("COMFYUI_PATH is not set; run this through scripts/demo.sh")
     args.out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with ComfyServer(comfy) as server:
+    with ComfyServer(comfy, cpu=args.cpu or args.checkpoint is None) as server:
         if args.checkpoint is None:
             args.size, args.steps = args.size or 64, args.steps or 4
             bootstrap_comfyui(comfy)

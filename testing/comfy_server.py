@@ -65,8 +65,9 @@ class ComfyServer:
     """A ComfyUI subprocess on a free localhost port; use as a context manager or call start()/stop()."""
 
     def __init__(self, comfyui_root: Path | str, models: dict[str, list[Path]] | None = None,
-                 startup_timeout: float = 60.0, keep_base_dir: bool = False):
+                 startup_timeout: float = 60.0, keep_base_dir: bool = False, cpu: bool = True):
         self.comfyui_root = Path(comfyui_root).resolve()
+        self.cpu = cpu  # False: let ComfyUI use the GPU (the demo on a real checkpoint)
         self.models = models or {}
         self.startup_timeout = startup_timeout
         self.keep_base_dir = keep_base_dir
@@ -117,7 +118,8 @@ class ComfyServer:
                 self.add_model(folder, f)
         self.port = _free_port()
         cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port",
+            str(self.port),
             "--base-directory", str(self.base_dir), "--disable-auto-launch",
             "--database-url", "sqlite:///:memory:",
             # Ignore any other packs a user's extra_model_paths.yaml might add.

@@ -36,6 +36,14 @@ def make_metadata(**overrides):
     return AdapterMetadata(**values)
 
 
+def raw_native_file(path, layers, metadata):
+    """A native-format file written without the validating writer (to build damaged files on purpose)."""
+    tensors = {f"tova.{p}.attn2.to_v.lora_{part}.weight": t for p, (a, b) in layers.items()
+               for part, t in (("A", a), ("B", b))}
+    save_file(tensors, str(path), metadata=metadata.to_strings())
+    return path
+
+
 def official_state(layers):
     out = {}
     for path, (a, b) in layers.items():
@@ -68,8 +76,8 @@ def test_native_keys_are_tova_prefixed_and_fp16_option_halves_the_file(tmp_path)
         assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}
         assert f.metadata()["conceptsplit.format"] == "tova" and f.metadata()["conceptsplit.format_version"] == "1"
     n_params = sum(a.numel() + b.numel() for a, b in layers.values())
-    size32, size16 = p32.stat().st_size, p16.stat().st_size
-    assert size32 - size16 == 2 * n_params  # tensor bytes halve; header identical in size
+    header = lambda p: 8 + int.from_bytes(p.read_bytes()[:8], "little")  # noqa: E731 - safetensors header length
+    assert p32.stat().st_size - header(p32) == 4 * n_params and p16.stat().st_size - header(p16) == 2 * n_params
     loaded = read_adapter_file(p16)
     a, _ = loaded.layers[LAYERS[0][0]]
     assert a.dtype == torch.float32 and torch.equal(a, layers[LAYERS[0][0]][0].half().float())
@@ -154,7 +162,7 @@ def test_missing_file_and_unknown_extension(tmp_path):
 def test_nan_weights_are_refused(tmp_path):
     layers = make_layers()
     layers[LAYERS[1][0]][1][0, 0] = float("nan")
-    path = write_adapter_file(tmp_path / "nan.safetensors", layers, make_metadata())
+    path = raw_native_file(tmp_path / "nan.safetensors", layers, make_metadata())
     with pytest.raises(ConceptSplitError, match="NaN or Inf.*1 non-finite values in lora_B"):
         read_adapter_file(path)
 
@@ -172,11 +180,11 @@ def test_mixed_ranks_missing_half_and_bad_metadata(tmp_path):
     with pytest.raises(ConceptSplitError, match="missing lora_B"):
         read_adapter_file(tmp_path / "half.safetensors")
 
-    path = write_adapter_file(tmp_path / "lying.safetensors", make_layers(), make_metadata(rank=8))
+    path = raw_native_file(tmp_path / "lying.safetensors", make_layers(), make_metadata(rank=8))
     with pytest.raises(ConceptSplitError, match="metadata that does not match its tensors"):
         read_adapter_file(path)
 
-    path = write_adapter_file(tmp_path / "flux.safetensors", make_layers(), make_metadata(base_model="flux"))
+    path = raw_native_file(tmp_path / "flux.safetensors", make_layers(), make_metadata(base_model="flux"))
     with pytest.raises(ConceptSplitError, match="Unknown base model 'flux'"):
         read_adapter_file(path)
 
@@ -187,3 +195,16 @@ def test_native_without_metadata_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / "bare.safetensors"))
     with pytest.raises(ConceptSplitError, match="lacks metadata field conceptsplit.format"):
         read_adapter_file(tmp_path / "bare.safetensors")
+
+
+def test_writer_refuses_metadata_that_contradicts_the_tensors_and_fills_in_layers(tmp_path):
+    with pytest.raises(ConceptSplitError, match="metadata does not match the tensors"):
+        write_adapter_file(tmp_path / "x.safetensors", make_layers(), make_metadata(rank=8))
+    assert not (tmp_path / "x.safetensors").exists()
+    path = write_adapter_file(tmp_path / "x.safetensors", make_layers(), make_metadata(layers=0))
+    assert read_adapter_file(path).metadata.layers == len(LAYERS)
+
+
+def test_sft_extension_is_read_as_safetensors(tmp_path):
+    path = write_adapter_file(tmp_path / "dog.sft", make_layers(), make_metadata())
+    assert read_adapter_file(path).file_format == FORMAT_NATIVE

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server", "execution",
+FORBIDDEN = {"..", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server", "execution",
              "node_helpers", "latent_preview"}
 
 
@@ -17,6 +17,8 @@ def imported_roots(path: Path) -> set[str]:
             roots.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level >= 2:
+            roots.add("..")  # climbs out of the package: from ..nodes import x
     return roots
 
 
@@ -36,5 +38,5 @@ def test_glue_imports_pack_modules_only_relatively():
 
 def test_forbidden_detector_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import comfy.utils\nfrom folder_paths import x\nfrom . import ok\n")
-    assert imported_roots(bad) & FORBIDDEN == {"comfy", "folder_paths"}
+    bad.write_text("import comfy.utils\nfrom folder_paths import x\nfrom . import ok\nfrom ..nodes import y\n")
+    assert imported_roots(bad) & FORBIDDEN == {"comfy", "folder_paths", ".."}

@@ -350,3 +350,35 @@ def test_sampling_another_positive_prompt_is_refused_at_the_first_model_call(pac
     with torch.inference_mode():  # the same text through plain CLIP Text Encode is accepted (same length)
         plain = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
     assert torch.equal(sample(patched, clip, positive=plain), sample(patched, clip))
+
+
+def test_patches_added_after_tova_are_refused_not_ignored(pack, tova_folder):
+    model, clip, _ = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    patched = apply(pack, model, load(pack, dog.name), clip)[0]
+    processor = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    with pytest.raises(pack.error, match="before Apply ToVA"):
+        processor.add(lambda *a: None)  # what IPAdapter_plus does with a replace object it finds
+
+    late_replace = patched.clone()
+    late_replace.set_model_attn2_replace(ValueSpy(), "input", 1)  # a 2-part key that our 3-part key would shadow
+    with pytest.raises(pack.error, match="would be ignored"):
+        sample(late_replace, clip, steps=1)
+
+    late_patch = patched.clone()
+    late_patch.set_model_attn2_patch(lambda n, context, value, extra: (n, context * 2, value * 2))
+    with pytest.raises(pack.error, match="added after Apply ToVA"):
+        sample(late_patch, clip, steps=1)
+
+
+def test_one_processor_call_per_cross_attention_layer_and_caches_freed(pack, tova_folder):
+    model, clip, _ = build_tiny_model("sd15")
+    dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
+    spy, spied = spy_model(model)
+    patched = apply(pack, spied, load(pack, dog.name), clip)[0]
+    sample(patched, clip, steps=2)
+    layers = [name for name in dict(model.model.diffusion_model.named_modules()) if name.endswith(".attn2")]
+    per_layer = {name: sum(1 for call in spy.calls if call[0] == name) for name in layers}
+    assert set(per_layer.values()) == {2}  # 2 steps x 1 batched CFG call, never on attn1 (no attn1 names recorded)
+    replaces = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert all(not p._device_cache for p in replaces.values())  # GPU copies dropped when ComfyUI cleans up

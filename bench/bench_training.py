@@ -44,12 +44,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="train with the UNet's blocks checkpointed (the node's gradient_checkpointing input)")
     args = parser.parse_args()
     pack = bootstrap()
     core = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training")
     lora_module = importlib.import_module(f"{pack.__name__}.conceptsplit_core.tova_lora")
     data_module = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training_data")
     hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+    seam = importlib.import_module(f"{pack.__name__}.nodes.comfy_training")
     model = build_full_sd21()
     layout = hooks.unet_layout(model)
     device = model.load_device
@@ -57,7 +60,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(2, *latent[1:], generator=generator).to(device)
     conds = [random_conditioning(seed=k) for k in range(4)]
-    sigmas, prediction, sigma_data = hooks.training_noise_schedule(model)
+    sigmas, prediction, sigma_data = seam.training_noise_schedule(model)
     schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
     shapes = {layer.path: (layer.in_features, layer.out_features) for layer in layout.layers}
     total = args.warmup + args.iterations
@@ -79,15 +82,17 @@ def main() -> None:
             stamps.append(time.perf_counter())
 
         core.train_tova(lora, data, schedule, denoise, config, run_record={}, on_step=on_step,
-                        autocast_dtype=hooks.training_autocast_dtype(model))
+                        autocast_dtype=seam.training_autocast_dtype(model))
         train_times.extend(stamps[2 * i + 1] - stamps[2 * i] for i in range(total))
 
-    hooks.run_training(model.clone(), layout, conds, latent, body)
+    seam.run_training(model.clone(), layout, conds, latent, body, gradient_checkpointing=args.gradient_checkpointing)
     train_s = statistics.median(train_times[args.warmup:])
     plain_s = statistics.median(plain_times[args.warmup:])
     sizes = adapter_sizes(pack, layout, args.rank)
     print(f"\nToVA training vs plain UNet forward+backward, {device_description()}, SD2.1 UNet (random weights), "
-          f"{args.size}x{args.size} px, rank {args.rank}, median of {args.iterations} after {args.warmup} warm-up\n")
+          f"{args.size}x{args.size} px, rank {args.rank}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, median of {args.iterations} after {args.warmup} "
+          "warm-up\n")
     print("| measure | value |\n|---|---|")
     print(f"| plain forward+backward (s/iter) | {plain_s:.3f} |")
     print(f"| ToVA training iteration (s/iter) | {train_s:.3f} |")

@@ -33,7 +33,8 @@ def capture_model(pack, model, words: int, layers: str):
                                           prompt_length=77, layer_keys=keys)
     store = capture_core.AttentionCapture(request)
     patched = model.clone()
-    hooks.install_attention_capture(patched, layout, store)
+    sampling = importlib.import_module(f"{pack.__name__}.nodes.comfy_sampling")
+    sampling.install_attention_capture(patched, layout, store)
     return patched, store
 
 

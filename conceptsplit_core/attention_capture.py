@@ -15,8 +15,11 @@ Rules (documented choices):
   them), or uses its first token (spec §2.4) in "first token" mode.
 - LCM-repeated contexts (notes §1.6: a cond shorter than the uncond is tiled to the common length) sum the copies of
   each column. The copies have identical keys, so their sum equals the probability without the repeat.
-- Several positive chunks in one call (ConditioningCombine) are averaged. Calls made with gradients on (LODA's
-  optimisation passes) are not part of the sampling trajectory and are skipped.
+- Several positive chunks in one call (ConditioningCombine) are averaged.
+- Only sampling steps count. The seam brackets every model call with begin_model_call(σ) / end_model_call, reading σ
+  once per model call (one host sync on a GPU, not one per attn2 layer); it passes None for passes that are not part
+  of the sampling trajectory: calls made with gradients on (LODA's optimisation passes) and calls marked as
+  auxiliary (LODA's no-grad mask pass at σ0 when stage 1 is off). Those are skipped.
 - A model call at sigma σ belongs to step i when sample_sigmas[i] ≥ σ > sample_sigmas[i+1]: second-order samplers'
   extra calls count toward their step, each call one vote.
 """
@@ -219,30 +222,43 @@ def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
     return max(int(reached.sum().item()) - 1, 0)
 
 
-def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: CaptureRequest) -> torch.Tensor:
-    """One attn2 call's per-word maps: cond rows, heads averaged, word columns (and LCM copies) summed.
+def word_columns(request: CaptureRequest, context_length: int) -> torch.Tensor:
+    """Which key columns belong to which word: a 0/1 matrix over the T columns of a text context.
 
-    Shapes: probs (B, H, N, T) fp32, N = h·w, T = copies · prompt_length -> (B_img, K, h, w), B_img = rows per chunk.
+    Shapes: returns (T, K) fp32 on the CPU, T = context_length = copies · prompt_length (LCM copies all count).
     Raises: ConceptSplitError when T is not a multiple of the captured prompt's length (another prompt was sampled).
     """
-    B, H, N, T = probs.shape
-    h, w = call.grid
+    T = context_length
     copies, rest = divmod(T, request.prompt_length)
     if rest or copies == 0:
         raise ConceptSplitError.build(
             "The sampled prompt is not the one Capture Attention located the words in",
             seen=f"a text context of {T} tokens", expected=f"a multiple of {request.prompt_length} tokens",
             fix="connect the same positive conditioning to Capture Attention and to the sampler")
-    columns, owners = [], []
+    assign = torch.zeros(T, len(request.labels))  # (T, K)
     for k, positions in enumerate(request.token_positions):
         for position in positions:
-            for copy in range(copies):
-                columns.append(position + copy * request.prompt_length)
-                owners.append(k)
-    picked = probs[..., columns][call.chunk_rows(0)].mean(dim=1)  # (C·B_img, N, P), heads averaged
-    assign = F.one_hot(torch.tensor(owners, device=probs.device), len(request.labels)).to(picked.dtype)  # (P, K)
-    per_word = picked @ assign  # (C·B_img, N, P) x (P, K) -> (C·B_img, N, K)
-    per_word = rearrange(per_word, "(c b) (h w) k -> c b k h w", b=call.rows_per_chunk, h=h, w=w)
+            assign[position::request.prompt_length, k] = 1.0  # the word's column in every copy
+    return assign
+
+
+def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: CaptureRequest,
+                      columns: torch.Tensor | None = None) -> torch.Tensor:
+    """One attn2 call's per-word maps: cond rows, heads averaged, word columns (and LCM copies) summed.
+
+    `columns` is word_columns(request, T) already on probs' device (AttentionCapture caches it: building it per call
+    would copy to the device, a host sync, at every layer). Only slicing and matmuls here: no host sync.
+    Shapes: probs (B, H, N, T) fp32, N = h·w, T = copies · prompt_length -> (B_img, K, h, w), B_img = rows per chunk.
+    Raises: ConceptSplitError when T is not a multiple of the captured prompt's length (another prompt was sampled).
+    """
+    B, H, N, T = probs.shape
+    h, w = call.grid
+    if columns is None:
+        columns = word_columns(request, T).to(probs.device)
+    per = call.rows_per_chunk
+    cond = [probs[i * per:(i + 1) * per] for i, c in enumerate(call.cond_or_uncond) if c == 0]  # views, no copy
+    per_word = torch.stack(cond) @ columns.to(probs.dtype)  # (C, B_img, H, N, T) x (T, K) -> (C, B_img, H, N, K)
+    per_word = rearrange(per_word.mean(dim=2), "c b (h w) k -> c b k h w", h=h, w=w)  # heads averaged
     return per_word.mean(dim=0)  # (B_img, K, h, w), positive chunks averaged
 
 
@@ -287,14 +303,17 @@ class AttentionCapture:
     """The capture observer (attention_calls.AttentionObserver) plus the results of the runs it saw.
 
     The seam calls start_run(sample_sigmas) before and finish_run(output latent) after each sampling run with the
-    patched model; the viewer asks maps_for(latent). `__deepcopy__` returns self: ComfyUI deep-copies model_options on
-    every clone() and the results must stay in this one object (notes §1.1).
+    patched model, and begin_model_call / end_model_call around each model call; the viewer asks maps_for(latent).
+    `__deepcopy__` returns self: ComfyUI deep-copies model_options on every clone() and the results must stay in
+    this one object (notes §1.1).
     """
 
     def __init__(self, request: CaptureRequest, kept_runs: int = CAPTURE_DEFAULTS.kept_runs):
         self.request = request
         self.kept_runs = kept_runs
         self._run: _RunSums | None = None
+        self._call_step: int | None = None  # step of the model call in progress; None = not recorded
+        self._columns: dict[tuple[int, torch.device], torch.Tensor] = {}  # word_columns per (T, device)
         self._finished: list[tuple[torch.Tensor, ConceptMaps | None]] = []  # (output latent on CPU, maps), oldest first
 
     def __deepcopy__(self, memo):
@@ -325,6 +344,25 @@ class AttentionCapture:
     def abort_run(self) -> None:
         self._run = None
 
+    @property
+    def running(self) -> bool:
+        """Whether a run is in progress (the seam reads a model call's sigma only then)."""
+        return self._run is not None
+
+    # -- model calls: the step is found once per model call, not once per attn2 layer --------------------------------
+    def begin_model_call(self, sigma: float | None) -> int | None:
+        """A model call at `sigma` starts; None marks a pass that is not a sampling step (gradient or auxiliary pass).
+
+        Returns the previous call state, to hand back to end_model_call.
+        """
+        previous, run = self._call_step, self._run
+        step = None if run is None or sigma is None else step_index(sigma, run.sample_sigmas)
+        self._call_step = step if step is not None and run.first_step <= step <= run.last_step else None
+        return previous
+
+    def end_model_call(self, previous: int | None) -> None:
+        self._call_step = previous
+
     # -- AttentionObserver -----------------------------------------------------------------------------------------
     def attention_bias(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> None:
         return None
@@ -335,18 +373,22 @@ class AttentionCapture:
     def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
         step = self._step_of(call)  # checked again: another observer may have asked for these probabilities
         if step is not None:
-            self._run.add(call.key, step, call_concept_maps(probs.detach(), call, self.request))
+            columns = self._columns.get((call.context_length, probs.device))
+            if columns is None:  # once per context length and device: the only device copy of the run
+                columns = word_columns(self.request, call.context_length).to(probs.device)
+                self._columns[(call.context_length, probs.device)] = columns
+            self._run.add(call.key, step, call_concept_maps(probs.detach(), call, self.request, columns))
 
     def after_attention(self, call: AttentionCall) -> None:
         return None
 
     def _step_of(self, call: AttentionCall) -> int | None:
-        run = self._run
-        if (run is None or call.key not in self.request.layer_keys or 0 not in call.cond_or_uncond
-                or call.sigmas is None or torch.is_grad_enabled()):
+        # No tensor is read here: this runs for every attn2 call and must not force a host sync.
+        if self._call_step is None or self._run is None:
             return None
-        step = step_index(float(call.sigmas.flatten()[0]), run.sample_sigmas)
-        return step if run.first_step <= step <= run.last_step else None
+        if call.key not in self.request.layer_keys or 0 not in call.cond_or_uncond:
+            return None
+        return self._call_step
 
     # -- results ---------------------------------------------------------------------------------------------------
     def maps_for(self, samples: torch.Tensor | None = None) -> ConceptMaps:

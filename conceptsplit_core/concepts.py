@@ -52,12 +52,15 @@ class LocatedConcept:
     role: str  # "object" or "background"
     prompt_length: int  # 77 · windows of the prompt s_k was found in
     label: str  # adapter file name
+    prompt_ids: tuple[int, ...] | None = None  # token ids of that prompt, so LODA can check it is the one sampled
 
 
-def located(bound: Sequence[BoundConcept], prompt_length: int) -> tuple[LocatedConcept, ...]:
+def located(bound: Sequence[BoundConcept], prompt_length: int,
+            prompt_ids: Sequence[int] | None = None) -> tuple[LocatedConcept, ...]:
     """The tensor-free record of bound concepts, in concept order."""
+    ids = None if prompt_ids is None else tuple(prompt_ids)
     return tuple(LocatedConcept(b.concept.identifier_word, b.position, b.concept.role, prompt_length,
-                                b.concept.weights.name) for b in bound)
+                                b.concept.weights.name, ids) for b in bound)
 
 
 def make_concept(weights: AdapterWeights, identifier_word: str, strength: float, role: str,

@@ -139,31 +139,34 @@ class MapCollector:
         self.layers = layers
         self.active = False
         self._keys: frozenset = frozenset()
-        self._branches: tuple[int, ...] = (COND,)
-        self._truncate_after: Optional[BlockKey] = None
+        self._branches: frozenset = frozenset((COND,))
+        self._last_key: Optional[BlockKey] = None
+        self._truncate = False
+        self._first_call = False
         self._sums: Optional[torch.Tensor] = None  # (B_img, K, N) fp32
         self._count = 0
-        self._reset_on_new_sigma = False
-        self._last_sigma: Optional[float] = None
+        self._columns: dict = {}  # (T, device) -> (K·copies,) long, the concept columns
 
     def __deepcopy__(self, memo):  # run state: ComfyUI must never copy it (notes §1.1)
         return self
 
     def start(self, keys: Sequence[BlockKey], branches: Sequence[int], truncate: bool = False,
-              reset_on_new_sigma: bool = False) -> None:
+              first_call: bool = False) -> None:
         """Collect from `keys` on chunks of `branches`.
 
-        With `truncate`, end the pass after the last key. With `reset_on_new_sigma`, a call at a new sigma starts
-        over, so a multi-evaluation step (heun) keeps only its last forward's maps (spec §4.1).
+        With `truncate`, end the pass after the last key. With `first_call`, keep only the first model call that
+        holds each wanted branch and stop collecting after it, so a multi-evaluation step (heun's corrector,
+        dpmpp_2s's midpoint) never mixes its later forwards at another sigma into the masks (spec §4.1). A branch
+        absent from every call (uncond with CFG 1) is simply never collected.
         """
-        self.active, self._keys, self._branches = True, frozenset(keys), tuple(branches)
-        self._truncate_after = tuple(keys)[-1] if truncate else None
-        self._reset_on_new_sigma, self._last_sigma = reset_on_new_sigma, None
+        self.active, self._keys, self._branches = True, frozenset(keys), frozenset(branches)
+        self._last_key = tuple(keys)[-1]
+        self._truncate, self._first_call = truncate, first_call
         self._sums, self._count = None, 0
 
     def stop(self) -> None:
         self.active = False
-        self._truncate_after = None
+        self._truncate = False
 
     def maps(self) -> torch.Tensor:
         """Ā[:, :, s_k] per image: shape (B_img, K, h, w) fp32 (differentiable in stage 1).
@@ -179,18 +182,21 @@ class MapCollector:
         return None
 
     def needs_probabilities(self, call: AttentionCall) -> bool:
-        return self.active and call.key in self._keys
+        return self.active and call.key in self._keys and not self._branches.isdisjoint(call.cond_or_uncond)
+
+    def _concept_columns(self, context_length: int, device) -> torch.Tensor:
+        key = (context_length, device)
+        columns = self._columns.get(key)
+        if columns is None:  # built once per context length: a host-to-device copy on the GPU
+            columns = torch.tensor(self.concepts.columns(context_length), device=device)  # (K, copies)
+            self._columns[key] = columns
+        return columns
 
     def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
         if not self.needs_probabilities(call):
             return
-        if self._reset_on_new_sigma and call.sigmas is not None:
-            sigma = float(call.sigmas.reshape(-1)[0])
-            if self._last_sigma is not None and sigma != self._last_sigma:
-                self._sums, self._count = None, 0
-            self._last_sigma = sigma
         per, heads = call.rows_per_chunk, call.heads
-        columns = torch.tensor(self.concepts.columns(call.context_length), device=probs.device)  # (K, copies)
+        columns = self._concept_columns(call.context_length, probs.device)  # (K, copies)
         for chunk, branch in enumerate(call.cond_or_uncond):
             if branch not in self._branches:
                 continue
@@ -201,8 +207,14 @@ class MapCollector:
             self._count += heads
 
     def after_attention(self, call: AttentionCall) -> None:
-        if self.active and self._truncate_after is not None and call.key == self._truncate_after:
+        if not self.active or call.key != self._last_key:
+            return
+        if self._truncate:
             raise _TruncatedForward()
+        if self._first_call:  # the end of a model call: its branches are done (spec §4.1)
+            self._branches = self._branches.difference(call.cond_or_uncond)
+            if not self._branches:
+                self.active = False
 
 
 class FixingBias:
@@ -218,33 +230,40 @@ class FixingBias:
         self.keys = layers.fixing_keys
         self.branches = (COND, UNCOND) if config.fixing_branches == "both" else (COND,)
         self.active = False
+        # (grid, T, dtype, device, cond_or_uncond, rows per chunk) -> (B, N, T): the bias of one call layout, built
+        # once per run, so the per-call cost is a dict lookup
         self._cache: dict = {}
 
     def __deepcopy__(self, memo):
         return self
 
-    def _image_bias(self, call: AttentionCall, dtype: torch.dtype, device) -> torch.Tensor:
-        key = (call.grid, call.context_length, dtype, device)
-        if key not in self._cache:
-            h, w = call.grid
-            columns = self.concepts.columns(call.context_length)
-            per_image = []
-            for image_masks in self.masks.to(device):  # (K, h0, w0)
-                at_layer = resize_masks_nearest(image_masks, h, w).flatten(1)  # (K, N)
-                per_image.append(build_fixing_bias(at_layer, columns, call.context_length, self.config.boost,
-                                                   self.config.suppression, dtype))  # (N, T)
-            self._cache[key] = torch.stack(per_image)  # (B_img, N, T)
-        return self._cache[key]
+    def activate(self, masks: torch.Tensor) -> None:
+        """Start biasing with `masks` (B_img, K, h, w) bool; drops biases built from earlier masks."""
+        self.masks, self.active = masks, True
+        self._cache.clear()
+
+    def _call_bias(self, call: AttentionCall, dtype: torch.dtype, device) -> torch.Tensor:
+        h, w = call.grid
+        columns = self.concepts.columns(call.context_length)
+        per_image = []
+        for image_masks in self.masks.to(device):  # (K, h0, w0)
+            at_layer = resize_masks_nearest(image_masks, h, w).flatten(1)  # (K, N)
+            per_image.append(build_fixing_bias(at_layer, columns, call.context_length, self.config.boost,
+                                               self.config.suppression, dtype))  # (N, T)
+        images = torch.stack(per_image)  # (B_img, N, T)
+        per = call.rows_per_chunk
+        rows = images[torch.arange(per, device=device) % images.shape[0]]  # (per, N, T): rows of a chunk are images
+        zeros = torch.zeros_like(rows)
+        return torch.cat([rows if branch in self.branches else zeros for branch in call.cond_or_uncond])  # (B, N, T)
 
     def attention_bias(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
         if not self.active or (self.keys is not None and call.key not in self.keys):
             return None
-        images = self._image_bias(call, q.dtype, q.device)  # (B_img, N, T)
-        per = call.rows_per_chunk
-        image_index = torch.arange(per, device=q.device) % images.shape[0]  # rows of a chunk are images
-        chunks = [images[image_index] if branch in self.branches else torch.zeros_like(images[image_index])
-                  for branch in call.cond_or_uncond]
-        return torch.cat(chunks)  # (B, N, T)
+        key = (call.grid, call.context_length, q.dtype, q.device, call.cond_or_uncond, call.rows_per_chunk)
+        bias = self._cache.get(key)
+        if bias is None:
+            bias = self._cache[key] = self._call_bias(call, q.dtype, q.device)
+        return bias
 
     def needs_probabilities(self, call: AttentionCall) -> bool:
         return False
@@ -281,7 +300,12 @@ def format_report(records: Sequence[StepRecord], concepts: LodaConcepts, stage1_
                   masks: Optional[torch.Tensor], fixing: bool) -> str:
     """The node's text output: per-step HM and loss, skipped updates, and the mask sizes (spec §3, §4)."""
     named = ", ".join(f"{label} (token {p})" for label, p in zip(concepts.labels, concepts.positions))
-    stage1 = f"stage 1 on steps 0..{stage1_steps - 1} of {total_steps}" if stage1_steps else "stage 1 off"
+    if total_steps == 0:
+        return f"LODA: concepts {named}; no sampling steps (denoise 0): the latent is returned unchanged, no masks"
+    stage1 = "stage 1 off"
+    if stage1_steps:  # the sampler runs step by step there, so multistep history restarts (notes §4.3)
+        stage1 = (f"stage 1 on steps 0..{stage1_steps - 1} of {total_steps}, one sampler step at a time "
+                  "(multistep samplers run first-order on those steps)")
     lines = [f"LODA: concepts {named}; {stage1}"]
     for r in records:
         lines.append(f"step {r.step} image {r.image} iter {r.iteration}: HM {r.harmonic_mean:.4f} loss "
@@ -294,5 +318,5 @@ def format_report(records: Sequence[StepRecord], concepts: LodaConcepts, stage1_
         lines.append(f"attention fixing from step {stage1_steps}: mask pixels per image and concept {sizes} "
                      f"of {masks.shape[-2]}×{masks.shape[-1]}")
     else:
-        lines.append("attention fixing off (p = m = 0)")
+        lines.append("attention fixing off (p = m = 0, or no steps left after stage 1)")
     return "\n".join(lines)

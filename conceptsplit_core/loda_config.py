@@ -11,8 +11,9 @@ from typing import Literal, Optional
 
 from .errors import ConceptSplitError
 
-# N = round(0.2·S) when `loda_steps` is None: 10 LODA steps at S = 50 (spec §3.3, §8 #7).
+# N = round(0.2·S) when `loda_steps` is AUTO_LODA_STEPS: 10 LODA steps at S = 50 (spec §3.3, §8 #7).
 LODA_STEPS_FRACTION = 0.2
+AUTO_LODA_STEPS = -1  # loda_steps value meaning "round(0.2·S)"; 0 means stage 1 off (attention fixing only)
 
 StepSchedule = Literal["linear", "sqrt"]
 KlPairs = Literal["ordered", "symmetric"]
@@ -31,9 +32,10 @@ UI_OPTIONS: dict[str, tuple[str, ...]] = {
 
 # Numeric widgets: field -> (min, max, step, recommended range for the tooltip). The widget limits are wider
 # than the recommended range on purpose (ablations); `LodaConfig.validate` enforces only what is mathematically
-# required. `loda_steps`: the widget's 0 means "auto" and the node passes None.
+# required. `loda_steps`: -1 = auto, 0 = stage 1 off, >= 1 = N.
 UI_RANGES: dict[str, tuple[float, float, float, str]] = {
-    "loda_steps": (0, 1000, 1, "0 = auto, round(0.2·steps): 10 at 50 steps as in the paper; 5 to 15 at 50 steps"),
+    "loda_steps": (AUTO_LODA_STEPS, 1000, 1, "-1 = auto, round(0.2·steps): 10 at 50 steps as in the paper; 5 to 15 "
+                   "at 50 steps; 0 = stage 1 off (attention fixing only)"),
     "inner_iterations": (1, 20, 1, "1 as in the paper; the official pipeline uses 10"),
     "kl_threshold": (0.0, 10.0, 0.05, "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"),
     "step_scale": (0.0, 200.0, 0.5, "20 to 40; 40 is the paper's η at step 0, 20 the official code's"),
@@ -51,7 +53,7 @@ def default_loda_steps(total_steps: int) -> int:
     Args:
         total_steps: S, the sampler's step count.
     Returns:
-        N; 10 at S = 50. Small S can give 0, which `LodaConfig.validate` rejects.
+        N; 10 at S = 50. Small S can give 0, which `LodaConfig.validate` rejects for auto.
     """
     return round(LODA_STEPS_FRACTION * total_steps)
 
@@ -61,7 +63,8 @@ class LodaConfig:
     """LODA settings (spec §3 stage 1, §4 stage 2). Defaults are the paper's reference run (spec §5, §6)."""
 
     # --- stage 1: latent optimisation (spec §3) ---
-    loda_steps: Optional[int] = None  # N, steps 0..N-1 get a latent update; None -> round(0.2·S); >= 1, <= S
+    # N, steps 0..N-1 get a latent update; -1 (AUTO_LODA_STEPS) -> round(0.2·S); 0 = stage 1 off; <= S
+    loda_steps: int = AUTO_LODA_STEPS
     inner_iterations: int = 1  # gradient steps per sampling step; paper and script 1, pipeline 10 (§3.3); 1..20
     kl_threshold: float = 1.0  # τ in L = max(0, τ − HM); paper and script 1.0, pipeline 3 (§3.2); >= 0, 0.5..3
     step_scale: float = 40.0  # η at step 0 of the paper schedule η_i = 40 − 20·i/S (Supp. §A, §3.3); >= 0
@@ -78,10 +81,10 @@ class LodaConfig:
     mask_source: MaskSource = "cond"  # maps for the masks: "cond" or "cond_and_uncond" as the official code (§8 #4)
 
     def loda_steps_for(self, total_steps: int) -> int:
-        """N for S = `total_steps`: the explicit `loda_steps`, else round(0.2·S) (spec §8 #7)."""
-        if self.loda_steps is not None:
-            return self.loda_steps
-        return default_loda_steps(total_steps)
+        """N for S = `total_steps`: the explicit `loda_steps` (0 = stage 1 off), else round(0.2·S) (spec §8 #7)."""
+        if self.loda_steps == AUTO_LODA_STEPS:
+            return default_loda_steps(total_steps)
+        return self.loda_steps
 
     def validate(self, total_steps: Optional[int] = None) -> None:
         """Check every field; with `total_steps` (S) also check N against S.
@@ -111,10 +114,10 @@ class LodaConfig:
                     fix=f"enter a finite value for {field.name}",
                 )
         self._check(
-            self.loda_steps is None or self.loda_steps >= 1,
+            isinstance(self.loda_steps, int) and self.loda_steps >= AUTO_LODA_STEPS,
             "loda_steps",
-            "None (auto) or an integer >= 1",
-            "use None (or 0 in the widget) for round(0.2·steps), or a positive step count",
+            "-1 (auto, round(0.2·steps)), 0 (stage 1 off) or a step count >= 1",
+            "use -1 for round(0.2·steps), 0 to turn stage 1 off, or a positive step count",
         )
         self._check(self.inner_iterations >= 1, "inner_iterations", "an integer >= 1", "set it to 1 (the paper)")
         self._check(self.kl_threshold >= 0, "kl_threshold", "τ >= 0", "set τ to 1.0 (the paper)")
@@ -155,12 +158,12 @@ class LodaConfig:
                 expected=f"N <= {total_steps}",
                 fix=f"lower loda_steps to at most {total_steps} (paper: 20 % of the steps) or raise the steps",
             )
-        if loda_steps < 1:
+        if loda_steps < 1 and self.loda_steps == AUTO_LODA_STEPS:
             raise ConceptSplitError.build(
                 "Automatic LODA steps round to zero",
                 seen=f"round(0.2·{total_steps}) = {loda_steps} with {total_steps} sampling steps",
                 expected="at least 1 LODA step",
-                fix="set loda_steps explicitly or use at least 3 sampling steps",
+                fix="set loda_steps explicitly (0 turns stage 1 off) or use at least 3 sampling steps",
             )
 
     def _check(self, ok: bool, name: str, expected: str, fix: str) -> None:

@@ -3,8 +3,10 @@
 
 All functions take per-concept maps `(K, h, w)` (attention probabilities averaged over layers and heads, spec §3.1),
 compute in fp32 on the maps' device, and never track gradients for the caller (they are read-outs, not the loss).
-The viewer reports on the maps it is given: LODA smooths and crops its maps first (spec §3.2 step 2), so pass
-smoothed maps to reproduce the loss's KLs exactly.
+The per-pair KLs are read on the maps as given (no smoothing), so they show the maps the viewer draws. The report's
+harmonic mean is LODA's own number: `loda_loss.separation_loss` on the maps (smoothing, crop and epsilon of spec
+§3.2), the value LODA's report prints for the same maps; maps under 7×7 cannot be smoothed and get a plainly
+labelled unsmoothed harmonic mean instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 import torch
 
 from .errors import ConceptSplitError
+from .loda_config import LODA_DEFAULTS
+from .loda_loss import AE_KERNEL_SIZE, separation_loss
 
 EPSILON = 1e-10  # added after sum-normalising, not renormalised (spec §3.2 step 3)
 _WORD_WIDTH = 16  # max characters of a word in the report; longer words are cut with "…"
@@ -123,13 +127,31 @@ def harmonic_mean_kl(maps: torch.Tensor) -> torch.Tensor:
     return ordered.numel() / (1.0 / ordered).sum()
 
 
+def loda_harmonic_mean(maps: torch.Tensor) -> torch.Tensor:
+    """LODA's HM exactly as its loss and report compute it: smooth, crop, normalise + 1e-10, KL over a < b, harmonic
+    mean (`loda_loss.separation_loss` with the paper defaults, spec §3.2 steps 2-5).
+
+    Shapes: maps `(K, h, w)`, K >= 2, h and w >= 7 (the smoothing kernel) -> scalar `()` float32.
+    Raises: ConceptSplitError for fewer than 2 maps or maps smaller than 7×7.
+    """
+    return separation_loss(maps.detach().float(), LODA_DEFAULTS)[1].harmonic_mean
+
+
+def _harmonic_mean_line(maps: torch.Tensor) -> str:
+    _, h, w = maps.shape
+    if h >= AE_KERNEL_SIZE and w >= AE_KERNEL_SIZE:
+        return (f"LODA harmonic mean of KL a->b (a < b), maps smoothed as LODA's loss: "
+                f"{loda_harmonic_mean(maps).item():.5f}")
+    return (f"KL harmonic mean (a < b), unsmoothed, NOT LODA's number ({h}x{w} maps are smaller than LODA's "
+            f"{AE_KERNEL_SIZE}x{AE_KERNEL_SIZE} smoothing kernel): {harmonic_mean_kl(maps).item():.5f}")
+
+
 def _cell(word: str, width: int) -> str:
     return word if len(word) <= width else word[: width - 1] + "…"
 
 
-def format_metrics_report(labels: list[str], maps: torch.Tensor) -> str:
-    """A fixed-width text table for the viewer node: per word entropy (ours and the paper's), per pair KL a→b, b→a
-    and overlap, then LODA's harmonic mean of the ordered KLs (a < b). Paper: Table 1 entropy, §3.2 KL.
+def check_report_maps(labels: list[str], maps: torch.Tensor) -> None:
+    """The checks of format_metrics_report, without computing anything, so a node can fail before any work.
 
     Shapes: maps `(K, h, w)` with K = len(labels).
     Raises: ConceptSplitError on an empty word list, a word/map count mismatch, or maps that are not distributions.
@@ -149,6 +171,17 @@ def format_metrics_report(labels: list[str], maps: torch.Tensor) -> str:
             fix="pass the words in the same order as the maps",
         )
     _check_maps(maps, labels)
+
+
+def format_metrics_report(labels: list[str], maps: torch.Tensor) -> str:
+    """A fixed-width text table for the viewer node: per word entropy (ours and the paper's), per pair KL a→b, b→a
+    and overlap (unsmoothed maps), then LODA's harmonic mean (loda_harmonic_mean; maps under 7×7: the unsmoothed
+    harmonic mean, labelled as not LODA's). Paper: Table 1 entropy, §3.2 KL.
+
+    Shapes: maps `(K, h, w)` with K = len(labels).
+    Raises: ConceptSplitError on an empty word list, a word/map count mismatch, or maps that are not distributions.
+    """
+    check_report_maps(labels, maps)
     K, h, w = maps.shape
     width = min(_WORD_WIDTH, max(len(label) for label in labels))
     words = [_cell(label, width) for label in labels]
@@ -171,5 +204,5 @@ def format_metrics_report(labels: list[str], maps: torch.Tensor) -> str:
             pair = f"{words[a]} / {words[b]}"
             lines.append(f"{pair:<{pair_width}}  {kl[a][b]:9.5f}  {kl[b][a]:9.5f}  {shared[a][b]:9.5f}")
     lines.append("overlap: histogram intersection sum(min(p_a, p_b)), 0 = disjoint, 1 = identical.")
-    lines.append(f"LODA harmonic mean of KL a->b (a < b): {harmonic_mean_kl(maps).item():.5f}")
+    lines.append(_harmonic_mean_line(maps))
     return "\n".join(lines)

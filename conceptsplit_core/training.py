@@ -30,7 +30,7 @@ from .errors import ConceptSplitError
 from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
 from .token_value_delta import TokenDelta
 from .tova_lora import ToVALoraSet, TrainingState, load_training_checkpoint, save_training_checkpoint
-from .training_data import TrainConfig, sample_training_noise, training_schedule
+from .training_data import TrainConfig, crop_choice, sample_training_noise, training_schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, int, Mapping[str, TokenDelta]], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, loss of the last step)
@@ -60,14 +60,24 @@ class NoiseSchedule:
 class TrainingData:
     """Everything encoded once per run (spec §2.6, issue 5: VAE once per image, text encoder once per template)."""
 
-    latent_mean: torch.Tensor  # (n, 4, h, w) VAE posterior mean, already × scaling factor
-    latent_std: torch.Tensor  # (n, 4, h, w) VAE posterior std, × scaling factor (zeros = use the mean)
+    latent_mean: torch.Tensor  # (m, 4, h, w) VAE posterior mean of each encoded crop, already × scaling factor
+    latent_std: torch.Tensor  # (m, 4, h, w) VAE posterior std, × scaling factor (zeros = use the mean)
     positions: tuple[int, ...]  # s of each template's prompt (spec §2.4 unified rule)
     prompt_length: int = 77  # tokens of one prompt (one 77-token window)
+    # per image, the latent rows of its k crop draws (training_data.crop_views; repeats allowed); () = row i is
+    # image i's only crop
+    view_rows: tuple[tuple[int, ...], ...] = ()
 
     @property
     def n_images(self) -> int:
-        return int(self.latent_mean.shape[0])
+        return len(self.view_rows) if self.view_rows else int(self.latent_mean.shape[0])
+
+    def latent_row(self, image_index: int, step: int, seed: int) -> int:
+        """The latent row of `image_index` at `step`: one of its k crops, picked by (seed, step) (spec §2.6)."""
+        if not self.view_rows:
+            return image_index
+        rows = self.view_rows[image_index]
+        return rows[crop_choice(step, seed, len(rows))]
 
 
 @dataclass(frozen=True)
@@ -140,10 +150,12 @@ def _posterior_noise(step: int, seed: int, shape: Sequence[int]) -> torch.Tensor
 
 
 def draw_step(data: TrainingData, schedule: NoiseSchedule, pair: tuple[int, int], step: int, seed: int) -> StepSample:
-    """The training item of `step`: x0 ~ N(mean, std²) of the pair's image, t, ε; on the latents' device."""
+    """The training item of `step`: x0 ~ N(mean, std²) of the pair's image (its crop for this step), t, ε; on the
+    latents' device."""
     image_index, template_index = pair
-    mean = data.latent_mean[image_index : image_index + 1]  # (1, 4, h, w)
-    std = data.latent_std[image_index : image_index + 1]
+    row = data.latent_row(image_index, step, seed)  # this step's random crop of the image
+    mean = data.latent_mean[row : row + 1]  # (1, 4, h, w)
+    std = data.latent_std[row : row + 1]
     timestep, noise = sample_training_noise(step, seed, mean.shape)  # (1,), (1, 4, h, w) on the CPU
     x0 = mean.float() + std.float() * _posterior_noise(step, seed, mean.shape).to(mean.device)  # posterior sample
     sigma = schedule.sigmas.to(mean.device, torch.float32)[timestep.to(mean.device)]  # (1,)

@@ -117,6 +117,7 @@ class TrainConfig:
     resolution: int | None = None  # crop size R in pixels; None = default_resolution(base model) (§2.6, §8 #10)
     seed: int = 0  # seeds crops, shuffling, timesteps and noise; same seed + same data = same adapter
     checkpoint_every: int = 0  # save a resumable training checkpoint every N steps; 0 = off
+    crop_views: int = 4  # k random crops pre-encoded per image, one picked per step by (seed, step); 1..16 (§2.6)
 
     def resolved_alpha(self) -> float:
         """Alpha with None replaced by the rank."""
@@ -153,6 +154,7 @@ class TrainConfig:
             ),
             ("seed", self.seed >= 0, "a non-negative integer"),
             ("checkpoint_every", self.checkpoint_every >= 0, "0 (off) or a positive number of steps"),
+            ("crop_views", self.crop_views >= 1, "an integer of at least 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -204,6 +206,31 @@ def _to_image_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.
     return result
 
 
+def _resized(image: torch.Tensor, index: int, resolution: int) -> torch.Tensor:
+    """Check one (H, W, 3) image and resize its shorter side to R (bilinear, antialiased) -> (1, 3, new_h, new_w)."""
+    height, width, channels = image.shape
+    if channels != 3:
+        raise ConceptSplitError.build(
+            f"Training image {index} does not have 3 colour channels",
+            seen=f"shape {tuple(image.shape)} ({channels} channels)",
+            expected="RGB images (H, W, 3)",
+            fix="convert the image to RGB (drop the alpha channel) before training",
+        )
+    pixels = image.float()
+    if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+        raise ConceptSplitError.build(
+            f"Training image {index} has values outside 0..1",
+            seen=f"min {pixels.min().item():.4g}, max {pixels.max().item():.4g}",
+            expected="ComfyUI IMAGE values in [0, 1]",
+            fix="load the images with Load Image or clamp them to 0..1",
+        )
+    scale = resolution / min(height, width)
+    new_h = max(resolution, round(height * scale))
+    new_w = max(resolution, round(width * scale))
+    chw = pixels.permute(2, 0, 1).unsqueeze(0)  # (H, W, 3) -> (1, 3, H, W)
+    return F.interpolate(chw, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+
+
 def preprocess_images(
     images: torch.Tensor | Sequence[torch.Tensor],
     resolution: int,
@@ -245,27 +272,8 @@ def preprocess_images(
         generator = torch.Generator().manual_seed(0)
     out = []
     for index, image in enumerate(image_list):
-        height, width, channels = image.shape
-        if channels != 3:
-            raise ConceptSplitError.build(
-                f"Training image {index} does not have 3 colour channels",
-                seen=f"shape {tuple(image.shape)} ({channels} channels)",
-                expected="RGB images (H, W, 3)",
-                fix="convert the image to RGB (drop the alpha channel) before training",
-            )
-        pixels = image.float()
-        if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
-            raise ConceptSplitError.build(
-                f"Training image {index} has values outside 0..1",
-                seen=f"min {pixels.min().item():.4g}, max {pixels.max().item():.4g}",
-                expected="ComfyUI IMAGE values in [0, 1]",
-                fix="load the images with Load Image or clamp them to 0..1",
-            )
-        scale = resolution / min(height, width)
-        new_h = max(resolution, round(height * scale))
-        new_w = max(resolution, round(width * scale))
-        chw = pixels.permute(2, 0, 1).unsqueeze(0)  # (H, W, 3) -> (1, 3, H, W)
-        resized = F.interpolate(chw, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        resized = _resized(image, index, resolution)  # (1, 3, new_h, new_w) in 0..1
+        new_h, new_w = resized.shape[-2:]
         if crop == "random":
             top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
             left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
@@ -274,6 +282,59 @@ def preprocess_images(
         out.append(resized[0, :, top : top + resolution, left : left + resolution])  # (3, R, R)
     # Bilinear weights are convex, so [0, 1] stays [0, 1]; clamp only guards rounding at the ends.
     return (torch.stack(out) * 2 - 1).clamp(-1, 1)  # (n, 3, R, R)
+
+
+@dataclass(frozen=True)
+class CropViews:
+    """k random R×R crops per image (spec §2.6 draws a random crop per sample; k views bound the VAE work to k
+    encodes per image). Stored as the resized images and crop offsets, so memory stays one resized image each."""
+
+    resized: tuple[torch.Tensor, ...]  # per image (3, new_h, new_w) in [-1, 1], shorter side R
+    offsets: tuple[tuple[tuple[int, int], ...], ...]  # per image its distinct (top, left) crop offsets, in draw order
+    choices: tuple[tuple[int, ...], ...]  # per image the k draws, as indices into its offsets (repeats allowed)
+    resolution: int  # R
+
+    @property
+    def n_images(self) -> int:
+        return len(self.resized)
+
+    def crops(self, index: int) -> torch.Tensor:
+        """The distinct crops of image `index`: (v, 3, R, R) in [-1, 1], v <= k (a square image has one)."""
+        R = self.resolution
+        return torch.stack([self.resized[index][:, top : top + R, left : left + R]
+                            for top, left in self.offsets[index]])
+
+
+def crop_views(images: torch.Tensor | Sequence[torch.Tensor], resolution: int, views: int, seed: int) -> CropViews:
+    """Resize every image's shorter side to R and draw `views` random R×R crop offsets per image from `seed`.
+
+    Identical offsets are kept once (an image already R×R after resizing has a single crop), but `choices` keeps
+    all k draws, so picking one of the k draws uniformly (crop_choice) keeps the crop distribution.
+    Raises: ConceptSplitError: no images, not 3 channels, values outside [0, 1] (checked for every image first).
+    """
+    image_list = _to_image_list(images)
+    if not image_list:
+        raise ConceptSplitError.build(
+            "No training images were given", seen="0 images",
+            expected="at least 1 image of the concept (the paper uses 3-5)",
+            fix="connect a batch of images of the concept")
+    generator = torch.Generator().manual_seed(_derived_seed("crops", seed))
+    resized, offsets, choices = [], [], []
+    for index, image in enumerate(image_list):
+        pixels = _resized(image, index, resolution)[0]  # (3, new_h, new_w) in 0..1
+        new_h, new_w = pixels.shape[-2:]
+        drawn = [(int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator)),
+                  int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))) for _ in range(views)]
+        distinct = list(dict.fromkeys(drawn))
+        resized.append((pixels * 2 - 1).clamp(-1, 1))  # bilinear is convex; clamp guards rounding at the ends
+        offsets.append(tuple(distinct))
+        choices.append(tuple(distinct.index(offset) for offset in drawn))
+    return CropViews(tuple(resized), tuple(offsets), tuple(choices), resolution)
+
+
+def crop_choice(step: int, seed: int, views: int) -> int:
+    """Which of an image's k crop draws step `step` uses: from (seed, step) only, so a resumed run repeats it."""
+    return _derived_seed("crop", seed, step) % views
 
 
 def _derived_seed(*parts: int | str) -> int:

@@ -132,5 +132,6 @@ class ApplyToVA(io.ComfyNode):
                                          plan_token_deltas(bound, len(prompt.token_ids), prompt.token_ids),
                                          apply_to_uncond, prompt, ", ".join(c.label for c in adapters))
         patched.model_options = comfy_hooks.with_located_concepts(patched.model_options,
-                                                                  located(bound, len(prompt.token_ids)))
+                                                                  located(bound, len(prompt.token_ids),
+                                                                          prompt.token_ids))
         return io.NodeOutput(patched, positive, describe_bindings(bound, prompt))

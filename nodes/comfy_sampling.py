@@ -8,6 +8,7 @@ import inspect
 
 import torch
 
+import comfy.extra_samplers.uni_pc as k_diffusion_uni_pc
 import comfy.k_diffusion.sampling as k_diffusion_sampling
 import comfy.model_base
 import comfy.model_management
@@ -23,17 +24,23 @@ from ..conceptsplit_core.adapter_layers import UNetLayout
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.prompt_tokens import PromptTokens
 
-from .comfy_hooks import PROMPT_TOKENS_KEY, with_observers
+from .comfy_hooks import PROMPT_TOKENS_KEY, ConceptSplitAttention, with_observers
 
 
-def release_inference_parameters(model_patcher) -> int:
-    """Replace the UNet's inference-tensor parameters and buffers by equal normal tensors (notes §4.2 fix (a)).
+def release_inference_parameters(model_patcher, conds=None) -> int:
+    """Replace inference-tensor parameters and buffers by equal normal tensors (notes §4.2 fix (a)): the UNet's, and
+    the ControlNets' attached to `conds` (their forward takes the latent, so they are in the gradient pass too).
 
-    Must run inside `torch.inference_mode(False)`, after the model is loaded, once per run (LoRA patching makes
+    Must run inside `torch.inference_mode(False)`, after the models are loaded, once per run (LoRA patching makes
     inference tensors again). Values are unchanged, so later plain runs are bit-identical. Returns the count.
     """
+    modules = [model_patcher.model.diffusion_model, *_control_modules(conds or ())]
+    return sum(_release_module(module) for module in modules)
+
+
+def _release_module(root: torch.nn.Module) -> int:
     replaced = 0
-    for module in model_patcher.model.diffusion_model.modules():
+    for module in root.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_inference():
                 module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
@@ -43,6 +50,101 @@ def release_inference_parameters(model_patcher) -> int:
                 module._buffers[name] = buffer.detach().clone()
                 replaced += 1
     return replaced
+
+
+def _control_modules(conds) -> list:
+    """The torch modules of every ControlNet (and ControlLoRA) in the conds' control chains, each once.
+
+    T2I adapters are left alone: their output depends on the hint only, never on the latent.
+    """
+    found: dict[int, torch.nn.Module] = {}
+    for entry in conds:
+        control = entry.get("control")
+        while control is not None:
+            module = getattr(control, "control_model", None)
+            if isinstance(module, torch.nn.Module):
+                found[id(module)] = module
+            control = getattr(control, "previous_controlnet", None)
+    return list(found.values())
+
+
+def check_steps_one_slice(inner) -> None:
+    """Raise unless the SAMPLER `inner` denoises when called on one step (two sigmas), as stage 1 calls it.
+
+    ComfyUI's UniPC sets its order to min(3, len(sigmas) − 2), which is 0 for a one-step slice.
+    """
+    function = getattr(inner.sampler_function, "func", inner.sampler_function)  # functools.partial
+    if getattr(function, "__module__", "") == k_diffusion_uni_pc.__name__:
+        raise ConceptSplitError.build(
+            "LODA stage 1 cannot run with the uni_pc samplers",
+            seen=f"sampler {getattr(function, '__name__', function)} (UniPC has order 0 on a one-step slice, "
+                 "so it would not denoise the stage-1 steps)",
+            expected="a sampler that can step one sigma at a time (euler, ddim, dpmpp_2m, heun, ...)",
+            fix="pick another sampler, or set loda_steps to 0 to turn stage 1 off (attention fixing still works)")
+
+
+def check_fixing_patches(model_options: dict, layout: UNetLayout, fixing_keys) -> None:
+    """Raise if a layer that attention fixing biases has another pack's attn2 replace (comfy_hooks chains it as
+    ConceptSplitAttention.wrapped), which cannot take the bias; checked before sampling (STYLE §10).
+
+    fixing_keys: the biased replace keys, or None for every cross-attention layer of `layout`.
+    """
+    replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    foreign = []
+    for layer in layout.layers:
+        if fixing_keys is not None and layer.key not in fixing_keys:
+            continue
+        patch = replaces.get(layer.key, replaces.get(layer.key[:2]))
+        inner = patch.wrapped if isinstance(patch, ConceptSplitAttention) else patch
+        if inner is not None:
+            foreign.append((layer.key, type(inner).__name__))
+    if foreign:
+        raise ConceptSplitError.build(
+            "Attention fixing cannot pass its bias through another pack's attention patch",
+            seen=f"foreign attn2 replaces on {len(foreign)} biased layer(s), e.g. {foreign[0][1]} at {foreign[0][0]}",
+            expected="no other attn2 replace (IPAdapter, attention couple, ...) on the layers that get the LODA bias",
+            fix="set boost and suppression to 0 (fixing off), set fixing_layers to map_level if the other patch "
+                "avoids those layers, or remove the other attention patch from this model")
+
+
+def gradient_pass_options(model_options: dict, conds) -> dict:
+    """model_options for the stage-1 gradient pass: with a ControlNet in `conds`, each input block's output is
+    cloned after it is stored as a skip, because the UNet adds the control to the stored skips in place
+    (openaimodel.apply_control), which autograd refuses once the next block has saved that tensor."""
+    if not any(entry.get("control") is not None for entry in conds or ()):
+        return model_options
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    patches = dict(transformer_options.get("patches", {}))
+    patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []), _clone_after_skip]
+    transformer_options["patches"] = patches
+    options["transformer_options"] = transformer_options
+    return options
+
+
+def _clone_after_skip(h: torch.Tensor, transformer_options) -> torch.Tensor:
+    return h.clone()  # the skip list keeps the original (changed in place later), the next block gets the copy
+
+
+def inpaint_model_input(model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_mask, model_options: dict,
+                        image: int) -> torch.Tensor:
+    """KSamplerX0Inpaint's blend of image `image` before a model call: x · mask + known · (1 − mask) (notes §4.1).
+
+    Differentiable w.r.t. x; the known part does not depend on x, so ∇_x is zero where the mask is 0.
+    Shapes: x (1, 4, h, w); sigma () or (1,); denoise_mask (B, 1 or 4, h, w) or None (then x is returned).
+    """
+    if denoise_mask is None:
+        return x
+    sigma = sigma.reshape(-1)[:1]  # (1,)
+    if "denoise_mask_function" in model_options:
+        denoise_mask = model_options["denoise_mask_function"](
+            sigma, denoise_mask, extra_options={"model": model_k.inner_model, "sigmas": model_k.sigmas})
+    pick = slice(image, image + 1) if denoise_mask.shape[0] > 1 else slice(0, 1)
+    mask = denoise_mask[pick].to(x).clone()  # (1, c, h, w); a normal tensor, saved for backward
+    known = model_k.inner_model.inner_model.scale_latent_inpaint(
+        x=x, sigma=sigma.to(x), noise=model_k.noise[image:image + 1].to(x),
+        latent_image=model_k.latent_image[image:image + 1].to(x))
+    return x * mask + known * (1.0 - mask)
 
 
 def sampling_guider(model_k):
@@ -145,9 +247,19 @@ def sample_latent_with_sampler(model_patcher, seed: int, cfg: float, sampler, si
     return out
 
 
-# --- attention capture for the viewer (issue 4): a sampling-run wrapper around the capture observer -----------
+# --- attention capture for the viewer (issue 4): run and model-call wrappers around the capture observer ---------
 
 CAPTURE_WRAPPER_KEY = "conceptsplit_attention_capture"
+# transformer_options key: True on a model call that is not a sampling step (e.g. LODA's no-grad mask pass at σ0
+# when stage 1 is off); the viewer's capture skips such calls. Set it with mark_auxiliary_pass.
+AUX_PASS_KEY = "conceptsplit_aux_pass"
+
+
+def mark_auxiliary_pass(model_options: dict) -> dict:
+    """A copy of `model_options` whose model calls the attention capture does not count (not a sampling step)."""
+    options = dict(model_options)
+    options["transformer_options"] = {**options.get("transformer_options", {}), AUX_PASS_KEY: True}
+    return options
 
 
 def install_attention_capture(model_patcher, layout: UNetLayout, capture) -> None:
@@ -155,13 +267,17 @@ def install_attention_capture(model_patcher, layout: UNetLayout, capture) -> Non
 
     `capture` is an attention_capture.AttentionCapture. An OUTER_SAMPLE wrapper (notes §1.4; it chains, and clone()
     copies wrapper lists shallowly) calls capture.start_run(sigmas) before the first model call, so a bad step range
-    fails before sampling, and capture.finish_run(output latent) after the last.
+    fails before sampling, and capture.finish_run(output latent) after the last. A CALC_COND_BATCH wrapper reads each
+    model call's sigma once (one host sync per model call, none per attn2 layer) and brackets the call with
+    capture.begin_model_call / end_model_call.
     """
     import comfy.patcher_extension  # kept local to this section (already loaded by comfy.samplers)
 
     model_patcher.model_options = with_observers(model_patcher.model_options, layout, (capture,))
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
                                        _capture_run_wrapper(capture))
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CAPTURE_WRAPPER_KEY,
+                                       _capture_call_wrapper(capture))
 
 
 def _capture_run_wrapper(capture):
@@ -179,3 +295,17 @@ def _capture_run_wrapper(capture):
     return outer_sample
 
 
+def _capture_call_wrapper(capture):
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        # Gradient passes (LODA stage 1) and marked auxiliary passes are not sampling steps: no sigma, no record.
+        auxiliary = model_options.get("transformer_options", {}).get(AUX_PASS_KEY, False)
+        sigma = None
+        if capture.running and not auxiliary and not torch.is_grad_enabled():
+            sigma = float(timestep.reshape(-1)[0])  # timestep (B,) sigmas: the one host sync of this model call
+        previous = capture.begin_model_call(sigma)
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        finally:
+            capture.end_model_call(previous)
+
+    return calc_cond_batch

@@ -12,7 +12,7 @@ import comfy.samplers
 
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda_config import LODA_DEFAULTS, UI_OPTIONS, UI_RANGES, LodaConfig
-from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda
+from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda, record_without_sampling
 from . import comfy_hooks, comfy_sampling
 
 ConceptMapsType = io.Custom("CONCEPTSPLIT_MAPS")  # conceptsplit_core.attention_record.ConceptMaps
@@ -20,7 +20,9 @@ LodaResultType = io.Custom("CONCEPTSPLIT_LODA_RESULT")  # nodes.loda_sampling.Lo
 LATENT_SCALE = 8  # image pixels per latent pixel (SD1.5, SD2.1, SDXL)
 
 _MEANINGS = {
-    "loda_steps": "N: sampling steps 0..N-1 get a latent update (stage 1); attention fixing runs from step N.",
+    "loda_steps": "N: sampling steps 0..N-1 get a latent update (stage 1); attention fixing runs from step N. "
+                  "Stage 1 runs the sampler one step at a time, so multistep samplers (dpmpp_2m, deis, ipndm, ...) "
+                  "run first-order on those steps; uni_pc cannot, use it with 0.",
     "inner_iterations": "Gradient steps per stage-1 sampling step.",
     "kl_threshold": "τ: updates stop once the harmonic mean of the concepts' pairwise KL reaches it.",
     "step_scale": "η at step 0; the step size falls linearly to half of it over the steps (paper schedule).",
@@ -53,16 +55,14 @@ def loda_setting_inputs() -> list:
         default = getattr(LODA_DEFAULTS, name)
         tooltip = f"{meaning} Recommended: {recommended}."
         if name in ("loda_steps", "inner_iterations"):
-            inputs.append(io.Int.Input(name, default=default or 0, min=int(low), max=int(high), tooltip=tooltip))
+            inputs.append(io.Int.Input(name, default=default, min=int(low), max=int(high), tooltip=tooltip))
         else:
             inputs.append(io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip))
     return inputs
 
 
 def loda_request(concept_words: str, settings: dict, result: LodaResult) -> LodaRequest:
-    values = dict(settings)
-    values["loda_steps"] = values.get("loda_steps") or None  # the widget's 0 means round(0.2·steps)
-    config = LodaConfig(**values)
+    config = LodaConfig(**settings)
     config.validate()
     return LodaRequest(config=config, words=parse_words(concept_words), result=result)
 
@@ -121,10 +121,15 @@ class LodaSampler(io.ComfyNode):
         request = loda_request(concept_words, settings, result)
         sigmas = comfy_sampling.ksampler_sigmas(model, steps, sampler_name, scheduler, denoise)
         latent_hw = tuple(latent_image["samples"].shape[-2:])
-        plan_loda(model, comfy_hooks.conditioning_prompt_tokens(positive), latent_hw, request, len(sigmas) - 1)
-        sampler = loda_sampler(comfy_sampling.named_sampler(sampler_name), request)
-        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, sampler, sigmas, positive, negative,
-                                                        latent_image)
+        sampler = comfy_sampling.named_sampler(sampler_name)
+        total_steps = max(len(sigmas) - 1, 0)  # denoise 0 gives no sigmas: KSampler returns the latent unchanged
+        plan = plan_loda(model, comfy_hooks.conditioning_prompt_tokens(positive), latent_hw, request, total_steps,
+                         sampler)
+        if total_steps == 0:
+            record_without_sampling(result, plan, latent_image["samples"].shape[0])
+            return io.NodeOutput(latent_image.copy(), *result_outputs(result, latent_hw))
+        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, loda_sampler(sampler, request), sigmas,
+                                                           positive, negative, latent_image)
         return io.NodeOutput(latent, *result_outputs(result, latent_hw))
 
 
@@ -138,8 +143,9 @@ class LodaSamplerSelect(io.ComfyNode):
             inputs=[io.Sampler.Input("sampler", tooltip="The sampler to wrap, from KSamplerSelect."),
                     *loda_setting_inputs()],
             outputs=[io.Sampler.Output(display_name="SAMPLER", tooltip="Connect to SamplerCustom(Advanced)."),
-                     LodaResultType.Output(display_name="loda_result", tooltip="Masks, maps and report of the "
-                                           "run; read them with ConceptSplit LODA Results.")],
+                     LodaResultType.Output(display_name="loda_result", tooltip="Masks, maps and report of this "
+                                           "sampler's LAST run (one holder per node, overwritten by each run); "
+                                           "read them with ConceptSplit LODA Results.")],
         )
 
     @classmethod
@@ -156,7 +162,8 @@ class LodaResults(io.ComfyNode):
             category="ConceptSplit/sampling",
             description="The masks, maps and report of a ConceptSplit LODA sampler run. ConceptSplit, ICCV 2025.",
             inputs=[io.Latent.Input("latent", tooltip="The sampler's output, so this node runs after sampling."),
-                    LodaResultType.Input("loda_result", tooltip="From ConceptSplit LODA.")],
+                    LodaResultType.Input("loda_result", tooltip="From ConceptSplit LODA. It reflects that sampler's "
+                                         "last run: connect the latent of that run so this node runs after it.")],
             outputs=list(_OUTPUTS),
         )
 

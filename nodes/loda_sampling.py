@@ -25,16 +25,19 @@ OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaR
 class LodaRequest:
     """What the user asked for; resolved against the model, prompt and latent when sampling starts."""
 
-    config: LodaConfig
+    config: LodaConfig  # config.loda_steps: -1 auto, 0 stage 1 off, N >= 1
     words: tuple[str, ...] = ()  # concept words; empty = the object concepts of the ToVA-patched model
-    stage1_steps: Optional[int] = None  # explicit N, 0 allowed (stage 1 off); None = config.loda_steps_for(S)
     result: Optional["LodaResult"] = None  # filled after sampling (masks, maps, report)
 
 
 class LodaResult:
-    """Mutable holder of one run's masks, maps and report (shared by reference, never deep-copied)."""
+    """Mutable holder of the masks, maps and report of the LAST run of one LODA sampler (shared by reference,
+    never deep-copied; reset when a run starts, so a failed run leaves nothing stale)."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.masks: Optional[torch.Tensor] = None  # (B_img, K, h, w) bool
         self.maps: Optional[ConceptMaps] = None
         self.report = ""
@@ -50,7 +53,7 @@ class LodaPlan:
     concepts: LodaConcepts
     layers: MapLayers
     stage1_steps: int  # N
-    total_steps: int  # S
+    total_steps: int  # S; 0 when there is nothing to sample (denoise 0)
     fixing: bool  # p or m non-zero
 
 
@@ -60,33 +63,40 @@ def parse_words(text: str) -> tuple[str, ...]:
 
 
 def plan_loda(model_patcher, prompt: Optional[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
-              total_steps: int) -> LodaPlan:
+              total_steps: int, inner=None) -> LodaPlan:
     """Check every input and resolve concepts, layers and N before any sampling step (spec §5, STYLE §10).
 
-    Raises: ConceptSplitError for a bad setting, fewer than 2 concepts, a word not in the prompt, N > S, a model
-        without the map-level layers, or maps smaller than the smoothing kernel.
+    Args:
+        prompt: tokens of the positive prompt being sampled, or None when it carries no record.
+        total_steps: S; 0 plans a run with nothing to sample (denoise 0).
+        inner: the wrapped SAMPLER, when known: checked to step one slice at a time if N > 0.
+    Raises: ConceptSplitError for a bad setting, fewer than 2 concepts, a word not in the prompt, ToVA concepts
+        located in another prompt, N > S, a sampler that cannot run stage 1, a model without the map-level layers,
+        maps smaller than the smoothing kernel, or fixing through another pack's attention patch.
     """
     config = request.config
-    if request.stage1_steps is None:
+    if total_steps == 0:
+        config.validate()
+        stage1_steps = 0
+    else:
         config.validate(total_steps)
         stage1_steps = config.loda_steps_for(total_steps)
-    else:
-        config.validate()
-        stage1_steps = request.stage1_steps
-        if not 0 <= stage1_steps <= total_steps:
-            raise ConceptSplitError.build(
-                "More LODA steps than sampling steps", seen=f"N = {stage1_steps} with {total_steps} steps",
-                expected=f"0 <= N <= {total_steps}", fix="lower loda_steps")
+    if inner is not None and stage1_steps > 0:
+        comfy_sampling.check_steps_one_slice(inner)
     layout = comfy_hooks.unet_layout(model_patcher)
     concepts = _resolve_concepts(model_patcher, prompt, request.words)
     layers = select_map_layers(comfy_hooks.layer_levels(model_patcher, layout), layout.family, latent_hw,
                                config.fixing_layers)
-    return LodaPlan(concepts, layers, stage1_steps, total_steps, config.boost != 0 or config.suppression != 0)
+    fixing = (config.boost != 0 or config.suppression != 0) and stage1_steps < total_steps
+    if fixing:
+        comfy_sampling.check_fixing_patches(model_patcher.model_options, layout, layers.fixing_keys)
+    return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing)
 
 
 def _resolve_concepts(model_patcher, prompt: Optional[PromptTokens], words: tuple[str, ...]) -> LodaConcepts:
     if not words:
         objects = [c for c in comfy_hooks.located_concepts(model_patcher) if c.role == "object"]
+        _check_tova_prompt(objects, prompt)
         length = objects[0].prompt_length if objects else 0
         return LodaConcepts(tuple(c.word for c in objects), tuple(c.position for c in objects), length)  # K >= 2
     if prompt is None:
@@ -100,57 +110,111 @@ def _resolve_concepts(model_patcher, prompt: Optional[PromptTokens], words: tupl
     return LodaConcepts(words, tuple(positions), len(prompt.token_ids))
 
 
+def _check_tova_prompt(objects, prompt: Optional[PromptTokens]) -> None:
+    """With empty concept words, the ToVA positions hold only in the prompt Apply ToVA located them in.
+
+    A positive without a token record (plain CLIP Text Encode) is checked by length at the first model call by
+    ToVA itself; a recorded one is compared here, before sampling.
+    """
+    if prompt is None:
+        return
+    ids = tuple(prompt.token_ids)
+    for concept in objects:
+        recorded = getattr(concept, "prompt_ids", None)
+        if (recorded is not None and tuple(recorded) != ids) or concept.prompt_length != len(ids):
+            raise ConceptSplitError.build(
+                f'The positive prompt being sampled is not the prompt Apply ToVA located "{concept.word}" in',
+                seen=f'a positive encoded from "{prompt.text[:80]}" ({len(ids)} tokens)',
+                expected=f"the prompt of that Apply ToVA ({concept.prompt_length} tokens)",
+                fix="connect Apply ToVA's positive output to the sampler, or write the concept words into "
+                    "concept_words so LODA finds them in this prompt")
+
+
 def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **options):
     """k-diffusion sampler function: LODA around `options["inner"]` (a KSAMPLER). Returns the final state x."""
     inner, request = options["inner"], options[OPTION_KEY]
+    if request.result is not None:
+        request.result.reset()
     extra_args = dict(extra_args or {})
     guider = comfy_sampling.sampling_guider(model_k)
     plan = plan_loda(guider.model_patcher, comfy_sampling.guider_prompt_tokens(guider), tuple(x.shape[-2:]), request,
-                     len(sigmas) - 1)
+                     len(sigmas) - 1, inner)
+    if plan.total_steps == 0:
+        _record(request.result, plan, [], None, None, x.shape[0])
+        return x
     config = request.config
     layout = comfy_hooks.unet_layout(guider.model_patcher)
     collector = MapCollector(plan.concepts, plan.layers)
     fixer = FixingBias(plan.concepts, torch.zeros(0), config, plan.layers)
     options_with = comfy_hooks.with_observers(extra_args.get("model_options", {}), layout, (collector, fixer))
+    if plan.fixing:  # the per-run options may carry patches the MODEL did not (wrappers, hooks)
+        comfy_sampling.check_fixing_patches(options_with, layout, plan.layers.fixing_keys)
     extra_args["model_options"] = options_with
     mask_branches = (COND,) if config.mask_source == "cond" else (COND, UNCOND)
-    records: list[StepRecord] = []
+    updates: list[_Update] = []
     n = plan.stage1_steps
     noise_sampler = None
     if n > 0:
         noise_sampler = comfy_sampling.persistent_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
         with torch.inference_mode(False):
-            comfy_sampling.release_inference_parameters(guider.model_patcher)
+            comfy_sampling.release_inference_parameters(guider.model_patcher, guider.conds.get("positive"))
     maps = None
+    gradient_options = comfy_sampling.gradient_pass_options(options_with, guider.conds.get("positive"))
     for i in range(n):
         comfy_sampling.throw_if_interrupted()
-        x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, options_with, records)
-        if i == n - 1:
-            collector.start(plan.layers.mask_keys, mask_branches, reset_on_new_sigma=True)
+        x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, gradient_options,
+                           extra_args.get("denoise_mask"), updates)
+        if i == n - 1:  # masks from the first (main CFG) forward of step N − 1, on the updated latent (spec §4.1)
+            collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
-                                          noise_sampler)
+                                             noise_sampler)
         if i == n - 1:
             maps = collector.maps().detach()
             collector.stop()
     if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (spec §4.1)
-        collector.start(plan.layers.mask_keys, mask_branches)
+        collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         with torch.no_grad():
-            comfy_sampling.cond_forward(model_k, x, sigmas[0], options_with, negative=UNCOND in mask_branches)
+            comfy_sampling.cond_forward(model_k, x, sigmas[0], comfy_sampling.mark_auxiliary_pass(options_with),
+                                        negative=UNCOND in mask_branches)
         maps = collector.maps().detach()
         collector.stop()
     masks = None if maps is None else build_concept_masks(maps, config)
-    if plan.fixing and masks is not None and n < plan.total_steps:
-        fixer.masks, fixer.active = masks, True
+    if plan.fixing and masks is not None:
+        fixer.activate(masks)
     x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[n:], extra_args, callback, disable, n, noise_sampler)
     fixer.active = False
-    _record(request.result, plan, records, maps, masks, x.shape[0])
+    _record(request.result, plan, updates, maps, masks, x.shape[0])
     return x
 
 
+@dataclass(frozen=True)
+class _Update:
+    """One stage-1 update as it ran; `finite` (grad, latent) stays on the device until the report is written, so an
+    update costs one host sync (the loss value, which decides whether the backward pass runs)."""
+
+    step: int
+    image: int
+    iteration: int
+    harmonic_mean: float
+    loss: float
+    eta: float
+    outcome: str  # final, or "" when `finite` decides
+    finite: Optional[torch.Tensor] = None  # (2,) bool: gradient finite, updated latent finite
+
+    def record(self) -> StepRecord:
+        outcome = self.outcome
+        if not outcome:
+            gradient_ok, latent_ok = self.finite.tolist()
+            outcome = ("updated" if gradient_ok and latent_ok else
+                       "skipped: non-finite gradient" if not gradient_ok else "skipped: non-finite latent")
+        return StepRecord(self.step, self.image, self.iteration, self.harmonic_mean, self.loss, self.eta, outcome)
+
+
 def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, collector: MapCollector,
-                   model_options, records: list) -> torch.Tensor:
+                   model_options, denoise_mask, updates: list) -> torch.Tensor:
     """Stage 1 at step i: per image, a truncated cond-only forward with gradients, the loss, and the k-diffusion
-    update x ← x − η_i (1 + σ_i²) ∇_x L replacing the sampler's state (spec §3.3, §3.4)."""
+    update x ← x − η_i (1 + σ_i²) ∇_x L replacing the sampler's state (spec §3.3, §3.4). With an inpainting mask
+    the pass sees the blended input the sampler's model call sees, so the update is zero outside the mask."""
     eta = step_size(i, plan.total_steps, config)
     images = []
     with torch.inference_mode(False), torch.enable_grad():
@@ -159,35 +223,34 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
             x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
             for iteration in range(config.inner_iterations):
                 comfy_sampling.throw_if_interrupted()
-                x_b, record = _one_update(model_k, x_b, sigma, eta, config, collector, model_options)
-                records.append(StepRecord(i, b, iteration, *record))
+                x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b,
+                                          config)
+                updates.append(_Update(i, b, iteration, *update))
             images.append(x_b.detach())
     return torch.cat(images).to(x.dtype)
 
 
-def _one_update(model_k, x_b, sigma, eta, config, collector, model_options):
+def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, image, config):
     x_grad = x_b.detach().requires_grad_(True)
+    model_input = comfy_sampling.inpaint_model_input(model_k, x_grad, sigma, denoise_mask, model_options, image)
     collector.start(collector.layers.loss_keys, (COND,), truncate=True)
     try:
-        run_truncated(lambda: comfy_sampling.cond_forward(model_k, x_grad, sigma, model_options))
+        run_truncated(lambda: comfy_sampling.cond_forward(model_k, model_input, sigma, model_options))
         concept_maps = collector.maps()[0]  # (K, h, w) in the graph
     finally:
         collector.stop()
     loss, diagnostics = separation_loss(concept_maps, config)
-    hm, value = float(diagnostics.harmonic_mean), float(diagnostics.loss)
+    hm, value = torch.stack([diagnostics.harmonic_mean.float(), diagnostics.loss.float()]).tolist()  # one sync
     if not value > 0:  # L = 0 (or NaN): no update, skip the backward pass
         outcome = "loss 0, no update" if value == 0 else "skipped: non-finite loss"
         return x_b, (hm, value, eta, outcome)
     (grad,) = torch.autograd.grad(loss, x_grad)  # (1, 4, h, w)
-    if not bool(torch.isfinite(grad).all()):
-        return x_b, (hm, value, eta, "skipped: non-finite gradient")
     updated = kdiffusion_latent_update(x_b.detach(), grad, sigma, eta)
-    if not bool(torch.isfinite(updated).all()):
-        return x_b, (hm, value, eta, "skipped: non-finite latent")
-    return updated, (hm, value, eta, "updated")
+    finite = torch.stack([torch.isfinite(grad).all(), torch.isfinite(updated).all()])  # (2,) on the device
+    return torch.where(finite.all(), updated, x_b), (hm, value, eta, "", finite)
 
 
-def _record(result: Optional[LodaResult], plan: LodaPlan, records, maps, masks, batch: int) -> None:
+def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, batch: int) -> None:
     if result is None:
         return
     h, w = plan.layers.grid
@@ -195,7 +258,15 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, records, maps, masks, 
     result.maps = ConceptMaps(plan.concepts.labels,
                               maps.float().cpu() if maps is not None else torch.zeros(batch, k, h, w))
     result.masks = masks.cpu() if masks is not None else torch.zeros(batch, k, h, w, dtype=torch.bool)
+    records = [update.record() for update in updates]
     result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
+
+
+def record_without_sampling(result: LodaResult, plan: LodaPlan, batch: int) -> None:
+    """Fill `result` for a run with nothing to sample (denoise 0): zero maps and masks, as KSampler returns the
+    latent unchanged."""
+    result.reset()
+    _record(result, plan, [], None, None, batch)
 
 
 def loda_sampler(inner, request: LodaRequest):

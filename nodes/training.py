@@ -2,8 +2,10 @@
 ICCV 2025, §3.1 ToVA; recipe in spec §2.6). `train_adapter` is the one code path of the node and the CLI trainer.
 
 Images: an IMAGE batch shares one size in ComfyUI (Batch Images resizes the second input to the first). Every image
-is resized on its shorter side to the resolution R (bilinear, antialiased) and cropped R×R at a seeded random
-offset, so any size and aspect ratio works; the CLI passes photos of different sizes the same way.
+is resized on its shorter side to the resolution R (bilinear, antialiased); k = 4 random R×R crops per image (offsets
+from the seed) are VAE-encoded once, and each step picks one of them by (seed, step), so the recipe's random crop per
+sample (spec §2.6) is approximated by k views at k encodes per image and a resume repeats the same picks. Any size and
+aspect ratio works (a square image has one crop); the CLI passes photos of different sizes the same way.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ..conceptsplit_core.config import FAMILY_SD21, PREDICTION_V, ROLE_OBJECT
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loss_curve import render_loss_curve
 from ..conceptsplit_core.tova_lora import ToVALoraSet
-from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, TrainConfig, load_prompt_templates,
-                                               preprocess_images, templates_hash)
+from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, CropViews, TrainConfig, crop_views,
+                                               load_prompt_templates, templates_hash)
 from . import comfy_hooks, comfy_training
 from .adapters import ConceptAdapters
 
@@ -41,6 +43,7 @@ class TrainingRequest:
     resume: bool = False
     role: str = ROLE_OBJECT
     templates: tuple[str, ...] | None = None  # prompt templates; None = the pack's list (spec §2.6)
+    gradient_checkpointing: bool = False  # recompute UNet block activations in backward: less memory, ~30% slower
 
 
 @dataclass(frozen=True)
@@ -79,28 +82,30 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
                                           comfy_hooks.word_token_ids(clip, word))
     base_model = layout.family + ("-v" if layout.family == FAMILY_SD21 and prediction == PREDICTION_V else "")
     resolution = config.resolved_resolution(base_model)
-    crops = torch.Generator().manual_seed(config.seed)
-    pixels = preprocess_images(images, resolution, crops)  # (n, 3, R, R) in [-1, 1]
-    mean, std = comfy_training.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
+    views = crop_views(images, resolution, config.crop_views, config.seed)  # k random crops per image (§2.6)
+    mean, std, view_rows = _encode_views(vae, model, views)
     conditionings = [comfy_training.training_conditioning(clip, p, resolution) for p in prompts]
     schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
     alpha = float(config.resolved_alpha())
-    record = {"word": word, "base_model": base_model, "layers": len(shapes), "images": core.fingerprint(pixels),
+    images_print = core.fingerprint(torch.cat([image.flatten() for image in views.resized]))
+    record = {"word": word, "base_model": base_model, "layers": len(shapes), "images": images_print,
               "templates": templates_hash(templates), "resolution": resolution, "rank": config.rank,
-              "alpha": alpha, "learning_rate": config.learning_rate, "seed": config.seed, "steps": config.steps}
+              "alpha": alpha, "learning_rate": config.learning_rate, "seed": config.seed, "steps": config.steps,
+              "crop_views": config.crop_views}
     folder.mkdir(parents=True, exist_ok=True)
     plan = core.CheckpointPlan(path.with_name(path.stem + CHECKPOINT_SUFFIX), config.checkpoint_every, request.resume)
     autocast = comfy_training.training_autocast_dtype(model)
 
     def body(denoise):
         # Runs with autograd on and inference mode off: tensors made here can be saved for backward (notes §4.2).
-        data = core.TrainingData(mean.clone(), std.clone(), positions)
+        data = core.TrainingData(mean.clone(), std.clone(), positions, view_rows=view_rows)
         lora = ToVALoraSet(shapes, config.rank, config.alpha, torch.Generator().manual_seed(config.seed))
         result = core.train_tova(lora.to(mean.device), data, schedule, denoise, config, run_record=record,
                                  checkpoint=plan, on_step=on_step, autocast_dtype=autocast, label=word)
         return lora.state_for_saving(), result
 
-    weights, result = comfy_training.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body)
+    weights, result = comfy_training.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body,
+                                                  gradient_checkpointing=request.gradient_checkpointing)
     meta = AdapterMetadata(
         base_model=base_model, text_width=layout.text_width, rank=config.rank, alpha=alpha,
         identifier_word=word, role=request.role, prediction=prediction, layers=len(shapes),
@@ -110,6 +115,22 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     plan.path.unlink(missing_ok=True)  # the run is complete; its checkpoint is no longer needed
     concept = make_concept(read_adapter_file(path), word, 1.0, request.role)
     return TrainingOutcome(concept, result.losses, path, result.resumed_from)
+
+
+def _encode_views(vae, model, views: CropViews) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, ...], ...]]:
+    """VAE posterior of every distinct crop, image by image (one image's crops in memory at a time).
+
+    Returns mean, std (m, 4, R/8, R/8) and, per image, the latent rows of its k crop draws.
+    """
+    means, stds, view_rows, base = [], [], [], 0
+    for index in range(views.n_images):
+        crops = views.crops(index)  # (v, 3, R, R) in [-1, 1]
+        mean, std = comfy_training.encode_latent_posterior(vae, model, ((crops + 1) / 2).movedim(1, -1))
+        means.append(mean)
+        stds.append(std)
+        view_rows.append(tuple(base + choice for choice in views.choices[index]))
+        base += crops.shape[0]
+    return torch.cat(means), torch.cat(stds), tuple(view_rows)
 
 
 def _int_input(name: str, default: int, tooltip: str) -> io.Int.Input:
@@ -135,7 +156,8 @@ class TrainToVAAdapter(io.ComfyNode):
                                               "templates once (frozen)."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; it encodes each photo once."),
                 io.Image.Input("images", tooltip="3-20 photos of the concept as one IMAGE batch. Each is resized "
-                                                 "(shorter side to resolution) and randomly cropped square."),
+                                                 "(shorter side to resolution); 4 random square crops per photo "
+                                                 "are encoded once and each step uses one of them."),
                 io.String.Input("identifier_word", default="dog",
                                 tooltip="The plain class word of the concept (dog, cat, barn). Its first token gets "
                                         "the delta, in training and in every later prompt."),
@@ -155,6 +177,10 @@ class TrainToVAAdapter(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue a stopped run from its checkpoint (same images and settings); "
                                          "the result equals an uninterrupted run."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,  # old API graphs lack it
+                                 tooltip="Recompute each UNet block's activations during the backward pass instead "
+                                         "of keeping them: much less memory (for 1024 px SDXL or small GPUs), about "
+                                         "a third slower, same adapter. Off by default."),
             ],
             outputs=[
                 ConceptAdapters.Output(display_name="adapters",
@@ -169,10 +195,11 @@ class TrainToVAAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, identifier_word: str, steps: int, learning_rate: float, rank: int,
                 seed: int, resolution: int, save_name: str, overwrite: bool, checkpoint_every: int,
-                resume: bool) -> io.NodeOutput:
+                resume: bool, gradient_checkpointing: bool = False) -> io.NodeOutput:
         config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed,
                              resolution=resolution or None, checkpoint_every=checkpoint_every)
-        request = TrainingRequest(identifier_word, config, save_name, overwrite, resume)
+        request = TrainingRequest(identifier_word, config, save_name, overwrite, resume,
+                                  gradient_checkpointing=gradient_checkpointing)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         outcome = train_adapter(model, clip, vae, images, request, tova_folder(),
                                 comfy_training.training_progress(steps, node_id))

@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 from ..conceptsplit_core import attention_capture as capture_core
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.map_metrics import format_metrics_report
+from ..conceptsplit_core.map_metrics import check_report_maps, format_metrics_report
 from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
 from . import comfy_hooks, comfy_sampling
 
@@ -129,11 +129,7 @@ class AttentionMapViewer(io.ComfyNode):
                 image=None) -> io.NodeOutput:
         record = _concept_maps(capture, samples, maps, image)
         labels = list(record.labels)
-        if image is not None and image.shape[0] != record.maps.shape[0]:
-            raise ConceptSplitError.build(
-                "The image and the attention maps have different batch sizes",
-                seen=f"{image.shape[0]} image(s) and maps for {record.maps.shape[0]}",
-                expected="one image per set of maps", fix="connect the images decoded from the same sampler run")
+        _check_viewable(record, labels, image)  # every error before any rendering
         grids, masks, reports = [], [], [capture_core.describe_coverage(record)]
         for b in range(record.maps.shape[0]):
             grid, mask = render_attention_grid(None if image is None else image[b], record.maps[b], labels, alpha,
@@ -163,3 +159,26 @@ def _concept_maps(capture, samples, maps, image):
             expected="the sampler's LATENT (or the decoded IMAGE) connected too, so the viewer runs after it",
             fix="connect the sampler's LATENT output to the viewer's samples input")
     return capture.maps_for(None if samples is None else samples["samples"])
+
+
+def _check_viewable(record, labels: list[str], image) -> None:
+    """Image batch and shape, and every image's maps, checked before the first tile is drawn."""
+    batch = record.maps.shape[0]
+    if image is not None and image.shape[0] != batch:
+        raise ConceptSplitError.build(
+            "The image and the attention maps have different batch sizes",
+            seen=f"{image.shape[0]} image(s) and maps for {batch}",
+            expected="one image per set of maps", fix="connect the images decoded from the same sampler run")
+    if image is not None and (image.dim() != 4 or image.shape[-1] != 3):
+        raise ConceptSplitError.build(
+            "The image input is not an RGB IMAGE batch", seen=f"shape {tuple(image.shape)}",
+            expected="(B, H, W, 3)", fix="connect VAE Decode's IMAGE (drop an alpha channel first)")
+    if not bool((record.maps != 0).any()):
+        raise ConceptSplitError.build(
+            "The maps hold no attention at all (every value is 0)",
+            seen=f"maps of shape {tuple(record.maps.shape)} for {', '.join(labels)}",
+            expected="maps recorded during sampling; the LODA Sampler records maps only when stage 1 runs "
+                     "(loda_steps > 0) or attention fixing is on (boost or suppression non-zero)",
+            fix="raise loda_steps or boost/suppression, or use Capture Attention on the model instead")
+    for b in range(batch):
+        check_report_maps(labels, record.maps[b])

@@ -5,7 +5,8 @@
     COMFYUI_PATH=... python scripts/train_tova.py --tiny sd21 --images photos/ --word dog --name demo --steps 10
 
 The adapter goes to ComfyUI/models/tova (or --output-dir) exactly as the "Train ToVA Adapter" node writes it.
-Photos may have different sizes: each is resized on its shorter side and randomly cropped square.
+Photos may have different sizes: each is resized on its shorter side; --crop-views random square crops per photo are
+encoded once and each step uses one of them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute UNet block activations in backward: less memory, slower, same adapter")
+    parser.add_argument("--crop-views", type=int, default=4,
+                        help="random crops encoded per photo; each step uses one (spec §2.6 random crop)")
     return parser.parse_args(argv)
 
 
@@ -91,9 +96,11 @@ def main(argv=None) -> int:
 
         model = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
     config = data.TrainConfig(steps=args.steps, learning_rate=args.lr, rank=args.rank, seed=args.seed,
-                              resolution=args.resolution or None, checkpoint_every=args.checkpoint_every)
+                              resolution=args.resolution or None, checkpoint_every=args.checkpoint_every,
+                              crop_views=args.crop_views)
     templates = data.load_prompt_templates(args.templates) if args.templates else None
-    request = training.TrainingRequest(args.word, config, args.name, args.overwrite, args.resume, templates=templates)
+    request = training.TrainingRequest(args.word, config, args.name, args.overwrite, args.resume, templates=templates,
+                                       gradient_checkpointing=args.gradient_checkpointing)
     folder = args.output_dir or training.tova_folder()
     with tqdm.tqdm(total=args.steps, desc=f"ToVA {args.word}", unit="step") as bar:
         def on_step(done: int, total: int, loss: float) -> None:

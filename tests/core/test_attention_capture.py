@@ -94,16 +94,26 @@ def test_capture_averages_calls_in_range_upsamples_coarse_grids_and_matches_runs
     fine = [torch.rand(2, 2, 4, 77).softmax(-1) for _ in range(2)]  # (B = cond + uncond, H, N = 2·2, T)
     coarse = torch.rand(2, 2, 1, 77).softmax(-1)  # middle block, 1×1 grid
     skipped_step = torch.rand(2, 2, 4, 77).softmax(-1)
-    assert not store.needs_probabilities(_call((2, 2), (0, 1), 1, 77, sigma=5.0))  # grad on: a LODA pass
-    with torch.no_grad():  # ComfyUI samples under inference mode
-        assert store.needs_probabilities(_call((2, 2), (0, 1), 1, 77, sigma=5.0))
-        assert not store.needs_probabilities(_call((2, 2), (0, 1), 1, 77, sigma=10.0))
-        assert not store.needs_probabilities(_call((2, 2), (0, 1), 1, 77, sigma=5.0, key=("output", 3, 0)))
-        assert not store.needs_probabilities(_call((2, 2), (1,), 1, 77, sigma=5.0))  # an uncond-only call
-        store.observe_probabilities(_call((2, 2), (0, 1), 1, 77, sigma=10.0), skipped_step)
-        for probs in fine:
-            store.observe_probabilities(_call((2, 2), (0, 1), 1, 77, sigma=5.0), probs)
-        store.observe_probabilities(_call((1, 1), (0, 1), 1, 77, sigma=5.0, key=("middle", 0, 0)), coarse)
+    assert not store.needs_probabilities(_call((2, 2), (0, 1), 1, 77))  # outside a model call: nothing recorded
+
+    def model_call(sigma, calls):  # what the seam does around one model call
+        previous = store.begin_model_call(sigma)
+        try:
+            for call, probs in calls:
+                if store.needs_probabilities(call):
+                    store.observe_probabilities(call, probs)
+        finally:
+            store.end_model_call(previous)
+
+    model_call(10.0, [(_call((2, 2), (0, 1), 1, 77), skipped_step)])  # step 0: outside the range
+    model_call(None, [(_call((2, 2), (0, 1), 1, 77), skipped_step)])  # an auxiliary or gradient pass
+    previous = store.begin_model_call(5.0)
+    assert store.needs_probabilities(_call((2, 2), (0, 1), 1, 77))
+    assert not store.needs_probabilities(_call((2, 2), (0, 1), 1, 77, key=("output", 3, 0)))  # layer not chosen
+    assert not store.needs_probabilities(_call((2, 2), (1,), 1, 77))  # an uncond-only call
+    store.end_model_call(previous)
+    model_call(5.0, [(_call((2, 2), (0, 1), 1, 77), probs) for probs in fine]
+               + [(_call((1, 1), (0, 1), 1, 77, key=("middle", 0, 0)), coarse)])
     latent = torch.rand(1, 4, 2, 2)
     store.finish_run(latent)
     record = store.maps_for(latent)

@@ -270,13 +270,13 @@ def test_kdiffusion_update_per_row_sigma():
 def test_config_defaults_match_spec():
     c = LodaConfig()
     stage_1 = (c.loda_steps, c.inner_iterations, c.kl_threshold, c.step_scale, c.step_schedule, c.smoothing_sigma)
-    assert stage_1 == (None, 1, 1.0, 40.0, "linear", 1.5)
+    assert stage_1 == (-1, 1, 1.0, 40.0, "linear", 1.5)  # -1 = auto, round(0.2·S)
     assert (c.kl_pairs, c.mask_percentile, c.mask_sigma, c.boost, c.suppression) == ("ordered", 0.90, 1.5, 5.0, -1e8)
     assert (c.fixing_layers, c.fixing_branches, c.mask_source) == ("all", "both", "cond")
     c.validate(50)
     for name, (low, high, _, _) in UI_RANGES.items():
         default = getattr(c, name)
-        assert default is None or low <= default <= high, name
+        assert low <= default <= high, name
     for name, options in UI_OPTIONS.items():
         assert getattr(c, name) == options[0], name
 
@@ -294,7 +294,7 @@ def test_config_rejects_unknown_option(field):
         ({"mask_percentile": 0.0}, r"mask_percentile = 0\.0"),
         ({"mask_percentile": 1.0}, r"mask_percentile = 1\.0"),
         ({"kl_threshold": -0.5}, r"kl_threshold = -0\.5.*τ >= 0"),
-        ({"loda_steps": 0}, r"loda_steps = 0"),
+        ({"loda_steps": -2}, r"loda_steps = -2.*-1 \(auto"),
         ({"inner_iterations": 0}, r"inner_iterations = 0"),
         ({"step_scale": -1.0}, r"step_scale = -1\.0"),
         ({"smoothing_sigma": 0.0}, r"smoothing_sigma = 0\.0"),
@@ -316,3 +316,11 @@ def test_config_checks_loda_steps_against_sampling_steps():
         LodaConfig().validate(2)
     with pytest.raises(ConceptSplitError, match=r"no steps.*steps = 0"):
         LodaConfig().validate(0)
+
+
+def test_loda_steps_minus_one_is_auto_zero_is_off_and_positive_is_explicit():
+    assert LodaConfig(loda_steps=-1).loda_steps_for(50) == 10
+    assert LodaConfig(loda_steps=0).loda_steps_for(50) == 0
+    assert LodaConfig(loda_steps=7).loda_steps_for(50) == 7
+    LodaConfig(loda_steps=0).validate(2)  # stage 1 off needs no minimum step count (auto would round to 0)
+    assert UI_RANGES["loda_steps"][0] == -1 and "0 = stage 1 off" in UI_RANGES["loda_steps"][3]

@@ -92,7 +92,7 @@ def test_collector_equals_numpy_mean_over_heads_and_layers_of_the_concept_column
         np.testing.assert_allclose(got[image].numpy(), np.stack(ref).reshape(2, 7, 7), rtol=1e-6, atol=1e-7)
 
 
-def test_collector_keeps_the_graph_truncates_after_the_last_key_and_resets_on_a_new_sigma():
+def test_collector_keeps_the_graph_and_truncates_after_the_last_key():
     concepts = LodaConcepts(("dog", "cat"), (1, 2), 4)
     layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
     collector = MapCollector(concepts, layers)
@@ -108,12 +108,34 @@ def test_collector_keeps_the_graph_truncates_after_the_last_key_and_resets_on_a_
     run_truncated(lambda: collector.after_attention(last))  # swallowed
     collector.maps().sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
-    collector.start(layers.mask_keys, (0,), reset_on_new_sigma=True)
-    first = torch.rand(1, 1, 49, 4)
-    second = torch.rand(1, 1, 49, 4)
-    collector.observe_probabilities(_call(layers.mask_keys[0], (7, 7), 1, (0,), 1, 4, sigma=2.0), first)
-    collector.observe_probabilities(_call(layers.mask_keys[0], (7, 7), 1, (0,), 1, 4, sigma=1.0), second)
-    torch.testing.assert_close(collector.maps()[0], second[0, 0, :, 1:3].T.reshape(2, 7, 7))
+
+
+def test_collector_first_call_keeps_the_first_model_call_with_each_branch_and_then_stops():
+    """Masks come from the first (main CFG) forward of step N − 1, never from heun's corrector (spec §4.1)."""
+    concepts = LodaConcepts(("dog", "cat"), (1, 2), 4)
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
+    collector = MapCollector(concepts, layers)
+
+    def forward(chunks, values):  # one model call: every mask layer, then after_attention
+        for key in layers.mask_keys:
+            call = _call(key, (7, 7), 1, chunks, 1, 4)
+            if collector.needs_probabilities(call):
+                collector.observe_probabilities(call, values)
+            collector.after_attention(call)
+
+    first, second = torch.rand(2, 1, 49, 4), torch.rand(2, 1, 49, 4)
+    collector.start(layers.mask_keys, (0,), first_call=True)
+    forward((1,), torch.rand(1, 1, 49, 4))  # an uncond-only call (split batch): not wanted, nothing collected
+    assert collector.active
+    forward((1, 0), first)  # the main CFG pass: collected, then collection stops
+    assert not collector.active
+    forward((1, 0), second)  # the corrector pass at another sigma: ignored
+    torch.testing.assert_close(collector.maps()[0], first[1, 0, :, 1:3].T.reshape(2, 7, 7))
+    collector.start(layers.mask_keys, (0, 1), first_call=True)  # cond and uncond arriving in separate calls
+    forward((1,), first[:1])
+    forward((0,), second[1:])
+    assert not collector.active
+    torch.testing.assert_close(collector.maps()[0], (first[0, 0] + second[1, 0])[:, 1:3].T.reshape(2, 7, 7) / 2)
 
 
 def test_fixing_bias_gives_each_image_its_masks_on_the_chosen_branches_and_layers():
@@ -133,6 +155,12 @@ def test_fixing_bias_gives_each_image_its_masks_on_the_chosen_branches_and_layer
         ref = build_fixing_bias(masks[image].flatten(1), [[2, 10], [5, 13]], 16, 5.0, -1e8, torch.float32)
         torch.testing.assert_close(bias[2 + image], ref)
     assert fixer.attention_bias(_call(("input", 1, 0), (28, 28), 2, (0,), 2, 16), q, q) is None  # not map level
+    assert fixer.attention_bias(call, q, q) is bias  # built once per call layout, then looked up
+    swapped = fixer.attention_bias(_call(layers.mask_keys[0], (14, 14), 2, (0, 1), 2, 16), q, q)
+    torch.testing.assert_close(swapped[:2], bias[2:])  # cond chunk first now
+    assert swapped[2:].abs().sum() == 0
+    fixer.activate(masks.flip(0))  # new masks drop the cached biases
+    torch.testing.assert_close(fixer.attention_bias(call, q, q)[2:], bias[2:].flip(0))
     coarse = FixingBias(concepts, masks, LodaConfig(), select_map_layers(TINY_LEVELS, "sd2.1", (28, 28), "all"))
     coarse.active = True
     big = coarse.attention_bias(_call(("input", 1, 0), (28, 28), 2, (0,), 2, 16), q, q)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conceptsplit_core.errors import ConceptSplitError
+from conceptsplit_core.loda_loss import separation_loss
 from conceptsplit_core.map_metrics import (
     EPSILON,
     entropy,
@@ -117,10 +118,21 @@ def test_report_lists_words_pairs_and_numbers():
     assert f"{paper_softmax_entropy(maps)[0].item():10.6f}" in dog_row
     pair_row = next(line for line in lines if line.startswith("cat / sofa "))
     assert pair_row.split()[-3:] == [f"{kl[1, 2].item():.5f}", f"{kl[2, 1].item():.5f}", f"{shared[1, 2].item():.5f}"]
-    assert f"{harmonic_mean_kl(maps).item():.5f}" in lines[-1]
+    loda_hm = separation_loss(maps)[1].harmonic_mean.item()  # what LODA's report prints for these maps
+    assert lines[-1].startswith("LODA harmonic mean") and lines[-1].endswith(f": {loda_hm:.5f}")
+    assert f"{loda_hm:.5f}" != f"{harmonic_mean_kl(maps).item():.5f}"  # smoothing matters: the old number differs
     assert sum(re.match(r"\S+ / \S+ +\d", line) is not None for line in lines) == 3  # K(K−1)/2 pairs
     single = format_metrics_report(["dog"], maps[:1])
     assert "no pairs" in single and "KL" not in single
+
+
+def test_report_names_the_unsmoothed_harmonic_mean_below_lodas_kernel_size():
+    maps = torch.tensor(_random_maps(K=2, h=6, w=9, seed=3), dtype=torch.float32)
+    last = format_metrics_report(["dog", "cat"], maps).splitlines()[-1]
+    assert "NOT LODA's number" in last and "6x9 maps" in last and not last.startswith("LODA")
+    assert last.endswith(f": {harmonic_mean_kl(maps).item():.5f}")
+    with pytest.raises(ConceptSplitError, match="smaller than the LODA smoothing kernel"):
+        separation_loss(maps)
 
 
 def test_report_cuts_long_words_to_a_fixed_width():

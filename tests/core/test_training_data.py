@@ -15,6 +15,8 @@ from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.training_data import (
     UI_RANGES,
     TrainConfig,
+    crop_choice,
+    crop_views,
     default_resolution,
     load_prompt_templates,
     preprocess_images,
@@ -272,3 +274,36 @@ def test_noise_depends_only_on_seed_and_step():
     timesteps = torch.cat([sample_training_noise(step, 0, (1, 1, 1, 1))[0] for step in range(400)])
     assert timesteps.min() >= 0 and timesteps.max() <= 999
     assert timesteps.unique().numel() > 300  # spread over [0, 1000), not stuck
+
+
+# --- crop views --------------------------------------------------------------------------------------------------
+
+
+def test_crop_views_draw_k_seeded_crops_per_image_and_keep_each_distinct_one_once():
+    g = torch.Generator().manual_seed(0)
+    wide, square = torch.rand(40, 100, 3, generator=g), torch.rand(32, 32, 3, generator=g)
+    views = crop_views([wide, square], 32, 4, seed=7)
+    assert views.n_images == 2 and len(views.choices[0]) == len(views.choices[1]) == 4
+    assert views.offsets[1] == ((0, 0),) and views.choices[1] == (0, 0, 0, 0)  # a square image has one crop
+    assert len(views.offsets[0]) > 1  # the wide one (32×80 after resizing) gets several
+    resized = F.interpolate(wide.permute(2, 0, 1)[None], size=(32, 80), mode="bilinear", align_corners=False,
+                            antialias=True)[0] * 2 - 1  # (3, 32, 80), the documented pipeline
+    crops = views.crops(0)  # (v, 3, 32, 32)
+    for crop, (top, left) in zip(crops, views.offsets[0]):
+        assert top == 0 and 0 <= left <= 48
+        assert torch.allclose(crop, resized[:, :, left:left + 32].clamp(-1, 1), atol=1e-6)
+    assert [views.offsets[0][c] for c in views.choices[0]] == [views.offsets[0][c] for c in
+                                                               crop_views([wide, square], 32, 4, 7).choices[0]]
+    assert crop_views([wide], 32, 4, seed=8).offsets != views.offsets[:1]  # another seed, other crops
+    with pytest.raises(ConceptSplitError, match="No training images"):
+        crop_views([], 32, 4, 0)
+    with pytest.raises(ConceptSplitError, match="3 colour channels"):
+        crop_views([wide, torch.rand(32, 32, 4)], 32, 4, 0)
+
+
+def test_crop_choice_depends_on_seed_and_step_only_and_covers_every_view():
+    picks = [crop_choice(step, 3, 4) for step in range(200)]
+    assert picks == [crop_choice(step, 3, 4) for step in range(200)]
+    assert set(picks) == {0, 1, 2, 3} and max(picks.count(v) for v in range(4)) < 70  # roughly uniform
+    assert picks != [crop_choice(step, 4, 4) for step in range(200)]
+    assert {crop_choice(step, 0, 1) for step in range(20)} == {0}

@@ -2,7 +2,8 @@
 
 Tiny models have two levels, so their map level is latent/2 (the deepest, spec §3.1 [choice]); 128 px gives 8×8
 maps. Stage-1 effects are measured on tiny SD2.1 with attn2 q/k weights scaled ×10, so attention is not uniform
-(with N(0, 0.02) weights every token attends everywhere alike and the KL is ~1e-6).
+(with N(0, 0.02) weights every token attends everywhere alike and the KL is ~1e-6). Models are built under
+inference mode, as ComfyUI's executor loads them, so the gradient pass meets inference-tensor weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from testing.tiny_models import build_tiny_model
 log = logging.getLogger(__name__)
 PROMPT = "a dog and a cat"  # dog = token 2, cat = token 5
 SIZE = 112  # 14×14 latent, 7×7 maps in the tiny models (the smallest the 7×7 kernel accepts)
-SETTINGS = dict(loda_steps=0, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
+SETTINGS = dict(loda_steps=-1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
                 smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
                 suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
 
@@ -43,11 +44,19 @@ class Spy:
     def needs_probabilities(self, call):
         return call.key in self.keys and not torch.is_grad_enabled()
 
-    def observe_probabilities(self, call, probs):
-        self.records.append((float(call.sigmas[0]), call, probs.detach().clone()))
+    def observe_probabilities(self, call, probs):  # the processor calls every observer when any one needs them
+        if self.needs_probabilities(call):
+            self.records.append((float(call.sigmas[0]), call, probs.detach().clone()))
 
     def after_attention(self, call):
         return None
+
+
+def tiny(arch="sd15", seed=0):
+    """(MODEL, CLIP) with inference-tensor weights, as the executor loads them (comfyui-notes §4.2)."""
+    with torch.inference_mode():
+        model, clip, _ = build_tiny_model(arch, seed)
+    return model, clip
 
 
 def with_spy(pack, model, spy):
@@ -82,26 +91,28 @@ def loda(pack, inner_name, n, words=("dog", "cat"), **config):
 
     run = pack.glue("loda_sampling")
     result = run.LodaResult()
-    request = run.LodaRequest(pack.core("loda_config").LodaConfig(**config), tuple(words), n, result)
+    request = run.LodaRequest(pack.core("loda_config").LodaConfig(loda_steps=n, **config), tuple(words), result)
     return run.loda_sampler(comfy.samplers.sampler_object(inner_name), request), result
 
 
 def all_in_one(pack, model, clip, positive=None, words="dog, cat", steps=4, size=SIZE, batch=1, denoise=1.0,
-               **overrides):
+               sampler_name="euler", negative=None, noise_mask=None, **overrides):
     import nodes
 
     settings = dict(SETTINGS, **overrides)
     with torch.inference_mode():
         positive = encode(pack, clip) if positive is None else positive
-        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0] if negative is None else negative
         latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
-        return pack.glue("loda_nodes").LodaSampler.execute(model, 0, steps, 7.0, "euler", "normal", positive,
+        if noise_mask is not None:
+            latent = {**latent, "noise_mask": noise_mask}
+        return pack.glue("loda_nodes").LodaSampler.execute(model, 0, steps, 7.0, sampler_name, "normal", positive,
                                                            negative, latent, denoise, words, **settings).result
 
 
 def sharpened_sd21(seed=0, factor=10.0):
-    model, clip, vae = build_tiny_model("sd21", seed)
-    with torch.no_grad():
+    model, clip = tiny("sd21", seed)
+    with torch.inference_mode():
         for name, p in model.model.diffusion_model.named_parameters():
             if ".attn2.to_q." in name or ".attn2.to_k." in name:
                 p.mul_(factor)
@@ -121,16 +132,17 @@ def test_nodes_register_with_display_names_and_tooltips(pack):
     assert inputs["boost"].default == 5.0 and inputs["suppression"].default == -1e8
 
 
-@pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral", "dpmpp_2m", "heun", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral", "dpmpp_2m", "heun", "dpmpp_2m_sde", "ddim",
+                                          "uni_pc"])
 def test_no_stage_1_and_no_fixing_is_bit_identical_to_the_wrapped_sampler(pack, sampler_name):
     import comfy.samplers
 
-    model, clip, _ = build_tiny_model("sd15", 0)
+    model, clip = tiny("sd15")
     positive = encode(pack, clip)
     plain = sample_custom(model, clip, comfy.samplers.sampler_object(sampler_name), positive)
     wrapped, _ = loda(pack, sampler_name, 0, boost=0.0, suppression=0.0)
     assert torch.equal(sample_custom(model, clip, wrapped, positive), plain)
-    if sampler_name not in ("dpmpp_2m", "dpmpp_2m_sde"):  # multistep history restarts per slice (notes §4.3)
+    if sampler_name not in ("dpmpp_2m", "dpmpp_2m_sde", "uni_pc"):  # multistep restarts per slice (notes §4.3)
         sliced, result = loda(pack, sampler_name, 2, step_scale=0.0, boost=0.0, suppression=0.0)
         assert torch.equal(sample_custom(model, clip, sliced, positive), plain)  # same noise, zero update
         assert result.report.count(": updated") == 2
@@ -176,7 +188,7 @@ def test_fixing_raises_each_tokens_attention_share_inside_its_own_mask(pack):
 
 
 def test_batch_images_get_their_own_masks_and_outputs_have_the_documented_shapes(pack):
-    model, clip, _ = build_tiny_model("sd15", 0)
+    model, clip = tiny("sd15")
     latent, masks, maps, report = all_in_one(pack, model, clip, steps=3, batch=2, loda_steps=1)
     assert latent["samples"].shape == (2, 4, 14, 14) and torch.isfinite(latent["samples"]).all()
     assert masks.shape == (4, SIZE, SIZE) and maps.maps.shape == (2, 2, 7, 7) and maps.labels == ("dog", "cat")
@@ -186,7 +198,7 @@ def test_batch_images_get_their_own_masks_and_outputs_have_the_documented_shapes
 
 def test_non_finite_gradient_skips_the_update_and_says_so(pack, monkeypatch):
     run = pack.glue("loda_sampling")
-    model, clip, _ = build_tiny_model("sd15", 0)
+    model, clip = tiny("sd15")
     reference = all_in_one(pack, model, clip, steps=3, loda_steps=1, step_scale=0.0)[0]["samples"]
     original = run.separation_loss
 
@@ -201,14 +213,14 @@ def test_non_finite_gradient_skips_the_update_and_says_so(pack, monkeypatch):
 
 
 def test_denoise_below_one_counts_the_steps_that_run(pack):
-    model, clip, _ = build_tiny_model("sd15", 0)
+    model, clip = tiny("sd15")
     latent, _, _, report = all_in_one(pack, model, clip, steps=3, denoise=0.5, loda_steps=1)
     assert "stage 1 on steps 0..0 of 3" in report and torch.isfinite(latent["samples"]).all()
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
 def test_tova_model_with_empty_words_separates_its_object_concepts(pack, tova_folder, arch):
-    model, clip, _ = build_tiny_model(arch, 0)
+    model, clip = tiny(arch)
     adapters = pack.glue("adapters")
     chain = None
     for word, seed in (("dog", 1), ("cat", 2), ("sofa", 3)):
@@ -235,7 +247,7 @@ def test_tova_model_with_empty_words_separates_its_object_concepts(pack, tova_fo
 def test_bad_inputs_raise_one_error_before_sampling(pack, overrides, message):
     import nodes
 
-    model, clip, _ = build_tiny_model("sd15", 0)
+    model, clip = tiny("sd15")
     spy = Spy()
     if overrides.pop("plain_positive", False):
         with torch.inference_mode():
@@ -248,7 +260,7 @@ def test_bad_inputs_raise_one_error_before_sampling(pack, overrides, message):
 def test_interrupt_in_stage_1_leaves_the_model_and_the_next_plain_run_untouched(pack):
     import comfy.model_management
 
-    model, clip, _ = build_tiny_model("sd21", 0)
+    model, clip = tiny("sd21")
     before = sample(model, clip, size=SIZE)
     options = copy.deepcopy(model.model_options)
     spy = Spy(error=comfy.model_management.InterruptProcessingException())
@@ -260,3 +272,175 @@ def test_interrupt_in_stage_1_leaves_the_model_and_the_next_plain_run_untouched(
     sampler, _ = loda(pack, "euler", 1)
     sample_custom(model, clip, sampler, encode(pack, clip), steps=2)  # a completed LODA run, then plain again
     assert torch.equal(sample(model, clip, size=SIZE), before)
+
+
+def attn2_blocks(model):
+    """(block name, block id) of every attn2 layer, for set_model_attn2_replace."""
+    for name in dict(model.model.diffusion_model.named_modules()):
+        if name.endswith(".attn2"):
+            parts = name.split(".")
+            yield ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
+
+
+class ForeignReplace:
+    """Another pack's attn2 replace (as IPAdapter installs one): plain attention, counted."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+
+        self.calls += 1
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+@pytest.mark.parametrize("sampler_name", ["uni_pc", "uni_pc_bh2"])
+def test_uni_pc_with_stage_1_is_refused_before_sampling(pack, sampler_name):
+    model, clip = tiny("sd15")
+    spy = Spy()
+    with pytest.raises(pack.error, match=r"cannot run with the uni_pc samplers.*order 0.*loda_steps to 0"):
+        all_in_one(pack, with_spy(pack, model, spy), clip, sampler_name=sampler_name, steps=3, loda_steps=1)
+    sampler, _ = loda(pack, sampler_name, 1)
+    with pytest.raises(pack.error, match="cannot run with the uni_pc samplers"):
+        sample_custom(with_spy(pack, model, spy), clip, sampler, encode(pack, clip), steps=3)
+    assert spy.calls == 0
+    latent, _, _, report = all_in_one(pack, model, clip, sampler_name=sampler_name, steps=3, loda_steps=0)
+    assert "stage 1 off" in report and "fixing from step 0" in report and torch.isfinite(latent["samples"]).all()
+
+
+def test_fixing_through_a_foreign_attention_replace_is_refused_before_sampling(pack):
+    model, clip = tiny("sd15")
+    foreign = ForeignReplace()
+    patched = model.clone()
+    for block in attn2_blocks(model):
+        patched.set_model_attn2_replace(foreign, block[0], block[1], 0)
+    with pytest.raises(pack.error, match=r"cannot pass its bias through another pack's.*ForeignReplace"):
+        all_in_one(pack, patched, clip, steps=3, loda_steps=1)
+    sampler, _ = loda(pack, "euler", 1)  # the SAMPLER path checks the per-run model options
+    with pytest.raises(pack.error, match="cannot pass its bias through another pack's"):
+        sample_custom(patched, clip, sampler, encode(pack, clip), steps=3)
+    assert foreign.calls == 0
+    latent, _, _, report = all_in_one(pack, patched, clip, steps=3, loda_steps=1, boost=0.0, suppression=0.0)
+    assert foreign.calls > 0 and ": updated" in report and torch.isfinite(latent["samples"]).all()
+
+
+def test_masks_come_from_the_first_forward_of_step_n_minus_1_not_from_heuns_corrector(pack):
+    """Spec §4.1: the main CFG pass of step N − 1 on the updated latent; heun's corrector runs at σ_N."""
+    model, clip = sharpened_sd21()
+    layers = pack.core("loda").select_map_layers(
+        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        (SIZE // 8, SIZE // 8), "all")
+    spy = Spy(layers.mask_keys)  # main passes only (no grad): stage 1's gradient pass is not recorded
+    sampler, result = loda(pack, "heun", 1)
+    sample_custom(with_spy(pack, model, spy), clip, sampler, encode(pack, clip), steps=3)
+    sigma_0 = max(s for s, _, _ in spy.records)
+    first = [(call, probs) for s, call, probs in spy.records if s == sigma_0]
+    corrector = [(call, probs) for s, call, probs in spy.records if s != sigma_0][:len(layers.mask_keys)]
+    assert len(first) == len(layers.mask_keys)  # heun's first evaluation of step 0
+
+    def maps_of(calls):  # mean over heads and layers of the cond chunk's concept columns, (1, K, h, w)
+        total = sum(probs[call.chunk_rows(0)][..., [2, 5]].sum(1) for call, probs in calls)  # (1, N, K)
+        count = sum(call.heads for call, _ in calls)
+        return (total / count).transpose(1, 2).unflatten(-1, layers.grid)
+
+    expected = maps_of(first)
+    torch.testing.assert_close(result.maps.maps, expected, rtol=1e-5, atol=1e-7)
+    default = pack.core("loda_config").LodaConfig()
+    assert torch.equal(result.masks, pack.core("loda").build_concept_masks(expected, default))
+    assert not torch.allclose(result.maps.maps, maps_of(corrector), rtol=1e-3)  # what the last forward gives
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "uni_pc"])
+def test_node_with_stage_1_off_and_no_fixing_is_bit_identical_to_ksampler(pack, sampler_name):
+    import nodes
+
+    model, clip = tiny("sd15")
+    positive = encode(pack, clip)
+    latent, masks, _, report = all_in_one(pack, model, clip, positive=positive, sampler_name=sampler_name,
+                                          loda_steps=0, boost=0.0, suppression=0.0)
+    with torch.inference_mode():
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        empty = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)[0]
+        plain = nodes.common_ksampler(model, 0, 4, 7.0, sampler_name, "normal", positive, negative, empty)[0]
+    assert torch.equal(latent["samples"], plain["samples"])
+    assert "stage 1 off" in report and "attention fixing off" in report and not masks.any()
+
+
+def test_denoise_zero_returns_the_input_latent_and_zero_masks_like_ksampler(pack):
+    model, clip = tiny("sd15")
+    spy = Spy()
+    latent, masks, maps, report = all_in_one(pack, with_spy(pack, model, spy), clip, denoise=0.0, loda_steps=1)
+    assert spy.calls == 0 and torch.equal(latent["samples"], torch.zeros(1, 4, SIZE // 8, SIZE // 8))
+    assert masks.shape == (2, SIZE, SIZE) and not masks.any() and not maps.maps.any()
+    assert "denoise 0" in report
+
+
+def test_stage_1_with_a_controlnet_releases_its_inference_weights(pack):
+    import nodes
+
+    from testing.tiny_controlnet import build_tiny_controlnet
+
+    with torch.inference_mode():
+        model, clip, vae = build_tiny_model("sd15", 0)
+        control = build_tiny_controlnet("sd15")
+        positive = pack.glue("prompt").ConceptSplitTextEncode.execute(clip, PROMPT).result[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        hint = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5))
+        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0,
+                                                                              0.0, 1.0, vae=vae)
+    assert any(p.is_inference() for p in control.control_model.parameters())
+    latent, _, _, report = all_in_one(pack, model, clip, positive=positive, negative=negative, steps=3,
+                                      loda_steps=1)
+    assert ": updated" in report and torch.isfinite(latent["samples"]).all()
+    assert not any(p.is_inference() for p in control.control_model.parameters())
+
+
+def test_inpainting_mask_zeroes_the_stage_1_update_outside_the_mask(pack, monkeypatch):
+    run = pack.glue("loda_sampling")
+    model, clip = sharpened_sd21()
+    original, deltas = run.kdiffusion_latent_update, []
+
+    def recording(x, grad, sigma, eta):
+        updated = original(x, grad, sigma, eta)
+        deltas.append((updated - x).detach().clone())  # (1, 4, h, w)
+        return updated
+
+    monkeypatch.setattr(run, "kdiffusion_latent_update", recording)
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[..., :SIZE // 2] = 1.0  # repaint the left half of the image only
+    latent, _, _, report = all_in_one(pack, model, clip, steps=3, loda_steps=2, boost=0.0, suppression=0.0,
+                                      noise_mask=mask)
+    assert len(deltas) == 2 and report.count(": updated") == 2
+    for delta in deltas:
+        assert delta[..., SIZE // 16 + 1:].abs().max() == 0  # right half: untouched (bilinear edge column aside)
+        assert delta[..., :SIZE // 16 - 1].abs().max() > 0
+
+
+def test_result_is_reset_when_a_run_starts(pack):
+    model, clip = tiny("sd15")
+    sampler, result = loda(pack, "euler", 1)
+    sample_custom(model, clip, sampler, encode(pack, clip), steps=3)
+    assert result.masks is not None and "step 0" in result.report
+    with pytest.raises(pack.error, match='"cat".*is not in the prompt'):
+        sample_custom(model, clip, sampler, encode(pack, clip, "a dog on a sofa"), steps=3)
+    assert result.masks is None and result.maps is None and result.report == ""  # nothing stale from run 1
+
+
+def test_empty_words_with_another_recorded_positive_than_apply_tovas_is_refused(pack, tova_folder):
+    model, clip = tiny("sd15")
+    adapters = pack.glue("adapters")
+    chain = None
+    for word, seed in (("dog", 1), ("cat", 2)):
+        write_tiny_adapter(tova_folder / f"{word}.safetensors", model, word, seed=seed)
+        chain = adapters.LoadToVAAdapter.execute(f"{word}.safetensors", "", 1.0, "from file", -1, chain).result[0]
+    with torch.inference_mode():
+        patched, _, _ = adapters.ApplyToVA.execute(model, chain, clip, PROMPT, True).result
+    spy = Spy()
+    other = encode(pack, clip, "a cat and a dog")  # same length, other token order: positions would be wrong
+    with pytest.raises(pack.error, match=r"not the prompt Apply ToVA located \"dog\" in.*a cat and a dog"):
+        all_in_one(pack, with_spy(pack, patched, spy), clip, positive=other, words="", steps=3, loda_steps=1)
+    assert spy.calls == 0

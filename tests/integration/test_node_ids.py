@@ -28,7 +28,8 @@ FROZEN = {
                                      "blocks"),
     "ConceptSplitAttentionViewer": ("alpha", "colormap", "capture", "samples", "maps", "image"),
     "ConceptSplitTrainToVA": ("model", "clip", "vae", "images", "identifier_word", "steps", "learning_rate", "rank",
-                              "seed", "resolution", "save_name", "overwrite", "checkpoint_every", "resume"),
+                              "seed", "resolution", "save_name", "overwrite", "checkpoint_every", "resume",
+                              "gradient_checkpointing"),
 }
 
 

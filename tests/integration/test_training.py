@@ -4,6 +4,7 @@ rows at inference, interrupt and resume, atomic save, bad input, the server work
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import subprocess
@@ -48,11 +49,18 @@ def synthetic_images(n=3, size=64, seed=0) -> torch.Tensor:
 
 
 def request(pack, name="dog", steps=4, lr=1e-4, rank=4, seed=0, checkpoint_every=0, resume=False, overwrite=False,
-            word=WORD, templates=TEMPLATES):
+            word=WORD, templates=TEMPLATES, gradient_checkpointing=False):
     training, data = pack.glue("training"), pack.core("training_data")
     config = data.TrainConfig(steps=steps, learning_rate=lr, rank=rank, seed=seed, resolution=64,
                               checkpoint_every=checkpoint_every)
-    return training.TrainingRequest(word, config, name, overwrite, resume, templates=templates)
+    return training.TrainingRequest(word, config, name, overwrite, resume, templates=templates,
+                                    gradient_checkpointing=gradient_checkpointing)
+
+
+def wide_images() -> torch.Tensor:
+    """(3, 64, 112, 3): not square, so each image has several distinct 64×64 crops."""
+    images = synthetic_images()
+    return torch.cat([images, images.flip(2)[:, :, :48]], dim=2)
 
 
 def train(pack, model, clip, vae, folder, images=None, **kwargs):
@@ -284,6 +292,9 @@ def test_interrupt_and_resume_equals_uninterrupted(pack, tova_folder):
     import comfy.model_management
 
     model, clip, vae = inference_model()
+    views = pack.core("training_data").crop_views(wide_images(), 64, 4, 0)
+    assert all(len(offsets) > 1 for offsets in views.offsets)  # several distinct crops per image are in play
+    train = functools.partial(globals()["train"], images=wide_images())
     full = train(pack, model, clip, vae, tova_folder, name="full", steps=6, lr=1e-2, checkpoint_every=2)
     assert not (tova_folder / "full.tova-checkpoint").exists()  # removed once the adapter is saved
     with pytest.raises(comfy.model_management.InterruptProcessingException):
@@ -301,6 +312,27 @@ def test_interrupt_and_resume_equals_uninterrupted(pack, tova_folder):
         train(pack, _interrupt_at(model, 3), clip, vae, tova_folder, name="other", steps=6, checkpoint_every=2)
     with pytest.raises(pack.error, match="belongs to a different run"):  # a checkpoint is never mixed up
         train(pack, model, clip, vae, tova_folder, name="other", steps=6, lr=1e-3, checkpoint_every=2, resume=True)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_and_restores_the_unet(pack, tova_folder, monkeypatch):
+    import torch.utils.checkpoint
+
+    model, clip, vae = inference_model()
+    plain = train(pack, model, clip, vae, tova_folder, name="plain", steps=3, lr=1e-2, images=wide_images())
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: calls.append(kwargs["use_reentrant"]) or real_checkpoint(*args,
+                                                                                                          **kwargs))
+    checkpointed = train(pack, model, clip, vae, tova_folder, name="checkpointed", steps=3, lr=1e-2,
+                         images=wide_images(), gradient_checkpointing=True)
+    assert calls and set(calls) == {False}  # the blocks really ran checkpointed (non-reentrant)
+    assert all("forward" not in module.__dict__ for module in model.model.diffusion_model.modules())  # unpatched
+    assert max(abs(a - b) for a, b in zip(plain.losses, checkpointed.losses)) < 1e-6
+    for path, (lora_a, lora_b) in plain.concept.weights.layers.items():
+        other_a, other_b = checkpointed.concept.weights.layers[path]
+        assert (other_a - lora_a).abs().max() < 1e-6 and (other_b - lora_b).abs().max() < 1e-6
+    assert any(b.abs().max() > 0 for _, b in plain.concept.weights.layers.values())  # the weights did move
 
 
 def test_failed_save_leaves_no_partial_file(pack, tova_folder, monkeypatch):

@@ -258,3 +258,120 @@ def test_image_only_connection_shows_the_latest_run_and_a_grid_per_image(pack):
     by_latent = view(pack, capture=store, samples={"samples": latent}, image=image).result
     assert by_image[0].shape[0] == 2 and torch.equal(by_image[0], by_latent[0])
     assert by_image[1].shape == (4, 64, 64)
+
+
+def test_sigma_is_read_once_per_model_call_not_per_layer(pack, monkeypatch):
+    capture_core = pack.core("attention_capture")
+    reads = []
+    real_step_index = capture_core.step_index
+    monkeypatch.setattr(capture_core, "step_index", lambda sigma, schedule: reads.append(sigma)
+                        or real_step_index(sigma, schedule))
+    model, clip, _ = build_tiny_model("sd15")
+    positive = encode(pack, clip, "a dog and a cat")
+    patched, store = capture(pack, model, "dog, cat", positive, layers="all")
+    record = store.maps_for(sample(patched, clip, positive=positive, steps=3))  # euler: one model call per step
+    assert len(record.layers) > 1 and record.steps == (0, 1, 2)
+    assert len(reads) == 3  # one sigma read (one host sync on a GPU) per model call, none per attn2 layer
+
+
+def _sample_with_extra_pass(pack, model, clip, positive, marked: bool | None):
+    """Euler, preceded (unless marked is None) by a no-grad cond-only pass at σ0 on another latent, as LODA's mask
+    pass when stage 1 is off; `marked` sets the auxiliary-pass key on it."""
+    import comfy.samplers
+    import nodes
+
+    seam = pack.glue("comfy_sampling")
+    euler = comfy.samplers.sampler_object("euler")
+
+    def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        if marked is not None:
+            options = extra_args["model_options"]
+            with torch.no_grad():
+                seam.cond_forward(model_k, x + 1.0, sigmas[0],
+                                  seam.mark_auxiliary_pass(options) if marked else options)
+        return euler.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+
+    with torch.inference_mode():
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        sigmas = seam.ksampler_sigmas(model, 3, "euler", "normal", 1.0)
+        out = seam.sample_latent_with_sampler(model, 0, 7.0, comfy.samplers.KSAMPLER(function), sigmas, positive,
+                                              negative, latent)
+    return out["samples"].clone()
+
+
+def test_passes_marked_auxiliary_are_not_counted(pack):
+    model, clip, _ = sharpened("sd15")
+    positive = encode(pack, clip, "a dog and a cat")
+    results = {}
+    for marked in (None, True, False):
+        patched, store = capture(pack, model, "dog, cat", positive, layers="all")
+        latent = _sample_with_extra_pass(pack, patched, clip, positive, marked)
+        results[marked] = (latent, store.maps_for(latent).maps)
+    assert torch.equal(results[True][0], results[None][0])
+    assert torch.equal(results[True][1], results[None][1])  # the marked pass left no trace
+    assert not torch.allclose(results[False][1], results[None][1], atol=1e-4)  # unmarked, it would have counted
+
+
+def _loda_maps(pack, batch=2):
+    record_type = pack.core("attention_record").ConceptMaps
+    return record_type(labels=("dog", "cat"), maps=torch.rand(batch, 2, 8, 8) + 0.01)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("image batch", r"different batch sizes.*Seen: 3 image\(s\) and maps for 2"),
+    ("image channels", r"not an RGB IMAGE batch.*\(2, 64, 64, 4\)"),
+    ("zero maps", r"no attention at all.*loda_steps > 0"),
+    ("nan in the last image", r'map of "cat" cannot be read as a distribution.*NaN'),
+    ("both sources", "exactly one source"),
+    ("no source", "exactly one source"),
+])
+def test_viewer_errors_with_loda_maps_come_before_any_rendering(pack, monkeypatch, case, match):
+    viewer = pack.glue("viewer")
+    rendered = []
+    monkeypatch.setattr(viewer, "render_attention_grid", lambda *args, **kwargs: rendered.append(args))
+    record, image = _loda_maps(pack), torch.rand(2, 64, 64, 3)
+    sources = dict(maps=record, image=image)
+    if case == "image batch":
+        sources["image"] = torch.rand(3, 64, 64, 3)
+    elif case == "image channels":
+        sources["image"] = torch.rand(2, 64, 64, 4)
+    elif case == "zero maps":
+        sources["maps"] = type(record)(labels=record.labels, maps=torch.zeros_like(record.maps))
+    elif case == "nan in the last image":
+        bad = record.maps.clone()
+        bad[1, 1, 3, 3] = float("nan")
+        sources["maps"] = type(record)(labels=record.labels, maps=bad)
+    elif case == "both sources":
+        sources["capture"] = object()
+    else:
+        del sources["maps"]
+    with pytest.raises(pack.error, match=match):
+        view(pack, **sources)
+    assert rendered == []  # nothing was drawn before the error
+
+
+def test_lodas_mask_pass_with_stage_1_off_is_not_counted(pack):
+    import comfy.sample
+    import comfy.samplers
+    import nodes
+
+    model, clip, _ = build_tiny_model("sd15")
+    positive = encode(pack, clip, "a dog and a cat")
+    patched, store = capture(pack, model, "dog, cat", positive, layers="all")
+    sigmas_seen = []
+    begin = store.begin_model_call
+    store.begin_model_call = lambda sigma: sigmas_seen.append(sigma) or begin(sigma)
+    run = pack.glue("loda_sampling")
+    config = pack.core("loda_config").LodaConfig(loda_steps=0, boost=5.0, suppression=-1e8)  # fixing on
+    sampler = run.loda_sampler(comfy.samplers.sampler_object("euler"), run.LodaRequest(config, ("dog", "cat"),
+                                                                                       run.LodaResult()))
+    with torch.inference_mode():
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(112, 112, 1)[0]["samples"]  # 7×7 maps: LODA's smallest
+        sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", 3)
+        out = comfy.sample.sample_custom(patched, comfy.sample.prepare_noise(latent, 0), 7.0, sampler, sigmas,
+                                         positive, negative, latent, seed=0).clone()
+    assert sigmas_seen[0] is None  # LODA's no-grad mask pass at σ0, marked auxiliary
+    assert sigmas_seen[1:] == pytest.approx(sigmas[:-1].tolist())  # then one counted call per euler step
+    assert store.maps_for(out).steps == (0, 1, 2)

@@ -5,12 +5,18 @@
 Goals (issue 3): total time ratio ≤ 1.15, peak memory ratio ≤ 1.3. Also times one stage-1 gradient pass that stops
 after the last loss layer (output 5) against a full forward + backward. 256 px gives 8×8 maps at latent/4, the
 smallest size LODA accepts is 224 px. Weights are made under inference mode, as ComfyUI loads them, so LODA pays its
-one-off parameter release (comfyui-notes §4.2 fix (a)) in the first measured run.
+parameter release (comfyui-notes §4.2 fix (a)) in every run, as in ComfyUI.
+
+The breakdown (from the last repeat) splits the LODA overhead into: the stage-1 update per step (batch-1 gradient
+forward, backward and latent update, without the sampler step), the stage-2 step (CFG pass with the fixing bias)
+against a plain step, and the parameter release; the estimated overhead is
+N · stage-1 update + (S − N) · (stage-2 step − plain step) + release.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import time
@@ -34,15 +40,50 @@ def positive_with_tokens(pack, width: int = 1024):
     return [[cond, {**extras, hooks.PROMPT_TOKENS_KEY: tokens}]]
 
 
-def sample(model, sampler, positive, negative, steps: int, size: int, seed: int = 0):
+def sample(model, sampler, positive, negative, steps: int, size: int, seed: int = 0, step_times=None):
+    """Sample like SamplerCustom; with `step_times` (a list), append the time at the end of every step."""
     import comfy.sample
     import comfy.samplers
+
+    def callback(step, denoised, x, total_steps):
+        _synchronize()
+        step_times.append(time.perf_counter())
 
     with torch.inference_mode():
         latent = torch.zeros(1, 4, size // 8, size // 8)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
         noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent, seed=seed)
+        if step_times is not None:
+            _synchronize()
+            step_times.append(time.perf_counter())  # the start
+        return comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent, seed=seed,
+                                          callback=None if step_times is None else callback)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def timed_calls(module, name: str, seconds: list):
+    """Replace `module.name` by a wrapper appending each call's wall time (synchronized) to `seconds`."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _synchronize()
+            seconds.append(time.perf_counter() - start)
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def gradient_pass_seconds(pack, model, positive, size: int, repeats: int) -> tuple[float, float]:
@@ -86,6 +127,7 @@ def main() -> None:
     import comfy.samplers
 
     run = importlib.import_module(f"{pack.__name__}.nodes.loda_sampling")
+    sampling = importlib.import_module(f"{pack.__name__}.nodes.comfy_sampling")
     config = importlib.import_module(f"{pack.__name__}.conceptsplit_core.loda_config").LodaConfig(
         loda_steps=args.loda_steps)
     with torch.inference_mode():
@@ -95,8 +137,7 @@ def main() -> None:
     plain_sampler = comfy.samplers.sampler_object("euler")
     results: dict = {}
     with torch.inference_mode(False), torch.enable_grad():
-        hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
-        hooks.release_inference_parameters(model)
+        sampling.release_inference_parameters(model)
         truncated, full = gradient_pass_seconds(pack, model, positive, args.size, 3)
     print(f"stage-1 gradient pass: truncated {truncated:.2f} s, full forward + backward {full:.2f} s")
     if args.gradient_pass_only:
@@ -105,11 +146,14 @@ def main() -> None:
         model = build_full_sd21()  # inference-tensor weights again, as ComfyUI loads them
     sample(model, plain_sampler, positive, negative, 1, args.size)  # warm-up: load the model
     for _ in range(args.repeats):
+        plain_times, loda_times, stage1, release = [], [], [], []
         with measured(results, "plain"):
-            sample(model, plain_sampler, positive, negative, args.steps, args.size)
-        request = run.LodaRequest(config, ("dog", "cat"), None, run.LodaResult())
-        with measured(results, "loda"):
-            sample(model, run.loda_sampler(plain_sampler, request), positive, negative, args.steps, args.size)
+            sample(model, plain_sampler, positive, negative, args.steps, args.size, step_times=plain_times)
+        request = run.LodaRequest(config, ("dog", "cat"), run.LodaResult())
+        with measured(results, "loda"), timed_calls(run, "_stage1_update", stage1), \
+                timed_calls(sampling, "release_inference_parameters", release):
+            sample(model, run.loda_sampler(plain_sampler, request), positive, negative, args.steps, args.size,
+                   step_times=loda_times)
     ratio = compare(results, "plain", "loda")
     with torch.inference_mode():
         forward = measured_forward(model, positive, args.size)
@@ -124,6 +168,30 @@ def main() -> None:
     print(f"| gradient pass (s): truncated after output 5 vs full forward + backward | {full:.2f} | "
           f"{truncated:.2f} | {truncated / full:.3f} | < 1 |")
     print(f"| CFG forward, batch 2 (s), for scale | {forward:.2f} | | | |")
+    print_breakdown(plain_times, loda_times, stage1, release, args.steps, args.loda_steps)
+
+
+def print_breakdown(plain_times, loda_times, stage1, release, steps: int, loda_steps: int) -> None:
+    """Where the LODA overhead goes (last repeat): per-step medians from the step callbacks' timestamps."""
+    plain_steps = [b - a for a, b in zip(plain_times, plain_times[1:])]  # (S,) seconds per step
+    loda_steps_s = [b - a for a, b in zip(loda_times, loda_times[1:])]
+    plain_step = statistics.median(plain_steps[1:] or plain_steps)  # step 0 also loads/prepares
+    stage2 = loda_steps_s[loda_steps + 1:] or loda_steps_s[loda_steps:]  # step N also builds the masks
+    stage2_step = statistics.median(stage2) if stage2 else float("nan")
+    update = statistics.median(stage1) if stage1 else 0.0
+    released = sum(release)
+    estimate = loda_steps * update + (steps - loda_steps) * (stage2_step - plain_step) + released
+    print("\nOverhead breakdown (last repeat, medians)\n")
+    print("| part | seconds | relative to a plain step |")
+    print("|---|---|---|")
+    print(f"| plain step (CFG pass + euler) | {plain_step:.3f} | 1.00 |")
+    print(f"| stage-1 update per step (batch-1 gradient pass, backward, update) | {update:.3f} | "
+          f"{update / plain_step:.2f} |")
+    print(f"| stage-2 step (CFG pass with fixing bias + euler) | {stage2_step:.3f} | {stage2_step / plain_step:.2f} |")
+    print(f"| parameter release (once per run, {len(release)} call(s)) | {released:.3f} | "
+          f"{released / plain_step:.2f} |")
+    print(f"| estimated overhead: N·update + (S−N)·(stage-2 − plain) + release | {estimate:.2f} | "
+          f"{estimate / (plain_step * steps):.3f} of a plain run |")
 
 
 def measured_forward(model, positive, size: int) -> float:

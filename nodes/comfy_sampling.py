@@ -100,7 +100,7 @@ def check_fixing_patches(model_options: dict, layout: UNetLayout, fixing_keys) -
             foreign.append((layer.key, type(inner).__name__))
     if foreign:
         raise ConceptSplitError.build(
-            "Attention fixing cannot pass its bias through another pack's attention patch",
+            "Attention fixing cannot pass a bias through another pack's attention patch",
             seen=f"foreign attn2 replaces on {len(foreign)} biased layer(s), e.g. {foreign[0][1]} at {foreign[0][0]}",
             expected="no other attn2 replace (IPAdapter, attention couple, ...) on the layers that get the LODA bias",
             fix="set boost and suppression to 0 (fixing off), set fixing_layers to map_level if the other patch "

@@ -318,10 +318,10 @@ def test_fixing_through_a_foreign_attention_replace_is_refused_before_sampling(p
     patched = model.clone()
     for block in attn2_blocks(model):
         patched.set_model_attn2_replace(foreign, block[0], block[1], 0)
-    with pytest.raises(pack.error, match=r"cannot pass its bias through another pack's.*ForeignReplace"):
+    with pytest.raises(pack.error, match=r"cannot pass a bias through another pack's.*ForeignReplace"):
         all_in_one(pack, patched, clip, steps=3, loda_steps=1)
     sampler, _ = loda(pack, "euler", 1)  # the SAMPLER path checks the per-run model options
-    with pytest.raises(pack.error, match="cannot pass its bias through another pack's"):
+    with pytest.raises(pack.error, match="cannot pass a bias through another pack's"):
         sample_custom(patched, clip, sampler, encode(pack, clip), steps=3)
     assert foreign.calls == 0
     latent, _, _, report = all_in_one(pack, patched, clip, steps=3, loda_steps=1, boost=0.0, suppression=0.0)

@@ -53,14 +53,12 @@ def build_full_sd21(seed: int = 0, dtype: torch.dtype = torch.float32):
     config.set_inference_dtype(dtype, None)
     base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION,
                                       device=mm.get_torch_device())
+    from testing.tiny_models import seeded_value
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in base.diffusion_model.named_parameters():
-            if param.ndim >= 2:
-                value = torch.randn(param.shape, generator=generator) * 0.02
-            else:
-                value = torch.ones(param.shape) if name.endswith("weight") else torch.zeros(param.shape)
-            param.copy_(value.to(param.dtype))
+            param.copy_(seeded_value(name, param.shape, generator).to(param.dtype))
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .tiny_models import seeded_value
+
 _UNET_CONFIG = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
     transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
@@ -35,13 +37,7 @@ def _seeded_state_dict(module: torch.nn.Module, gen: torch.Generator) -> dict[st
     """fp16 tensors for every parameter of a meta-device module, with the same init rule as tiny_models."""
     out = {}
     for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            value = torch.randn(p.shape, generator=gen) * 0.02
-        elif name.endswith("weight"):
-            value = torch.ones(p.shape)
-        else:
-            value = torch.zeros(p.shape)
-        out[name] = value.to(torch.float16)
+        out[name] = seeded_value(name, p.shape, gen).to(torch.float16)
     return out
 
 

@@ -42,6 +42,13 @@ def _unet_config(arch: str) -> dict:
     return cfg
 
 
+def seeded_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """The init rule of every tiny test weight: N(0, 0.02) for matrices, 1 for 1-D weights (norm scales), 0 for biases."""
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=gen) * 0.02
+    return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+
+
 def _init_module(module: torch.nn.Module, gen: torch.Generator) -> None:
     """Seeded init; comfy ops skip reset_parameters, so weights start as torch.empty garbage.
 
@@ -50,13 +57,7 @@ def _init_module(module: torch.nn.Module, gen: torch.Generator) -> None:
     """
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                value = torch.randn(p.shape, generator=gen) * 0.02
-            elif name.endswith("weight"):
-                value = torch.ones(p.shape)
-            else:
-                value = torch.zeros(p.shape)
-            p.copy_(value.to(p.dtype))
+            p.copy_(seeded_value(name, p.shape, gen).to(p.dtype))
         for name, b in module.named_buffers():
             if b.is_floating_point() and not torch.isfinite(b).all():
                 raise AssertionError(f"buffer {name} is not finite after build")

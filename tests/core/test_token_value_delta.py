@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import sample
-from tova_reference import ReferenceToVA, adapter_tensors_by_module, explicit_attention, module_path_of
+from tova_reference import ReferenceToVA, ValueSpy, adapter_tensors_by_module, spy_model
 
 from testing.tiny_adapters import write_tiny_adapter
 from testing.tiny_models import build_tiny_model
@@ -80,38 +80,12 @@ def test_positions_match_comfyuis_own_token_sequence(pack, arch_name):
         assert [g[i] for i in content] == [l_ids[i] for i in content]
 
 
-class ValueSpy:
-    """A foreign attn2 replace (as IPAdapter installs): records q, k, v, context and the chunk layout, then attends."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def stash(self, n, context, value, extra_options):
-        extra_options["spy_context"] = context
-        return n, context, value
-
-    def __call__(self, q, k, v, extra_options):
-        self.calls.append((module_path_of(extra_options), v.clone(), extra_options["spy_context"].clone(),
-                           list(extra_options["cond_or_uncond"])))
-        return explicit_attention(q, k, v, extra_options["n_heads"])
-
-
 @pytest.mark.parametrize("apply_to_uncond", [True, False])
 def test_delta_inside_a_real_sampling_run_matches_merged_weight_reference(pack, two_adapters, tova_folder,
                                                                          apply_to_uncond):
     model, clip, _, dog, cat = two_adapters
-    spy = ValueSpy()
-    spied = model.clone()
-    spied.set_model_attn2_patch(spy.stash)
+    spy, spied = spy_model(model)
     modules = dict(model.model.diffusion_model.named_modules())
-    for name in modules:
-        if name.endswith(".attn2"):
-            parts = name.split(".")
-            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
-            spied.set_model_attn2_replace(spy, block[0], block[1], 0)
     adapters = load(pack, dog.name, strength=0.8, adapters=load(pack, cat.name))
     patched, positive, info = apply(pack, spied, adapters, clip, apply_to_uncond=apply_to_uncond)
     assert 'cat" -> token 5' in info and 'dog" -> token 2' in info
@@ -252,19 +226,6 @@ def test_chains_with_controlnet(pack, tova_folder):
     scale = both.abs().max()  # the random control drives latents to ~1e2; compare relative to that
     assert (both - reference).abs().max() <= 1e-5 * scale
     assert (both - only_control).abs().max() > 1e-2 and (both - only_tova).abs().max() > 1e-2
-
-
-def spy_model(model):
-    """A clone with the ValueSpy as a foreign attn2 replace on every block (ToVA will wrap it)."""
-    spy = ValueSpy()
-    spied = model.clone()
-    spied.set_model_attn2_patch(spy.stash)
-    for name in dict(model.model.diffusion_model.named_modules()):
-        if name.endswith(".attn2"):
-            parts = name.split(".")
-            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
-            spied.set_model_attn2_replace(spy, block[0], block[1], 0)
-    return spy, spied
 
 
 def changed_rows_per_chunk(spy, model, encodings):

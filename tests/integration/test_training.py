@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import sample
 from safetensors import safe_open
-from tova_reference import explicit_attention, module_path_of
+from tova_reference import explicit_attention, module_path_of, spy_model
 
 from testing.tiny_models import build_tiny_model
 
@@ -227,35 +227,10 @@ def test_gradient_matches_merged_weight_reference(pack):
     assert checked == 7
 
 
-class ValueRecorder:
-    """A foreign attn2 replace: records V and the text features per call, then attends (ToVA wraps it)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def stash(self, n, context, value, extra_options):
-        extra_options["recorder_context"] = context
-        return n, context, value
-
-    def __call__(self, q, k, v, extra_options):
-        self.calls.append((module_path_of(extra_options), v.clone(), extra_options["recorder_context"].clone()))
-        return explicit_attention(q, k, v, extra_options["n_heads"])
-
-
 def test_trained_adapter_changes_v_only_on_identifier_rows(pack, tova_folder):
     model, clip, vae = inference_model()
     outcome = train(pack, model, clip, vae, tova_folder, steps=3, lr=1e-2)
-    recorder = ValueRecorder()
-    spied = model.clone()
-    spied.set_model_attn2_patch(recorder.stash)
-    for name in dict(model.model.diffusion_model.named_modules()):
-        if name.endswith(".attn2"):
-            parts = name.split(".")
-            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
-            spied.set_model_attn2_replace(recorder, block[0], block[1], 0)
+    recorder, spied = spy_model(model)
     patched, positive, info = pack.glue("adapters").ApplyToVA.execute(spied, (outcome.concept,), clip,
                                                                       "a photo of a dog").result
     assert f"token {DOG_POSITION}" in info
@@ -263,7 +238,7 @@ def test_trained_adapter_changes_v_only_on_identifier_rows(pack, tova_folder):
     modules = dict(model.model.diffusion_model.named_modules())
     assert len(recorder.calls) == 2 * 7  # 2 steps × 7 layers, cond and uncond in one batch
     with torch.no_grad():
-        for name, v, context in recorder.calls:
+        for name, v, context, _ in recorder.calls:
             base = torch.nn.functional.linear(context, modules[name].to_v.weight)  # (B, T, C)
             changed = (v != base).any(dim=-1)  # (B, T); B = 2: uncond and cond, both get the delta (spec §2.3)
             assert changed.shape[0] == 2

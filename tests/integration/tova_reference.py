@@ -91,3 +91,35 @@ def explicit_attention(q, k, v, heads):
     vh = v.float().reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, T, D)
     probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, H, N, T)
     return (probs @ vh).transpose(1, 2).reshape(b, n, inner).to(q.dtype)
+
+
+class ValueSpy:
+    """A foreign attn2 replace (as IPAdapter installs): records q, k, v, context and the chunk layout, then attends."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def stash(self, n, context, value, extra_options):
+        extra_options["spy_context"] = context
+        return n, context, value
+
+    def __call__(self, q, k, v, extra_options):
+        self.calls.append((module_path_of(extra_options), v.clone(), extra_options["spy_context"].clone(),
+                           list(extra_options["cond_or_uncond"])))
+        return explicit_attention(q, k, v, extra_options["n_heads"])
+
+
+def spy_model(model):
+    """A clone with the ValueSpy as a foreign attn2 replace on every block (ToVA will wrap it)."""
+    spy = ValueSpy()
+    spied = model.clone()
+    spied.set_model_attn2_patch(spy.stash)
+    for name in dict(model.model.diffusion_model.named_modules()):
+        if name.endswith(".attn2"):
+            parts = name.split(".")
+            block = ("middle", 0) if parts[0] == "middle_block" else (parts[0][:-7], int(parts[1]))
+            spied.set_model_attn2_replace(spy, block[0], block[1], 0)
+    return spy, spied

@@ -154,6 +154,9 @@ def main() -> None:
                 timed_calls(sampling, "release_inference_parameters", release):
             sample(model, run.loda_sampler(plain_sampler, request), positive, negative, args.steps, args.size,
                    step_times=loda_times)
+        # the same plain run on the weights stage 2 used (released by LODA): the fair baseline for a stage-2 step
+        plain_after_times = []
+        sample(model, plain_sampler, positive, negative, args.steps, args.size, step_times=plain_after_times)
     ratio = compare(results, "plain", "loda")
     with torch.inference_mode():
         forward = measured_forward(model, positive, args.size)
@@ -168,10 +171,11 @@ def main() -> None:
     print(f"| gradient pass (s): truncated after output 5 vs full forward + backward | {full:.2f} | "
           f"{truncated:.2f} | {truncated / full:.3f} | < 1 |")
     print(f"| CFG forward, batch 2 (s), for scale | {forward:.2f} | | | |")
-    print_breakdown(plain_times, loda_times, stage1, release, args.steps, args.loda_steps)
+    print_breakdown(plain_times, loda_times, stage1, release, args.steps, args.loda_steps, plain_after_times)
 
 
-def print_breakdown(plain_times, loda_times, stage1, release, steps: int, loda_steps: int) -> None:
+def print_breakdown(plain_times, loda_times, stage1, release, steps: int, loda_steps: int,
+                    plain_after_times=()) -> None:
     """Where the LODA overhead goes (last repeat): per-step medians from the step callbacks' timestamps."""
     plain_steps = [b - a for a, b in zip(plain_times, plain_times[1:])]  # (S,) seconds per step
     loda_steps_s = [b - a for a, b in zip(loda_times, loda_times[1:])]
@@ -188,6 +192,12 @@ def print_breakdown(plain_times, loda_times, stage1, release, steps: int, loda_s
     print(f"| stage-1 update per step (batch-1 gradient pass, backward, update) | {update:.3f} | "
           f"{update / plain_step:.2f} |")
     print(f"| stage-2 step (CFG pass with fixing bias + euler) | {stage2_step:.3f} | {stage2_step / plain_step:.2f} |")
+    after = [b - a for a, b in zip(plain_after_times, plain_after_times[1:])]
+    if after:  # weights released by LODA: on CPU their memory placement alone can change a step by 10-25 %
+        plain_after = statistics.median(after[1:] or after)
+        print(f"| plain step after LODA (same released weights as stage 2) | {plain_after:.3f} | "
+              f"{plain_after / plain_step:.2f} |")
+        print(f"| stage-2 step / plain step on the same weights | {stage2_step / plain_after:.3f} | |")
     print(f"| parameter release (once per run, {len(release)} call(s)) | {released:.3f} | "
           f"{released / plain_step:.2f} |")
     print(f"| estimated overhead: N·update + (S−N)·(stage-2 − plain) + release | {estimate:.2f} | "

@@ -16,6 +16,7 @@ from einops import rearrange
 
 from .errors import ConceptSplitError
 from .loda_config import LODA_DEFAULTS, LodaConfig
+from .loda_loss import _compute_dtype
 
 __all__ = [
     "aggregate_maps",
@@ -32,11 +33,6 @@ MASK_TRUNCATE = 4.0
 # Keep biased logits finite: half of the dtype's lowest value leaves room to add the logits themselves (spec §4.3).
 BIAS_FLOOR_FRACTION = 0.5
 SOT_POSITION = 0  # the start-of-text column is never biased, so no softmax row is all −inf (spec §4.3)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp32 at least; float64 stays float64.
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _symmetric_index(length: int, radius: int, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,7 @@ goals on their own. Run from the repo root with COMFYUI_PATH set, e.g. `python -
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import statistics
@@ -96,6 +97,27 @@ def _peak_bytes() -> int:
     with open(f"/proc/{os.getpid()}/status") as handle:
         line = next(line for line in handle if line.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def held_bytes() -> int:
+    """Bytes the process's tensors hold right now: CUDA allocated memory, or on CPU glibc's in-use heap plus its
+    mmapped blocks (mallinfo2), which, unlike the peak RSS, falls when tensors are freed. Used to compare what a pass
+    keeps for backward; 0 where neither is available."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return 0
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 @contextmanager

@@ -15,6 +15,29 @@ import torch
 from einops import rearrange
 
 BlockKey = tuple[str, int, int]  # ("input", 7, 0): block name, block id, depth index
+COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
+
+
+@dataclass(frozen=True)
+class ChunkPrompt:
+    """What is known of the conditioning behind one CFG chunk of a model call (recorded per call by the seam)."""
+
+    length: int  # tokens of that conditioning before ComfyUI repeats it to the batch's common (LCM) length
+    prompt_ids: tuple | None  # PromptTokens.token_ids when Apply ToVA / ConceptSplit Text Encode encoded it
+
+
+def chunk_holds_prompt(chunk: ChunkPrompt | None, prompt_ids: tuple | None, prompt_length: int) -> bool:
+    """Whether a positive chunk is the conditioning of the prompt whose token positions s_k we use (spec §2.3, §8 #16).
+
+    Another positive in the same batch (ConditioningCombine, regional prompts) has another word at s_k. Recorded
+    token ids decide; an unrecorded conditioning counts when its length matches; a call without records (a ComfyUI
+    path that bypasses calc_cond_batch) is assumed to be the prompt.
+    """
+    if chunk is None:
+        return True
+    if chunk.prompt_ids is not None:
+        return prompt_ids is None or tuple(chunk.prompt_ids) == tuple(prompt_ids)
+    return chunk.length == prompt_length
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,7 @@ class AttentionCall:
     batch: int  # B = rows of q, all chunks together
     context_length: int  # T (77 · windows, possibly LCM-repeated)
     sigmas: torch.Tensor | None  # (B // chunks,) sigma of each sample at this call
+    chunk_prompts: tuple[ChunkPrompt | None, ...] = ()  # per chunk, when recorded; () = nothing known
 
     @property
     def rows_per_chunk(self) -> int:
@@ -37,6 +61,20 @@ class AttentionCall:
         """Rows of q/k/v that belong to chunks of `branch` (0 cond, 1 uncond)."""
         per = self.rows_per_chunk
         return [i * per + r for i, c in enumerate(self.cond_or_uncond) if c == branch for r in range(per)]
+
+    def prompt_chunks(self, branches, prompt_ids: tuple | None, prompt_length: int) -> tuple[tuple[int, int], ...]:
+        """(chunk index, own length) of the chunks in `branches` whose token columns follow the prompt: every
+        negative chunk, and the positive chunks holding the prompt (`chunk_holds_prompt`). The own length is the
+        stride of a token's LCM copies in that chunk (the prompt's length when unrecorded)."""
+        found = []
+        for index, branch in enumerate(self.cond_or_uncond):
+            if branch not in branches:
+                continue
+            chunk = self.chunk_prompts[index] if index < len(self.chunk_prompts) else None
+            if branch == COND and not chunk_holds_prompt(chunk, prompt_ids, prompt_length):
+                continue
+            found.append((index, chunk.length if chunk is not None else prompt_length))
+        return tuple(found)
 
 
 class AttentionObserver(Protocol):

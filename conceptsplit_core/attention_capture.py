@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention_calls import AttentionCall, BlockKey
+from .attention_calls import COND, AttentionCall, BlockKey
 from .attention_record import ConceptMaps
 from .errors import ConceptSplitError
 from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
@@ -73,6 +73,11 @@ class CaptureRequest:
     layer_keys: frozenset  # attn2 block keys (name, id, depth) to average over
     first_step: int = CAPTURE_DEFAULTS.first_step
     last_step: int = CAPTURE_DEFAULTS.last_step
+    prompt_ids: tuple | None = None  # the positive prompt's token ids: other positives in a batch are skipped
+
+    def prompt_chunks(self, call: AttentionCall) -> tuple[int, ...]:
+        """Indices of the positive chunks of `call` that hold this prompt (attention_calls.chunk_holds_prompt)."""
+        return tuple(index for index, _ in call.prompt_chunks((COND,), self.prompt_ids, self.prompt_length))
 
     def __post_init__(self) -> None:
         assert len(self.labels) == len(self.token_positions) > 0, "one position tuple per word"
@@ -244,7 +249,8 @@ def word_columns(request: CaptureRequest, context_length: int) -> torch.Tensor:
 
 def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: CaptureRequest,
                       columns: torch.Tensor | None = None) -> torch.Tensor:
-    """One attn2 call's per-word maps: cond rows, heads averaged, word columns (and LCM copies) summed.
+    """One attn2 call's per-word maps: rows of the positive chunks holding the prompt (at least one; other positive
+    prompts of the batch are skipped), heads averaged, word columns (and LCM copies) summed.
 
     `columns` is word_columns(request, T) already on probs' device (AttentionCapture caches it: building it per call
     would copy to the device, a host sync, at every layer). Only slicing and matmuls here: no host sync.
@@ -256,7 +262,7 @@ def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: Capture
     if columns is None:
         columns = word_columns(request, T).to(probs.device)
     per = call.rows_per_chunk
-    cond = [probs[i * per:(i + 1) * per] for i, c in enumerate(call.cond_or_uncond) if c == 0]  # views, no copy
+    cond = [probs[i * per:(i + 1) * per] for i in request.prompt_chunks(call)]  # views, no copy
     per_word = torch.stack(cond) @ columns.to(probs.dtype)  # (C, B_img, H, N, T) x (T, K) -> (C, B_img, H, N, K)
     per_word = rearrange(per_word.mean(dim=2), "c b (h w) k -> c b k h w", h=h, w=w)  # heads averaged
     return per_word.mean(dim=0)  # (B_img, K, h, w), positive chunks averaged
@@ -386,7 +392,7 @@ class AttentionCapture:
         # No tensor is read here: this runs for every attn2 call and must not force a host sync.
         if self._call_step is None or self._run is None:
             return None
-        if call.key not in self.request.layer_keys or 0 not in call.cond_or_uncond:
+        if call.key not in self.request.layer_keys or not self.request.prompt_chunks(call):
             return None
         return self._call_step
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .attention_calls import AttentionCall, BlockKey
+from .attention_calls import COND, UNCOND, AttentionCall, BlockKey
 from .attention_fixing import build_fixing_bias, build_fixing_masks, resize_masks_nearest
 from .errors import ConceptSplitError
 from .loda_config import LodaConfig
@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 MAP_LEVEL = 2  # the map level is latent/4: two downsamplings (spec §3.1)
-COND, UNCOND = 0, 1  # cond_or_uncond values of ComfyUI's chunks
 SDXL_FAMILY = "sdxl"
 
 
@@ -56,6 +55,7 @@ class LodaConcepts:
     labels: tuple[str, ...]  # shown in the report and the viewer, e.g. ("dog", "cat")
     positions: tuple[int, ...]  # s_k in the flat prompt sequence, SOT at 0 (spec §2.4)
     prompt_length: int  # L = 77 · windows of the positive prompt
+    prompt_ids: Optional[tuple] = None  # its token ids, to tell its chunks from other positives' (ConditioningCombine)
 
     def __post_init__(self) -> None:
         if len(self.positions) < 2:
@@ -67,11 +67,17 @@ class LodaConcepts:
                     "object adapter to Apply ToVA",
             )
 
-    def columns(self, context_length: int) -> list[list[int]]:
-        """Columns of each concept in a context of T tokens: s_k + c·L for every LCM copy c (notes §1.6)."""
-        copies = max(1, context_length // self.prompt_length)
-        return [[p + c * self.prompt_length for c in range(copies) if p + c * self.prompt_length < context_length]
-                for p in self.positions]
+    def columns(self, context_length: int, own_length: Optional[int] = None) -> list[list[int]]:
+        """Columns of each concept in a context of T tokens: s_k + c·L for every LCM copy c (notes §1.6), where L is
+        the chunk's own conditioning length (`own_length`, default the prompt's)."""
+        length = own_length or self.prompt_length
+        copies = max(1, context_length // length)
+        return [[p + c * length for c in range(copies) if p + c * length < context_length] for p in self.positions]
+
+    def chunks(self, call: AttentionCall, branches) -> tuple[tuple[int, int], ...]:
+        """(chunk index, own length) of the chunks of `call` in `branches` whose columns s_k are these concepts':
+        other positive prompts in the batch are left out (attention_calls.chunk_holds_prompt)."""
+        return call.prompt_chunks(branches, self.prompt_ids, self.prompt_length)
 
 
 @dataclass(frozen=True)
@@ -171,10 +177,15 @@ class MapCollector:
     def maps(self) -> torch.Tensor:
         """Ā[:, :, s_k] per image: shape (B_img, K, h, w) fp32 (differentiable in stage 1).
 
-        Raises: RuntimeError when nothing was captured (an internal error: the sampler started no forward).
+        Raises: ConceptSplitError when nothing was captured: no model call held the prompt over the whole image.
         """
         if self._sums is None or self._count == 0:
-            raise RuntimeError("ConceptSplit LODA: no attention maps were captured at the map level")
+            raise ConceptSplitError.build(
+                "LODA found no attention of its prompt at the map level",
+                seen=f"no model call with the positive prompt of {', '.join(self.concepts.labels)} on the whole "
+                     f"{self.layers.grid[0]}×{self.layers.grid[1]} map grid",
+                expected="the positive prompt holding the concept words, conditioning the whole image",
+                fix="remove area or mask conditioning from that prompt (other prompts may keep theirs)")
         h, w = self.layers.grid
         return (self._sums / self._count).unflatten(-1, (h, w))  # (B_img, K, h, w)
 
@@ -182,13 +193,15 @@ class MapCollector:
         return None
 
     def needs_probabilities(self, call: AttentionCall) -> bool:
-        return self.active and call.key in self._keys and not self._branches.isdisjoint(call.cond_or_uncond)
+        # A call on a cropped grid (an area-conditioned prompt) cannot be the whole-image prompt's.
+        return (self.active and call.key in self._keys and call.grid == self.layers.grid
+                and bool(self.concepts.chunks(call, self._branches)))
 
-    def _concept_columns(self, context_length: int, device) -> torch.Tensor:
-        key = (context_length, device)
+    def _concept_columns(self, context_length: int, own_length: int, device) -> torch.Tensor:
+        key = (context_length, own_length, device)
         columns = self._columns.get(key)
         if columns is None:  # built once per context length: a host-to-device copy on the GPU
-            columns = torch.tensor(self.concepts.columns(context_length), device=device)  # (K, copies)
+            columns = torch.tensor(self.concepts.columns(context_length, own_length), device=device)  # (K, copies)
             self._columns[key] = columns
         return columns
 
@@ -196,10 +209,8 @@ class MapCollector:
         if not self.needs_probabilities(call):
             return
         per, heads = call.rows_per_chunk, call.heads
-        columns = self._concept_columns(call.context_length, probs.device)  # (K, copies)
-        for chunk, branch in enumerate(call.cond_or_uncond):
-            if branch not in self._branches:
-                continue
+        for chunk, own_length in self.concepts.chunks(call, self._branches):
+            columns = self._concept_columns(call.context_length, own_length, probs.device)  # (K, copies)
             rows = probs[chunk * per:(chunk + 1) * per]  # (B_img, H, N, T)
             picked = rows[..., columns.flatten()].unflatten(-1, columns.shape)  # (B_img, H, N, K, copies)
             summed = picked.sum(dim=(-1, 1)).transpose(1, 2)  # (B_img, K, N): copies and heads summed
@@ -211,8 +222,10 @@ class MapCollector:
             return
         if self._truncate:
             raise _TruncatedForward()
-        if self._first_call:  # the end of a model call: its branches are done (spec §4.1)
-            self._branches = self._branches.difference(call.cond_or_uncond)
+        if self._first_call and call.grid == self.layers.grid:  # the end of a model call (spec §4.1): the
+            # branches it collected are done; a call holding only other prompts' chunks leaves them open
+            done = {call.cond_or_uncond[index] for index, _ in self.concepts.chunks(call, self._branches)}
+            self._branches = self._branches.difference(done)
             if not self._branches:
                 self.active = False
 
@@ -242,27 +255,40 @@ class FixingBias:
         self.masks, self.active = masks, True
         self._cache.clear()
 
-    def _call_bias(self, call: AttentionCall, dtype: torch.dtype, device) -> torch.Tensor:
+    def _chunk_bias(self, call: AttentionCall, own_length: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """(rows per chunk, N, T): the bias of one chunk whose conditioning has `own_length` tokens."""
         h, w = call.grid
-        columns = self.concepts.columns(call.context_length)
+        columns = self.concepts.columns(call.context_length, own_length)
         per_image = []
         for image_masks in self.masks.to(device):  # (K, h0, w0)
             at_layer = resize_masks_nearest(image_masks, h, w).flatten(1)  # (K, N)
             per_image.append(build_fixing_bias(at_layer, columns, call.context_length, self.config.boost,
                                                self.config.suppression, dtype))  # (N, T)
         images = torch.stack(per_image)  # (B_img, N, T)
-        per = call.rows_per_chunk
-        rows = images[torch.arange(per, device=device) % images.shape[0]]  # (per, N, T): rows of a chunk are images
-        zeros = torch.zeros_like(rows)
-        return torch.cat([rows if branch in self.branches else zeros for branch in call.cond_or_uncond])  # (B, N, T)
+        return images[torch.arange(call.rows_per_chunk, device=device) % images.shape[0]]  # rows of a chunk: images
+
+    def _call_bias(self, call: AttentionCall, biased: dict, dtype: torch.dtype, device) -> torch.Tensor:
+        chunks = []
+        for index in range(len(call.cond_or_uncond)):
+            own_length = biased.get(index)
+            if own_length is None:  # a branch left unbiased, or another positive prompt of the batch
+                chunks.append(torch.zeros(call.rows_per_chunk, call.grid[0] * call.grid[1], call.context_length,
+                                          dtype=dtype, device=device))
+            else:
+                chunks.append(self._chunk_bias(call, own_length, dtype, device))
+        return torch.cat(chunks)  # (B, N, T)
 
     def attention_bias(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
         if not self.active or (self.keys is not None and call.key not in self.keys):
             return None
-        key = (call.grid, call.context_length, q.dtype, q.device, call.cond_or_uncond, call.rows_per_chunk)
+        biased = dict(self.concepts.chunks(call, self.branches))  # {chunk index: own length}
+        if not biased:
+            return None
+        key = (call.grid, call.context_length, q.dtype, q.device, call.cond_or_uncond, call.rows_per_chunk,
+               tuple(sorted(biased.items())))
         bias = self._cache.get(key)
         if bias is None:
-            bias = self._cache[key] = self._call_bias(call, q.dtype, q.device)
+            bias = self._cache[key] = self._call_bias(call, biased, q.dtype, q.device)
         return bias
 
     def needs_probabilities(self, call: AttentionCall) -> bool:

@@ -8,7 +8,6 @@ Node modules call the functions here; conceptsplit_core never sees ComfyUI objec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -25,7 +24,8 @@ import comfy.supported_models
 import comfy.utils
 
 from ..conceptsplit_core.adapter_layers import CrossAttentionLayer, UNetLayout
-from ..conceptsplit_core.attention_calls import AttentionCall, attention_probabilities
+from ..conceptsplit_core.attention_calls import (AttentionCall, ChunkPrompt, attention_probabilities,
+                                                 chunk_holds_prompt)
 from ..conceptsplit_core.config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL, PREDICTION_EPS, PREDICTION_V
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.prompt_tokens import PromptTokens
@@ -39,17 +39,11 @@ OBSERVERS_KEY = "conceptsplit_observers"
 PROMPT_TOKENS_KEY = "conceptsplit_prompt"
 # transformer_options key: tuple of LocatedConcept, the ToVA concepts and their positions (no tensors)
 CONCEPTS_KEY = "conceptsplit_concepts"
-# transformer_options key: {cond uuid: ChunkPrompt}, set per model call by ToVA's CALC_COND_BATCH wrapper
+# transformer_options key: {cond uuid: ChunkPrompt}, set per model call by a CALC_COND_BATCH wrapper (ToVA's, or
+# record_chunk_prompts for observers), so the processor knows which prompt each CFG chunk holds
 CHUNKS_KEY = "conceptsplit_chunks"
+CHUNKS_WRAPPER_KEY = "conceptsplit_chunk_prompts"
 TOVA_WRAPPER_KEY = "conceptsplit_tova"
-
-
-@dataclass(frozen=True)
-class ChunkPrompt:
-    """What ToVA knows of one conditioning entry in a model call: its own length and, if recorded, its tokens."""
-
-    length: int  # tokens of that conditioning before ComfyUI repeats it to a common length
-    prompt_ids: tuple | None  # PromptTokens.token_ids when Apply ToVA / ConceptSplit Text Encode encoded it
 BlockKey = tuple[str, int, int]  # ("input", 7, 0): block name, block id, block_index (depth)
 
 
@@ -284,13 +278,10 @@ class ConceptSplitAttention:
         """Token rows of s_k in one CFG chunk, or None: spec §2.3 (both branches, where the token is present)."""
         if branch == 1 and not self.apply_to_uncond:
             return None
+        if branch == 0 and not chunk_holds_prompt(chunk, delta.prompt_ids, delta.prompt_length):
+            return None  # another positive prompt (ConditioningCombine, regions): its token s_k is another word
         if chunk is None:  # no record of this conditioning (ComfyUI path without calc_cond_batch): assume the prompt
             return identifier_rows(delta.position, delta.prompt_length, tokens)
-        if branch == 0 and chunk.prompt_ids is not None and delta.prompt_ids is not None \
-                and chunk.prompt_ids != delta.prompt_ids:
-            return None  # another positive prompt (ConditioningCombine, regions): its token s_k is another word
-        if branch == 0 and chunk.prompt_ids is None and chunk.length != delta.prompt_length:
-            return None  # an unrecorded positive of another length cannot be this prompt
         return identifier_rows(delta.position, chunk.length, tokens)
 
 
@@ -298,10 +289,14 @@ def attention_call(extra_options, q, k) -> AttentionCall:
     """Describe this attn2 call from ComfyUI's extra_options (block keys, grid, chunk layout; notes §1.2, §1.7)."""
     block = extra_options["block"]
     grid = tuple(int(x) for x in extra_options["activations_shape"][-2:])
+    table = extra_options.get(CHUNKS_KEY) or {}
+    uuids = extra_options.get("uuids") or ()
+    chunk_prompts = tuple(table.get(uuid) for uuid in uuids) if table else ()
     return AttentionCall(key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))), grid=grid,
                          heads=int(extra_options["n_heads"]),
                          cond_or_uncond=tuple(int(c) for c in extra_options["cond_or_uncond"]),
-                         batch=int(q.shape[0]), context_length=int(k.shape[1]), sigmas=extra_options.get("sigmas"))
+                         batch=int(q.shape[0]), context_length=int(k.shape[1]), sigmas=extra_options.get("sigmas"),
+                         chunk_prompts=chunk_prompts)
 
 
 def with_processors(model_options: dict, layout: UNetLayout,
@@ -384,22 +379,40 @@ def _clear_device_caches(model_patcher) -> None:
             processor.clear_device_cache()
 
 
+def chunk_table(conds, default_length: int = 0) -> dict:
+    """{cond uuid: ChunkPrompt} for the conditionings of one calc_cond_batch call (`conds`: [positives, negatives],
+    each a list of processed cond dicts): each one's own token length and, if recorded, its token ids."""
+    table = {}
+    for group in conds:
+        for cond in group or ():
+            cross = cond.get("cross_attn")  # (1, L, d)
+            tokens = cond.get(PROMPT_TOKENS_KEY)
+            table[cond["uuid"]] = ChunkPrompt(int(cross.shape[1]) if cross is not None else default_length,
+                                              tuple(tokens.token_ids) if tokens is not None else None)
+    return table
+
+
+def _with_chunk_table(model_options: dict, table: dict) -> dict:
+    to = dict(model_options.get("transformer_options", {}))
+    to[CHUNKS_KEY] = {**to.get(CHUNKS_KEY, {}), **table}
+    return {**model_options, "transformer_options": to}
+
+
+def record_chunk_prompts(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper (a plain function, so clone() keeps it as is): record which prompt each conditioning
+    of this model call holds, for the observers (LODA, Capture Attention) to skip other positive prompts."""
+    return executor(model, conds, x_in, timestep, _with_chunk_table(model_options, chunk_table(conds)))
+
+
 def _chunk_table_wrapper(prompt: PromptTokens, label: str):
     prompt_ids, prompt_length = tuple(prompt.token_ids), len(prompt.token_ids)
 
     def wrapper(executor, model, conds, x_in, timestep, model_options):
         check_patch_order(model_options)
-        table = {}
-        matched = False
-        for index, group in enumerate(conds):  # index 0 = positive, 1 = negative (comfy.samplers)
-            for cond in group or ():
-                cross = cond.get("cross_attn")  # (1, L, d)
-                tokens = cond.get(PROMPT_TOKENS_KEY)
-                chunk = ChunkPrompt(int(cross.shape[1]) if cross is not None else prompt_length,
-                                    tuple(tokens.token_ids) if tokens is not None else None)
-                table[cond["uuid"]] = chunk
-                matched |= index == 0 and (chunk.prompt_ids == prompt_ids
-                                           or (chunk.prompt_ids is None and chunk.length == prompt_length))
+        table = chunk_table(conds, prompt_length)
+        positives = [table[cond["uuid"]] for cond in (conds[0] or ())] if conds else []
+        matched = any(chunk.prompt_ids == prompt_ids or (chunk.prompt_ids is None and chunk.length == prompt_length)
+                      for chunk in positives)
         if conds and conds[0] and not matched:
             raise ConceptSplitError.build(
                 f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in",
@@ -407,9 +420,7 @@ def _chunk_table_wrapper(prompt: PromptTokens, label: str):
                      f"from \"{prompt.text[:80]}\"",
                 expected=f"the conditioning of that prompt ({prompt_length} tokens)",
                 fix="connect Apply ToVA's positive output to the sampler, or give Apply ToVA the prompt you sample")
-        to = dict(model_options.get("transformer_options", {}))
-        to[CHUNKS_KEY] = {**to.get(CHUNKS_KEY, {}), **table}
-        return executor(model, conds, x_in, timestep, {**model_options, "transformer_options": to})
+        return executor(model, conds, x_in, timestep, _with_chunk_table(model_options, table))
 
     return wrapper
 
@@ -419,6 +430,13 @@ def with_observers(model_options: dict, layout: UNetLayout, observers: tuple) ->
     options = with_processors(model_options, layout)
     transformer_options = options["transformer_options"]
     transformer_options[OBSERVERS_KEY] = tuple(transformer_options.get(OBSERVERS_KEY, ())) + tuple(observers)
+    call_type = comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+    wrappers = dict(transformer_options.get("wrappers", {}))  # copied per level: the caller's dicts stay as they were
+    by_key = dict(wrappers.get(call_type, {}))
+    if record_chunk_prompts not in by_key.get(CHUNKS_WRAPPER_KEY, []):
+        by_key[CHUNKS_WRAPPER_KEY] = [*by_key.get(CHUNKS_WRAPPER_KEY, []), record_chunk_prompts]
+    wrappers[call_type] = by_key
+    transformer_options["wrappers"] = wrappers
     return options
 
 

@@ -27,47 +27,6 @@ from ..conceptsplit_core.prompt_tokens import PromptTokens
 from .comfy_hooks import PROMPT_TOKENS_KEY, ConceptSplitAttention, with_observers
 
 
-def release_inference_parameters(model_patcher, conds=None) -> int:
-    """Replace inference-tensor parameters and buffers by equal normal tensors (notes §4.2 fix (a)): the UNet's, and
-    the ControlNets' attached to `conds` (their forward takes the latent, so they are in the gradient pass too).
-
-    Must run inside `torch.inference_mode(False)`, after the models are loaded, once per run (LoRA patching makes
-    inference tensors again). Values are unchanged, so later plain runs are bit-identical. Returns the count.
-    """
-    modules = [model_patcher.model.diffusion_model, *_control_modules(conds or ())]
-    return sum(_release_module(module) for module in modules)
-
-
-def _release_module(root: torch.nn.Module) -> int:
-    replaced = 0
-    for module in root.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_inference():
-                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-                replaced += 1
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.is_inference():
-                module._buffers[name] = buffer.detach().clone()
-                replaced += 1
-    return replaced
-
-
-def _control_modules(conds) -> list:
-    """The torch modules of every ControlNet (and ControlLoRA) in the conds' control chains, each once.
-
-    T2I adapters are left alone: their output depends on the hint only, never on the latent.
-    """
-    found: dict[int, torch.nn.Module] = {}
-    for entry in conds:
-        control = entry.get("control")
-        while control is not None:
-            module = getattr(control, "control_model", None)
-            if isinstance(module, torch.nn.Module):
-                found[id(module)] = module
-            control = getattr(control, "previous_controlnet", None)
-    return list(found.values())
-
-
 def check_steps_one_slice(inner) -> None:
     """Raise unless the SAMPLER `inner` denoises when called on one step (two sigmas), as stage 1 calls it.
 

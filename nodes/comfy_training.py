@@ -4,13 +4,9 @@ size embedding, and autograd inside ComfyUI's own sampling machinery (comfyui-no
 
 from __future__ import annotations
 
-
 import torch
-import torch.utils.checkpoint
 
 import comfy.ldm.models.autoencoder as comfy_autoencoder
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
@@ -24,8 +20,8 @@ from ..conceptsplit_core.adapter_layers import UNetLayout
 from ..conceptsplit_core.config import PREDICTION_EPS, PREDICTION_V
 from ..conceptsplit_core.errors import ConceptSplitError
 
+from .comfy_autograd import AutogradWeights, GradientCheckpointing
 from .comfy_hooks import with_processors
-from .comfy_sampling import release_inference_parameters
 
 
 def training_noise_schedule(model_patcher) -> tuple[torch.Tensor, str, float]:
@@ -98,14 +94,15 @@ def _clone_conditioning(item):
 
 class _FrozenUNet:
     """Only the LoRA parameters require grad: the UNet's requires_grad flags are off for the run and restored
-    afterwards; inference-tensor weights are released first (notes §4.2 fix (a))."""
+    afterwards; its inference-tensor weights are autograd-usable views for the run (comfy_autograd)."""
 
     def __init__(self, model_patcher):
         self.model_patcher = model_patcher
+        self.weights = AutogradWeights([model_patcher.model.diffusion_model])
         self.flags: list[tuple[torch.nn.Parameter, bool]] = []
 
     def __enter__(self):
-        release_inference_parameters(self.model_patcher)
+        self.weights.__enter__()
         for param in self.model_patcher.model.diffusion_model.parameters():
             self.flags.append((param, param.requires_grad))
             param.requires_grad_(False)
@@ -114,43 +111,8 @@ class _FrozenUNet:
     def __exit__(self, *exc):
         for param, flag in self.flags:
             param.requires_grad_(flag)
-
-
-class _GradientCheckpointing:
-    """For the training run only: wrap every ResBlock and SpatialTransformer forward of the UNet in
-    torch.utils.checkpoint (non-reentrant), so backward recomputes their activations instead of keeping them; the
-    UNet module is shared by every clone of the model, so the forwards are restored on exit (as
-    comfy_extras/nodes_train.py patches and unpatches). Gradients are unchanged (tested to 1e-6)."""
-
-    def __init__(self, diffusion_model, enabled: bool):
-        self.modules = ([m for m in diffusion_model.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
-                        if enabled else [])
-        self.saved: list[tuple[torch.nn.Module, object]] = []
-
-    def __enter__(self):
-        for module in self.modules:
-            self.saved.append((module, module.__dict__.get("forward")))  # an instance override, if any
-            module.forward = _checkpointed(module.forward)
-        return self
-
-    def __exit__(self, *exc):
-        for module, own in reversed(self.saved):
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-        self.saved.clear()
-
-
-def _checkpointed(forward):
-    def checkpointed_forward(*args, **kwargs):
-        # ComfyUI mutates transformer_options in place as the UNet runs ("block", "block_index"): the recompute in
-        # backward must see the values of this call, so each dict argument is copied now (shallow).
-        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
-        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return checkpointed_forward
+        self.flags.clear()
+        self.weights.__exit__(*exc)
 
 
 class _TrainingSampler(comfy.samplers.Sampler):
@@ -176,7 +138,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
             return comfy.samplers.calc_cond_batch(base, [[conds[template_index]]], x, sigma, run_options)[0]
 
         patcher = model_wrap.model_patcher
-        with _FrozenUNet(patcher), _GradientCheckpointing(patcher.model.diffusion_model, self.gradient_checkpointing):
+        with _FrozenUNet(patcher), GradientCheckpointing(patcher.model.diffusion_model, self.gradient_checkpointing):
             self.result = self.body(denoise)
         return torch.zeros_like(latent_image)
 

@@ -58,13 +58,20 @@ def loda_setting_inputs() -> list:
             inputs.append(io.Int.Input(name, default=default, min=int(low), max=int(high), tooltip=tooltip))
         else:
             inputs.append(io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip))
+    # optional: API-format prompts saved before this input existed still validate (and get the default)
+    inputs.append(io.Boolean.Input("gradient_checkpointing", default=False, optional=True, tooltip=(
+        "Stage 1 only: recompute the UNet's blocks during the backward pass instead of storing their activations. "
+        "Lowers the peak memory of the stage-1 steps, costs extra time on those steps; same result. Turn on when "
+        "LODA runs out of memory (8 GB cards, SDXL at 1024 px). Default off.")))
     return inputs
 
 
 def loda_request(concept_words: str, settings: dict, result: LodaResult) -> LodaRequest:
+    checkpointing = bool(settings.pop("gradient_checkpointing", False))
     config = LodaConfig(**settings)
     config.validate()
-    return LodaRequest(config=config, words=parse_words(concept_words), result=result)
+    return LodaRequest(config=config, words=parse_words(concept_words), result=result,
+                       gradient_checkpointing=checkpointing)
 
 
 def result_outputs(result: LodaResult, latent_hw: tuple[int, int]):

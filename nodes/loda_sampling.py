@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +17,7 @@ from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaConcepts, Ma
 from ..conceptsplit_core.loda_config import LodaConfig
 from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
 from ..conceptsplit_core.prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
-from . import comfy_hooks, comfy_sampling
+from . import comfy_autograd, comfy_hooks, comfy_sampling
 
 OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaRequest
 
@@ -28,6 +29,7 @@ class LodaRequest:
     config: LodaConfig  # config.loda_steps: -1 auto, 0 stage 1 off, N >= 1
     words: tuple[str, ...] = ()  # concept words; empty = the object concepts of the ToVA-patched model
     result: Optional["LodaResult"] = None  # filled after sampling (masks, maps, report)
+    gradient_checkpointing: bool = False  # recompute UNet blocks in the stage-1 backward instead of storing them
 
 
 class LodaResult:
@@ -98,7 +100,8 @@ def _resolve_concepts(model_patcher, prompt: Optional[PromptTokens], words: tupl
         objects = [c for c in comfy_hooks.located_concepts(model_patcher) if c.role == "object"]
         _check_tova_prompt(objects, prompt)
         length = objects[0].prompt_length if objects else 0
-        return LodaConcepts(tuple(c.word for c in objects), tuple(c.position for c in objects), length)  # K >= 2
+        ids = objects[0].prompt_ids if objects else None
+        return LodaConcepts(tuple(c.word for c in objects), tuple(c.position for c in objects), length, ids)  # K >= 2
     if prompt is None:
         raise ConceptSplitError.build(
             "LODA cannot find the concept words: the positive prompt carries no token record",
@@ -107,7 +110,7 @@ def _resolve_concepts(model_patcher, prompt: Optional[PromptTokens], words: tupl
             fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)")
     requests = [IdentifierRequest(word, word, comfy_hooks.default_word_token_ids(word)) for word in words]
     positions = locate_identifier_positions(prompt, requests)
-    return LodaConcepts(words, tuple(positions), len(prompt.token_ids))
+    return LodaConcepts(words, tuple(positions), len(prompt.token_ids), tuple(prompt.token_ids))
 
 
 def _check_tova_prompt(objects, prompt: Optional[PromptTokens]) -> None:
@@ -156,14 +159,13 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     noise_sampler = None
     if n > 0:
         noise_sampler = comfy_sampling.persistent_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
-        with torch.inference_mode(False):
-            comfy_sampling.release_inference_parameters(guider.model_patcher, guider.conds.get("positive"))
     maps = None
     gradient_options = comfy_sampling.gradient_pass_options(options_with, guider.conds.get("positive"))
     for i in range(n):
         comfy_sampling.throw_if_interrupted()
-        x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, gradient_options,
-                           extra_args.get("denoise_mask"), updates)
+        with _gradient_scope(guider, plan, request.gradient_checkpointing):
+            x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, gradient_options,
+                               extra_args.get("denoise_mask"), updates)
         if i == n - 1:  # masks from the first (main CFG) forward of step N − 1, on the updated latent (spec §4.1)
             collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
@@ -185,6 +187,19 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     fixer.active = False
     _record(request.result, plan, updates, maps, masks, x.shape[0])
     return x
+
+
+@contextlib.contextmanager
+def _gradient_scope(guider, plan: LodaPlan, checkpointing: bool):
+    """Autograd on for one stage-1 step, inside ComfyUI's inference mode: the UNet's and ControlNets' weights as
+    autograd-usable views and, with `checkpointing`, the UNet's blocks checkpointed except those holding loss
+    layers; all restored on exit, also after an interrupt (comfy_autograd)."""
+    patcher = guider.model_patcher
+    modules = comfy_autograd.unet_and_control_modules(patcher, guider.conds.get("positive"))
+    keep = {key[:2] for key in plan.layers.loss_keys}
+    with torch.inference_mode(False), torch.enable_grad(), comfy_autograd.AutogradWeights(modules), \
+            comfy_autograd.GradientCheckpointing(patcher.model.diffusion_model, checkpointing, keep_blocks=keep):
+        yield
 
 
 @dataclass(frozen=True)
@@ -217,16 +232,14 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
     the pass sees the blended input the sampler's model call sees, so the update is zero outside the mask."""
     eta = step_size(i, plan.total_steps, config)
     images = []
-    with torch.inference_mode(False), torch.enable_grad():
-        sigma = sigmas[i].detach().clone()  # () normal tensor
-        for b in range(x.shape[0]):
-            x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
-            for iteration in range(config.inner_iterations):
-                comfy_sampling.throw_if_interrupted()
-                x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b,
-                                          config)
-                updates.append(_Update(i, b, iteration, *update))
-            images.append(x_b.detach())
+    sigma = sigmas[i].detach().clone()  # () normal tensor (called inside _gradient_scope)
+    for b in range(x.shape[0]):
+        x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
+        for iteration in range(config.inner_iterations):
+            comfy_sampling.throw_if_interrupted()
+            x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config)
+            updates.append(_Update(i, b, iteration, *update))
+        images.append(x_b.detach())
     return torch.cat(images).to(x.dtype)
 
 

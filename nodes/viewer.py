@@ -79,8 +79,14 @@ class CaptureAttention(io.ComfyNode):
             raise ConceptSplitError.build(
                 "Capture Attention's step range is empty", seen=f"first_step {first_step}, last_step {last_step}",
                 expected="last_step >= first_step, or -1 for the last step", fix="swap the two values")
+        if prompt is not None:
+            prompt_ids = tuple(prompt.token_ids)
+        else:  # the ToVA concepts' prompt (plan_words found every word among them)
+            prompt_ids = next((c.prompt_ids for c in comfy_hooks.located_concepts(model)
+                               if c.word.lower() == labels[0].lower()), None)
         request = capture_core.CaptureRequest(labels=labels, token_positions=positions, prompt_length=prompt_length,
-                                              layer_keys=layer_keys, first_step=first_step, last_step=last_step)
+                                              layer_keys=layer_keys, first_step=first_step, last_step=last_step,
+                                              prompt_ids=prompt_ids)
         capture = capture_core.AttentionCapture(request)
         patched = model.clone()
         comfy_sampling.install_attention_capture(patched, layout, capture)

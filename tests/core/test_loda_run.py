@@ -178,3 +178,54 @@ def test_masks_per_image_and_report():
                StepRecord(0, 1, 0, 0.1, 0.9, 40.0, "skipped: non-finite gradient")]
     text = format_report(records, concepts, 1, 4, masks, True)
     assert "HM 0.2500 loss 0.7500" in text and "1 update(s) skipped" in text and "fixing from step 1" in text
+
+
+def test_other_positive_prompts_in_the_batch_are_neither_collected_nor_biased():
+    """ConditioningCombine: a second positive shares the batch; its token s_k is another word (spec §2.3)."""
+    from conceptsplit_core.attention_calls import ChunkPrompt
+
+    ours, other = tuple(range(100, 108)), tuple(range(200, 216))  # token ids: our prompt 8 tokens, the other 16
+    concepts = LodaConcepts(("dog", "cat"), (2, 5), 8, ours)
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")  # 7×7 map level
+    chunks = (ChunkPrompt(16, other), ChunkPrompt(8, ours), ChunkPrompt(16, None))  # other +, our +, negative
+    call = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=2, cond_or_uncond=(0, 0, 1), batch=3,
+                         context_length=16, sigmas=torch.ones(1), chunk_prompts=chunks)
+    assert concepts.chunks(call, (0, 1)) == ((1, 8), (2, 16))  # our chunk (LCM copies 8 apart), the negative
+    probs = torch.rand(3, 2, 49, 16)  # (B, H, N, T)
+    collector = MapCollector(concepts, layers)
+    collector.start(layers.mask_keys[:1], (0,))
+    collector.observe_probabilities(call, probs)
+    expected = (probs[1, :, :, [2, 5]] + probs[1, :, :, [10, 13]]).mean(0).T.reshape(1, 2, 7, 7)  # chunk 1 only
+    torch.testing.assert_close(collector.maps(), expected)
+    collector.start(layers.mask_keys[:1], (1,))  # the negative has its own length (16): s_k once, no copy
+    collector.observe_probabilities(call, probs)
+    torch.testing.assert_close(collector.maps(), probs[2, :, :, [2, 5]].mean(0).T.reshape(1, 2, 7, 7))
+    masks = torch.rand(1, 2, 7, 7) > 0.5
+    fixer = FixingBias(concepts, masks, LodaConfig(), layers)
+    fixer.activate(masks)
+    q = torch.zeros(3, 49, 8)
+    bias = fixer.attention_bias(call, q, q)  # (3, 49, 16)
+    assert bias[0].abs().sum() == 0  # the other positive: untouched
+    torch.testing.assert_close(bias[1], build_fixing_bias(masks[0].flatten(1), [[2, 10], [5, 13]], 16, 5.0, -1e8))
+    torch.testing.assert_close(bias[2], build_fixing_bias(masks[0].flatten(1), [[2], [5]], 16, 5.0, -1e8))
+    only_other = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=2, cond_or_uncond=(0,), batch=1,
+                               context_length=16, sigmas=torch.ones(1), chunk_prompts=chunks[:1])
+    assert fixer.attention_bias(only_other, q[:1], q[:1]) is None and not collector.needs_probabilities(only_other)
+    cropped = AttentionCall(key=layers.mask_keys[0], grid=(4, 7), heads=2, cond_or_uncond=(0,), batch=1,
+                            context_length=8, sigmas=torch.ones(1), chunk_prompts=chunks[1:2])
+    collector.start(layers.mask_keys[:1], (0,), first_call=True)
+    assert not collector.needs_probabilities(cropped)  # an area-cropped call is never the whole-image prompt's
+    collector.after_attention(cropped)
+    assert collector.active  # and does not end the first-call collection
+    with pytest.raises(ConceptSplitError, match="LODA found no attention of its prompt.*remove area or mask"):
+        collector.maps()
+
+
+def test_chunk_holds_prompt_rules():
+    from conceptsplit_core.attention_calls import ChunkPrompt, chunk_holds_prompt
+
+    ids = (1, 2, 3)
+    assert chunk_holds_prompt(None, ids, 3)  # no record of the call: assumed to be the prompt
+    assert chunk_holds_prompt(ChunkPrompt(3, ids), ids, 3) and not chunk_holds_prompt(ChunkPrompt(3, (1, 2, 4)), ids, 3)
+    assert chunk_holds_prompt(ChunkPrompt(3, None), ids, 3) and not chunk_holds_prompt(ChunkPrompt(6, None), ids, 3)
+    assert chunk_holds_prompt(ChunkPrompt(6, (9,)), None, 3)  # nothing to compare the recorded ids with

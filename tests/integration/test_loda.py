@@ -379,7 +379,7 @@ def test_denoise_zero_returns_the_input_latent_and_zero_masks_like_ksampler(pack
     assert "denoise 0" in report
 
 
-def test_stage_1_with_a_controlnet_releases_its_inference_weights(pack):
+def test_stage_1_with_a_controlnet_runs_on_its_inference_weights_and_leaves_them_in_place(pack):
     import nodes
 
     from testing.tiny_controlnet import build_tiny_controlnet
@@ -392,11 +392,16 @@ def test_stage_1_with_a_controlnet_releases_its_inference_weights(pack):
         hint = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5))
         positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0,
                                                                               0.0, 1.0, vae=vae)
-    assert any(p.is_inference() for p in control.control_model.parameters())
+    before = [list(m.control_model.parameters()) if hasattr(m, "control_model") else list(m.model.parameters())
+              for m in (control, model)]
+    assert all(p.is_inference() for p in before[0])
     latent, _, _, report = all_in_one(pack, model, clip, positive=positive, negative=negative, steps=3,
                                       loda_steps=1)
     assert ": updated" in report and torch.isfinite(latent["samples"]).all()
-    assert not any(p.is_inference() for p in control.control_model.parameters())
+    after = [list(control.control_model.parameters()), list(model.model.parameters())]
+    for old, new in zip(before, after):  # the very same tensor objects, still inference tensors: nothing swapped
+        assert len(old) == len(new) and all(a is b for a, b in zip(old, new))
+    assert all(p.is_inference() for p in after[0])
 
 
 def test_inpainting_mask_zeroes_the_stage_1_update_outside_the_mask(pack, monkeypatch):
@@ -444,3 +449,133 @@ def test_empty_words_with_another_recorded_positive_than_apply_tovas_is_refused(
     with pytest.raises(pack.error, match=r"not the prompt Apply ToVA located \"dog\" in.*a cat and a dog"):
         all_in_one(pack, with_spy(pack, patched, spy), clip, positive=other, words="", steps=3, loda_steps=1)
     assert spy.calls == 0
+
+
+def test_gradient_checkpointing_gives_the_same_updates_and_checkpoints_only_non_loss_blocks(pack, monkeypatch):
+    import torch.utils.checkpoint
+
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    autograd = pack.glue("comfy_autograd")
+    model, clip = sharpened_sd21()
+    unet = model.model.diffusion_model
+    wrapped, calls = [], []
+    original_enter = autograd.GradientCheckpointing.__enter__
+
+    def enter(self):
+        wrapped.append([m for m in self.modules])
+        return original_enter(self)
+
+    def counting(function, *args, **kwargs):
+        calls.append(function)
+        return original_checkpoint(function, *args, **kwargs)
+
+    original_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(autograd.GradientCheckpointing, "__enter__", enter)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    runs = {}
+    for checkpointing in (False, True):
+        calls.clear()
+        latent, _, maps, report = all_in_one(pack, model, clip, steps=4, loda_steps=2,
+                                             gradient_checkpointing=checkpointing)
+        runs[checkpointing] = (latent["samples"], maps.maps, report, len(calls))
+    plain, checkpointed = runs[False], runs[True]
+    assert plain[3] == 0 and checkpointed[3] > 0  # the recompute path really ran, and only when asked
+    assert checkpointed[2].count(": updated") == 2
+    torch.testing.assert_close(checkpointed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(checkpointed[1], plain[1], rtol=1e-5, atol=1e-5)
+    # the SpatialTransformers holding loss layers (the deepest level of the tiny model) are never wrapped
+    layout = pack.glue("comfy_hooks").unet_layout(model)
+    layers = pack.core("loda").select_map_layers(pack.glue("comfy_hooks").layer_levels(model, layout), layout.family,
+                                                 (SIZE // 8, SIZE // 8), "all")
+    loss_blocks = {key[:2] for key in layers.loss_keys}
+    kept = {id(m) for block in loss_blocks for m in autograd._block_module(unet, block).modules()
+            if isinstance(m, SpatialTransformer)}
+    assert kept and wrapped and all(id(m) not in kept for m in wrapped[-1])
+    assert any(isinstance(m, SpatialTransformer) for m in wrapped[-1])  # the others are
+    assert not any("forward" in m.__dict__ for m in unet.modules())  # every forward restored
+
+
+def test_autograd_weights_view_the_same_memory_and_restore_the_originals_even_on_error(pack):
+    autograd = pack.glue("comfy_autograd")
+    model, _ = tiny("sd15")
+    unet = model.model.diffusion_model
+    originals = {name: p for name, p in unet.named_parameters()}
+    buffers = {name: b for name, b in unet.named_buffers()}
+    assert originals and all(p.is_inference() for p in originals.values())
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="stop"):
+        with torch.inference_mode(), autograd.AutogradWeights([unet, unet]) as weights:  # twice: swapped once
+            assert weights.count == len(originals) + sum(b.is_inference() for b in buffers.values())
+            views = dict(unet.named_parameters())
+            for name, view in views.items():
+                assert not view.is_inference() and not view.requires_grad
+                assert view.data_ptr() == originals[name].data_ptr() and torch.equal(view, originals[name])
+            with torch.inference_mode(False), torch.enable_grad():
+                out = unet.input_blocks[0](x, None, None)  # conv_in on the views: autograd accepts them
+                (grad,) = torch.autograd.grad(out.square().sum(), x)
+            weight = originals["input_blocks.0.0.weight"].detach().clone()
+            reference = torch.nn.grad.conv2d_input(x.shape, weight, 2 * torch.nn.functional.conv2d(
+                x.detach(), weight, originals["input_blocks.0.0.bias"].detach().clone(), padding=1), padding=1)
+            torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+            raise ValueError("stop")
+    assert all(p is originals[name] for name, p in unet.named_parameters())
+    assert all(b is buffers[name] for name, b in unet.named_buffers())
+    assert weights.count == 0
+
+
+def test_interrupt_in_a_checkpointed_stage_1_restores_the_forwards_and_weights(pack):
+    import comfy.model_management
+    import comfy.samplers
+
+    model, clip = tiny("sd21")
+    unet = model.model.diffusion_model
+    params = list(unet.parameters())
+    before = sample(model, clip, size=SIZE)
+    run = pack.glue("loda_sampling")
+    request = run.LodaRequest(pack.core("loda_config").LodaConfig(loda_steps=2), ("dog", "cat"), run.LodaResult(),
+                              gradient_checkpointing=True)
+    spy = Spy(error=comfy.model_management.InterruptProcessingException())
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample_custom(with_spy(pack, model, spy), clip, run.loda_sampler(comfy.samplers.sampler_object("euler"),
+                                                                          request), encode(pack, clip))
+    assert spy.calls > 0
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    assert all(p is q and p.is_inference() for p, q in zip(params, unet.parameters()))
+    assert torch.equal(sample(model, clip, size=SIZE), before)
+
+
+def test_a_second_positive_prompt_in_the_batch_does_not_enter_the_maps_or_get_the_bias(pack):
+    """ConditioningCombine: the other prompt's chunk has another word at s_k; LODA reads and biases its own only."""
+    import nodes
+
+    model, clip = sharpened_sd21()
+    layers = pack.core("loda").select_map_layers(
+        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        (SIZE // 8, SIZE // 8), "all")
+    ours, other = encode(pack, clip), encode(pack, clip, "a red house on a green hill")
+    with torch.inference_mode():
+        combined = nodes.ConditioningCombine().combine(ours, other)[0]
+    ours_ids = tuple(ours[0][1][pack.glue("comfy_hooks").PROMPT_TOKENS_KEY].token_ids)
+    spy = Spy(layers.mask_keys)
+    sampler, result = loda(pack, "euler", 1)
+    sample_custom(with_spy(pack, model, spy), clip, sampler, combined, steps=3)
+    sigma_0 = max(s for s, _, _ in spy.records)
+    first = [(call, probs) for s, call, probs in spy.records if s == sigma_0][:len(layers.mask_keys)]
+    chunks = first[0][0].chunk_prompts
+    assert len(chunks) == len(first[0][0].cond_or_uncond) and all(c is not None for c in chunks)
+
+    def maps_of(pick):  # (1, K, h, w): mean over layers and heads of the picked positive chunks' columns 2 and 5
+        total, count = 0, 0
+        for call, probs in first:
+            per = call.rows_per_chunk
+            for index, branch in enumerate(call.cond_or_uncond):
+                if branch == 0 and pick(call.chunk_prompts[index]):
+                    total = total + probs[index * per:(index + 1) * per][..., [2, 5]].sum(1)  # (1, N, K)
+                    count += call.heads
+        return (total / count).transpose(1, 2).unflatten(-1, layers.grid)
+
+    expected = maps_of(lambda chunk: chunk.prompt_ids == ours_ids)
+    torch.testing.assert_close(result.maps.maps, expected, rtol=1e-5, atol=1e-7)
+    mixed = maps_of(lambda chunk: True)  # what a chunk-blind collector would average
+    assert not torch.allclose(result.maps.maps, mixed, rtol=1e-3)

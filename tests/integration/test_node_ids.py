@@ -18,11 +18,11 @@ FROZEN = {
         "model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
         "denoise", "concept_words", "loda_steps", "inner_iterations", "kl_threshold", "step_scale",
         "step_schedule", "smoothing_sigma", "kl_pairs", "mask_percentile", "mask_sigma", "boost", "suppression",
-        "fixing_layers", "fixing_branches", "mask_source"),
+        "fixing_layers", "fixing_branches", "mask_source", "gradient_checkpointing"),
     "ConceptSplitLoda": (
         "sampler", "concept_words", "loda_steps", "inner_iterations", "kl_threshold", "step_scale", "step_schedule",
         "smoothing_sigma", "kl_pairs", "mask_percentile", "mask_sigma", "boost", "suppression", "fixing_layers",
-        "fixing_branches", "mask_source"),
+        "fixing_branches", "mask_source", "gradient_checkpointing"),
     "ConceptSplitLodaResults": ("latent", "loda_result"),
     "ConceptSplitCaptureAttention": ("model", "words", "token_mode", "first_step", "last_step", "layers", "positive",
                                      "blocks"),

@@ -119,12 +119,16 @@ def evaluation_loss(pack, model, clip, vae, pairs, items=12):
 def test_loss_falls_only_lora_changes_and_file_reloads(pack, tova_folder):
     model, clip, vae = inference_model()
     weights_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    params_before = [(p, p.requires_grad) for p in model.model.diffusion_model.parameters()]
     options_before = copy.deepcopy(model.model_options)
     outcome = train(pack, model, clip, vae, tova_folder, steps=60, lr=2e-2)
     assert len(outcome.losses) == 60 and all(math.isfinite(x) for x in outcome.losses)
     assert all(torch.equal(weights_before[k], v) for k, v in model.model.state_dict().items())
     assert model.model_options == options_before
-    assert not any(p.requires_grad for p in model.model.diffusion_model.parameters())
+    # the UNet holds its own parameter objects again (inference tensors, as loaded), flags as they were
+    after = list(model.model.diffusion_model.parameters())
+    assert len(after) == len(params_before) and all(p is q for (p, _), q in zip(params_before, after))
+    assert all(p.is_inference() and p.requires_grad == flag for p, flag in params_before)
     # the saved file, read with safetensors directly, equals what Load ToVA Adapter gives
     loaded = pack.glue("adapters").LoadToVAAdapter.execute("dog.safetensors", "", 1.0, "from file").result[0][0]
     with safe_open(str(tova_folder / "dog.safetensors"), "pt") as handle:

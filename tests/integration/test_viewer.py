@@ -34,7 +34,9 @@ class QKSpy:
             key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))), q=q.clone(), k=k.clone(),
             heads=extra_options["n_heads"], chunks=list(extra_options["cond_or_uncond"]),
             sigma=float(extra_options["sigmas"][0]), schedule=extra_options["sample_sigmas"].tolist(),
-            grid=tuple(extra_options["activations_shape"][-2:]), latent=tuple(extra_options["original_shape"][-2:])))
+            grid=tuple(extra_options["activations_shape"][-2:]), latent=tuple(extra_options["original_shape"][-2:]),
+            prompts=[getattr((extra_options.get("conceptsplit_chunks") or {}).get(u), "prompt_ids", None)
+                     for u in extra_options.get("uuids") or ()]))  # each chunk's recorded prompt, by cond uuid
         return attention.optimized_attention(q, k, v, extra_options["n_heads"])
 
 
@@ -78,9 +80,10 @@ def view(pack, alpha=0.5, colormap="inferno", **sources):
         return pack.glue("viewer").AttentionMapViewer.execute(alpha, colormap, **sources)
 
 
-def reference_maps(calls, keys, positions, prompt_length, first, last):
-    """Mean over calls in [first, last] and layers in `keys` of the head-mean softmax(q kᵀ/√D) of the cond rows,
-    word columns and LCM copies summed, each call's map upsampled bilinearly to the finest grid; float64."""
+def reference_maps(calls, keys, positions, prompt_length, first, last, prompt_ids=None):
+    """Mean over calls in [first, last] and layers in `keys` of the head-mean softmax(q kᵀ/√D) of the cond rows
+    (with `prompt_ids`, of the chunks recorded with those ids only), word columns and LCM copies summed, each call's
+    map upsampled bilinearly to the finest grid; float64."""
     chosen = []
     for call in calls:
         step = call["schedule"].index(call["sigma"])  # euler calls the model exactly at the schedule's sigmas
@@ -93,7 +96,8 @@ def reference_maps(calls, keys, positions, prompt_length, first, last):
         kh = k.reshape(B, T, heads, -1).permute(0, 2, 1, 3)  # (B, H, T, D)
         probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)  # (B, H, N, T)
         per = B // len(call["chunks"])
-        cond = [probs[i * per:(i + 1) * per] for i, c in enumerate(call["chunks"]) if c == 0]
+        cond = [probs[i * per:(i + 1) * per] for i, c in enumerate(call["chunks"])
+                if c == 0 and (prompt_ids is None or call["prompts"][i] == prompt_ids)]
         probs = torch.stack(cond).mean(0)  # (B_img, H, N, T)
         words = [sum(probs[..., p + c * prompt_length] for p in word for c in range(T // prompt_length))
                  for word in positions]  # K x (B_img, H, N)
@@ -375,3 +379,24 @@ def test_lodas_mask_pass_with_stage_1_off_is_not_counted(pack):
     assert sigmas_seen[0] is None  # LODA's no-grad mask pass at σ0, marked auxiliary
     assert sigmas_seen[1:] == pytest.approx(sigmas[:-1].tolist())  # then one counted call per euler step
     assert store.maps_for(out).steps == (0, 1, 2)
+
+
+def test_a_second_positive_prompt_in_the_batch_is_left_out_of_the_maps(pack):
+    """ConditioningCombine puts another prompt in the cond batch; its token s_k is another word."""
+    import nodes
+
+    model, clip, _ = sharpened("sd15")
+    spy_model, spy = spied(model)
+    ours, other = encode(pack, clip, "a dog and a cat"), encode(pack, clip, "a red house on a green hill")
+    with torch.inference_mode():
+        combined = nodes.ConditioningCombine().combine(ours, other)[0]
+    patched, store = capture(pack, spy_model, "dog, cat", ours)
+    latent = sample(patched, clip, positive=combined, steps=3)
+    record = store.maps_for(latent)
+    ids = tuple(ours[0][1][pack.glue("comfy_hooks").PROMPT_TOKENS_KEY].token_ids)
+    assert any(call["chunks"].count(0) == 2 for call in spy.calls)  # both positives share model calls
+    keys = set(record.layers)
+    reference = reference_maps(spy.calls, keys, [[2], [5]], 77, 0, -1, prompt_ids=ids)
+    assert torch.allclose(record.maps.double(), reference, atol=1e-5, rtol=0), (record.maps - reference).abs().max()
+    mixed = reference_maps(spy.calls, keys, [[2], [5]], 77, 0, -1)  # both positives averaged: what it must not be
+    assert not torch.allclose(record.maps.double(), mixed, atol=1e-4, rtol=0)

@@ -322,7 +322,8 @@ def _check_shapes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tens
             if not torch.isfinite(tensor).all():
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise ConceptSplitError.build(
-                    f'Adapter "{name}" contains NaN or Inf values', seen=f"{bad} non-finite values in {part} of {layer_path}",
+                    f'Adapter "{name}" contains NaN or Inf values',
+                    seen=f"{bad} non-finite values in {part} of {layer_path}",
                     expected="finite weights", fix="the training diverged or the file is damaged; retrain it")
     if len(ranks) != 1 or len(widths) != 1:
         raise ConceptSplitError.build(f'Adapter "{name}" mixes ranks or text widths across layers',

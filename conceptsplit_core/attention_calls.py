@@ -24,19 +24,26 @@ class ChunkPrompt:
 
     length: int  # tokens of that conditioning before ComfyUI repeats it to the batch's common (LCM) length
     prompt_ids: tuple | None  # PromptTokens.token_ids when Apply ToVA / ConceptSplit Text Encode encoded it
+    area: bool = False  # an area-conditioned entry: its model calls see a crop of the latent, not the whole grid
+    # token ids of every recorded positive of the same sampling call: an unrecorded positive beside the prompt's
+    # own recorded conditioning is another prompt (a plain CLIP Text Encode combined with it)
+    recorded_positives: frozenset = frozenset()
 
 
 def chunk_holds_prompt(chunk: ChunkPrompt | None, prompt_ids: tuple | None, prompt_length: int) -> bool:
     """Whether a positive chunk is the conditioning of the prompt whose token positions s_k we use (spec §2.3, §8 #16).
 
     Another positive in the same batch (ConditioningCombine, regional prompts) has another word at s_k. Recorded
-    token ids decide; an unrecorded conditioning counts when its length matches; a call without records (a ComfyUI
-    path that bypasses calc_cond_batch) is assumed to be the prompt.
+    token ids decide; an unrecorded conditioning counts when its length matches and the prompt's own recorded
+    conditioning is not in the same sampling call; a call without records (a ComfyUI path that bypasses
+    calc_cond_batch) is assumed to be the prompt.
     """
     if chunk is None:
         return True
     if chunk.prompt_ids is not None:
         return prompt_ids is None or tuple(chunk.prompt_ids) == tuple(prompt_ids)
+    if prompt_ids is not None and tuple(prompt_ids) in chunk.recorded_positives:
+        return False
     return chunk.length == prompt_length
 
 
@@ -63,14 +70,17 @@ class AttentionCall:
         return [i * per + r for i, c in enumerate(self.cond_or_uncond) if c == branch for r in range(per)]
 
     def prompt_chunks(self, branches, prompt_ids: tuple | None, prompt_length: int) -> tuple[tuple[int, int], ...]:
-        """(chunk index, own length) of the chunks in `branches` whose token columns follow the prompt: every
-        negative chunk, and the positive chunks holding the prompt (`chunk_holds_prompt`). The own length is the
-        stride of a token's LCM copies in that chunk (the prompt's length when unrecorded)."""
+        """(chunk index, own length) of the whole-image chunks in `branches` whose token columns follow the prompt:
+        every negative chunk, and the positive chunks holding the prompt (`chunk_holds_prompt`). Area-conditioned
+        chunks (and the negatives ComfyUI pairs with them) see a crop, so whole-image maps and masks do not fit them.
+        The own length is the stride of a token's LCM copies in that chunk (the prompt's length when unrecorded)."""
         found = []
         for index, branch in enumerate(self.cond_or_uncond):
             if branch not in branches:
                 continue
             chunk = self.chunk_prompts[index] if index < len(self.chunk_prompts) else None
+            if chunk is not None and chunk.area:
+                continue
             if branch == COND and not chunk_holds_prompt(chunk, prompt_ids, prompt_length):
                 continue
             found.append((index, chunk.length if chunk is not None else prompt_length))

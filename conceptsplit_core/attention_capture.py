@@ -76,8 +76,15 @@ class CaptureRequest:
     prompt_ids: tuple | None = None  # the positive prompt's token ids: other positives in a batch are skipped
 
     def prompt_chunks(self, call: AttentionCall) -> tuple[int, ...]:
-        """Indices of the positive chunks of `call` that hold this prompt (attention_calls.chunk_holds_prompt)."""
-        return tuple(index for index, _ in call.prompt_chunks((COND,), self.prompt_ids, self.prompt_length))
+        """Indices of the whole-image positive chunks of `call` that hold this prompt and have the first such
+        chunk's own length (attention_calls.AttentionCall.prompt_chunks), so one column matrix fits them all."""
+        chunks = call.prompt_chunks((COND,), self.prompt_ids, self.prompt_length)
+        return tuple(index for index, length in chunks if length == chunks[0][1])
+
+    def own_length(self, call: AttentionCall) -> int:
+        """Token length of the conditioning in the chunks `prompt_chunks` picks (the prompt's when unrecorded)."""
+        chunks = call.prompt_chunks((COND,), self.prompt_ids, self.prompt_length)
+        return chunks[0][1] if chunks else self.prompt_length
 
     def __post_init__(self) -> None:
         assert len(self.labels) == len(self.token_positions) > 0, "one position tuple per word"
@@ -227,23 +234,25 @@ def step_index(sigma: float, sample_sigmas: torch.Tensor) -> int:
     return max(int(reached.sum().item()) - 1, 0)
 
 
-def word_columns(request: CaptureRequest, context_length: int) -> torch.Tensor:
+def word_columns(request: CaptureRequest, context_length: int, own_length: int | None = None) -> torch.Tensor:
     """Which key columns belong to which word: a 0/1 matrix over the T columns of a text context.
 
-    Shapes: returns (T, K) fp32 on the CPU, T = context_length = copies · prompt_length (LCM copies all count).
-    Raises: ConceptSplitError when T is not a multiple of the captured prompt's length (another prompt was sampled).
+    `own_length` is the length of the conditioning in the chunk (default the prompt's; longer when ConditioningConcat
+    appended text): its LCM copies repeat every `own_length` columns.
+    Shapes: returns (T, K) fp32 on the CPU, T = context_length = copies · own_length (LCM copies all count).
+    Raises: ConceptSplitError when T is not a multiple of that length (another prompt was sampled).
     """
-    T = context_length
-    copies, rest = divmod(T, request.prompt_length)
+    T, stride = context_length, own_length or request.prompt_length
+    copies, rest = divmod(T, stride)
     if rest or copies == 0:
         raise ConceptSplitError.build(
             "The sampled prompt is not the one Capture Attention located the words in",
-            seen=f"a text context of {T} tokens", expected=f"a multiple of {request.prompt_length} tokens",
+            seen=f"a text context of {T} tokens", expected=f"a multiple of {stride} tokens",
             fix="connect the same positive conditioning to Capture Attention and to the sampler")
     assign = torch.zeros(T, len(request.labels))  # (T, K)
     for k, positions in enumerate(request.token_positions):
         for position in positions:
-            assign[position::request.prompt_length, k] = 1.0  # the word's column in every copy
+            assign[position::stride, k] = 1.0  # the word's column in every copy
     return assign
 
 
@@ -260,7 +269,7 @@ def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: Capture
     B, H, N, T = probs.shape
     h, w = call.grid
     if columns is None:
-        columns = word_columns(request, T).to(probs.device)
+        columns = word_columns(request, T, request.own_length(call)).to(probs.device)
     per = call.rows_per_chunk
     cond = [probs[i * per:(i + 1) * per] for i in request.prompt_chunks(call)]  # views, no copy
     per_word = torch.stack(cond) @ columns.to(probs.dtype)  # (C, B_img, H, N, T) x (T, K) -> (C, B_img, H, N, K)
@@ -319,7 +328,7 @@ class AttentionCapture:
         self.kept_runs = kept_runs
         self._run: _RunSums | None = None
         self._call_step: int | None = None  # step of the model call in progress; None = not recorded
-        self._columns: dict[tuple[int, torch.device], torch.Tensor] = {}  # word_columns per (T, device)
+        self._columns: dict[tuple, torch.Tensor] = {}  # word_columns per (T, own length, device)
         self._finished: list[tuple[torch.Tensor, ConceptMaps | None]] = []  # (output latent on CPU, maps), oldest first
 
     def __deepcopy__(self, memo):
@@ -379,10 +388,11 @@ class AttentionCapture:
     def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
         step = self._step_of(call)  # checked again: another observer may have asked for these probabilities
         if step is not None:
-            columns = self._columns.get((call.context_length, probs.device))
+            key = (call.context_length, self.request.own_length(call), probs.device)
+            columns = self._columns.get(key)
             if columns is None:  # once per context length and device: the only device copy of the run
-                columns = word_columns(self.request, call.context_length).to(probs.device)
-                self._columns[(call.context_length, probs.device)] = columns
+                columns = word_columns(self.request, key[0], key[1]).to(probs.device)
+                self._columns[key] = columns
             self._run.add(call.key, step, call_concept_maps(probs.detach(), call, self.request, columns))
 
     def after_attention(self, call: AttentionCall) -> None:

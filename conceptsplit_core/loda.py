@@ -218,12 +218,11 @@ class MapCollector:
             self._count += heads
 
     def after_attention(self, call: AttentionCall) -> None:
-        if not self.active or call.key != self._last_key:
-            return
+        if not self.needs_probabilities(call) or call.key != self._last_key:
+            return  # a model call holding only other prompts' chunks (or an area crop) neither ends nor truncates
         if self._truncate:
             raise _TruncatedForward()
-        if self._first_call and call.grid == self.layers.grid:  # the end of a model call (spec §4.1): the
-            # branches it collected are done; a call holding only other prompts' chunks leaves them open
+        if self._first_call:  # the end of a model call: the branches it collected are done (spec §4.1)
             done = {call.cond_or_uncond[index] for index, _ in self.concepts.chunks(call, self._branches)}
             self._branches = self._branches.difference(done)
             if not self._branches:

@@ -32,22 +32,27 @@ class AutogradWeights:
 
     def __init__(self, modules: Iterable[torch.nn.Module]):
         self.modules = list(modules)
-        self.swapped: list[tuple[dict, str, torch.Tensor]] = []  # (module._parameters or _buffers, name, original)
+        # (module._parameters or _buffers, name, original, the view put there)
+        self.swapped: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []
 
     @property
     def count(self) -> int:
         return len(self.swapped)
 
     def __enter__(self) -> "AutogradWeights":
-        with torch.inference_mode(False):  # a view made under inference mode would be an inference tensor again
-            seen: set[int] = set()
-            for root in self.modules:
-                for module in root.modules():
-                    if id(module) in seen:
-                        continue
-                    seen.add(id(module))
-                    self._swap(module._parameters, parameter=True)
-                    self._swap(module._buffers, parameter=False)
+        try:
+            with torch.inference_mode(False):  # a view made under inference mode would be an inference tensor again
+                seen: set[int] = set()
+                for root in self.modules:
+                    for module in root.modules():
+                        if id(module) in seen:
+                            continue
+                        seen.add(id(module))
+                        self._swap(module._parameters, parameter=True)
+                        self._swap(module._buffers, parameter=False)
+        except BaseException:  # e.g. out of memory copying a tensor subclass: put back what was swapped so far
+            self.__exit__()
+            raise
         return self
 
     def _swap(self, tensors: dict, parameter: bool) -> None:
@@ -55,19 +60,23 @@ class AutogradWeights:
             if tensor is None or not tensor.is_inference():
                 continue
             view = _normal_view(tensor)
-            tensors[name] = torch.nn.Parameter(view, requires_grad=False) if parameter else view
-            self.swapped.append((tensors, name, tensor))
+            if parameter:
+                view = torch.nn.Parameter(view, requires_grad=False)
+            tensors[name] = view
+            self.swapped.append((tensors, name, tensor, view))
 
     def __exit__(self, *exc) -> None:
-        for tensors, name, original in reversed(self.swapped):
-            tensors[name] = original
+        for tensors, name, original, view in reversed(self.swapped):
+            if tensors.get(name) is view:  # ComfyUI may have (re)loaded a weight meanwhile: keep its new one
+                tensors[name] = original
         self.swapped.clear()
 
 
 def _normal_view(tensor: torch.Tensor) -> torch.Tensor:
     """A normal (non-inference) tensor over the storage of the inference tensor `tensor`: same values, no copy.
 
-    Tensor subclasses (quantised or GGUF weights of other packs) keep their type only through a copy.
+    Tensor subclasses (quantised or GGUF weights of other packs) keep their type only through a copy, made per
+    stage-1 step and freed after it (time, and a transient second copy of those weights).
     """
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         return tensor.detach().clone()

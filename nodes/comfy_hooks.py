@@ -382,13 +382,19 @@ def _clear_device_caches(model_patcher) -> None:
 def chunk_table(conds, default_length: int = 0) -> dict:
     """{cond uuid: ChunkPrompt} for the conditionings of one calc_cond_batch call (`conds`: [positives, negatives],
     each a list of processed cond dicts): each one's own token length and, if recorded, its token ids."""
+    def ids_of(cond):
+        tokens = cond.get(PROMPT_TOKENS_KEY)
+        return tuple(tokens.token_ids) if tokens is not None else None
+
+    positives = (conds[0] or ()) if conds else ()
+    recorded = frozenset(ids for ids in map(ids_of, positives) if ids is not None)
     table = {}
     for group in conds:
         for cond in group or ():
             cross = cond.get("cross_attn")  # (1, L, d)
-            tokens = cond.get(PROMPT_TOKENS_KEY)
             table[cond["uuid"]] = ChunkPrompt(int(cross.shape[1]) if cross is not None else default_length,
-                                              tuple(tokens.token_ids) if tokens is not None else None)
+                                              ids_of(cond), area=cond.get("area") is not None,
+                                              recorded_positives=recorded)
     return table
 
 
@@ -465,6 +471,16 @@ def conditioning_prompt_tokens(conditioning) -> PromptTokens | None:
         if tokens is not None:
             return tokens
     return None
+
+
+def conditioning_prompts(conditioning) -> tuple[PromptTokens, ...]:
+    """Every distinct PromptTokens attached to the entries of a CONDITIONING (ConditioningCombine keeps each)."""
+    found: dict[tuple, PromptTokens] = {}
+    for _, extras in conditioning:
+        tokens = extras.get(PROMPT_TOKENS_KEY)
+        if tokens is not None:
+            found.setdefault(tuple(tokens.token_ids), tokens)
+    return tuple(found.values())
 
 
 def with_located_concepts(model_options: dict, concepts: tuple) -> dict:

@@ -111,27 +111,40 @@ def sampling_guider(model_k):
     return model_k.inner_model
 
 
-def guider_prompt_tokens(guider) -> PromptTokens | None:
-    """PromptTokens of the guider's processed positive conds (convert_cond keeps the conditioning's dict keys)."""
+def guider_prompts(guider) -> tuple[PromptTokens, ...]:
+    """Every distinct PromptTokens of the guider's processed positive conds (convert_cond keeps the dict keys)."""
+    found: dict[tuple, PromptTokens] = {}
     for entry in guider.conds.get("positive", None) or ():
         tokens = entry.get(PROMPT_TOKENS_KEY)
         if tokens is not None:
-            return tokens
-    return None
+            found.setdefault(tuple(tokens.token_ids), tokens)
+    return tuple(found.values())
 
 
-def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False):
+def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False,
+                 prompt_ids: tuple | None = None):
     """One cond-only UNet forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; notes §4.3 step 2).
 
     Differentiable w.r.t. x when grad mode is on; the model input scaling is part of the graph (spec §3.4).
     Shapes: x (b, 4, h, w); sigma () or (b,). With `negative`, the negative conds run as well (mask capture).
+    With `prompt_ids`, only the positive conditionings recorded with those token ids run when there are any, so
+    other positive prompts (ConditioningCombine) cost nothing and never come first in a split batch.
     """
     guider = sampling_guider(model_k)
-    conds = [guider.conds["positive"]]
+    positives = guider.conds["positive"]
+    if prompt_ids is not None:
+        own = [entry for entry in positives if _recorded_ids(entry) == tuple(prompt_ids)]
+        positives = own or positives
+    conds = [positives]
     if negative and guider.conds.get("negative") is not None:
         conds.append(guider.conds["negative"])
     timestep = sigma.reshape(-1).expand(x.shape[0]) if sigma.dim() <= 1 else sigma
     return comfy.samplers.calc_cond_batch(guider.inner_model, conds, x, timestep, model_options)
+
+
+def _recorded_ids(entry: dict) -> tuple | None:
+    tokens = entry.get(PROMPT_TOKENS_KEY)
+    return None if tokens is None else tuple(tokens.token_ids)
 
 
 def persistent_noise_sampler(inner, x: torch.Tensor, sigmas: torch.Tensor, seed):

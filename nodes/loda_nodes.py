@@ -130,7 +130,7 @@ class LodaSampler(io.ComfyNode):
         latent_hw = tuple(latent_image["samples"].shape[-2:])
         sampler = comfy_sampling.named_sampler(sampler_name)
         total_steps = max(len(sigmas) - 1, 0)  # denoise 0 gives no sigmas: KSampler returns the latent unchanged
-        plan = plan_loda(model, comfy_hooks.conditioning_prompt_tokens(positive), latent_hw, request, total_steps,
+        plan = plan_loda(model, comfy_hooks.conditioning_prompts(positive), latent_hw, request, total_steps,
                          sampler)
         if total_steps == 0:
             record_without_sampling(result, plan, latent_image["samples"].shape[0])

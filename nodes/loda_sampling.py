@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -64,12 +64,13 @@ def parse_words(text: str) -> tuple[str, ...]:
     return tuple(word.strip() for word in text.split(",") if word.strip())
 
 
-def plan_loda(model_patcher, prompt: Optional[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
+def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
               total_steps: int, inner=None) -> LodaPlan:
     """Check every input and resolve concepts, layers and N before any sampling step (spec §5, STYLE §10).
 
     Args:
-        prompt: tokens of the positive prompt being sampled, or None when it carries no record.
+        prompts: tokens of each recorded positive prompt being sampled (several after ConditioningCombine; none
+            when no prompt carries a record). The concepts are located in the first that holds them all.
         total_steps: S; 0 plans a run with nothing to sample (denoise 0).
         inner: the wrapped SAMPLER, when known: checked to step one slice at a time if N > 0.
     Raises: ConceptSplitError for a bad setting, fewer than 2 concepts, a word not in the prompt, ToVA concepts
@@ -86,7 +87,7 @@ def plan_loda(model_patcher, prompt: Optional[PromptTokens], latent_hw: tuple[in
     if inner is not None and stage1_steps > 0:
         comfy_sampling.check_steps_one_slice(inner)
     layout = comfy_hooks.unet_layout(model_patcher)
-    concepts = _resolve_concepts(model_patcher, prompt, request.words)
+    concepts = _resolve_concepts(model_patcher, tuple(prompts), request.words)
     layers = select_map_layers(comfy_hooks.layer_levels(model_patcher, layout), layout.family, latent_hw,
                                config.fixing_layers)
     fixing = (config.boost != 0 or config.suppression != 0) and stage1_steps < total_steps
@@ -95,32 +96,45 @@ def plan_loda(model_patcher, prompt: Optional[PromptTokens], latent_hw: tuple[in
     return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing)
 
 
-def _resolve_concepts(model_patcher, prompt: Optional[PromptTokens], words: tuple[str, ...]) -> LodaConcepts:
+def _resolve_concepts(model_patcher, prompts: tuple[PromptTokens, ...], words: tuple[str, ...]) -> LodaConcepts:
     if not words:
         objects = [c for c in comfy_hooks.located_concepts(model_patcher) if c.role == "object"]
-        _check_tova_prompt(objects, prompt)
+        _check_tova_prompt(objects, prompts)
         length = objects[0].prompt_length if objects else 0
         ids = objects[0].prompt_ids if objects else None
         return LodaConcepts(tuple(c.word for c in objects), tuple(c.position for c in objects), length, ids)  # K >= 2
-    if prompt is None:
+    if not prompts:
         raise ConceptSplitError.build(
             "LODA cannot find the concept words: the positive prompt carries no token record",
             seen=f"concept words {', '.join(words)} with a positive from a plain CLIP Text Encode",
             expected="a positive from Apply ToVA to Model or ConceptSplit Text Encode",
             fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)")
     requests = [IdentifierRequest(word, word, comfy_hooks.default_word_token_ids(word)) for word in words]
-    positions = locate_identifier_positions(prompt, requests)
-    return LodaConcepts(words, tuple(positions), len(prompt.token_ids), tuple(prompt.token_ids))
+    first_error = None
+    for prompt in prompts:  # several positives (ConditioningCombine): the first one holding every word
+        try:
+            positions = locate_identifier_positions(prompt, requests)
+        except ConceptSplitError as error:
+            first_error = first_error or error
+            continue
+        return LodaConcepts(words, tuple(positions), len(prompt.token_ids), tuple(prompt.token_ids))
+    raise first_error
 
 
-def _check_tova_prompt(objects, prompt: Optional[PromptTokens]) -> None:
+def _check_tova_prompt(objects, prompts: tuple[PromptTokens, ...]) -> None:
     """With empty concept words, the ToVA positions hold only in the prompt Apply ToVA located them in.
 
     A positive without a token record (plain CLIP Text Encode) is checked by length at the first model call by
-    ToVA itself; a recorded one is compared here, before sampling.
+    ToVA itself; recorded ones are compared here, before sampling: one of them must be that prompt.
     """
-    if prompt is None:
+    if not prompts:
         return
+    for prompt in prompts:
+        ids = tuple(prompt.token_ids)
+        if all((getattr(c, "prompt_ids", None) is None or tuple(c.prompt_ids) == ids) and c.prompt_length == len(ids)
+               for c in objects):
+            return
+    prompt = prompts[0]
     ids = tuple(prompt.token_ids)
     for concept in objects:
         recorded = getattr(concept, "prompt_ids", None)
@@ -140,7 +154,7 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         request.result.reset()
     extra_args = dict(extra_args or {})
     guider = comfy_sampling.sampling_guider(model_k)
-    plan = plan_loda(guider.model_patcher, comfy_sampling.guider_prompt_tokens(guider), tuple(x.shape[-2:]), request,
+    plan = plan_loda(guider.model_patcher, comfy_sampling.guider_prompts(guider), tuple(x.shape[-2:]), request,
                      len(sigmas) - 1, inner)
     if plan.total_steps == 0:
         _record(request.result, plan, [], None, None, x.shape[0])
@@ -177,7 +191,7 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         with torch.no_grad():
             comfy_sampling.cond_forward(model_k, x, sigmas[0], comfy_sampling.mark_auxiliary_pass(options_with),
-                                        negative=UNCOND in mask_branches)
+                                        negative=UNCOND in mask_branches, prompt_ids=plan.concepts.prompt_ids)
         maps = collector.maps().detach()
         collector.stop()
     masks = None if maps is None else build_concept_masks(maps, config)
@@ -248,7 +262,8 @@ def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask
     model_input = comfy_sampling.inpaint_model_input(model_k, x_grad, sigma, denoise_mask, model_options, image)
     collector.start(collector.layers.loss_keys, (COND,), truncate=True)
     try:
-        run_truncated(lambda: comfy_sampling.cond_forward(model_k, model_input, sigma, model_options))
+        run_truncated(lambda: comfy_sampling.cond_forward(model_k, model_input, sigma, model_options,
+                                                          prompt_ids=collector.concepts.prompt_ids))
         concept_maps = collector.maps()[0]  # (K, h, w) in the graph
     finally:
         collector.stop()

@@ -229,3 +229,15 @@ def test_chunk_holds_prompt_rules():
     assert chunk_holds_prompt(ChunkPrompt(3, ids), ids, 3) and not chunk_holds_prompt(ChunkPrompt(3, (1, 2, 4)), ids, 3)
     assert chunk_holds_prompt(ChunkPrompt(3, None), ids, 3) and not chunk_holds_prompt(ChunkPrompt(6, None), ids, 3)
     assert chunk_holds_prompt(ChunkPrompt(6, (9,)), None, 3)  # nothing to compare the recorded ids with
+    beside = ChunkPrompt(3, None, recorded_positives=frozenset({ids}))  # a plain encode combined with the prompt
+    assert not chunk_holds_prompt(beside, ids, 3) and chunk_holds_prompt(beside, (7, 7, 7), 3)
+
+
+def test_area_chunks_are_left_out_of_whole_image_maps_and_masks():
+    from conceptsplit_core.attention_calls import ChunkPrompt
+
+    ids = (1, 2, 3)
+    chunks = (ChunkPrompt(3, ids, area=True), ChunkPrompt(3, ids), ChunkPrompt(3, None, area=True))
+    call = AttentionCall(key=("input", 1, 0), grid=(4, 4), heads=1, cond_or_uncond=(0, 0, 1), batch=3,
+                         context_length=3, sigmas=None, chunk_prompts=chunks)
+    assert call.prompt_chunks((0, 1), ids, 3) == ((1, 3),)

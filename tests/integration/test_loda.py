@@ -579,3 +579,52 @@ def test_a_second_positive_prompt_in_the_batch_does_not_enter_the_maps_or_get_th
     torch.testing.assert_close(result.maps.maps, expected, rtol=1e-5, atol=1e-7)
     mixed = maps_of(lambda chunk: True)  # what a chunk-blind collector would average
     assert not torch.allclose(result.maps.maps, mixed, rtol=1e-3)
+
+
+def test_an_area_prompt_running_first_neither_ends_the_gradient_pass_nor_enters_maps_and_bias(pack):
+    """ConditioningCombine(area prompt, LODA prompt): ComfyUI runs the cropped area prompt in its own model calls,
+    first. Stage 1 must still see its own prompt, and masks and bias must not land on the crop."""
+    import nodes
+
+    model, clip = sharpened_sd21()
+    layers = pack.core("loda").select_map_layers(
+        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        (SIZE // 8, SIZE // 8), "all")
+    ours = encode(pack, clip)
+    with torch.inference_mode():
+        area = nodes.ConditioningSetArea().append(encode(pack, clip, "a red house on a green hill"), 64, 64, 0, 0,
+                                                  1.0)[0]
+        combined = nodes.ConditioningCombine().combine(area, ours)[0]
+    spy = Spy(layers.mask_keys)
+    biased = []
+    fixer_bias = pack.core("loda").FixingBias.attention_bias
+
+    def recording(self, call, q, k):
+        bias = fixer_bias(self, call, q, k)
+        if self.active:
+            biased.append((call, None if bias is None else bias.detach().clone()))
+        return bias
+
+    sampler, result = loda(pack, "euler", 1)
+    original = pack.core("loda").FixingBias.attention_bias
+    pack.core("loda").FixingBias.attention_bias = recording
+    try:
+        sample_custom(with_spy(pack, model, spy), clip, sampler, combined, steps=3)
+    finally:
+        pack.core("loda").FixingBias.attention_bias = original
+    assert ": updated" in result.report
+    assert any(call.grid != layers.grid for _, call, _ in spy.records if call.key == layers.mask_keys[0])  # crops
+    for call, bias in biased:  # crops (and the negatives paired with them) are never biased, the rest always
+        for index, chunk in enumerate(call.chunk_prompts):
+            rows = None if bias is None else bias[index * call.rows_per_chunk:(index + 1) * call.rows_per_chunk]
+            assert (rows is None or rows.abs().sum() == 0) == chunk.area
+    areas = [call for call, _ in biased if any(chunk.area for chunk in call.chunk_prompts)]
+    assert areas and len(areas) < len(biased)
+    sigma_0 = max(s for s, _, _ in spy.records)
+    first = [(call, probs) for s, call, probs in spy.records if s == sigma_0 and call.grid == layers.grid]
+    total = sum(probs[index * call.rows_per_chunk:(index + 1) * call.rows_per_chunk][..., [2, 5]].sum(1)
+                for call, probs in first[:len(layers.mask_keys)]
+                for index, branch in enumerate(call.cond_or_uncond) if branch == 0)
+    count = sum(call.heads for call, _ in first[:len(layers.mask_keys)])
+    expected = (total / count).transpose(1, 2).unflatten(-1, layers.grid)
+    torch.testing.assert_close(result.maps.maps, expected, rtol=1e-5, atol=1e-7)

@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--pass-repeats", type=int, default=3, help="timed rounds of the gradient-pass table")
     parser.add_argument("--checkpointing", action="store_true", help="LODA run with gradient_checkpointing on")
     parser.add_argument("--gradient-pass-only", action="store_true", help="only time the stage-1 passes")
+    parser.add_argument("--skip-after", action="store_true",
+                        help="skip the plain run after LODA (which checks that LODA leaves the model as it was)")
     args = parser.parse_args()
     pack = bootstrap()
     import comfy.samplers
@@ -163,7 +165,8 @@ def main() -> None:
             sample(model, run.loda_sampler(plain_sampler, request), positive, negative, args.steps, args.size,
                    step_times=loda_times)
         plain_after_times = []  # LODA leaves the weights as they were: a later plain run costs the same
-        sample(model, plain_sampler, positive, negative, args.steps, args.size, step_times=plain_after_times)
+        if not args.skip_after:
+            sample(model, plain_sampler, positive, negative, args.steps, args.size, step_times=plain_after_times)
     ratio = compare(results, "plain", "loda")
     print(f"\nLODA benchmark: {device_description()}, SD2.1 UNet (random weights), {args.size}×{args.size} px, "
           f"euler, {args.steps} steps, N = {args.loda_steps}, CFG 7.5, gradient checkpointing "

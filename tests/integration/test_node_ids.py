@@ -1,8 +1,9 @@
 """The public node IDs and their inputs are frozen: saved workflows refer to nodes by ID, to links by input name,
 and to widget values by position, so a rename, a removal or a reordering breaks every user's workflow.
 
-Adding a node or an input is a deliberate edit of FROZEN below (append new inputs at the end of their group, and
-give them a default, so old workflows still load). Never rename: add the new ID and deprecate the old one.
+Adding a node or an input is a deliberate edit of FROZEN below: append new inputs at the end of their group, give
+them a default, and list them in ADDED_LATER (they must be optional), so old workflows and API prompts still load.
+Never rename: add the new ID and deprecate the old one.
 """
 
 from __future__ import annotations
@@ -54,3 +55,18 @@ def test_inputs_keep_their_names_and_order(pack_nodes, node_id):
     assert entry is not None, f"{node_id} is not registered"
     order = entry["input_order"]
     assert tuple(order.get("required", [])) + tuple(order.get("optional", [])) == FROZEN[node_id]
+
+
+# Inputs added after a node was first published: they must be optional, so API-format prompts saved before they
+# existed still pass the server's validation ("Required input is missing") and get the default.
+ADDED_LATER = {
+    "ConceptSplitLodaSampler": ("gradient_checkpointing",),
+    "ConceptSplitLoda": ("gradient_checkpointing",),
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(ADDED_LATER))
+def test_inputs_added_later_are_optional_for_old_api_prompts(pack_nodes, node_id):
+    order = pack_nodes[node_id]["input_order"]
+    assert set(ADDED_LATER[node_id]) <= set(order.get("optional", []))
+    assert not set(ADDED_LATER[node_id]) & set(order.get("required", []))

@@ -43,7 +43,8 @@ def _unet_config(arch: str) -> dict:
 
 
 def seeded_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
-    """The init rule of every tiny test weight: N(0, 0.02) for matrices, 1 for 1-D weights (norm scales), 0 for biases."""
+    """The init rule of every tiny test weight: N(0, 0.02) for matrices, 1 for 1-D weights (norm scales), 0 for
+    biases."""
     if len(shape) >= 2:
         return torch.randn(shape, generator=gen) * 0.02
     return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)

@@ -32,7 +32,8 @@ def test_binds_every_layer_to_its_comfy_block_key():
 
 
 def test_family_mismatch_names_both_families():
-    with pytest.raises(ConceptSplitError, match=r"trained for SDXL \(text width 2048\) but the model is SD2.1 \(1024\)"):
+    with pytest.raises(ConceptSplitError,
+                       match=r"trained for SDXL \(text width 2048\) but the model is SD2.1 \(1024\)"):
         bind_adapter_layers(adapter(width=2048, family="sdxl"), HOST)
     with pytest.raises(ConceptSplitError, match=r"made for SD1.5 \(text width 768\) but the model is SD2.1"):
         bind_adapter_layers(adapter(width=768, official=True), HOST)

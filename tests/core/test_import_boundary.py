@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"..", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server", "execution",
-             "node_helpers", "latent_preview"}
+FORBIDDEN = {"..", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server",
+             "execution", "node_helpers", "latent_preview"}
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -98,3 +98,18 @@ def test_bad_words_fail_with_the_pack_message(loda_server):
     message = loda_server.run_expect_error(g, timeout=240)
     assert "LodaSampler" in message or "ConceptSplitLodaSampler" in message
     assert '"horse"' in message and "is not in the prompt" in message
+
+
+def test_gradient_checkpointing_through_the_server_gives_the_same_images_and_masks(loda_server):
+    """The prompt without the input (as saved before it existed) and with it on: same pictures, same masks."""
+    plain = graph("sd21", False)
+    assert "gradient_checkpointing" not in plain["5"]["inputs"]  # an API prompt from before the input existed
+    checkpointed = graph("sd21", False)
+    for node in ("5", "11"):
+        checkpointed[node]["inputs"]["gradient_checkpointing"] = True
+    entries = [loda_server.run(g, timeout=240) for g in (plain, checkpointed)]
+    for node in ("7", "9", "16", "18"):
+        first, second = ([np.asarray(image, dtype=np.int16) for image in loda_server.output_images(entry, node)]
+                         for entry in entries)
+        assert len(first) == len(second) > 0
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(first, second)), node  # 8-bit rounding at most

@@ -75,16 +75,15 @@ class CaptureRequest:
     last_step: int = CAPTURE_DEFAULTS.last_step
     prompt_ids: tuple | None = None  # the positive prompt's token ids: other positives in a batch are skipped
 
-    def prompt_chunks(self, call: AttentionCall) -> tuple[int, ...]:
-        """Indices of the whole-image positive chunks of `call` that hold this prompt and have the first such
-        chunk's own length (attention_calls.AttentionCall.prompt_chunks), so one column matrix fits them all."""
+    def prompt_chunks(self, call: AttentionCall) -> tuple[tuple[int, ...], int]:
+        """(indices, own length): the whole-image positive chunks of `call` that hold this prompt and have the first
+        such chunk's own token length (attention_calls.AttentionCall.prompt_chunks), so one column matrix fits them
+        all; ((), prompt length) when the call holds none."""
         chunks = call.prompt_chunks((COND,), self.prompt_ids, self.prompt_length)
-        return tuple(index for index, length in chunks if length == chunks[0][1])
-
-    def own_length(self, call: AttentionCall) -> int:
-        """Token length of the conditioning in the chunks `prompt_chunks` picks (the prompt's when unrecorded)."""
-        chunks = call.prompt_chunks((COND,), self.prompt_ids, self.prompt_length)
-        return chunks[0][1] if chunks else self.prompt_length
+        if not chunks:
+            return (), self.prompt_length
+        own = chunks[0][1]
+        return tuple(index for index, length in chunks if length == own), own
 
     def __post_init__(self) -> None:
         assert len(self.labels) == len(self.token_positions) > 0, "one position tuple per word"
@@ -257,21 +256,23 @@ def word_columns(request: CaptureRequest, context_length: int, own_length: int |
 
 
 def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: CaptureRequest,
-                      columns: torch.Tensor | None = None) -> torch.Tensor:
+                      columns: torch.Tensor | None = None, chunks: tuple | None = None) -> torch.Tensor:
     """One attn2 call's per-word maps: rows of the positive chunks holding the prompt (at least one; other positive
     prompts of the batch are skipped), heads averaged, word columns (and LCM copies) summed.
 
-    `columns` is word_columns(request, T) already on probs' device (AttentionCapture caches it: building it per call
-    would copy to the device, a host sync, at every layer). Only slicing and matmuls here: no host sync.
+    `columns` is word_columns(request, T, own length) already on probs' device (AttentionCapture caches it: building
+    it per call would copy to the device, a host sync, at every layer); `chunks` is request.prompt_chunks(call) when
+    the caller has it. Only slicing and matmuls here: no host sync.
     Shapes: probs (B, H, N, T) fp32, N = h·w, T = copies · prompt_length -> (B_img, K, h, w), B_img = rows per chunk.
     Raises: ConceptSplitError when T is not a multiple of the captured prompt's length (another prompt was sampled).
     """
     B, H, N, T = probs.shape
     h, w = call.grid
+    indices, own_length = chunks if chunks is not None else request.prompt_chunks(call)
     if columns is None:
-        columns = word_columns(request, T, request.own_length(call)).to(probs.device)
+        columns = word_columns(request, T, own_length).to(probs.device)
     per = call.rows_per_chunk
-    cond = [probs[i * per:(i + 1) * per] for i in request.prompt_chunks(call)]  # views, no copy
+    cond = [probs[i * per:(i + 1) * per] for i in indices]  # views, no copy
     per_word = torch.stack(cond) @ columns.to(probs.dtype)  # (C, B_img, H, N, T) x (T, K) -> (C, B_img, H, N, K)
     per_word = rearrange(per_word.mean(dim=2), "c b (h w) k -> c b k h w", h=h, w=w)  # heads averaged
     return per_word.mean(dim=0)  # (B_img, K, h, w), positive chunks averaged
@@ -388,12 +389,13 @@ class AttentionCapture:
     def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
         step = self._step_of(call)  # checked again: another observer may have asked for these probabilities
         if step is not None:
-            key = (call.context_length, self.request.own_length(call), probs.device)
+            chunks = self.request.prompt_chunks(call)
+            key = (call.context_length, chunks[1], probs.device)
             columns = self._columns.get(key)
             if columns is None:  # once per context length and device: the only device copy of the run
                 columns = word_columns(self.request, key[0], key[1]).to(probs.device)
                 self._columns[key] = columns
-            self._run.add(call.key, step, call_concept_maps(probs.detach(), call, self.request, columns))
+            self._run.add(call.key, step, call_concept_maps(probs.detach(), call, self.request, columns, chunks))
 
     def after_attention(self, call: AttentionCall) -> None:
         return None
@@ -402,7 +404,7 @@ class AttentionCapture:
         # No tensor is read here: this runs for every attn2 call and must not force a host sync.
         if self._call_step is None or self._run is None:
             return None
-        if call.key not in self.request.layer_keys or not self.request.prompt_chunks(call):
+        if call.key not in self.request.layer_keys or not self.request.prompt_chunks(call)[0]:
             return None
         return self._call_step
 

@@ -192,10 +192,16 @@ class MapCollector:
     def attention_bias(self, call: AttentionCall, q, k):
         return None
 
+    def _collected_chunks(self, call: AttentionCall) -> tuple[tuple[int, int], ...]:
+        """(chunk index, own length) this collector reads from `call`; () when it is inactive, the layer is not
+        wanted, the grid is cropped (an area-conditioned prompt is never the whole-image prompt's) or the call holds
+        only other prompts' chunks."""
+        if not self.active or call.key not in self._keys or call.grid != self.layers.grid:
+            return ()
+        return self.concepts.chunks(call, self._branches)
+
     def needs_probabilities(self, call: AttentionCall) -> bool:
-        # A call on a cropped grid (an area-conditioned prompt) cannot be the whole-image prompt's.
-        return (self.active and call.key in self._keys and call.grid == self.layers.grid
-                and bool(self.concepts.chunks(call, self._branches)))
+        return bool(self._collected_chunks(call))
 
     def _concept_columns(self, context_length: int, own_length: int, device) -> torch.Tensor:
         key = (context_length, own_length, device)
@@ -206,10 +212,8 @@ class MapCollector:
         return columns
 
     def observe_probabilities(self, call: AttentionCall, probs: torch.Tensor) -> None:
-        if not self.needs_probabilities(call):
-            return
         per, heads = call.rows_per_chunk, call.heads
-        for chunk, own_length in self.concepts.chunks(call, self._branches):
+        for chunk, own_length in self._collected_chunks(call):
             columns = self._concept_columns(call.context_length, own_length, probs.device)  # (K, copies)
             rows = probs[chunk * per:(chunk + 1) * per]  # (B_img, H, N, T)
             picked = rows[..., columns.flatten()].unflatten(-1, columns.shape)  # (B_img, H, N, K, copies)
@@ -218,12 +222,13 @@ class MapCollector:
             self._count += heads
 
     def after_attention(self, call: AttentionCall) -> None:
-        if not self.needs_probabilities(call) or call.key != self._last_key:
+        chunks = self._collected_chunks(call) if call.key == self._last_key else ()
+        if not chunks:
             return  # a model call holding only other prompts' chunks (or an area crop) neither ends nor truncates
         if self._truncate:
             raise _TruncatedForward()
         if self._first_call:  # the end of a model call: the branches it collected are done (spec §4.1)
-            done = {call.cond_or_uncond[index] for index, _ in self.concepts.chunks(call, self._branches)}
+            done = {call.cond_or_uncond[index] for index, _ in chunks}
             self._branches = self._branches.difference(done)
             if not self._branches:
                 self.active = False

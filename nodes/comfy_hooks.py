@@ -382,18 +382,14 @@ def _clear_device_caches(model_patcher) -> None:
 def chunk_table(conds, default_length: int = 0) -> dict:
     """{cond uuid: ChunkPrompt} for the conditionings of one calc_cond_batch call (`conds`: [positives, negatives],
     each a list of processed cond dicts): each one's own token length and, if recorded, its token ids."""
-    def ids_of(cond):
-        tokens = cond.get(PROMPT_TOKENS_KEY)
-        return tuple(tokens.token_ids) if tokens is not None else None
-
     positives = (conds[0] or ()) if conds else ()
-    recorded = frozenset(ids for ids in map(ids_of, positives) if ids is not None)
+    recorded = frozenset(ids for ids in map(recorded_prompt_ids, positives) if ids is not None)
     table = {}
     for group in conds:
         for cond in group or ():
             cross = cond.get("cross_attn")  # (1, L, d)
             table[cond["uuid"]] = ChunkPrompt(int(cross.shape[1]) if cross is not None else default_length,
-                                              ids_of(cond), area=cond.get("area") is not None,
+                                              recorded_prompt_ids(cond), area=cond.get("area") is not None,
                                               recorded_positives=recorded)
     return table
 
@@ -417,8 +413,7 @@ def _chunk_table_wrapper(prompt: PromptTokens, label: str):
         check_patch_order(model_options)
         table = chunk_table(conds, prompt_length)
         positives = [table[cond["uuid"]] for cond in (conds[0] or ())] if conds else []
-        matched = any(chunk.prompt_ids == prompt_ids or (chunk.prompt_ids is None and chunk.length == prompt_length)
-                      for chunk in positives)
+        matched = any(chunk_holds_prompt(chunk, prompt_ids, prompt_length) for chunk in positives)
         if conds and conds[0] and not matched:
             raise ConceptSplitError.build(
                 f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in",
@@ -464,23 +459,33 @@ def encode_prompt(clip, text: str, layout: UNetLayout | None = None):
     return conditioning
 
 
-def conditioning_prompt_tokens(conditioning) -> PromptTokens | None:
-    """The PromptTokens attached by Apply ToVA / ConceptSplit Text Encode to a CONDITIONING, or None."""
-    for _, extras in conditioning:
-        tokens = extras.get(PROMPT_TOKENS_KEY)
-        if tokens is not None:
-            return tokens
-    return None
+def recorded_prompt_ids(entry: dict) -> tuple | None:
+    """Token ids of the PromptTokens recorded on one conditioning dict (a CONDITIONING entry's extras, or a cond
+    ComfyUI processed from it: convert_cond keeps the keys), or None for a plain CLIP Text Encode."""
+    tokens = entry.get(PROMPT_TOKENS_KEY)
+    return None if tokens is None else tuple(tokens.token_ids)
 
 
-def conditioning_prompts(conditioning) -> tuple[PromptTokens, ...]:
-    """Every distinct PromptTokens attached to the entries of a CONDITIONING (ConditioningCombine keeps each)."""
+def distinct_prompts(entries) -> tuple[PromptTokens, ...]:
+    """Every distinct PromptTokens recorded on the conditioning dicts `entries`, in order (ConditioningCombine keeps
+    each entry's own record)."""
     found: dict[tuple, PromptTokens] = {}
-    for _, extras in conditioning:
-        tokens = extras.get(PROMPT_TOKENS_KEY)
+    for entry in entries:
+        tokens = entry.get(PROMPT_TOKENS_KEY)
         if tokens is not None:
             found.setdefault(tuple(tokens.token_ids), tokens)
     return tuple(found.values())
+
+
+def conditioning_prompts(conditioning) -> tuple[PromptTokens, ...]:
+    """Every distinct PromptTokens attached to the entries of a CONDITIONING."""
+    return distinct_prompts(extras for _, extras in conditioning)
+
+
+def conditioning_prompt_tokens(conditioning) -> PromptTokens | None:
+    """The first PromptTokens attached by Apply ToVA / ConceptSplit Text Encode to a CONDITIONING, or None."""
+    prompts = conditioning_prompts(conditioning)
+    return prompts[0] if prompts else None
 
 
 def with_located_concepts(model_options: dict, concepts: tuple) -> dict:

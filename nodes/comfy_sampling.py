@@ -24,7 +24,7 @@ from ..conceptsplit_core.adapter_layers import UNetLayout
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.prompt_tokens import PromptTokens
 
-from .comfy_hooks import PROMPT_TOKENS_KEY, ConceptSplitAttention, with_observers
+from .comfy_hooks import ConceptSplitAttention, distinct_prompts, recorded_prompt_ids, with_observers
 
 
 def check_steps_one_slice(inner) -> None:
@@ -113,12 +113,7 @@ def sampling_guider(model_k):
 
 def guider_prompts(guider) -> tuple[PromptTokens, ...]:
     """Every distinct PromptTokens of the guider's processed positive conds (convert_cond keeps the dict keys)."""
-    found: dict[tuple, PromptTokens] = {}
-    for entry in guider.conds.get("positive", None) or ():
-        tokens = entry.get(PROMPT_TOKENS_KEY)
-        if tokens is not None:
-            found.setdefault(tuple(tokens.token_ids), tokens)
-    return tuple(found.values())
+    return distinct_prompts(guider.conds.get("positive", None) or ())
 
 
 def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False,
@@ -133,18 +128,13 @@ def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: d
     guider = sampling_guider(model_k)
     positives = guider.conds["positive"]
     if prompt_ids is not None:
-        own = [entry for entry in positives if _recorded_ids(entry) == tuple(prompt_ids)]
+        own = [entry for entry in positives if recorded_prompt_ids(entry) == tuple(prompt_ids)]
         positives = own or positives
     conds = [positives]
     if negative and guider.conds.get("negative") is not None:
         conds.append(guider.conds["negative"])
     timestep = sigma.reshape(-1).expand(x.shape[0]) if sigma.dim() <= 1 else sigma
     return comfy.samplers.calc_cond_batch(guider.inner_model, conds, x, timestep, model_options)
-
-
-def _recorded_ids(entry: dict) -> tuple | None:
-    tokens = entry.get(PROMPT_TOKENS_KEY)
-    return None if tokens is None else tuple(tokens.token_ids)
 
 
 def persistent_noise_sampler(inner, x: torch.Tensor, sigmas: torch.Tensor, seed):

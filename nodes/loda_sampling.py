@@ -127,24 +127,23 @@ def _check_tova_prompt(objects, prompts: tuple[PromptTokens, ...]) -> None:
     A positive without a token record (plain CLIP Text Encode) is checked by length at the first model call by
     ToVA itself; recorded ones are compared here, before sampling: one of them must be that prompt.
     """
-    if not prompts:
+    if not prompts or any(all(_located_in(c, prompt) for c in objects) for prompt in prompts):
         return
-    for prompt in prompts:
-        ids = tuple(prompt.token_ids)
-        if all((getattr(c, "prompt_ids", None) is None or tuple(c.prompt_ids) == ids) and c.prompt_length == len(ids)
-               for c in objects):
-            return
     prompt = prompts[0]
+    concept = next(c for c in objects if not _located_in(c, prompt))
+    raise ConceptSplitError.build(
+        f'The positive prompt being sampled is not the prompt Apply ToVA located "{concept.word}" in',
+        seen=f'a positive encoded from "{prompt.text[:80]}" ({len(prompt.token_ids)} tokens)',
+        expected=f"the prompt of that Apply ToVA ({concept.prompt_length} tokens)",
+        fix="connect Apply ToVA's positive output to the sampler, or write the concept words into "
+            "concept_words so LODA finds them in this prompt")
+
+
+def _located_in(concept, prompt: PromptTokens) -> bool:
+    """Whether a ToVA concept's position s_k refers to `prompt`: same recorded tokens (when recorded), same length."""
     ids = tuple(prompt.token_ids)
-    for concept in objects:
-        recorded = getattr(concept, "prompt_ids", None)
-        if (recorded is not None and tuple(recorded) != ids) or concept.prompt_length != len(ids):
-            raise ConceptSplitError.build(
-                f'The positive prompt being sampled is not the prompt Apply ToVA located "{concept.word}" in',
-                seen=f'a positive encoded from "{prompt.text[:80]}" ({len(ids)} tokens)',
-                expected=f"the prompt of that Apply ToVA ({concept.prompt_length} tokens)",
-                fix="connect Apply ToVA's positive output to the sampler, or write the concept words into "
-                    "concept_words so LODA finds them in this prompt")
+    recorded = getattr(concept, "prompt_ids", None)
+    return (recorded is None or tuple(recorded) == ids) and concept.prompt_length == len(ids)
 
 
 def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **options):

@@ -18,6 +18,7 @@ from .attention_fixing import build_fixing_bias, build_fixing_masks, resize_mask
 from .errors import ConceptSplitError
 from .loda_config import LodaConfig
 from .loda_loss import AE_KERNEL_SIZE
+from .token_value_delta import identifier_rows
 
 __all__ = [
     "FixingBias",
@@ -69,15 +70,19 @@ class LodaConcepts:
 
     def columns(self, context_length: int, own_length: Optional[int] = None) -> list[list[int]]:
         """Columns of each concept in a context of T tokens: s_k + c·L for every LCM copy c (notes §1.6), where L is
-        the chunk's own conditioning length (`own_length`, default the prompt's)."""
+        the chunk's own conditioning length (`own_length`, default the prompt's). The same rows ToVA adds its delta
+        to (token_value_delta.identifier_rows); empty for a concept whose s_k lies beyond a shorter conditioning."""
         length = own_length or self.prompt_length
-        copies = max(1, context_length // length)
-        return [[p + c * length for c in range(copies) if p + c * length < context_length] for p in self.positions]
+        rows = [identifier_rows(p, length, context_length) for p in self.positions]
+        return [[] if r is None else list(range(context_length)[r]) for r in rows]
 
     def chunks(self, call: AttentionCall, branches) -> tuple[tuple[int, int], ...]:
         """(chunk index, own length) of the chunks of `call` in `branches` whose columns s_k are these concepts':
-        other positive prompts in the batch are left out (attention_calls.chunk_holds_prompt)."""
-        return call.prompt_chunks(branches, self.prompt_ids, self.prompt_length)
+        other positive prompts in the batch are left out (attention_calls.chunk_holds_prompt), and so is a
+        conditioning too short to have every s_k (a one-window negative beside a two-window prompt)."""
+        last = max(self.positions)
+        return tuple((index, length) for index, length in call.prompt_chunks(branches, self.prompt_ids,
+                                                                             self.prompt_length) if last < length)
 
 
 @dataclass(frozen=True)

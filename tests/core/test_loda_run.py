@@ -241,3 +241,35 @@ def test_area_chunks_are_left_out_of_whole_image_maps_and_masks():
     call = AttentionCall(key=("input", 1, 0), grid=(4, 4), heads=1, cond_or_uncond=(0, 0, 1), batch=3,
                          context_length=3, sigmas=None, chunk_prompts=chunks)
     assert call.prompt_chunks((0, 1), ids, 3) == ((1, 3),)
+
+
+def test_a_negative_too_short_for_a_concept_token_is_neither_collected_nor_biased():
+    """A two-window prompt (154 tokens, "cat" at s = 80) beside a one-window negative: ComfyUI repeats the negative
+    to 154 tokens, so column 80 of the negative chunk is the negative's own token 3, not a concept token. The columns
+    follow ToVA's identifier_rows rule."""
+    from conceptsplit_core.attention_calls import ChunkPrompt
+    from conceptsplit_core.token_value_delta import identifier_rows
+
+    concepts = LodaConcepts(("dog", "cat"), (2, 80), 154)
+    assert concepts.columns(154, 77) == [[2, 79], []]
+    assert concepts.columns(154) == [[2], [80]]
+    for position, length, total in ((2, 77, 154), (80, 154, 308), (5, 77, 231)):
+        assert list(range(total)[identifier_rows(position, length, total)]) == \
+            LodaConcepts(("a", "b"), (position, 1), length).columns(total)[0]
+    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
+    call = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=1, cond_or_uncond=(0, 1), batch=2,
+                         context_length=154, sigmas=torch.ones(1),
+                         chunk_prompts=(ChunkPrompt(154, None), ChunkPrompt(77, None)))
+    assert concepts.chunks(call, (0, 1)) == ((0, 154),)  # the short negative is left out
+    masks = torch.rand(1, 2, 7, 7) > 0.5
+    fixer = FixingBias(concepts, masks, LodaConfig(), layers)
+    fixer.activate(masks)
+    q = torch.zeros(2, 49, 8)
+    bias = fixer.attention_bias(call, q, q)  # (2, 49, 154)
+    assert bias[1].abs().sum() == 0  # no bias lands on the negative's token 3
+    torch.testing.assert_close(bias[0], build_fixing_bias(masks[0].flatten(1), [[2], [80]], 154, 5.0, -1e8))
+    collector = MapCollector(concepts, layers)
+    collector.start(layers.mask_keys[:1], (0, 1))
+    probs = torch.rand(2, 1, 49, 154)
+    collector.observe_probabilities(call, probs)
+    torch.testing.assert_close(collector.maps(), probs[0, 0][:, [2, 80]].T.reshape(1, 2, 7, 7))

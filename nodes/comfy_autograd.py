@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-BlockKey = tuple  # ("input", 7) / ("middle", 0) / ("output", 5): ComfyUI's UNet block naming (notes §1.3)
+UNetBlock = tuple  # ("input", 7) / ("middle", 0) / ("output", 5): a ComfyUI UNet block, a replace key without depth
 
 
 class AutogradWeights:
@@ -110,7 +110,7 @@ class GradientCheckpointing:
             their attention observers record maps and end the pass, which a recompute in backward must not repeat.
     """
 
-    def __init__(self, diffusion_model: torch.nn.Module, enabled: bool, keep_blocks: Iterable[BlockKey] = ()):
+    def __init__(self, diffusion_model: torch.nn.Module, enabled: bool, keep_blocks: Iterable[UNetBlock] = ()):
         kept = {id(m) for block in keep_blocks for m in _block_module(diffusion_model, block).modules()
                 if isinstance(m, SpatialTransformer)}
         self.modules = ([m for m in diffusion_model.modules()
@@ -133,7 +133,7 @@ class GradientCheckpointing:
         self.saved.clear()
 
 
-def _block_module(diffusion_model: torch.nn.Module, block: BlockKey) -> torch.nn.Module:
+def _block_module(diffusion_model: torch.nn.Module, block: UNetBlock) -> torch.nn.Module:
     name, index = block[0], block[1]
     if name == "middle":
         return diffusion_model.middle_block

@@ -7,6 +7,8 @@ The captured map of word k for image b is spec §3.1's Ā[:, :, s] extended over
 
 on the positive (cond) branch only, with every key column raw (SOT included, no re-softmax), as spec §3.1. Running
 sums keep memory at O(K × h × w) per image (one sum per distinct layer grid), never O(steps × layers × heads).
+For the interactive viewer's step slider (issue 15) a second set of sums is kept per recorded step: O(K × S × h × w)
+per image (step_maps_bytes states the bound), still never per layer or head.
 Layers with coarser grids are upsampled bilinearly to the finest chosen grid when the run ends; since that is linear,
 each (call, layer) map still counts as one uniform vote.
 
@@ -74,6 +76,7 @@ class CaptureRequest:
     first_step: int = CAPTURE_DEFAULTS.first_step
     last_step: int = CAPTURE_DEFAULTS.last_step
     prompt_ids: tuple | None = None  # the positive prompt's token ids: other positives in a batch are skipped
+    prompt_text: str = ""  # the positive prompt's text, for the viewer's word strip ("" = unknown)
 
     def prompt_chunks(self, call: AttentionCall) -> tuple[tuple[int, ...], int]:
         """(indices, own length): the whole-image positive chunks of `call` that hold this prompt and have the first
@@ -286,6 +289,8 @@ class _RunSums:
         self.first_step, self.last_step = first_step, last_step
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
         self.counts: dict[tuple[int, int], int] = {}
+        self.step_sums: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}  # (step, grid) -> Σ maps
+        self.step_counts: dict[tuple[int, tuple[int, int]], int] = {}
         self.steps: set[int] = set()
         self.layers: set[BlockKey] = set()
 
@@ -296,23 +301,60 @@ class _RunSums:
         else:
             self.sums[grid] = maps.clone()
         self.counts[grid] = self.counts.get(grid, 0) + 1
+        slot = (step, grid)  # per-step sums for the interactive viewer: K × h × w per image, step and grid
+        if slot in self.step_sums:
+            self.step_sums[slot] += maps
+        else:
+            self.step_sums[slot] = maps.clone()
+        self.step_counts[slot] = self.step_counts.get(slot, 0) + 1
         self.steps.add(step)
         self.layers.add(key)
 
-    def result(self, labels: tuple[str, ...]) -> ConceptMaps | None:
-        """Mean over every added map, coarser grids upsampled (bilinear) to the finest. Maps (B_img, K, h, w) CPU."""
+    def result(self, labels: tuple[str, ...], prompt: str = "") -> ConceptMaps | None:
+        """Mean over every added map, coarser grids upsampled (bilinear) to the finest; the same per recorded step.
+
+        Maps (B_img, K, h, w) and step maps (B_img, S_rec, K, h, w), fp32 on the CPU.
+        """
         if not self.sums:
             return None
         target = max(self.sums, key=lambda grid: grid[0] * grid[1])
-        total = None
-        for grid, summed in self.sums.items():
-            if grid != target:  # upsampling is linear, so upsampling the sum equals summing the upsampled maps
-                summed = F.interpolate(summed, size=target, mode="bilinear", align_corners=False)
-            total = summed if total is None else total + summed
-        maps = (total / sum(self.counts.values())).float().cpu()  # (B_img, K, h, w)
+        maps = (_upsampled_total(self.sums, target) / sum(self.counts.values())).float().cpu()  # (B_img, K, h, w)
+        steps = tuple(sorted(self.steps))
+        per_step, weights = [], []
+        for step in steps:
+            sums = {grid: summed for (s, grid), summed in self.step_sums.items() if s == step}
+            count = sum(n for (s, _), n in self.step_counts.items() if s == step)
+            per_step.append((_upsampled_total(sums, target) / count).float().cpu())  # (B_img, K, h, w)
+            weights.append(count)
         order = ("input", "middle", "output")
         layers = tuple(sorted(self.layers, key=lambda k: (order.index(k[0]), k[1], k[2])))
-        return ConceptMaps(labels=labels, maps=maps, steps=tuple(sorted(self.steps)), layers=layers)
+        return ConceptMaps(labels=labels, maps=maps, steps=steps, layers=layers,
+                           step_maps=torch.stack(per_step, dim=1), step_weights=tuple(weights),  # (B, S_rec, K, h, w)
+                           total_steps=int(self.sample_sigmas.shape[0]) - 1, prompt=prompt)
+
+
+def _upsampled_total(sums: Mapping[tuple[int, int], torch.Tensor], target: tuple[int, int]) -> torch.Tensor:
+    """Σ over grids of the summed maps, each upsampled bilinearly to `target`. Shapes: (B, K, h_g, w_g) -> (B, K, h, w).
+
+    Upsampling is linear, so upsampling a sum equals summing the upsampled maps: each (call, layer) map is one vote.
+    """
+    total = None
+    for grid, summed in sums.items():
+        if grid != tuple(target):
+            summed = F.interpolate(summed, size=target, mode="bilinear", align_corners=False)
+        total = summed if total is None else total + summed
+    return total
+
+
+def step_maps_bytes(batch: int, words: int, steps: int, grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Memory of the per-step maps of one run (fp32), as the README states it: (during the run, kept after it).
+
+    During the run: batch × words × steps × Σ_grids h·w × 4 bytes (one sum per step and layer grid, on the model's
+    device); kept: batch × steps × words × h·w × 4 bytes at the finest grid (CPU), for each of the last kept_runs
+    runs. The running sums of the whole range add batch × words × Σ_grids h·w × 4 bytes (no step axis).
+    """
+    finest = max(h * w for h, w in grids)
+    return batch * words * steps * sum(h * w for h, w in grids) * 4, batch * steps * words * finest * 4
 
 
 class AttentionCapture:
@@ -354,7 +396,8 @@ class AttentionCapture:
         run, self._run = self._run, None
         if run is None:
             return
-        self._finished.append((output.detach().float().cpu().clone(), run.result(self.request.labels)))
+        self._finished.append((output.detach().float().cpu().clone(),
+                               run.result(self.request.labels, self.request.prompt_text)))
         del self._finished[: -self.kept_runs]
 
     def abort_run(self) -> None:

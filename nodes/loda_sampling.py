@@ -282,9 +282,13 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
         return
     h, w = plan.layers.grid
     k = len(plan.concepts.labels)
-    result.maps = ConceptMaps(plan.concepts.labels,
-                              maps.float().cpu() if maps is not None else torch.zeros(batch, k, h, w))
     result.masks = masks.cpu() if masks is not None else torch.zeros(batch, k, h, w, dtype=torch.bool)
+    # For the viewer's step marks: stage 1 on steps 0 .. N − 1; masks from step N − 1 (or the initial latent, step 0).
+    result.maps = ConceptMaps(plan.concepts.labels,
+                              maps.float().cpu() if maps is not None else torch.zeros(batch, k, h, w),
+                              total_steps=plan.total_steps, stage1_steps=plan.stage1_steps,
+                              mask_step=None if masks is None else max(plan.stage1_steps - 1, 0),
+                              masks=None if masks is None else result.masks)
     records = [update.record() for update in updates]
     result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
 

@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..conceptsplit_core import attention_capture as capture_core
+from ..conceptsplit_core import viewer_payload
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.map_metrics import check_report_maps, format_metrics_report
 from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
@@ -86,7 +87,7 @@ class CaptureAttention(io.ComfyNode):
                                if c.word.lower() == labels[0].lower()), None)
         request = capture_core.CaptureRequest(labels=labels, token_positions=positions, prompt_length=prompt_length,
                                               layer_keys=layer_keys, first_step=first_step, last_step=last_step,
-                                              prompt_ids=prompt_ids)
+                                              prompt_ids=prompt_ids, prompt_text="" if prompt is None else prompt.text)
         capture = capture_core.AttentionCapture(request)
         patched = model.clone()
         comfy_sampling.install_attention_capture(patched, layout, capture)
@@ -147,7 +148,20 @@ class AttentionMapViewer(io.ComfyNode):
         grid_batch = torch.stack(grids)  # (B, H_grid, W_grid, 3)
         report = "\n\n".join(reports)
         shown = {**ui.PreviewImage(grid_batch, cls=cls).as_dict(), **ui.PreviewText(report).as_dict()}
+        shown[viewer_payload.VIEWER_KEY] = [viewer_payload.viewer_payload(
+            record, _saved_images(image, cls), alpha, colormap)]  # the interactive viewer (web/js), issue 15
         return io.NodeOutput(grid_batch, torch.cat(masks), report, ui=shown)  # masks (B·K, H_img, W_img)
+
+
+def _saved_images(image, cls) -> list[dict] | None:
+    """The decoded images saved as PNGs in ComfyUI's temp folder (its preview mechanism), for the interactive viewer.
+
+    Shapes: image (B, H, W, 3) or None. Returns per image {filename, subfolder, type, width, height}, or None.
+    """
+    if image is None:
+        return None
+    saved = ui.PreviewImage(image, cls=cls).as_dict()["images"]
+    return [{**dict(ref), "width": int(image.shape[2]), "height": int(image.shape[1])} for ref in saved]
 
 
 def _concept_maps(capture, samples, maps, image):

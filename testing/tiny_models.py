@@ -106,10 +106,13 @@ def _quiet_missing_vae_keys():
         root.removeFilter(drop)
 
 
-def build_tiny_model(arch: str, seed: int = 0):
+def build_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Build a fresh tiny (MODEL, CLIP, VAE) triple; the same seed gives bit-identical weights.
 
     Works inside and outside ``torch.inference_mode`` (the executor builds under it). Nothing is cached.
+    ``dtype`` is the UNet's (ComfyUI's inference dtype, no manual cast); the float32 draws are exact in float64, so
+    ``torch.float64`` gives the same weights in higher precision, for comparing two implementations of the same maths
+    without float32 rounding. CLIP and VAE stay float32 (ComfyUI casts the conditioning to the UNet's dtype).
 
     Returns:
         (comfy.model_patcher.ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE); sd21 is V_PREDICTION, others EPS.
@@ -134,7 +137,7 @@ def build_tiny_model(arch: str, seed: int = 0):
         mc.unet_config["num_heads"] = 2
     else:
         mc.unet_config["num_head_channels"] = 32
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(dtype, None)
     model_type = comfy.model_base.ModelType.V_PREDICTION if arch == "sd21" else comfy.model_base.ModelType.EPS
     base_cls = comfy.model_base.SDXL if arch == "sdxl" else comfy.model_base.BaseModel
     base = base_cls(mc, model_type=model_type)
@@ -146,3 +149,24 @@ def build_tiny_model(arch: str, seed: int = 0):
         vae = comfy.sd.VAE(sd={}, config=_VAE_CONFIG)
     _init_module(vae.first_stage_model, gen)
     return model, clip, vae
+
+
+# attn2 q/k factor that makes a tiny model's cross-attention far from uniform (see sharpen_cross_attention). SDXL's
+# penultimate, un-normalised text features are smaller, so it needs a larger factor for the same effect.
+SHARPEN_FACTORS = {"sd15": 10.0, "sd21": 10.0, "sdxl": 20.0}
+
+
+def sharpen_cross_attention(model_patcher, factor: float) -> None:
+    """Scale every attn2 ``to_q`` and ``to_k`` weight of the UNet by ``factor`` in place (logits × factor²).
+
+    With N(0, 0.02) weights every pixel attends to every token alike (LODA's pairwise KL is ~1e-6), so neither the
+    maps nor LODA's effects on them can be seen; ×10 on q and k gives maps far from flat. Works on weights built
+    inside or outside ``torch.inference_mode`` (the executor builds under it). The model is changed in place.
+    """
+    for name, module in model_patcher.model.diffusion_model.named_modules():
+        if not name.endswith(".attn2"):
+            continue
+        for weight in (module.to_q.weight, module.to_k.weight):
+            # inference tensors can only be changed under inference mode, normal ones under no_grad
+            with torch.inference_mode() if weight.is_inference() else torch.no_grad():
+                weight.mul_(factor)

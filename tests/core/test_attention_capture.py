@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conceptsplit_core.attention_calls import AttentionCall
 from conceptsplit_core.attention_capture import (AttentionCapture, CaptureRequest, call_concept_maps, locate_words,
-                                                 plan_words, select_layers, step_index)
+                                                 plan_words, select_layers, step_index, step_maps_bytes)
 from conceptsplit_core.concepts import LocatedConcept
 from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.prompt_tokens import PromptTokens
@@ -79,7 +79,8 @@ def test_call_maps_take_cond_rows_average_heads_and_sum_tokens_and_lcm_copies():
     cond = probs[2:]  # chunks (1, 0): the cond rows are the second chunk
     expected_blorp = (cond[..., 5] + cond[..., 6] + cond[..., 82] + cond[..., 83]).mean(1).reshape(2, 2, 3)
     expected_cat = (cond[..., 7] + cond[..., 84]).mean(1).reshape(2, 2, 3)
-    assert torch.allclose(maps, torch.stack([expected_blorp, expected_cat], 1), atol=1e-6)
+    # float32 sums of ≤ 4 probabilities and a mean of 2 heads, values ≤ 1: ≤ 8 roundings, 1e-6 ≈ 8 eps32
+    assert torch.allclose(maps, torch.stack([expected_blorp, expected_cat], 1), atol=1e-6, rtol=0)
     with pytest.raises(ConceptSplitError, match="not a multiple|not the one"):
         call_concept_maps(torch.rand(4, 2, 6, 100), _call(T=100), request)
 
@@ -120,9 +121,49 @@ def test_capture_averages_calls_in_range_upsamples_coarse_grids_and_matches_runs
     head_mean = [p[0, :, :, 2].mean(0).reshape(2, 2) for p in fine]
     upsampled = F.interpolate(coarse[0, :, :, 2].mean(0).reshape(1, 1, 1, 1), size=(2, 2), mode="bilinear")[0, 0]
     expected = (head_mean[0] + head_mean[1] + upsampled) / 3
-    assert torch.allclose(record.maps[0, 0], expected, atol=1e-6)
+    assert torch.allclose(record.maps[0, 0], expected, atol=1e-6, rtol=0)  # as above: a few float32 ops on maps ≤ 1
     assert record.steps == (1,) and set(record.layers) == keys
     with pytest.raises(ConceptSplitError, match="LATENT was not sampled"):
         store.maps_for(latent + 1)
     with pytest.raises(ConceptSplitError, match=r"outside the sampling run.*run of 1 steps"):
         store.start_run(torch.tensor([1.0, 0.0]))
+
+
+def test_per_step_maps_add_up_to_the_running_mean_and_stay_within_the_stated_memory():
+    """Issue 15: the step slider's maps. Their weighted sum over all recorded steps is the running-sum capture."""
+    keys = frozenset({("input", 7, 0), ("middle", 0, 0)})
+    request = CaptureRequest(labels=("dog", "cat"), token_positions=((2,), (7,)), prompt_length=77, layer_keys=keys,
+                             first_step=1, last_step=3, prompt_text="a dog and a cat")
+    store = AttentionCapture(request)
+    schedule = torch.tensor([14.6, 6.0, 2.5, 0.9, 0.0])  # 4 steps; 0 is outside the range
+    store.start_run(schedule)
+    batch, grids = 2, ((4, 4), (2, 2))
+    generator = torch.Generator().manual_seed(0)
+    calls = 0
+    # heun-like: step 2 gets a second model call at an intermediate sigma, so the steps' weights differ
+    for sigma in (14.6, 6.0, 2.5, 1.5, 0.9):
+        previous = store.begin_model_call(sigma)
+        for grid, key in zip(grids, (("input", 7, 0), ("middle", 0, 0))):
+            call = _call(grid, (0, 1), batch, 77, sigma, key)
+            probs = torch.rand(2 * batch, 2, grid[0] * grid[1], 77, generator=generator).softmax(-1)
+            if store.needs_probabilities(call):
+                store.observe_probabilities(call, probs)
+                calls += 1
+        store.end_model_call(previous)
+    during, kept = step_maps_bytes(batch, 2, 3, grids)
+    assert sum(t.numel() * t.element_size() for t in store._run.step_sums.values()) == during
+    latent = torch.rand(batch, 4, 4, 4)
+    store.finish_run(latent)
+    record = store.maps_for(latent)
+    assert record.steps == (1, 2, 3) and record.step_weights == (2, 4, 2) and record.total_steps == 4
+    assert record.step_maps.shape == (batch, 3, 2, 4, 4)  # (B, S_rec, K, h, w) at the finest grid
+    assert record.step_maps.numel() * record.step_maps.element_size() == kept  # the README's bound, exactly
+    assert record.prompt == "a dog and a cat"
+    weights = torch.tensor(record.step_weights, dtype=torch.float64)  # (S_rec,)
+    total = (record.step_maps.double() * weights[None, :, None, None, None]).sum(1) / weights.sum()  # (B, K, h, w)
+    # Both sides add the same fp32 maps (values <= 1), grouped differently: each sum of n terms is off by at most
+    # n · 2^-24 relative, plus one rounding each for the upsampling, the division and the final cast: (calls + 3) ulps.
+    tolerance = (calls + 3) * 2 ** -24 * float(record.maps.abs().max())
+    assert torch.allclose(total, record.maps.double(), rtol=0, atol=tolerance)
+    # a different grouping of the steps is not the running mean: the check can fail
+    assert (record.step_maps[:, 0].double() - record.maps.double()).abs().max() > 100 * tolerance

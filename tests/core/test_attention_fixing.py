@@ -62,6 +62,7 @@ def test_gaussian_matches_symmetric_reference():
     maps = np.random.default_rng(0).random((3, 24, 24))
     out = gaussian_smooth_symmetric(torch.tensor(maps, dtype=torch.float32), 1.5)
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    # float32 against float64: two 13-tap passes on values ≤ 1, ≤ 2·13 + 2 roundings ≈ 3.3e-6 below 1e-5 (84 eps32)
     np.testing.assert_allclose(out.numpy(), _ref_gaussian(maps, 1.5), atol=1e-5)
 
 
@@ -70,7 +71,7 @@ def test_gaussian_reflects_repeatedly_when_kernel_exceeds_map(shape, sigma):
     maps = np.random.default_rng(1).random(shape)
     out = gaussian_smooth_symmetric(torch.tensor(maps), sigma)
     assert out.dtype == torch.float64
-    np.testing.assert_allclose(out.numpy(), _ref_gaussian(maps, sigma), atol=1e-12)
+    np.testing.assert_allclose(out.numpy(), _ref_gaussian(maps, sigma), atol=1e-12)  # float64 both: ~30 eps64 ≈ 7e-15
 
 
 def test_gaussian_is_not_torch_reflect_convention():
@@ -79,7 +80,7 @@ def test_gaussian_is_not_torch_reflect_convention():
     out = gaussian_smooth_symmetric(torch.tensor(maps), 1.5).numpy()
     g = np.array([math.exp(-0.5 * (t / 1.5) ** 2) for t in range(-6, 7)])
     g = g / g.sum()
-    assert out[0, 0, 0] == pytest.approx((g[6] + g[5]) ** 2, abs=1e-12)  # offsets 0 and the mirror −1 -> 0
+    assert out[0, 0, 0] == pytest.approx((g[6] + g[5]) ** 2, abs=1e-12)  # offsets 0 and the mirror −1 -> 0 (float64)
 
 
 def test_gaussian_rejects_bad_sigma_and_shape():
@@ -99,12 +100,13 @@ def test_percentile_matches_numpy(q):
     maps[1] = np.round(maps[1] * 5) / 5  # heavy ties
     got = percentile_threshold(torch.tensor(maps), q).numpy()
     expected = [np.percentile(m, 100 * q) for m in maps]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)  # float64: one interpolation, a few eps64
 
 
 def test_percentile_fp32_matches_numpy():
     maps = np.random.default_rng(3).random((2, 7, 5)).astype(np.float32)
     got = percentile_threshold(torch.tensor(maps), 0.9).numpy()
+    # float32 interpolation between two order statistics ≤ 1 against float64: ≤ 3 roundings; 1e-6 ≈ 8 eps32
     np.testing.assert_allclose(got, [np.percentile(m.astype(np.float64), 90) for m in maps], atol=1e-6)
 
 
@@ -237,7 +239,7 @@ def test_aggregate_pools_heads_and_layers():
         for x in range(4):
             for t in range(5):
                 expected[y, x, t] = sum(float(m[y * 4 + x, t]) for m in stacked) / 7
-    np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(out.detach().numpy(), expected, atol=1e-12)  # float64 sums of 7 values ≤ 1 (fp16 exact)
     same = aggregate_maps(tensors, [(3, 4), (3, 4), (3, 4)])
     np.testing.assert_array_equal(same.detach().numpy(), out.detach().numpy())
 

@@ -23,6 +23,7 @@ from conceptsplit_core.loda_loss import (
     step_size,
     vp_latent_update,
 )
+from testing.tolerance import float32_tolerance, float64_tolerance
 
 SPEC_G = [0.0765, 0.1334, 0.1861, 0.2080, 0.1861, 0.1334, 0.0765]  # spec §3.2, σ = 1.5
 
@@ -82,14 +83,15 @@ def _ref_loss(maps: np.ndarray, tau: float, symmetric: bool = False) -> float:
 def test_kernel_matches_spec_reference_values():
     kernel = attend_excite_kernel(1.5, 7, torch.float64).numpy()
     np.testing.assert_allclose(kernel.sum(axis=1), SPEC_G, atol=1e-4)  # rows sum to g (spec's 4 decimals)
-    np.testing.assert_allclose(kernel, _ref_kernel(1.5), atol=1e-12)
-    assert kernel.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(kernel, _ref_kernel(1.5), atol=1e-12)  # float64 both: a few eps64 of values ≤ 1
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-12)  # float64: 49 terms, ≤ 49 eps64
 
 
 def test_smoothing_matches_loop_reference_and_shape():
     maps = _random_maps(0)
     out = smooth_attention_map(torch.tensor(maps, dtype=torch.float32))
     assert out.shape == (3, 20, 20) and out.dtype == torch.float32
+    # float32 against float64: a 49-term weighted sum of values ≤ 1.01 per cell, ≤ 50 roundings ≈ 6e-6 < 1e-5
     np.testing.assert_allclose(out.numpy(), _ref_smooth(maps), atol=1e-5)
 
 
@@ -97,7 +99,8 @@ def test_smoothing_promotes_half_precision_to_fp32():
     maps = _random_maps(1, k=2, h=9, w=11)
     out = smooth_attention_map(torch.tensor(maps).to(torch.bfloat16))
     assert out.dtype == torch.float32 and out.shape == (2, 5, 7)
-    np.testing.assert_allclose(out.numpy(), _ref_smooth(maps), atol=1e-2)  # bf16 input rounding only
+    # bf16 input rounding only: ≤ 2⁻⁹ relative (3.9e-3 · 1.01 at most) of each value, and a convex sum keeps that
+    np.testing.assert_allclose(out.numpy(), _ref_smooth(maps), atol=1e-2)
 
 
 def test_smoothing_rejects_maps_smaller_than_kernel():
@@ -110,8 +113,8 @@ def test_smoothing_rejects_maps_smaller_than_kernel():
 def test_normalize_divides_by_sum_then_adds_epsilon():
     maps = _random_maps(2, h=20, w=20)
     out = normalize_map(torch.tensor(maps)).numpy()
-    np.testing.assert_allclose(out, _ref_normalize(maps), rtol=0, atol=1e-15)
-    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1 + 400e-10, rtol=0, atol=1e-12)  # not renormalised
+    np.testing.assert_allclose(out, _ref_normalize(maps), rtol=0, atol=1e-15)  # float64: a 400-term sum, values ≤ 5e-3
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1 + 400e-10, rtol=0, atol=1e-12)  # not renormalised; 400 eps64
 
 
 # ---------- KL, harmonic mean, loss ----------
@@ -121,11 +124,11 @@ def test_pairwise_kl_ordered_and_symmetric():
     probs = _ref_normalize(_random_maps(3, k=3, h=20, w=20) ** 4)
     ordered = pairwise_kl(torch.tensor(probs), "ordered").numpy()
     expected = [_ref_kl(probs[a], probs[b]) for a, b in [(0, 1), (0, 2), (1, 2)]]
-    np.testing.assert_allclose(ordered, expected, rtol=1e-10)
+    np.testing.assert_allclose(ordered, expected, rtol=1e-10)  # float64 sums of 400 terms, KL ~1: ≤ 1e-13 relative
     symmetric = pairwise_kl(torch.tensor(probs), "symmetric").numpy()
     pairs = [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
     np.testing.assert_allclose(symmetric, [_ref_kl(probs[a], probs[b]) for a, b in pairs], rtol=1e-10)
-    assert not np.allclose(symmetric[0], symmetric[2])  # KL is not symmetric: the option matters
+    assert not np.allclose(symmetric[0], symmetric[2])  # KL is not symmetric: the option matters (by ~10 %)
 
 
 def test_pairwise_kl_rejects_unknown_mode():
@@ -136,13 +139,13 @@ def test_pairwise_kl_rejects_unknown_mode():
 @pytest.mark.parametrize("kls", [[0.5, 2.0, 4.0], [0.2, 2.0, 4.0], [0.7], [0.01, 3.0, 1.0, 9.0, 0.4, 2.5]])
 def test_harmonic_mean_matches_statistics(kls):
     value = harmonic_mean_kl(torch.tensor(kls, dtype=torch.float64)).item()
-    assert value == pytest.approx(statistics.harmonic_mean(kls), abs=1e-12)
+    assert value == pytest.approx(statistics.harmonic_mean(kls), abs=1e-12)  # float64, a few ops on values ≤ 100
 
 
 @pytest.mark.parametrize("kls, hm, loss", [((0.5, 2.0, 4.0), 3 / 2.75, 0.0), ((0.2, 2.0, 4.0), 3 / 5.75, 1 - 3 / 5.75)])
 def test_spec_worked_example(kls, hm, loss):
     value = harmonic_mean_kl(torch.tensor(kls, dtype=torch.float64))
-    assert value.item() == pytest.approx(hm, abs=1e-12)
+    assert value.item() == pytest.approx(hm, abs=1e-12)  # float64, a few ops
     assert round(value.item(), 2) == (1.09 if loss == 0 else 0.52)
     assert torch.relu(1.0 - value).item() == pytest.approx(loss, abs=1e-12)
     assert round(loss, 2) in (0.0, 0.48)
@@ -156,9 +159,19 @@ def test_separation_loss_matches_reference(pairs):
     assert loss.dtype == torch.float32 and loss.shape == ()
     expected = _ref_loss(maps, 5.0, symmetric=pairs == "symmetric")
     assert expected > 0
-    assert loss.item() == pytest.approx(expected, abs=1e-5)
-    assert diag.loss.item() == pytest.approx(expected, abs=1e-5)
-    assert diag.harmonic_mean.item() == pytest.approx(5.0 - expected, abs=1e-5)
+    # The maths in float64: smoothing (49-term sums), normalising and KL (400-term sums), values ≤ 5: ≤ ~10³ eps64.
+    # Ordered and symmetric pairs differ by 4e-4 in the loss, far outside it.
+    loss64, diag64 = separation_loss(torch.tensor(maps), config)
+    exact = float64_tolerance(5.0, 49 + 2 * 400 + 10)
+    assert loss64.item() == pytest.approx(expected, abs=exact)
+    assert diag64.loss.item() == pytest.approx(expected, abs=exact)
+    assert diag64.harmonic_mean.item() == pytest.approx(5.0 - expected, abs=exact)
+    # The float32 path LODA runs: the same chain, within that many eps32 of values ≤ 5 (5e-4, a worst-case bound;
+    # the float64 check above is the sharp one)
+    rounded = float32_tolerance(5.0, 49 + 2 * 400 + 10)
+    assert loss.item() == pytest.approx(expected, abs=rounded)
+    assert diag.loss.item() == pytest.approx(expected, abs=rounded)
+    assert diag.harmonic_mean.item() == pytest.approx(5.0 - expected, abs=rounded)
     assert len(diag.pairs) == diag.pairwise_kl.shape[0] == (3 if pairs == "ordered" else 6)
     assert not diag.pairwise_kl.requires_grad
 
@@ -168,7 +181,7 @@ def test_separation_loss_fp16_input_computed_in_fp32():
     loss_half, _ = separation_loss(maps.half(), LodaConfig(kl_threshold=5.0))
     loss_ref, _ = separation_loss(maps.half().float(), LodaConfig(kl_threshold=5.0))
     assert loss_half.dtype == torch.float32
-    assert loss_half.item() == pytest.approx(loss_ref.item(), abs=1e-6)
+    assert loss_half.item() == pytest.approx(loss_ref.item(), abs=1e-6)  # the same float32 ops: ≤ 1 ulp at 5 (6e-7)
 
 
 def test_separation_loss_is_zero_above_threshold():
@@ -190,6 +203,8 @@ def test_separation_loss_gradient_matches_finite_differences():
         minus[index] -= step
         numeric[index] = (_ref_loss(plus, tau) - _ref_loss(minus, tau)) / (2 * step)
     assert np.abs(numeric).max() > 1e-3
+    # float64 central differences at h = 1e-6: rounding ≈ eps64·|L|/h ≈ 1e-9, truncation ≈ h²·|L'''| is smaller still;
+    # 1e-5 is 1 % of the gradient's size, which a wrong chain rule misses by order 1
     np.testing.assert_allclose(grad.numpy(), numeric, atol=1e-5)
 
 
@@ -204,7 +219,7 @@ def test_separation_loss_needs_two_concepts():
 def test_linear_step_sizes_match_paper():
     expected = [40.0, 39.6, 39.2, 38.8, 38.4, 38.0, 37.6, 37.2, 36.8, 36.4]
     got = [step_size(i, 50) for i in range(10)]
-    np.testing.assert_allclose(got, expected, atol=1e-12)
+    np.testing.assert_allclose(got, expected, atol=1e-12)  # float64, a few ops on values ≤ 40: ~1e-14
     assert step_size(3, 50, LodaConfig(step_scale=20.0)) == pytest.approx((40 - 20 * 3 / 50) / 2, abs=1e-12)
 
 
@@ -212,7 +227,7 @@ def test_sqrt_step_sizes_match_official_code():
     config = LodaConfig(step_schedule="sqrt")
     got = [step_size(i, 50, config) for i in range(10)]
     ratios = np.linspace(1.0, 0.5, 50)
-    np.testing.assert_allclose(got, [20 * math.sqrt(r) for r in ratios[:10]], atol=1e-12)
+    np.testing.assert_allclose(got, [20 * math.sqrt(r) for r in ratios[:10]], atol=1e-12)  # float64 on values ≤ 20
     assert got[0] == 20.0 and round(got[9], 2) == 19.06
     assert step_size(0, 1, config) == 20.0
 
@@ -252,9 +267,11 @@ def test_kdiffusion_update_equals_vp_update_on_toy_loss():
     x = torch.tensor(z * scale, requires_grad=True)
     (grad_x,) = torch.autograd.grad(toy_loss(x / scale), x)
     x_new = kdiffusion_latent_update(x.detach(), grad_x, sigma, eta)
+    # float64: autograd's Σz over 120 values (≤ 120 eps64·Σ|z|, times 2η/100 in the gradient step: ~2e-12) and a few
+    # roundings of values ≤ 80; 1e-9 is far above that and far below a wrong σ scaling (a factor √(1 + σ²) ≈ 3.8)
     np.testing.assert_allclose(x_new.numpy() / scale, z - eta * grad_z_ref, atol=1e-9)
     z_new = vp_latent_update(torch.tensor(z), torch.tensor(grad_z_ref), eta)
-    np.testing.assert_allclose(z_new.numpy(), z - eta * grad_z_ref, atol=1e-12)
+    np.testing.assert_allclose(z_new.numpy(), z - eta * grad_z_ref, atol=1e-12)  # the same float64 ops: exact here
 
 
 def test_kdiffusion_update_per_row_sigma():

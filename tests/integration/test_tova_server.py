@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from testing.tiny_adapters import write_tiny_adapter
 from testing.tiny_models import build_tiny_model
+from testing.tolerance import effect_tolerance
 
 PROMPT = "a photo of a dog and a cat"
 
@@ -105,11 +106,13 @@ def test_tova_workflow_runs_differs_from_plain_and_matches_in_process(comfy_serv
     adapters = adapters_node.LoadToVAAdapter.execute("cat.safetensors", "", 1.0, "from file", -1, adapters).result[0]
     patched, positive, _ = adapters_node.ApplyToVA.execute(model, adapters, clip, PROMPT).result
     latent = sample(patched, clip, positive=positive)
-    assert torch.allclose(latent, tova_latent, atol=1e-5)
+    # Same code, another process: float32 rounding may differ (thread count) and grows through the UNet and the
+    # sampler; a graph that differs (adapter, strength, token) moves the latent by the order of the effect.
+    assert (latent - tova_latent).abs().max() <= effect_tolerance(tova_latent, plain_latent)
     with torch.inference_mode():
         image = nodes.VAEDecode().decode(vae, {"samples": latent})[0][0]
     local = np.clip(255.0 * image.numpy(), 0, 255).astype(np.int16)
-    assert np.abs(local - tova_image).max() <= 1
+    assert np.abs(local - tova_image).max() <= 1  # 8-bit rounding of nearly equal floats: one level at most
 
 
 def test_bad_inputs_through_the_server_report_the_message(comfy_server, served_adapters, tmp_path):

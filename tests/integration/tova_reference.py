@@ -2,7 +2,9 @@
 
 It reads the adapter tensors straight from the safetensors file, maps diffusers paths with ComfyUI's own
 `unet_to_diffusers`, recomputes V on the identifier rows with the merged weight W + scale·B·A (taking W from the
-live module, so weight LoRAs are included), and runs attention with an explicit softmax.
+live module, so weight LoRAs are included), and runs attention with an explicit softmax. It computes in float32, or
+in float64 when the model runs in float64 (`build_tiny_model(..., dtype=torch.float64)`), so that a comparison with
+the pack is not limited by float32 rounding.
 """
 
 from __future__ import annotations
@@ -54,13 +56,14 @@ class ReferenceToVA:
 
     def __call__(self, q, k, v, extra_options):
         name = module_path_of(extra_options)
-        weight = self.modules[name].to_v.weight.float()  # (C, d), possibly LoRA-patched
-        context = extra_options["reference_context"].float()  # (B, T, d)
+        compute = compute_dtype(v)
+        weight = self.modules[name].to_v.weight.to(compute)  # (C, d), possibly LoRA-patched
+        context = extra_options["reference_context"].to(compute)  # (B, T, d)
         chunks = extra_options["cond_or_uncond"]
         per = v.shape[0] // len(chunks)
         v = v.clone()
         for tensors, position, scale in self.concepts:
-            lora_a, lora_b = tensors[name]
+            lora_a, lora_b = (t.to(compute) for t in tensors[name])
             merged = weight + scale * lora_b @ lora_a  # W + λ·B·A
             for i, chunk in enumerate(chunks):
                 if chunk == 1 and not self.apply_to_uncond:
@@ -82,13 +85,20 @@ class ReferenceToVA:
         return m
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for float16/bfloat16/float32 inputs, float64 for float64 ones."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def explicit_attention(q, k, v, heads):
-    """softmax(q kᵀ / √D) v per head; (B, N, H·D) x (B, T, H·D) -> (B, N, H·D)."""
+    """softmax(q kᵀ / √D) v per head, in float32 or float64 (see `compute_dtype`); (B, N, H·D) x (B, T, H·D) ->
+    (B, N, H·D)."""
     b, n, inner = q.shape
     d = inner // heads
-    qh = q.float().reshape(b, n, heads, d).transpose(1, 2)  # (B, H, N, D)
-    kh = k.float().reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, T, D)
-    vh = v.float().reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, T, D)
+    compute = compute_dtype(q)
+    qh = q.to(compute).reshape(b, n, heads, d).transpose(1, 2)  # (B, H, N, D)
+    kh = k.to(compute).reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, T, D)
+    vh = v.to(compute).reshape(b, -1, heads, d).transpose(1, 2)  # (B, H, T, D)
     probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, H, N, T)
     return (probs @ vh).transpose(1, 2).reshape(b, n, inner).to(q.dtype)
 

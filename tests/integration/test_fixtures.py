@@ -5,7 +5,6 @@ Everything else in tests/integration builds on these, so each promise in testing
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,13 +53,10 @@ def _tiny_loader(arch: str, seed: int = 0) -> dict:
 # -- recipe A: tiny models in process -------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_tiny_model_builds_fast_with_expected_layout(comfyui, arch):
+def test_tiny_model_builds_with_expected_layout(comfyui, arch):
     from testing.tiny_models import build_tiny_model
 
-    start = time.perf_counter()
-    model, clip, vae = build_tiny_model(arch)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0, f"building {arch} took {elapsed:.2f} s; the budget is 1 s (5 s allows for a busy CI)"
+    model, clip, vae = build_tiny_model(arch)  # no timing assert: speed is measured in bench/, never by a test
     assert model.model.model_type.name == EXPECTED_MODEL_TYPE[arch]
     assert model.model.model_config.unet_config["context_dim"] == CONTEXT_WIDTHS[arch]
     cond = _encode(clip, "a photo of a dog")

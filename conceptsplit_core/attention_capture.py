@@ -6,9 +6,8 @@ The captured map of word k for image b is spec §3.1's Ā[:, :, s] extended over
               Σ_{s ∈ positions(k)} softmax(Q Kᵀ / √D)[b, :, s]            reshaped to (h, w)
 
 on the positive (cond) branch only, with every key column raw (SOT included, no re-softmax), as spec §3.1. Running
-sums keep memory at O(K × h × w) per image (one sum per distinct layer grid), never O(steps × layers × heads).
-For the interactive viewer's step slider (issue 15) a second set of sums is kept per recorded step: O(K × S × h × w)
-per image (step_maps_bytes states the bound), still never per layer or head.
+sums are kept per recorded step and layer grid, for the interactive viewer's step slider (issue 15), and the whole
+range's map is their sum: O(K × S × h × w) per image (step_maps_bytes states the bound), never per layer or head.
 Layers with coarser grids are upsampled bilinearly to the finest chosen grid when the run ends; since that is linear,
 each (call, layer) map still counts as one uniform vote.
 
@@ -282,13 +281,11 @@ def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: Capture
 
 
 class _RunSums:
-    """Running sums of one sampling run: per layer grid, Σ maps (B_img, K, h, w) and the number of maps added."""
+    """Running sums of one sampling run: per step and layer grid, Σ maps (B_img, K, h, w) and the number added."""
 
     def __init__(self, sample_sigmas: torch.Tensor, first_step: int, last_step: int):
         self.sample_sigmas = sample_sigmas  # (S + 1,) fp32, CPU
         self.first_step, self.last_step = first_step, last_step
-        self.sums: dict[tuple[int, int], torch.Tensor] = {}
-        self.counts: dict[tuple[int, int], int] = {}
         self.step_sums: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}  # (step, grid) -> Σ maps
         self.step_counts: dict[tuple[int, tuple[int, int]], int] = {}
         self.steps: set[int] = set()
@@ -296,12 +293,7 @@ class _RunSums:
 
     def add(self, key: BlockKey, step: int, maps: torch.Tensor) -> None:
         grid = tuple(maps.shape[-2:])
-        if grid in self.sums:
-            self.sums[grid] += maps
-        else:
-            self.sums[grid] = maps.clone()
-        self.counts[grid] = self.counts.get(grid, 0) + 1
-        slot = (step, grid)  # per-step sums for the interactive viewer: K × h × w per image, step and grid
+        slot = (step, grid)  # one sum per step and grid: K × h × w per image; the whole range is their sum
         if slot in self.step_sums:
             self.step_sums[slot] += maps
         else:
@@ -315,17 +307,17 @@ class _RunSums:
 
         Maps (B_img, K, h, w) and step maps (B_img, S_rec, K, h, w), fp32 on the CPU.
         """
-        if not self.sums:
+        if not self.step_sums:
             return None
-        target = max(self.sums, key=lambda grid: grid[0] * grid[1])
-        maps = (_upsampled_total(self.sums, target) / sum(self.counts.values())).float().cpu()  # (B_img, K, h, w)
+        target = max((grid for _, grid in self.step_sums), key=lambda grid: grid[0] * grid[1])
         steps = tuple(sorted(self.steps))
-        per_step, weights = [], []
+        totals, weights = [], []
         for step in steps:
             sums = {grid: summed for (s, grid), summed in self.step_sums.items() if s == step}
-            count = sum(n for (s, _), n in self.step_counts.items() if s == step)
-            per_step.append((_upsampled_total(sums, target) / count).float().cpu())  # (B_img, K, h, w)
-            weights.append(count)
+            totals.append(_upsampled_total(sums, target))  # (B_img, K, h, w), Σ over this step's maps
+            weights.append(sum(n for (s, _), n in self.step_counts.items() if s == step))
+        maps = (sum(totals) / sum(weights)).float().cpu()  # (B_img, K, h, w): the mean over every added map
+        per_step = [(total / count).float().cpu() for total, count in zip(totals, weights)]
         order = ("input", "middle", "output")
         layers = tuple(sorted(self.layers, key=lambda k: (order.index(k[0]), k[1], k[2])))
         return ConceptMaps(labels=labels, maps=maps, steps=steps, layers=layers,
@@ -351,7 +343,7 @@ def step_maps_bytes(batch: int, words: int, steps: int, grids: Sequence[tuple[in
 
     During the run: batch × words × steps × Σ_grids h·w × 4 bytes (one sum per step and layer grid, on the model's
     device); kept: batch × steps × words × h·w × 4 bytes at the finest grid (CPU), for each of the last kept_runs
-    runs. The running sums of the whole range add batch × words × Σ_grids h·w × 4 bytes (no step axis).
+    runs. The whole range's map is derived from these sums when the run ends; no second set is kept.
     """
     finest = max(h * w for h, w in grids)
     return batch * words * steps * sum(h * w for h, w in grids) * 4, batch * steps * words * finest * 4

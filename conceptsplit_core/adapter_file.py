@@ -9,6 +9,8 @@ Everything else (kohya, diffusers, PEFT LoRAs, keys on q/k/out or self-attention
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +29,7 @@ from .config import (
     ROLES,
 )
 from .errors import ConceptSplitError
+from .number_checks import check_number
 
 FORMAT_NATIVE = "native"
 FORMAT_OFFICIAL = "official"
@@ -41,6 +44,11 @@ _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _LOADER_HINT = 'Load it with ComfyUI\'s "Load LoRA" node (LoraLoader) instead'
 
 META = "conceptsplit."  # metadata key prefix
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.4e38: the largest |value| the delta may reach in fp32
+# Training-record metadata that holds numbers (written by the trainer; never read back into a computation, but
+# checked so a damaged file is named as damaged): integer fields and the one real-valued field.
+_TRAINING_INTEGERS = ("train_steps", "train_resolution", "train_batch", "train_images")
+_TRAINING_REALS = ("train_lr",)
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,18 @@ class AdapterWeights:
     text_width: int
     alpha: float
     metadata: AdapterMetadata | None  # None for official files
+    # path -> ||B·A||_F (fp64, without the scale), measured when the file was read; empty for weights built in code
+    delta_norms: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
-        """alpha / r (spec §2.1: 1.0 for the paper's adapters)."""
+        """alpha / r (spec §2.1: 1.0 for the paper's adapters); r >= 1 and alpha > 0 are checked on reading."""
         return self.alpha / self.rank
+
+    def delta_norm(self, layer_path: str) -> float:
+        """||B·A||_F of one layer (without the scale), from the read-time measurement or computed now."""
+        known = self.delta_norms.get(layer_path)
+        return known if known is not None else delta_frobenius_norm(*self.layers[layer_path])
 
 
 def family_of_base_model(base_model: str) -> str:
@@ -132,8 +147,21 @@ def read_adapter_file(path: str | Path) -> AdapterWeights:
     if metadata is not None:
         _check_metadata_against_tensors(name, metadata, rank, text_width, len(layers))
     alpha = metadata.alpha if metadata is not None else float(rank)  # official: alpha = r, scale 1 (spec §2.5)
+    norms = _check_delta_sizes(name, layers, alpha / rank)
     return AdapterWeights(name=name, file_format=file_format, layers=layers, rank=rank, text_width=text_width,
-                          alpha=alpha, metadata=metadata)
+                          alpha=alpha, metadata=metadata, delta_norms=norms)
+
+
+def delta_frobenius_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
+    """||B·A||_F of one layer, computed in float64 without forming the (C, d) product.
+
+    ||B·A||_F² = trace(Aᵀ Bᵀ B A) = sum((BᵀB) ∘ (A Aᵀ)): two (r, r) Gram matrices, C·r² + d·r² multiply-adds
+    instead of C·d·r. Every entry of B·A is at most ||B·A||_F in magnitude, so a finite norm below 3.4e38 proves
+    that B·A is finite in float32. Shapes: lora_a (r, d), lora_b (C, r).
+    """
+    a, b = lora_a.detach().to("cpu", torch.float64), lora_b.detach().to("cpu", torch.float64)
+    squared = float(((b.T @ b) * (a @ a.T)).sum())  # fp64: entries up to 3.4e38 square to 1.2e77, far below 1.8e308
+    return math.sqrt(max(squared, 0.0))  # rounding can leave a tiny negative sum for a zero delta
 
 
 def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -187,12 +215,22 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if suffix in _PICKLE_SUFFIXES:
         try:
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for truncated zips
+        except pickle.UnpicklingError as err:  # Python objects besides tensors: refused, never executed
             raise ConceptSplitError.build(
-                f'Adapter file "{path.name}" cannot be loaded safely',
-                seen=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                expected="plain tensors (loaded with torch.load(weights_only=True)) or, better, a .safetensors file",
-                fix="convert the file to .safetensors; pickled Python objects are never executed",
+                f'Adapter file "{path.name}" cannot be loaded safely: it holds pickled Python objects, not only '
+                "tensors, and unpickling those can run any code the file contains",
+                seen=f"PyTorch's safe loader (weights_only=True) refused it ({_unpickler_detail(err)})",
+                expected="plain tensors: a .safetensors file, or a .pt/.ckpt/.bin holding only tensors",
+                fix="do not load it with weights_only=False or any other pickle loader unless you made the file "
+                    "yourself: that is exactly how a malicious file runs its code. Ask its author for a "
+                    ".safetensors version",
+            ) from err
+        except Exception as err:  # RuntimeError for truncated or garbled zip archives
+            raise ConceptSplitError.build(
+                f'Adapter file "{path.name}" is truncated or corrupt',
+                seen=f"{type(err).__name__}: {str(err).split('. ')[0]}",
+                expected="a complete file of plain tensors, or better a .safetensors file",
+                fix="download or train the adapter again",
             ) from err
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ConceptSplitError.build(
@@ -206,6 +244,17 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         seen=suffix or "no extension", expected=".safetensors or .sft (or .pt/.ckpt/.bin holding plain tensors)",
         fix="use a .safetensors ToVA adapter",
     )
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """What PyTorch's weights-only unpickler objected to ("Unsupported global: ..."), without its advice to retry
+    with weights_only=False, which is the one thing not to do with a file from a stranger."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    detail = text[text.index(marker) + len(marker):] if marker in text else ""
+    detail = " ".join(detail.split("Check the documentation")[0].split())
+    detail = detail.split(". ")[0].rstrip(".")[:200]  # the first sentence: later ones say how to allow the object
+    return detail or type(err).__name__
 
 
 def _classify_keys(name: str, tensors: Mapping[str, torch.Tensor | None]
@@ -267,10 +316,11 @@ def _parse_metadata(name: str, raw: Mapping[str, str]) -> AdapterMetadata:
                                       seen=f"{META}format = {raw.get(META + 'format')!r}",
                                       expected=f"{NATIVE_FORMAT_NAME!r}", fix="re-save the adapter with this pack")
     version = get("format_version")
-    if not version.isdigit() or int(version) > NATIVE_FORMAT_VERSION:
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= NATIVE_FORMAT_VERSION:
         raise ConceptSplitError.build(
             f'Adapter "{name}" uses format version {version}', seen=f"version {version}",
-            expected=f"version {NATIVE_FORMAT_VERSION} or older", fix="update ComfyUI-ConceptSplit",
+            expected=f"a version from 1 to {NATIVE_FORMAT_VERSION}",
+            fix="update ComfyUI-ConceptSplit (a newer version), or train the adapter again (a damaged one)",
         )
     prediction = get("prediction")
     role = get("role")
@@ -282,15 +332,41 @@ def _parse_metadata(name: str, raw: Mapping[str, str]) -> AdapterMetadata:
     training = {key[len(META):]: value for key, value in raw.items()
                 if key.startswith(META + "train") or key == META + "templates"}
     try:
-        return AdapterMetadata(
-            base_model=get("base_model"), text_width=int(get("text_width")), rank=int(get("rank")),
-            alpha=float(get("alpha")), identifier_word=get("identifier_word"), role=role, prediction=prediction,
-            layers=int(get("layers")), training=training,
-        )
+        numbers = {"text_width": int(get("text_width")), "rank": int(get("rank")), "layers": int(get("layers")),
+                   "alpha": float(get("alpha"))}
     except ValueError as err:
         raise ConceptSplitError.build(f'Adapter "{name}" has non-numeric metadata', seen=str(err),
                                       expected="integers for text_width, rank, layers; a number for alpha",
                                       fix="re-save the adapter with this pack") from err
+    damaged = "the file was edited or damaged: train the adapter again or re-save it with this pack"
+    for key in ("text_width", "rank", "layers"):
+        check_number(f'Adapter "{name}" metadata {META}{key}', numbers[key], 1, integer=True, fix=damaged)
+    # alpha: finite and positive (the trainer refuses alpha <= 0); its size is checked with the weights, as scale
+    if not (math.isfinite(numbers["alpha"]) and numbers["alpha"] > 0):
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" has an invalid alpha in its metadata',
+            seen=f"{META}alpha = {get('alpha')!r}, so the scale alpha / rank would be "
+                 f"{numbers['alpha'] / numbers['rank']!r}",
+            expected="a finite positive number (the rank itself for a scale of 1, as the paper)", fix=damaged)
+    _check_training_record(name, training, damaged)
+    return AdapterMetadata(
+        base_model=get("base_model"), text_width=numbers["text_width"], rank=numbers["rank"], alpha=numbers["alpha"],
+        identifier_word=get("identifier_word"), role=role, prediction=prediction, layers=numbers["layers"],
+        training=training,
+    )
+
+
+def _check_training_record(name: str, training: Mapping[str, str], fix: str) -> None:
+    """The numeric training-record fields, where present: non-negative integers, and a finite rate."""
+    for key in _TRAINING_INTEGERS + _TRAINING_REALS:
+        if key not in training:
+            continue
+        integer = key in _TRAINING_INTEGERS
+        try:
+            value = int(training[key]) if integer else float(training[key])
+        except ValueError:
+            value = training[key]  # check_number names the text as "not a number"
+        check_number(f'Adapter "{name}" metadata {META}{key}', value, 0, integer=integer, fix=fix)
 
 
 def _pair_layers(name: str, parts: Mapping[str, Mapping[str, torch.Tensor]]
@@ -303,6 +379,12 @@ def _pair_layers(name: str, parts: Mapping[str, Mapping[str, torch.Tensor]]
                                           seen=f"only {', '.join('lora_' + p for p in pair)}",
                                           expected="lora_A and lora_B for every layer",
                                           fix="the file is incomplete; train or download it again")
+        for part in ("A", "B"):
+            if not pair[part].is_floating_point():
+                raise ConceptSplitError.build(
+                    f'Adapter "{name}" stores lora_{part} of layer {layer_path} as {pair[part].dtype}',
+                    seen=f"dtype {pair[part].dtype}", expected="floating-point weights (float32, float16 or bfloat16)",
+                    fix="the file is damaged or is not a ToVA adapter; train or download it again")
         layers[layer_path] = (pair["A"].to(torch.float32), pair["B"].to(torch.float32))
     return layers
 
@@ -316,6 +398,12 @@ def _check_shapes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tens
                 f'Adapter "{name}" has mis-shaped tensors at {layer_path}',
                 seen=f"lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)}",
                 expected="lora_A (r, d) and lora_B (C, r) with the same r", fix="train or download the adapter again")
+        if min(*lora_a.shape, *lora_b.shape) < 1:
+            raise ConceptSplitError.build(
+                f'Adapter "{name}" has an empty layer at {layer_path} (rank 0, or a zero text or channel width)',
+                seen=f"lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)}",
+                expected="lora_A (r, d) and lora_B (C, r) with r, d and C of at least 1 (the paper's rank is 64)",
+                fix="the file is damaged or was saved from an empty adapter; train or download it again")
         ranks.add(lora_a.shape[0])
         widths.add(lora_a.shape[1])
         for part, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
@@ -330,6 +418,32 @@ def _check_shapes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tens
                                       seen=f"ranks {sorted(ranks)}, text widths {sorted(widths)}",
                                       expected="one rank and one text width", fix="train or download the adapter again")
     return ranks.pop(), widths.pop()
+
+
+def _check_delta_sizes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                       scale: float) -> dict[str, float]:
+    """||B·A||_F per layer; refuse a file whose scaled delta is not finite in float32. Returns path -> ||B·A||_F.
+
+    Finite A and B can still multiply to Inf (weights ×1e30 give entries ~1e60), and a huge alpha can overflow the
+    scaled delta; either gives NaN latents. How large a delta may be next to the model's own weight is checked when
+    the adapter is applied (concepts.check_delta_sizes), where that weight is known.
+    """
+    norms = {}
+    for layer_path, (lora_a, lora_b) in layers.items():
+        norm = delta_frobenius_norm(lora_a, lora_b)
+        scaled = scale * norm
+        if not (math.isfinite(scaled) and scaled <= FLOAT32_MAX):
+            raise ConceptSplitError.build(
+                f'Adapter "{name}" has weights too large to compute with: its delta overflows float32 '
+                f"at layer {layer_path}",
+                seen=f"scale alpha/rank = {scale:.4g}, ||lora_B·lora_A|| = {norm:.4g}, so ||scale·B·A|| = "
+                     f"{scaled:.4g} (largest |lora_A| {float(lora_a.abs().max()):.3g}, "
+                     f"|lora_B| {float(lora_b.abs().max()):.3g})",
+                expected=f"a delta that float32 can hold (below {FLOAT32_MAX:.3g}; a trained adapter's stays "
+                         "within about 20 times the model layer's own weight)",
+                fix="the file was damaged or saved with a wrong scale; train or download it again")
+        norms[layer_path] = norm
+    return norms
 
 
 def _check_metadata_against_tensors(name: str, meta: AdapterMetadata, rank: int, width: int, n_layers: int) -> None:

@@ -23,28 +23,26 @@ class ChunkPrompt:
     """What is known of the conditioning behind one CFG chunk of a model call (recorded per call by the seam)."""
 
     length: int  # tokens of that conditioning before ComfyUI repeats it to the batch's common (LCM) length
-    prompt_ids: tuple | None  # PromptTokens.token_ids when Apply ToVA / ConceptSplit Text Encode encoded it
+    # PromptTokens.token_ids of the prompt this conditioning holds: from its token record (Apply ToVA, ConceptSplit
+    # Text Encode), or, for a positive without one, of the pack's encoding its text features match
+    # (prompt_encoding.identify_conditionings); None = no prompt the pack knows
+    prompt_ids: tuple | None
     area: bool = False  # an area-conditioned entry: its model calls see a crop of the latent, not the whole grid
-    # token ids of every recorded positive of the same sampling call: an unrecorded positive beside the prompt's
-    # own recorded conditioning is another prompt (a plain CLIP Text Encode combined with it)
-    recorded_positives: frozenset = frozenset()
 
 
 def chunk_holds_prompt(chunk: ChunkPrompt | None, prompt_ids: tuple | None, prompt_length: int) -> bool:
     """Whether a positive chunk is the conditioning of the prompt whose token positions s_k we use (spec §2.3, §8 #16).
 
-    Another positive in the same batch (ConditioningCombine, regional prompts) has another word at s_k. Recorded
-    token ids decide; an unrecorded conditioning counts when its length matches and the prompt's own recorded
-    conditioning is not in the same sampling call; a call without records (a ComfyUI path that bypasses
-    calc_cond_batch) is assumed to be the prompt.
+    The prompt is recognised by its token ids (recorded, or identified by content: prompt_encoding's rule), so
+    another positive in the same batch (ConditioningCombine, regional prompts) or another text of the same length
+    never gets the prompt's s_k. A call without records (a ComfyUI path that bypasses calc_cond_batch) is assumed to
+    be the prompt; a user of positions without token ids (training's own forward) goes by length.
     """
     if chunk is None:
         return True
-    if chunk.prompt_ids is not None:
-        return prompt_ids is None or tuple(chunk.prompt_ids) == tuple(prompt_ids)
-    if prompt_ids is not None and tuple(prompt_ids) in chunk.recorded_positives:
-        return False
-    return chunk.length == prompt_length
+    if prompt_ids is None:
+        return chunk.prompt_ids is not None or chunk.length == prompt_length
+    return chunk.prompt_ids is not None and tuple(chunk.prompt_ids) == tuple(prompt_ids)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Each concept keeps its own position next to it: never parallel lists of adapters
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .adapter_file import AdapterWeights
 from .adapter_layers import UNetLayout, bind_adapter_layers
@@ -17,6 +17,10 @@ from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_po
 from .token_value_delta import TokenDelta
 
 BlockKey = tuple[str, int, int]
+
+# The largest ToVA delta accepted next to the layer's own value weight: ||strength · alpha/r · B·A||_F may be at most
+# this many times ||W_v||_F (see check_delta_sizes for the derivation).
+MAX_DELTA_TO_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -87,15 +91,20 @@ def make_concept(weights: AdapterWeights, identifier_word: str, strength: float,
 
 
 def bind_concepts(concepts: Sequence[ConceptAdapter], layout: UNetLayout, prompt: PromptTokens,
-                  word_ids: Callable[[str], tuple[int, ...]]) -> list[BoundConcept]:
+                  word_ids: Callable[[str], tuple[int, ...]],
+                  value_weight_norms: Mapping[BlockKey, float] | None = None) -> list[BoundConcept]:
     """Check every adapter against the model, then find every identifier in the prompt (spec §2.4, §2.7, §2.8).
 
-    All checks run before anything is patched. Raises: ConceptSplitError (family, layers, word, occurrence).
+    `value_weight_norms` ({attn2 replace key: ||W_v||_F} of the host) adds the delta-size check (check_delta_sizes).
+    All checks run before anything is patched. Raises: ConceptSplitError (family, layers, size, word, occurrence).
     """
     if not concepts:
         raise ConceptSplitError.build("No ToVA adapters given", seen="an empty adapter list",
                                       expected="at least one adapter", fix="connect a Load ToVA Adapter node")
     layers = [bind_adapter_layers(concept.weights, layout) for concept in concepts]
+    if value_weight_norms is not None:
+        for concept in concepts:
+            check_delta_sizes(concept, layout, value_weight_norms)
     requests = []
     for concept in concepts:
         ids = word_ids(concept.identifier_word) if concept.token_index is None else ()
@@ -108,6 +117,48 @@ def bind_concepts(concepts: Sequence[ConceptAdapter], layout: UNetLayout, prompt
                                           word_ids=ids, explicit_position=concept.token_index))
     positions = locate_identifier_positions(prompt, requests)
     return [BoundConcept(concept, position, bound) for concept, position, bound in zip(concepts, positions, layers)]
+
+
+def check_delta_sizes(concept: ConceptAdapter, layout: UNetLayout, value_weight_norms: Mapping[BlockKey, float]
+                      ) -> None:
+    """Refuse a concept whose delta dwarfs the layer it adapts: ||λ · alpha/r · B·A||_F <= 1000 · ||W_v||_F.
+
+    Why Frobenius norms: for text features c in general position E||M c||² = ||M||_F² ||c||² / d, so the ratio is
+    the typical size of the delta's contribution to the identifier's value row next to the row the layer itself
+    makes. Why 1000: trained adapters sit far below it. The paper's recipe (300 AdamW steps at lr 1e-4) moves an
+    entry of A or B by at most lr·(1−β1)/√(1−β2) = 3.16·lr per step (Kingma & Ba, §2.1), 0.095 in all, so for
+    SD2.1's widest layer (C 1280, d 1024, r 64) ||B·A||_F <= ||B||_F·||A||_F <= 27 · 28 ≈ 770, about 20× a weight
+    of entries ~0.03 (||W_v||_F ≈ 34) even if every step pushed the same way; the pack's tiny test adapters, drawn
+    large so their effect shows, measure 5-10× at strength 1, and the strength widget allows 4×. A delta 1000× the
+    weight makes the identifier's value row three orders of magnitude larger than every other token's row: no
+    picture of the concept survives that, and an fp16 model (largest value 65504) overflows as soon as its own
+    value rows exceed 65, which gives NaN latents. Such a file is damaged or carries a wrong alpha.
+
+    Layers missing from `value_weight_norms` (a weight that could not be read) are not checked here; the read-time
+    check that the scaled delta is finite in float32 (adapter_file) still holds for them.
+    Raises: ConceptSplitError naming the layer, the sizes seen and the bound.
+    """
+    weights = concept.weights
+    factor = abs(concept.strength) * weights.scale
+    if factor == 0:
+        return  # strength 0: the concept is off, its delta is never added
+    for layer in layout.layers:
+        reference = value_weight_norms.get(layer.key)
+        if reference is None or layer.path not in weights.layers:
+            continue
+        size = factor * weights.delta_norm(layer.path)
+        if size > MAX_DELTA_TO_WEIGHT * reference:
+            ratio = size / reference if reference > 0 else float("inf")
+            raise ConceptSplitError.build(
+                f'Adapter "{weights.name}" changes layer {layer.path} by {ratio:.3g} times the layer\'s own weight',
+                seen=f"||strength · alpha/rank · lora_B·lora_A|| = {concept.strength:g} · {weights.scale:.4g} · "
+                     f"{weights.delta_norm(layer.path):.4g} = {size:.4g}, the model's ||to_v weight|| = "
+                     f"{reference:.4g}",
+                expected=f"at most {MAX_DELTA_TO_WEIGHT:g} times the weight (a trained ToVA adapter stays below "
+                         "about 20 times at strength 1)",
+                fix="the file is damaged or was saved with a wrong alpha: train or download it again. If it is "
+                    "right, lower its strength",
+            )
 
 
 def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int,

@@ -5,11 +5,11 @@ Nodes read defaults, min/max/step and the recommended-range text from here, so t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 from .errors import ConceptSplitError
+from .number_checks import check_number
 
 # N = round(0.2·S) when `loda_steps` is AUTO_LODA_STEPS: 10 LODA steps at S = 50 (spec §3.3, §8 #7).
 LODA_STEPS_FRACTION = 0.2
@@ -106,13 +106,9 @@ class LodaConfig:
                 )
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConceptSplitError.build(
-                    f"LODA setting {field.name} is not a finite number",
-                    seen=repr(value),
-                    expected="a finite number",
-                    fix=f"enter a finite value for {field.name}",
-                )
+            if field.name not in UI_OPTIONS:  # every number field: NaN would pass the range checks below
+                check_number(f"LODA setting {field.name}", value, integer=isinstance(field.default, int),
+                             fix=f"enter a finite value for {field.name}")
         self._check(
             isinstance(self.loda_steps, int) and self.loda_steps >= AUTO_LODA_STEPS,
             "loda_steps",

@@ -1,5 +1,6 @@
 """Numbers the Attention Map Viewer shows per word and per pair: entropy (paper Table 1), KL and LODA's harmonic mean
-(spec §3.2), and an overlap score.
+(spec §3.2), an overlap score, and with LODA's masks each word's attention share inside its own mask (what attention
+fixing, spec §4.3, raises).
 
 All functions take per-concept maps `(K, h, w)` (attention probabilities averaged over layers and heads, spec §3.1),
 compute in fp32 on the maps' device, and never track gradients for the caller (they are read-outs, not the loss).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ConceptSplitError
 from .loda_config import LODA_DEFAULTS
@@ -205,4 +207,63 @@ def format_metrics_report(labels: list[str], maps: torch.Tensor) -> str:
             lines.append(f"{pair:<{pair_width}}  {kl[a][b]:9.5f}  {kl[b][a]:9.5f}  {shared[a][b]:9.5f}")
     lines.append("overlap: histogram intersection sum(min(p_a, p_b)), 0 = disjoint, 1 = identical.")
     lines.append(_harmonic_mean_line(maps))
+    return "\n".join(lines)
+
+
+def check_share_masks(maps: torch.Tensor, masks: torch.Tensor) -> None:
+    """The mask checks of mask_attention_share, without computing anything, so a node can fail before any work.
+
+    Shapes: maps `(K, h, w)`, masks `(K, H, W)`.
+    Raises: ConceptSplitError on a mask count other than K or values outside 0..1.
+    """
+    words = maps.shape[0]
+    if masks.dim() != 3 or masks.shape[0] != words:
+        raise ConceptSplitError.build(
+            "Each word needs exactly one mask",
+            seen=f"{words} word(s) and masks of shape {tuple(masks.shape)}",
+            expected=f"masks of shape ({words}, H, W), word k's mask at index k",
+            fix="connect the LODA Sampler's concept_masks, with the same words in the same order as its concepts",
+        )
+    values = masks.detach().float()
+    if not torch.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        raise ConceptSplitError.build(
+            "The concept masks are not masks",
+            seen=f"values from {values.min().item():.3g} to {values.max().item():.3g}",
+            expected="values between 0 and 1 (LODA's concept_masks are 0 or 1)",
+            fix="connect the LODA Sampler's concept_masks output, not an image or a latent",
+        )
+
+
+def mask_attention_share(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each word's attention share inside its own mask, and that mask's area: the share a flat map would have.
+
+    `share_k = Σ M_k · c_k / Σ M_k`, with c_k the part of each map cell that mask k covers (the mask area-averaged
+    onto the maps' grid: exactly 0 or 1 for LODA's masks on maps of LODA's level, spec §4.1), and `area_k = mean c_k`.
+    Attention fixing (spec §4.3) adds +p to word k's logits inside mask k and m to it inside the other masks, which
+    moves word k's attention into its mask: the share rises above what the same run without fixing gives.
+    Shapes: maps `(K, h, w)` attention (not normalised), masks `(K, H, W)` in 0..1 (any H, W; usually the image's)
+    -> share `(K,)` and area `(K,)` float32.
+    Raises: ConceptSplitError on maps that are not distributions, a mask count other than K, or values outside 0..1.
+    """
+    _check_maps(maps)
+    check_share_masks(maps, masks)
+    maps = maps.detach().float()  # (K, h, w)
+    cover = F.interpolate(masks.detach().float()[None], size=tuple(maps.shape[-2:]), mode="area")[0]  # (K, h, w)
+    share = (maps * cover).sum(dim=(1, 2)) / maps.sum(dim=(1, 2))  # (K,)
+    return share, cover.mean(dim=(1, 2))
+
+
+def format_mask_share_report(labels: list[str], maps: torch.Tensor, masks: torch.Tensor) -> str:
+    """The viewer's lines for mask_attention_share: per word its share inside its own mask and the mask's area.
+
+    Shapes: maps `(K, h, w)` with K = len(labels), masks `(K, H, W)` in 0..1, word k's mask at index k.
+    Raises: ConceptSplitError as check_report_maps and mask_attention_share.
+    """
+    check_report_maps(labels, maps)
+    share, area = (values.tolist() for values in mask_attention_share(maps, masks))
+    width = min(_WORD_WIDTH, max(len(label) for label in labels))
+    lines = ["Attention inside each word's own mask (concept_masks, word k -> mask k):",
+             f"{'word':<{width}}  {'share':>9}  {'mask area':>9}"]
+    lines += [f"{_cell(label, width):<{width}}  {share[k]:9.5f}  {area[k]:9.5f}" for k, label in enumerate(labels)]
+    lines.append("share: the part of the word's attention inside its mask; mask area: what a flat map would give.")
     return "\n".join(lines)

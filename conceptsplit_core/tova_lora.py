@@ -7,6 +7,7 @@ Tensor naming follows microsoft/LoRA `loralib/layers.py`: `lora_A` is `(r, d)`, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -277,14 +278,57 @@ def load_training_checkpoint(path: str | Path) -> TrainingState:
             expected=f'a "{CHECKPOINT_FORMAT}" metadata entry',
             fix="resume from a checkpoint the training node wrote; adapters cannot be resumed",
         )
-    record = json.loads(metadata[CHECKPOINT_FORMAT])
-    if record.get("version") != CHECKPOINT_VERSION:
+    try:
+        record = json.loads(metadata[CHECKPOINT_FORMAT])
+    except ValueError as err:
+        raise _damaged_checkpoint(source, f"unreadable record: {err}") from err
+    if not isinstance(record, dict) or record.get("version") != CHECKPOINT_VERSION:
         raise ConceptSplitError.build(
             f'Training checkpoint "{source.name}" has an unsupported version',
-            seen=str(record.get("version")),
+            seen=str(record.get("version") if isinstance(record, dict) else type(record).__name__),
             expected=str(CHECKPOINT_VERSION),
             fix="update the pack or start the training again",
         )
+    try:
+        state = _checkpoint_state(record, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a field missing or of the wrong kind
+        raise _damaged_checkpoint(source, f"{type(err).__name__}: {err}") from err
+    _check_checkpoint_numbers(source, state)
+    return state
+
+
+def _damaged_checkpoint(source: Path, seen: str) -> ConceptSplitError:
+    return ConceptSplitError.build(
+        f'The training checkpoint "{source.name}" is damaged', seen=seen,
+        expected="a checkpoint written by ConceptSplit training, with finite weights, optimizer state and losses",
+        fix="turn resume off to start the run again (or delete the checkpoint)")
+
+
+def _check_checkpoint_numbers(source: Path, state: TrainingState) -> None:
+    """Every number a resume would compute with: finite tensors, a non-negative step and second moment, finite
+    losses and optimizer settings. A NaN there would silently turn the resumed adapter into NaN."""
+    if state.step < 0:
+        raise _damaged_checkpoint(source, f"step {state.step}")
+    named = [(f"lora {key} {part}", tensor) for key, pair in state.lora.items() for part, tensor in zip("AB", pair)]
+    named += [(f"optimizer state {index} {name}", value) for index, entry in state.optimizer["state"].items()
+              for name, value in entry.items() if isinstance(value, torch.Tensor)]
+    for label, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _damaged_checkpoint(source, f"non-finite values in {label}")
+        if label.endswith("exp_avg_sq") and bool((tensor < 0).any()):
+            raise _damaged_checkpoint(source, f"negative values in {label} (a second moment is >= 0)")
+    for value in state.loss_history:
+        if not math.isfinite(value):
+            raise _damaged_checkpoint(source, f"loss history holds {value!r}")
+    for group in state.optimizer["param_groups"]:
+        for key in ("lr", "eps", "weight_decay", "betas"):
+            values = group.get(key, ())
+            for value in values if isinstance(values, tuple) else (values,):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise _damaged_checkpoint(source, f"optimizer setting {key} = {group.get(key)!r}")
+
+
+def _checkpoint_state(record: dict, tensors: dict[str, torch.Tensor]) -> TrainingState:
     lora = {key: (tensors[f"lora.{i}.A"], tensors[f"lora.{i}.B"]) for i, key in enumerate(record["layer_keys"])}
     optimizer_state: dict[int, dict[str, Any]] = {}
     for param_index, scalars in record["optimizer_scalars"].items():

@@ -214,6 +214,12 @@ def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, d
     if checkpoint is not None and checkpoint.resume and checkpoint.path.is_file():
         state = load_training_checkpoint(checkpoint.path)
         _check_same_run(state.extra, run_record, checkpoint.path)
+        if state.step > config.steps:  # the loop would not run and the longer run's weights would be saved as this one
+            raise ConceptSplitError.build(
+                f'The training checkpoint "{checkpoint.path.name}" is past the end of this run',
+                seen=f"checkpoint at step {state.step}, steps = {config.steps}",
+                expected=f"steps of at least {state.step} to resume it",
+                fix=f"set steps to {state.step} or more, or turn resume off to start again")
         lora.load_pairs(state.lora)
         optimizer.load_state_dict(state.optimizer)
         result.losses, result.resumed_from = list(state.loss_history), state.step

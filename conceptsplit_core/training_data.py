@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL
 from .errors import ConceptSplitError
+from .number_checks import check_number
 
 TEMPLATES_PATH = Path(__file__).parent / "data" / "prompt_templates.txt"
 NUM_TRAIN_TIMESTEPS = 1000  # t ~ U{0..999} (spec §2.6)
@@ -133,6 +134,12 @@ class TrainConfig:
         Raises:
             ConceptSplitError: naming the first bad field, its value, the allowed range and a fix.
         """
+        for name in ("learning_rate", "alpha", "grad_clip", "weight_decay", "adam_eps"):  # NaN passes `> 0`
+            if getattr(self, name) is not None:
+                check_number(f"Training setting {name}", getattr(self, name),
+                             fix=f"set {name} to the default {_PAPER_DEFAULTS[name]!r} or another finite value")
+        for beta in self.adam_betas:
+            check_number("Training setting adam_betas", beta, fix="set adam_betas to the default (0.9, 0.999)")
         checks = [
             ("steps", self.steps >= 1, "an integer of at least 1"),
             ("learning_rate", self.learning_rate > 0, "a positive number"),

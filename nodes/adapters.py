@@ -16,6 +16,7 @@ from ..conceptsplit_core.adapter_file import read_adapter_file
 from ..conceptsplit_core.concepts import bind_concepts, describe_bindings, located, make_concept, plan_token_deltas
 from ..conceptsplit_core.errors import ConceptSplitError
 from . import comfy_hooks
+from .input_checks import check_number_inputs
 
 ConceptAdapters = io.Custom("CONCEPTSPLIT_ADAPTERS")  # tuple[ConceptAdapter, ...]
 ADAPTER_FOLDERS = ("tova", "loras")  # ToVA files belong in models/tova; models/loras is searched too
@@ -85,6 +86,7 @@ class LoadToVAAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, adapter_name: str, identifier_word: str, strength: float, role: str,
                 token_index: int = config.TOKEN_INDEX_AUTO, adapters=None) -> io.NodeOutput:
+        check_number_inputs(cls, {"strength": strength, "token_index": token_index})
         weights = read_adapter_file(adapter_file_path(adapter_name))
         concept = make_concept(weights, identifier_word, strength, role, token_index)
         return io.NodeOutput(tuple(adapters or ()) + (concept,))
@@ -125,12 +127,13 @@ class ApplyToVA(io.ComfyNode):
         layout = comfy_hooks.unet_layout(model)
         prompt = comfy_hooks.prompt_tokens(clip, text)
         bound = bind_concepts(tuple(adapters or ()), layout, prompt,
-                              lambda word: comfy_hooks.word_token_ids(clip, word))
+                              lambda word: comfy_hooks.word_token_ids(clip, word),
+                              comfy_hooks.value_weight_norms(model, layout))
         positive = comfy_hooks.encode_prompt(clip, text, layout)
         patched = model.clone()
         comfy_hooks.install_token_deltas(patched, layout,
                                          plan_token_deltas(bound, len(prompt.token_ids), prompt.token_ids),
-                                         apply_to_uncond, prompt, ", ".join(c.label for c in adapters))
+                                         apply_to_uncond, prompt, ", ".join(c.label for c in adapters), positive)
         patched.model_options = comfy_hooks.with_located_concepts(patched.model_options,
                                                                   located(bound, len(prompt.token_ids),
                                                                           prompt.token_ids))

@@ -8,6 +8,7 @@ Node modules call the functions here; conceptsplit_core never sees ComfyUI objec
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Mapping
 
 import torch
@@ -28,6 +29,7 @@ from ..conceptsplit_core.attention_calls import (AttentionCall, ChunkPrompt, att
                                                  chunk_holds_prompt)
 from ..conceptsplit_core.config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL, PREDICTION_EPS, PREDICTION_V
 from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.prompt_encoding import PromptEncoding, identify_conditionings
 from ..conceptsplit_core.prompt_tokens import PromptTokens
 from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows
 
@@ -37,6 +39,12 @@ VALUE_INPUT_KEY = "conceptsplit_value_input"  # extra_options key: the tensor th
 OBSERVERS_KEY = "conceptsplit_observers"
 # CONDITIONING dict key: the PromptTokens the conditioning was encoded from (token positions for LODA and the viewer)
 PROMPT_TOKENS_KEY = "conceptsplit_prompt"
+# CONDITIONING dict key: the PromptEncoding of that prompt (its text features as the pack encoded them), so the same
+# text encoded by another node is recognised by content (prompt_encoding)
+PROMPT_ENCODING_KEY = "conceptsplit_encoding"
+# transformer_options key: tuple of PromptEncoding, the prompts nodes located positions in (Apply ToVA, Capture
+# Attention); the CALC_COND_BATCH wrappers recognise unrecorded positives by them
+ENCODINGS_KEY = "conceptsplit_encodings"
 # transformer_options key: tuple of LocatedConcept, the ToVA concepts and their positions (no tensors)
 CONCEPTS_KEY = "conceptsplit_concepts"
 # transformer_options key: {cond uuid: ChunkPrompt}, set per model call by a CALC_COND_BATCH wrapper (ToVA's, or
@@ -58,22 +66,45 @@ def unet_layout(model_patcher) -> UNetLayout:
     config = base.model_config
     family = _family_of(config)
     prediction = PREDICTION_V if base.model_type == comfy.model_base.ModelType.V_PREDICTION else PREDICTION_EPS
-    diffusers_to_ldm = comfy.utils.unet_to_diffusers(config.unet_config)
-    modules = dict(base.diffusion_model.named_modules())
     layers = []
-    suffix = ".attn2.to_v.weight"
-    for diffusers_key, ldm_key in diffusers_to_ldm.items():
-        if not diffusers_key.endswith(suffix):
-            continue
-        module = modules[ldm_key[: -len(".weight")]]
+    for path, ldm_key, module in _value_projections(model_patcher):
         out_features, in_features = module.weight.shape  # (C, d)
         layers.append(CrossAttentionLayer(
-            path=diffusers_key[: -len(suffix)], block=_block_of(ldm_key), block_index=_depth_of(ldm_key),
+            path=path, block=_block_of(ldm_key), block_index=_depth_of(ldm_key),
             out_features=int(out_features), in_features=int(in_features)))
     layers.sort(key=lambda layer: (("input", "middle", "output").index(layer.block[0]), layer.block[1],
                                    layer.block_index))
     return UNetLayout(family=family, prediction=prediction, text_width=int(config.unet_config["context_dim"]),
                       layers=tuple(layers))
+
+
+def _value_projections(model_patcher):
+    """(diffusers path of the transformer block, ldm key of to_v.weight, the to_v module) of every attn2."""
+    base = model_patcher.model
+    modules = dict(base.diffusion_model.named_modules())
+    suffix = ".attn2.to_v.weight"
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(base.model_config.unet_config).items():
+        if diffusers_key.endswith(suffix):
+            yield diffusers_key[: -len(suffix)], ldm_key, modules[ldm_key[: -len(".weight")]]
+
+
+def value_weight_norms(model_patcher, layout: UNetLayout) -> dict[BlockKey, float]:
+    """{attn2 replace key: ||W_v||_F} of the model's own cross-attention value weights, for the ToVA size check.
+
+    Read from the stored weight (fp32 norm, on whatever device it sits). A weight that cannot be read as numbers
+    (a meta tensor, an exotic quantised type) or whose norm is not a finite positive number is left out, and its
+    layer is then not compared (concepts.check_delta_sizes).
+    """
+    keys = {layer.path: layer.key for layer in layout.layers}
+    norms = {}
+    for path, _, module in _value_projections(model_patcher):
+        try:
+            norm = float(torch.linalg.vector_norm(module.weight.detach().float()))  # (C, d) -> scalar
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            continue
+        if path in keys and 0 < norm < float("inf"):
+            norms[keys[path]] = norm
+    return norms
 
 
 def _family_of(config) -> str:
@@ -333,15 +364,19 @@ def with_processors(model_options: dict, layout: UNetLayout,
 
 def install_token_deltas(model_patcher, layout: UNetLayout,
                          deltas_by_key: Mapping[BlockKey, tuple[TokenDelta, ...]], apply_to_uncond: bool,
-                         prompt: PromptTokens | None = None, label: str = "") -> None:
+                         prompt: PromptTokens | None = None, label: str = "", positive=None) -> None:
     """Install ToVA on `model_patcher` (already a clone): processors on every attn2 block, deltas where given.
 
-    With `prompt`, a CALC_COND_BATCH wrapper also records each conditioning's own length and tokens per model call,
-    so the delta lands only on the rows of that prompt's conditioning (notes §2, variant 1), and checks that the
-    positive prompt being sampled is this prompt.
+    With `prompt`, a CALC_COND_BATCH wrapper also identifies each conditioning's prompt per model call (token record
+    or content: prompt_encoding), so the delta lands only on the rows of that prompt's conditioning (notes §2,
+    variant 1), and checks that the positive prompt being sampled is this prompt. `positive` is the CONDITIONING
+    encode_prompt made of it: its encoding is what an unrecorded positive is recognised by.
     """
     model_patcher.model_options = with_processors(model_patcher.model_options, layout, deltas_by_key,
                                                   apply_to_uncond)
+    if positive is not None:
+        model_patcher.model_options = with_prompt_encodings(model_patcher.model_options,
+                                                            conditioning_encodings(positive))
     if prompt is not None:
         model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TOVA_WRAPPER_KEY,
                                            _chunk_table_wrapper(prompt, label))
@@ -379,22 +414,74 @@ def _clear_device_caches(model_patcher) -> None:
             processor.clear_device_cache()
 
 
-def chunk_table(conds, default_length: int = 0) -> dict:
+def chunk_table(conds, encodings=(), default_length: int = 0) -> dict:
     """{cond uuid: ChunkPrompt} for the conditionings of one calc_cond_batch call (`conds`: [positives, negatives],
-    each a list of processed cond dicts): each one's own token length and, if recorded, its token ids."""
-    positives = (conds[0] or ()) if conds else ()
-    recorded = frozenset(ids for ids in map(recorded_prompt_ids, positives) if ids is not None)
+    each a list of processed cond dicts): each one's own token length, area flag and prompt.
+
+    The prompt of a positive is its token record, or, without one, the prompt of the first encoding its text
+    features match (prompt_encoding's rule): `encodings` (the model's, from Apply ToVA and Capture Attention) and
+    those recorded on the call's own positives. Negatives keep only their record (never matched by content).
+    Shapes: cond["cross_attn"] (n, L, d), compared once per run (one host read on an accelerator, none on the CPU).
+    """
+    positives = list((conds[0] or ()) if conds else ())
+    known = list(encodings)
+    for cond in positives:
+        encoding = cond.get(PROMPT_ENCODING_KEY)
+        if encoding is not None and all(encoding is not other for other in known):
+            known.append(encoding)
+    unrecorded = [cond for cond in positives if recorded_prompt_ids(cond) is None]
+    identified = dict(zip((id(cond) for cond in unrecorded), _identified_prompts(unrecorded, known)))
     table = {}
     for group in conds:
         for cond in group or ():
-            cross = cond.get("cross_attn")  # (1, L, d)
-            table[cond["uuid"]] = ChunkPrompt(int(cross.shape[1]) if cross is not None else default_length,
-                                              recorded_prompt_ids(cond), area=cond.get("area") is not None,
-                                              recorded_positives=recorded)
+            cross = cond.get("cross_attn")  # (n, L, d)
+            ids = recorded_prompt_ids(cond)
+            if ids is None:
+                ids = identified.get(id(cond))
+            table[cond["uuid"]] = ChunkPrompt(int(cross.shape[1]) if cross is not None else default_length, ids,
+                                              area=cond.get("area") is not None)
     return table
 
 
-def _with_chunk_table(model_options: dict, table: dict) -> dict:
+def encoding_text(model_options: dict, prompt_ids: tuple) -> str:
+    """The text of the model's recorded encoding with these token ids ("" when there is none)."""
+    encodings = model_options.get("transformer_options", {}).get(ENCODINGS_KEY, ())
+    return next((e.text for e in encodings if tuple(e.prompt_ids) == tuple(prompt_ids)), "")
+
+
+# (cond uuid, encodings) -> prompt ids or None. ComfyUI gives each processed cond of a run its own uuid4 and keeps
+# its tensor for the whole run, so a positive is compared once per run, not at every model call (an SDXL comparison
+# reads 77·2048 floats per window and encoding). Bounded: the oldest entries go first.
+_IDENTIFIED: OrderedDict = OrderedDict()
+_IDENTIFIED_LIMIT = 1024
+
+
+def _identified_prompts(unrecorded: list, known: list) -> list:
+    """prompt_encoding.identify_conditionings for the unrecorded positives `unrecorded`, cached per run."""
+    keys = [(cond["uuid"], tuple(id(encoding) for encoding in known)) for cond in unrecorded]
+    missing = [index for index, key in enumerate(keys) if key not in _IDENTIFIED]
+    if missing:
+        found = identify_conditionings([unrecorded[index].get("cross_attn") for index in missing], known)
+        for index, ids in zip(missing, found):
+            _IDENTIFIED[keys[index]] = ids
+        while len(_IDENTIFIED) > _IDENTIFIED_LIMIT:
+            _IDENTIFIED.popitem(last=False)
+    return [_IDENTIFIED[key] for key in keys]
+
+
+def call_chunk_table(conds, model_options: dict, default_length: int = 0) -> dict:
+    """The chunk table of one model call: the one an enclosing CALC_COND_BATCH wrapper already put into
+    `model_options` when it covers every cond of the call, else `chunk_table` with the model's encodings."""
+    transformer_options = model_options.get("transformer_options", {})
+    existing = transformer_options.get(CHUNKS_KEY) or {}
+    uuids = [cond["uuid"] for group in (conds or ()) for cond in (group or ())]
+    if existing and all(uuid in existing for uuid in uuids):
+        return {uuid: existing[uuid] for uuid in uuids}
+    return chunk_table(conds, transformer_options.get(ENCODINGS_KEY, ()), default_length)
+
+
+def with_chunk_table(model_options: dict, table: dict) -> dict:
+    """A copy of `model_options` whose attn2 calls see `table` ({uuid: ChunkPrompt}) under CHUNKS_KEY."""
     to = dict(model_options.get("transformer_options", {}))
     to[CHUNKS_KEY] = {**to.get(CHUNKS_KEY, {}), **table}
     return {**model_options, "transformer_options": to}
@@ -403,7 +490,39 @@ def _with_chunk_table(model_options: dict, table: dict) -> dict:
 def record_chunk_prompts(executor, model, conds, x_in, timestep, model_options):
     """CALC_COND_BATCH wrapper (a plain function, so clone() keeps it as is): record which prompt each conditioning
     of this model call holds, for the observers (LODA, Capture Attention) to skip other positive prompts."""
-    return executor(model, conds, x_in, timestep, _with_chunk_table(model_options, chunk_table(conds)))
+    table = call_chunk_table(conds, model_options)
+    return executor(model, conds, x_in, timestep, with_chunk_table(model_options, table))
+
+
+TOVA_SOURCE = "Apply ToVA's positive output"
+TOVA_FIX = ("connect Apply ToVA's positive output to the sampler, or give Apply ToVA the prompt you sample (the same "
+            "text and prompt weights)")
+
+
+def check_prompt_sampled(conds, table: dict, prompt_ids: tuple, prompt_length: int, prompt_text: str,
+                         problem: str, source: str = TOVA_SOURCE, fix: str = TOVA_FIX) -> None:
+    """Raise `problem` unless one positive conditioning of this model call holds the located prompt (chunk_holds_prompt
+    on `table`, from call_chunk_table); a call without positives passes.
+
+    The one check of Apply ToVA and Capture Attention (and so of LODA on a ToVA model), at the first model call,
+    before anything is sampled. `source` names the conditioning that is the prompt, `fix` how to connect it.
+    """
+    positives = [table[cond["uuid"]] for cond in ((conds[0] or ()) if conds else ())]
+    if not positives or any(chunk_holds_prompt(chunk, prompt_ids, prompt_length) for chunk in positives):
+        return
+    recorded = [chunk for chunk in positives if chunk.prompt_ids is not None]
+    lengths = sorted({chunk.length for chunk in positives})
+    parts = [f"{len(positives)} positive conditioning(s) of {', '.join(map(str, lengths))} tokens"]
+    if recorded:
+        parts.append(f"{len(recorded)} encoded by the pack from another prompt")
+    if len(recorded) < len(positives):
+        parts.append(f"{len(positives) - len(recorded)} with text features other than those of "
+                     f"\"{prompt_text[:80]}\" (another text, other prompt weights or another CLIP)")
+    raise ConceptSplitError.build(
+        problem, seen=", ".join(parts),
+        expected=f"the conditioning of \"{prompt_text[:80]}\" ({prompt_length} tokens): {source}, or that same "
+                 "text encoded with the same CLIP by any text encode node",
+        fix=fix)
 
 
 def _chunk_table_wrapper(prompt: PromptTokens, label: str):
@@ -411,17 +530,10 @@ def _chunk_table_wrapper(prompt: PromptTokens, label: str):
 
     def wrapper(executor, model, conds, x_in, timestep, model_options):
         check_patch_order(model_options)
-        table = chunk_table(conds, prompt_length)
-        positives = [table[cond["uuid"]] for cond in (conds[0] or ())] if conds else []
-        matched = any(chunk_holds_prompt(chunk, prompt_ids, prompt_length) for chunk in positives)
-        if conds and conds[0] and not matched:
-            raise ConceptSplitError.build(
-                f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in",
-                seen=f"positive conditionings of {sorted({c.length for c in table.values()})} tokens, none encoded "
-                     f"from \"{prompt.text[:80]}\"",
-                expected=f"the conditioning of that prompt ({prompt_length} tokens)",
-                fix="connect Apply ToVA's positive output to the sampler, or give Apply ToVA the prompt you sample")
-        return executor(model, conds, x_in, timestep, _with_chunk_table(model_options, table))
+        table = call_chunk_table(conds, model_options, prompt_length)
+        check_prompt_sampled(conds, table, prompt_ids, prompt_length, prompt.text,
+                             f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in")
+        return executor(model, conds, x_in, timestep, with_chunk_table(model_options, table))
 
     return wrapper
 
@@ -442,14 +554,18 @@ def with_observers(model_options: dict, layout: UNetLayout, observers: tuple) ->
 
 
 def encode_prompt(clip, text: str, layout: UNetLayout | None = None):
-    """CONDITIONING for `text`, exactly as CLIPTextEncode makes it, with its PromptTokens attached.
+    """CONDITIONING for `text`, exactly as CLIPTextEncode makes it, with its PromptTokens and PromptEncoding attached.
 
     Checks the CLIP matches the model's text width when a layout is given.
-    Shapes: [[cond (1, 77·windows, d), {"pooled_output": ..., PROMPT_TOKENS_KEY: PromptTokens}]].
+    Shapes: [[cond (1, 77·windows, d), {"pooled_output": ..., PROMPT_TOKENS_KEY: PromptTokens,
+              PROMPT_ENCODING_KEY: PromptEncoding (the cond itself, not a copy)}]].
     """
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     tokens = prompt_tokens(clip, text)
-    conditioning = [[cond, {**extras, PROMPT_TOKENS_KEY: tokens}] for cond, extras in conditioning]
+    eps = _encoder_eps(clip)
+    conditioning = [[cond, {**extras, PROMPT_TOKENS_KEY: tokens,
+                            PROMPT_ENCODING_KEY: PromptEncoding(tuple(tokens.token_ids), text, cond, eps)}]
+                    for cond, extras in conditioning]
     width = conditioning[0][0].shape[-1]
     if layout is not None and width != layout.text_width:
         raise ConceptSplitError.build(
@@ -457,6 +573,35 @@ def encode_prompt(clip, text: str, layout: UNetLayout | None = None):
             seen=f"text features of width {width}", expected=f"width {layout.text_width} for this model",
             fix="connect the CLIP output of the same checkpoint loader as the MODEL")
     return conditioning
+
+
+def _encoder_eps(clip) -> float:
+    """eps of the dtype the text encoder computes in: the coarsest of its weights' dtypes, at least 16 bits
+    (8-bit weights are cast up for the matmuls). 0 when ComfyUI's CLIP does not say (the tensors' dtypes decide)."""
+    dtypes = getattr(getattr(clip, "cond_stage_model", None), "dtypes", None) or ()
+    eps = [torch.finfo(dtype).eps for dtype in dtypes if isinstance(dtype, torch.dtype) and dtype.is_floating_point]
+    return min(max(eps), torch.finfo(torch.bfloat16).eps) if eps else 0.0
+
+
+def conditioning_encodings(conditioning) -> tuple[PromptEncoding, ...]:
+    """The PromptEncodings recorded on a CONDITIONING's entries (encode_prompt attaches one per entry)."""
+    found = []
+    for _, extras in conditioning or ():
+        encoding = extras.get(PROMPT_ENCODING_KEY)
+        if encoding is not None and all(encoding is not other for other in found):
+            found.append(encoding)
+    return tuple(found)
+
+
+def with_prompt_encodings(model_options: dict, encodings) -> dict:
+    """Return model_options whose CALC_COND_BATCH wrappers also recognise the prompts of `encodings` by content
+    (appended to any recorded before; the caller's dicts stay as they were)."""
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    known = tuple(transformer_options.get(ENCODINGS_KEY, ()))
+    transformer_options[ENCODINGS_KEY] = known + tuple(e for e in encodings if all(e is not k for k in known))
+    options["transformer_options"] = transformer_options
+    return options
 
 
 def recorded_prompt_ids(entry: dict) -> tuple | None:

@@ -24,7 +24,8 @@ from ..conceptsplit_core.adapter_layers import UNetLayout
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.prompt_tokens import PromptTokens
 
-from .comfy_hooks import ConceptSplitAttention, distinct_prompts, recorded_prompt_ids, with_observers
+from .comfy_hooks import (ConceptSplitAttention, call_chunk_table, check_prompt_sampled, distinct_prompts,
+                          encoding_text, recorded_prompt_ids, with_chunk_table, with_observers, with_prompt_encodings)
 
 
 def check_steps_one_slice(inner) -> None:
@@ -224,18 +225,21 @@ def mark_auxiliary_pass(model_options: dict) -> dict:
     return options
 
 
-def install_attention_capture(model_patcher, layout: UNetLayout, capture) -> None:
+def install_attention_capture(model_patcher, layout: UNetLayout, capture, encodings=()) -> None:
     """Make `model_patcher` (already a clone) report attn2 probabilities to `capture` and tell it each run's bounds.
 
     `capture` is an attention_capture.AttentionCapture. An OUTER_SAMPLE wrapper (notes §1.4; it chains, and clone()
     copies wrapper lists shallowly) calls capture.start_run(sigmas) before the first model call, so a bad step range
     fails before sampling, and capture.finish_run(output latent) after the last. A CALC_COND_BATCH wrapper reads each
     model call's sigma once (one host sync per model call, none per attn2 layer) and brackets the call with
-    capture.begin_model_call / end_model_call.
+    capture.begin_model_call / end_model_call; at the run's model calls it also checks that a positive being
+    sampled is the prompt the words were located in (comfy_hooks.check_prompt_sampled), recognising an unrecorded
+    one by `encodings` (PromptEncodings of Capture Attention's positive input) and the model's.
     """
     import comfy.patcher_extension  # kept local to this section (already loaded by comfy.samplers)
 
-    model_patcher.model_options = with_observers(model_patcher.model_options, layout, (capture,))
+    model_patcher.model_options = with_prompt_encodings(with_observers(model_patcher.model_options, layout, (capture,)),
+                                                        encodings)
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
                                        _capture_run_wrapper(capture))
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CAPTURE_WRAPPER_KEY,
@@ -262,6 +266,16 @@ def _capture_call_wrapper(capture):
         # Gradient passes (LODA stage 1) and marked auxiliary passes are not sampling steps: no sigma, no record.
         auxiliary = model_options.get("transformer_options", {}).get(AUX_PASS_KEY, False)
         sigma = None
+        request = capture.request
+        if capture.running and request.prompt_ids is not None:
+            table = call_chunk_table(conds, model_options)
+            text = request.prompt_text or encoding_text(model_options, request.prompt_ids)
+            check_prompt_sampled(
+                conds, table, request.prompt_ids, request.prompt_length, text,
+                f'The positive prompt being sampled is not the prompt Capture Attention located "{request.labels[0]}" '
+                "in", source="the positive connected to Capture Attention (for ToVA words: Apply ToVA's positive)",
+                fix="connect the same positive conditioning to Capture Attention and to the sampler")
+            model_options = with_chunk_table(model_options, table)
         if capture.running and not auxiliary and not torch.is_grad_enabled():
             sigma = float(timestep.reshape(-1)[0])  # timestep (B,) sigmas: the one host sync of this model call
         previous = capture.begin_model_call(sigma)

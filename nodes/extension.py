@@ -11,6 +11,7 @@ from .adapters import ApplyToVA, LoadToVAAdapter
 from .loda_nodes import LodaResults, LodaSampler, LodaSamplerSelect
 from .prompt import ConceptSplitTextEncode
 from .training import TrainToVAAdapter
+from .training_photos import LoadTrainingPhotos
 from .viewer import AttentionMapViewer, CaptureAttention
 
 TOVA_FOLDER = "tova"
@@ -28,4 +29,4 @@ class ConceptSplitExtension(ComfyExtension):
         # ComfyUI 0.3.64 never calls on_load, so the folder is registered here, before any node runs.
         register_tova_folder()
         return [LoadToVAAdapter, ApplyToVA, ConceptSplitTextEncode, LodaSampler, LodaSamplerSelect, LodaResults,
-                CaptureAttention, AttentionMapViewer, TrainToVAAdapter]
+                CaptureAttention, AttentionMapViewer, LoadTrainingPhotos, TrainToVAAdapter]

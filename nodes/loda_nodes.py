@@ -14,6 +14,7 @@ from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda_config import LODA_DEFAULTS, UI_OPTIONS, UI_RANGES, LodaConfig
 from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda, record_without_sampling
 from . import comfy_hooks, comfy_sampling
+from .input_checks import check_number_inputs
 
 ConceptMapsType = io.Custom("CONCEPTSPLIT_MAPS")  # conceptsplit_core.attention_record.ConceptMaps
 LodaResultType = io.Custom("CONCEPTSPLIT_LODA_RESULT")  # nodes.loda_sampling.LodaResult, filled by sampling
@@ -124,6 +125,7 @@ class LodaSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 concept_words, **settings) -> io.NodeOutput:
+        check_number_inputs(cls, dict(settings, seed=seed, steps=steps, cfg=cfg, denoise=denoise))
         result = LodaResult()
         request = loda_request(concept_words, settings, result)
         sigmas = comfy_sampling.ksampler_sigmas(model, steps, sampler_name, scheduler, denoise)
@@ -157,6 +159,7 @@ class LodaSamplerSelect(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler, concept_words, **settings) -> io.NodeOutput:
+        check_number_inputs(cls, settings)
         result = LodaResult()
         return io.NodeOutput(loda_sampler(sampler, loda_request(concept_words, settings, result)), result)
 

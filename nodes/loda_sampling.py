@@ -124,8 +124,9 @@ def _resolve_concepts(model_patcher, prompts: tuple[PromptTokens, ...], words: t
 def _check_tova_prompt(objects, prompts: tuple[PromptTokens, ...]) -> None:
     """With empty concept words, the ToVA positions hold only in the prompt Apply ToVA located them in.
 
-    A positive without a token record (plain CLIP Text Encode) is checked by length at the first model call by
-    ToVA itself; recorded ones are compared here, before sampling: one of them must be that prompt.
+    A positive without a token record (plain CLIP Text Encode) is recognised by its text features at the first model
+    call by ToVA itself (comfy_hooks.check_prompt_sampled); recorded ones are compared here, before sampling: one of
+    them must be that prompt.
     """
     if not prompts or any(all(_located_in(c, prompt) for c in objects) for prompt in prompts):
         return

@@ -1,11 +1,13 @@
 """"Train ToVA Adapter": learn one concept's token-wise value LoRA from a few photos (ConceptSplit, Lim et al.,
 ICCV 2025, §3.1 ToVA; recipe in spec §2.6). `train_adapter` is the one code path of the node and the CLI trainer.
 
-Images: an IMAGE batch shares one size in ComfyUI (Batch Images resizes the second input to the first). Every image
-is resized on its shorter side to the resolution R (bilinear, antialiased); k = 4 random R×R crops per image (offsets
-from the seed) are VAE-encoded once, and each step picks one of them by (seed, step), so the recipe's random crop per
-sample (spec §2.6) is approximated by k views at k encodes per image and a resume repeats the same picks. Any size and
-aspect ratio works (a square image has one crop); the CLI passes photos of different sizes the same way.
+Images: an IMAGE batch shares one size in ComfyUI (Batch Images resizes the second input to the first); an image list
+(newer ComfyUI's Load Image (from Folder)) holds photos of different sizes, and the node declares is_input_list so
+the whole list reaches one call (one run), not one call per photo. Every image is resized on its shorter side to the
+resolution R (bilinear, antialiased); k = 4 random R×R crops per image (offsets from the seed) are VAE-encoded once,
+and each step picks one of them by (seed, step), so the recipe's random crop per sample (spec §2.6) is approximated by
+k views at k encodes per image and a resume repeats the same picks. Any size and aspect ratio works (a square image
+has one crop); the CLI passes photos of different sizes the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, CropVi
                                                load_prompt_templates, templates_hash)
 from . import comfy_hooks, comfy_training
 from .adapters import ConceptAdapters
+from .input_checks import check_number_inputs
 
 CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Adapter never lists it
 
@@ -69,7 +72,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     word = request.identifier_word.strip()
     layout = comfy_hooks.unet_layout(model)
     sigmas, prediction, sigma_data = comfy_training.training_noise_schedule(model)
-    path = safe_save_name(folder, request.save_name)
+    # The final, checkpoint and temp names are checked against the file system now, not after the run (issue 11).
+    path = safe_save_name(folder, request.save_name, sibling_suffixes=(CHECKPOINT_SUFFIX,))
     if path.exists() and not request.overwrite:
         raise ConceptSplitError.build(
             f'An adapter named "{path.name}" already exists', seen=str(path),
@@ -110,7 +114,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
         base_model=base_model, text_width=layout.text_width, rank=config.rank, alpha=alpha,
         identifier_word=word, role=request.role, prediction=prediction, layers=len(shapes),
         training={"train_steps": config.steps, "train_lr": config.learning_rate, "train_resolution": resolution,
-                  "train_batch": config.batch_size, "templates": templates_hash(templates)})
+                  "train_batch": config.batch_size, "train_images": views.n_images,
+                  "templates": templates_hash(templates)})
     write_adapter_file(path, weights, meta, overwrite=request.overwrite)
     plan.path.unlink(missing_ok=True)  # the run is complete; its checkpoint is no longer needed
     concept = make_concept(read_adapter_file(path), word, 1.0, request.role)
@@ -155,9 +160,11 @@ class TrainToVAAdapter(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint; it encodes the ~200 prompt "
                                               "templates once (frozen)."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; it encodes each photo once."),
-                io.Image.Input("images", tooltip="3-20 photos of the concept as one IMAGE batch. Each is resized "
-                                                 "(shorter side to resolution); 4 random square crops per photo "
-                                                 "are encoded once and each step uses one of them."),
+                io.Image.Input("images", tooltip="3-20 photos of the concept: an IMAGE batch (Load Training "
+                                                 "Photos) or an image list (Load Image (from Folder)); sizes may "
+                                                 "differ in a list. Each is resized (shorter side to resolution); "
+                                                 "4 random square crops per photo are encoded once and each step "
+                                                 "uses one of them. All photos train one adapter in one run."),
                 io.String.Input("identifier_word", default="dog",
                                 tooltip="The plain class word of the concept (dog, cat, barn). Its first token gets "
                                         "the delta, in training and in every later prompt."),
@@ -190,17 +197,39 @@ class TrainToVAAdapter(io.ComfyNode):
                                 tooltip="Loss per step (light) and its moving average (dark)."),
             ],
             hidden=[io.Hidden.unique_id],
+            is_input_list=True,  # an image list trains one adapter in one call; execute unwraps the other inputs
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, identifier_word: str, steps: int, learning_rate: float, rank: int,
-                seed: int, resolution: int, save_name: str, overwrite: bool, checkpoint_every: int,
-                resume: bool, gradient_checkpointing: bool = False) -> io.NodeOutput:
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, seed=seed,
-                             resolution=resolution or None, checkpoint_every=checkpoint_every)
-        request = TrainingRequest(identifier_word, config, save_name, overwrite, resume,
-                                  gradient_checkpointing=gradient_checkpointing)
+    def execute(cls, images, **inputs) -> io.NodeOutput:
+        """images: a list of IMAGE batches (n_i, H_i, W_i, 3) or one batch; every other input (model, clip, vae,
+        identifier_word, steps, learning_rate, rank, seed, resolution, save_name, overwrite, checkpoint_every,
+        resume, gradient_checkpointing) is a one-value list under is_input_list, or the value itself."""
+        one = {name: _one_value(name, value) for name, value in inputs.items()}
+        check_number_inputs(cls, one)  # steps, learning_rate, rank, seed, resolution, checkpoint_every (issue 11)
+        steps = one["steps"]
+        config = TrainConfig(steps=steps, learning_rate=one["learning_rate"], rank=one["rank"], seed=one["seed"],
+                             resolution=one["resolution"] or None, checkpoint_every=one["checkpoint_every"])
+        request = TrainingRequest(one["identifier_word"], config, one["save_name"], one["overwrite"], one["resume"],
+                                  gradient_checkpointing=one.get("gradient_checkpointing", False))
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        outcome = train_adapter(model, clip, vae, images, request, tova_folder(),
+        outcome = train_adapter(one["model"], one["clip"], one["vae"], images, request, tova_folder(),
                                 comfy_training.training_progress(steps, node_id))
         return io.NodeOutput((outcome.concept,), render_loss_curve(outcome.losses))
+
+
+def _one_value(name: str, value):
+    """The single value of an input that ComfyUI passes as a list (is_input_list); a plain value as it is.
+
+    Raises:
+        ConceptSplitError: the list holds no value or several (a list output wired to a setting).
+    """
+    if not isinstance(value, list):
+        return value
+    if len(value) != 1:
+        raise ConceptSplitError.build(
+            f"Train ToVA Adapter got {len(value)} values for {name}",
+            seen=f"a list of {len(value)} connected to {name}",
+            expected="one value for every input except images, which may be a list of photos",
+            fix=f"connect a single value to {name}; to train several adapters, use one Train ToVA Adapter per adapter")
+    return value[0]

@@ -13,9 +13,11 @@ from comfy_api.latest import io, ui
 from ..conceptsplit_core import attention_capture as capture_core
 from ..conceptsplit_core import viewer_payload
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.map_metrics import check_report_maps, format_metrics_report
+from ..conceptsplit_core.map_metrics import (check_report_maps, check_share_masks, format_mask_share_report,
+                                             format_metrics_report)
 from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
 from . import comfy_hooks, comfy_sampling
+from .input_checks import check_number_inputs
 
 AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
 ConceptMapsSocket = io.Custom("CONCEPTSPLIT_MAPS")  # attention_record.ConceptMaps
@@ -71,6 +73,7 @@ class CaptureAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, words: str, token_mode: str, first_step: int, last_step: int, layers: str,
                 positive=None, blocks: str = "") -> io.NodeOutput:
+        check_number_inputs(cls, {"first_step": first_step, "last_step": last_step})
         layout = comfy_hooks.unet_layout(model)
         layer_keys = capture_core.select_layers(dict(comfy_hooks.layer_levels(model, layout)), layers, blocks)
         prompt = None if positive is None else comfy_hooks.conditioning_prompt_tokens(positive)
@@ -90,7 +93,7 @@ class CaptureAttention(io.ComfyNode):
                                               prompt_ids=prompt_ids, prompt_text="" if prompt is None else prompt.text)
         capture = capture_core.AttentionCapture(request)
         patched = model.clone()
-        comfy_sampling.install_attention_capture(patched, layout, capture)
+        comfy_sampling.install_attention_capture(patched, layout, capture, comfy_hooks.conditioning_encodings(positive))
         return io.NodeOutput(patched, capture)
 
 
@@ -119,6 +122,10 @@ class AttentionMapViewer(io.ComfyNode):
                                tooltip="Heatmap opacity over the image: 0 = image only, 1 = heatmap only."),
                 io.Combo.Input("colormap", options=list(COLORMAPS), default=COLORMAPS[0],
                                tooltip="Perceptual colormap; dark = little attention, bright = most (per map)."),
+                io.Mask.Input("concept_masks", optional=True,
+                              tooltip="The LODA Sampler's concept_masks, with the same words in the same order as its "
+                                      "concepts: the metrics add each word's attention share inside its own mask "
+                                      "(what attention fixing raises). Capture Attention from step N shows stage 2."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid", tooltip="One labeled grid per image: a heatmap tile per word."),
@@ -132,11 +139,13 @@ class AttentionMapViewer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, alpha: float, colormap: str, capture=None, samples=None, maps=None,
-                image=None) -> io.NodeOutput:
+    def execute(cls, alpha: float, colormap: str, capture=None, samples=None, maps=None, image=None,
+                concept_masks=None) -> io.NodeOutput:
+        check_number_inputs(cls, {"alpha": alpha})
         record = _concept_maps(capture, samples, maps, image)
         labels = list(record.labels)
         _check_viewable(record, labels, image)  # every error before any rendering
+        word_masks = _word_masks(concept_masks, record, labels)  # B x (K, H, W), or None
         grids, masks, reports = [], [], [capture_core.describe_coverage(record)]
         for b in range(record.maps.shape[0]):
             grid, mask = render_attention_grid(None if image is None else image[b], record.maps[b], labels, alpha,
@@ -144,7 +153,10 @@ class AttentionMapViewer(io.ComfyNode):
             grids.append(grid)
             masks.append(mask)
             header = f"Image {b + 1} of {record.maps.shape[0]}\n" if record.maps.shape[0] > 1 else ""
-            reports.append(header + format_metrics_report(labels, record.maps[b]))
+            report = format_metrics_report(labels, record.maps[b])
+            if word_masks is not None:
+                report += "\n\n" + format_mask_share_report(labels, record.maps[b], word_masks[b])
+            reports.append(header + report)
         grid_batch = torch.stack(grids)  # (B, H_grid, W_grid, 3)
         report = "\n\n".join(reports)
         shown = {**ui.PreviewImage(grid_batch, cls=cls).as_dict(), **ui.PreviewText(report).as_dict()}
@@ -202,3 +214,28 @@ def _check_viewable(record, labels: list[str], image) -> None:
             fix="raise loda_steps or boost/suppression, or use Capture Attention on the model instead")
     for b in range(batch):
         check_report_maps(labels, record.maps[b])
+
+
+def _word_masks(concept_masks, record, labels: list[str]):
+    """The LODA Sampler's MASK (B·K, H, W), image-major, split per image into (K, H, W); checked before rendering."""
+    if concept_masks is None:
+        return None
+    batch, words = record.maps.shape[:2]
+    if concept_masks.dim() != 3 or concept_masks.shape[0] != batch * words:
+        raise ConceptSplitError.build(
+            "The concept masks do not match the attention maps",
+            seen=f"masks of shape {tuple(concept_masks.shape)} for {batch} image(s) × {words} word(s) "
+                 f"({', '.join(labels)})",
+            expected=f"{batch * words} masks (B·K, H, W), image-major, as the LODA Sampler's concept_masks",
+            fix="connect the concept_masks of the LODA run whose model the capture watched, and capture the same "
+                "words in the same order as its concepts")
+    if not bool(concept_masks.any()):
+        raise ConceptSplitError.build(
+            "The concept masks are empty (every value is 0)", seen=f"masks of shape {tuple(concept_masks.shape)}",
+            expected="the masks LODA built at step N; it builds them only when stage 1 runs (loda_steps > 0) or "
+                     "attention fixing is on (boost or suppression non-zero)",
+            fix="raise loda_steps or boost/suppression on the LODA Sampler, or disconnect concept_masks")
+    per_image = [concept_masks[b * words:(b + 1) * words] for b in range(batch)]  # B x (K, H, W)
+    for b, masks in enumerate(per_image):
+        check_share_masks(record.maps[b], masks)
+    return per_image

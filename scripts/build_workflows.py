@@ -206,8 +206,8 @@ def attention_maps_sd21() -> dict:
 
 @workflow("train_tova_adapter_sd21", family="sd21", title="Train a ToVA adapter from photos (SD2.1)", note=(
     "Train a ToVA adapter for one concept from 3-20 photos, then try it.\n\n"
-    "Set:\n1. Put the photos in a folder under ComfyUI/input (here input/my_dog) and pick it in "
-    "Load Image Dataset from Folder.\n"
+    "Set:\n1. Put the photos in a folder under ComfyUI/input (here input/my_dog), press R and pick it in "
+    "Load Training Photos (any sizes; each is cropped square at resolution, 768 for SD2.1).\n"
     "2. Train ToVA Adapter: identifier_word = the plain class word (dog, cat, ...), save_name = the file name "
     "in models/tova. The paper trains 300 steps at lr 1e-4, rank 64 (about an hour on a GPU).\n"
     "3. The lower branch generates a test image with the new adapter; afterwards load it with Load ToVA Adapter.\n\n"
@@ -216,7 +216,7 @@ def train_tova_adapter_sd21() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
         "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
-        "3": node("LoadImageSetFromFolderNode", folder="my_dog", resize_method="None"),
+        "3": node("ConceptSplitLoadTrainingImages", folder="my_dog", resolution=768),
         "4": node("ConceptSplitTrainToVA", model=["2", 0], clip=["1", 1], vae=["1", 2], images=["3", 0],
                   identifier_word="dog", save_name="my_dog"),
         "5": node("PreviewImage", title="Loss curve", images=["4", 1]),

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,21 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_images(folder: Path) -> list:
-    """Every photo of the folder as a (1, H, W, 3) float tensor in 0..1 (sizes may differ), sorted by name."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    images = []
-    for file in files:
-        with Image.open(file) as img:
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
-            images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None])
-    return images
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if str(REPO_ROOT) not in sys.path:
@@ -79,6 +63,7 @@ def main(argv=None) -> int:
     pack = load_pack_in_process()
     training = importlib.import_module(f"{pack.__name__}.nodes.training")
     data = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training_data")
+    photos = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training_photos")
     error_type = importlib.import_module(f"{pack.__name__}.conceptsplit_core.errors").ConceptSplitError
     if args.tiny:
         from testing.tiny_models import build_tiny_model
@@ -108,7 +93,8 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=f"{loss:.4f}")
 
         try:
-            outcome = training.train_adapter(model, clip, vae, load_images(args.images), request, folder, on_step)
+            images = photos.load_photos(args.images)  # each at its own size, upright, RGB; sorted by name
+            outcome = training.train_adapter(model, clip, vae, images, request, folder, on_step)
         except error_type as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

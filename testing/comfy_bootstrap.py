@@ -8,6 +8,7 @@ ComfyUI's ``nodes.py``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -91,14 +92,53 @@ def bootstrap_comfyui(path: Path | str) -> ModuleType:
     return nodes
 
 
+class _HeldRecords(logging.Filter):
+    """Holds every record logged to the root logger (ComfyUI's loader logs there) instead of emitting it."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+# What an extension that registers with the running server (0.33.0's comfy_extras/nodes_replacements.py) fails with
+# in a process without one; the server itself loads it fine.
+_NO_SERVER = "'PromptServer' has no attribute 'instance'"
+_FAILURE_SUMMARY = "WARNING: some comfy_extras/ nodes did not import correctly"
+
+
 def load_builtin_extra_nodes() -> None:
-    """Register comfy_extras nodes (SamplerCustom, ModelSamplingDiscrete, ...) as the server does; once per process."""
+    """Register comfy_extras nodes (SamplerCustom, ModelSamplingDiscrete, ...) as the server does; once per process.
+
+    No PromptServer runs in this process, so extensions that register with it (node replacements, 0.33.0) cannot
+    load here; their failure report is dropped. Any other import failure is logged as ComfyUI logs it.
+    """
     global _extras_loaded
     if _extras_loaded:
         return
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    root, held = logging.getLogger(), _HeldRecords()
+    root.addFilter(held)
+    try:
+        failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)) or []
+    finally:
+        root.removeFilter(held)
+    needs_server = {Path(record.getMessage().split(" in ", 1)[1].split(":", 1)[0]).name for record in held.records
+                    if _NO_SERVER in record.getMessage() and " in " in record.getMessage()}
+    expected = bool(failed) and set(failed) <= needs_server
+    summary = next((i for i, r in enumerate(held.records) if r.getMessage().startswith(_FAILURE_SUMMARY)),
+                   len(held.records))
+    for index, record in enumerate(held.records):
+        if expected and (index >= summary or _NO_SERVER in record.getMessage()):
+            continue  # the report of failures that only a process without a server has
+        root.handle(record)
+    if expected:
+        logging.debug("comfy_extras %s register with the running server; not loaded in this process",
+                      ", ".join(sorted(failed)))
     _extras_loaded = True
 
 

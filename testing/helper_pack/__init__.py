@@ -28,16 +28,23 @@ class ConceptSplitTestTinyModelLoader:
             "required": {
                 "arch": (list(tiny_models.TINY_ARCHS), {"default": "sd15"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-            }
+            },
+            "optional": {  # 1.0 = the plain seeded model; tiny_models.SHARPEN_FACTORS gives maps far from flat
+                "attn2_qk_scale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01}),
+            },
         }
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = "ConceptSplit/testing"
-    DESCRIPTION = "Test only: random tiny SD1.5 / SD2.1 (v-pred) / SDXL models with real layer names."
+    DESCRIPTION = ("Test only: random tiny SD1.5 / SD2.1 (v-pred) / SDXL models with real layer names; "
+                   "attn2_qk_scale multiplies the cross-attention q and k weights (sharper attention).")
 
-    def load(self, arch, seed):
-        return tiny_models.build_tiny_model(arch, seed)
+    def load(self, arch, seed, attn2_qk_scale=1.0):
+        model, clip, vae = tiny_models.build_tiny_model(arch, seed)
+        if attn2_qk_scale != 1.0:
+            tiny_models.sharpen_cross_attention(model, attn2_qk_scale)
+        return model, clip, vae
 
 
 NODE_CLASS_MAPPINGS = {"ConceptSplitTestTinyModelLoader": ConceptSplitTestTinyModelLoader}

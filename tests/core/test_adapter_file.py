@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -9,9 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from conceptsplit_core.adapter_file import (
+    FLOAT32_MAX,
     FORMAT_NATIVE,
     FORMAT_OFFICIAL,
     AdapterMetadata,
+    delta_frobenius_norm,
     read_adapter_file,
     write_adapter_file,
 )
@@ -118,8 +121,12 @@ class Payload:  # a pickled object: torch.load(weights_only=True) must refuse it
 def test_pickle_with_objects_is_refused(tmp_path):
     with open(tmp_path / "evil.ckpt", "wb") as handle:
         pickle.dump({"x": Payload()}, handle)
-    with pytest.raises(ConceptSplitError, match="cannot be loaded safely.*weights_only"):
+    with pytest.raises(ConceptSplitError, match="cannot be loaded safely.*weights_only") as caught:
         read_adapter_file(tmp_path / "evil.ckpt")
+    message = str(caught.value)
+    # PyTorch's own message says re-running with weights_only=False "will likely succeed"; the pack's says don't.
+    assert "will likely succeed" not in message and "add_safe_globals" not in message
+    assert "do not load it with weights_only=False" in message and "run any code the file contains" in message
 
 
 @pytest.mark.parametrize("keys, message", [
@@ -208,3 +215,132 @@ def test_writer_refuses_metadata_that_contradicts_the_tensors_and_fills_in_layer
 def test_sft_extension_is_read_as_safetensors(tmp_path):
     path = write_adapter_file(tmp_path / "dog.sft", make_layers(), make_metadata())
     assert read_adapter_file(path).file_format == FORMAT_NATIVE
+
+
+# --- damaged numbers (issue 11, items 1-2): metadata, shapes, and a delta float32 cannot hold ----------------------
+
+def raw_native_strings(path, tensor_layers, **fields):
+    """A native file whose conceptsplit.* metadata strings are overridden as given (field=text), unvalidated."""
+    meta = make_metadata().to_strings() | {f"conceptsplit.{key}": text for key, text in fields.items()}
+    tensors = {f"tova.{p}.attn2.to_v.lora_{part}.weight": t for p, (a, b) in tensor_layers.items()
+               for part, t in (("A", a), ("B", b))}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "-4", "0"])
+def test_alpha_that_is_not_a_finite_positive_number_is_refused(tmp_path, alpha):
+    path = raw_native_strings(tmp_path / "a.safetensors", make_layers(), alpha=alpha)
+    with pytest.raises(ConceptSplitError, match=f"invalid alpha.*conceptsplit.alpha = '{alpha}'.*finite positive"):
+        read_adapter_file(path)
+
+
+def test_huge_alpha_is_refused_because_the_scaled_delta_overflows_float32(tmp_path):
+    layers = make_layers()
+    smallest = min(delta_frobenius_norm(a, b) for a, b in layers.values())
+    assert 1e38 / RANK * smallest > FLOAT32_MAX  # the premise: every layer's scaled delta is past float32's range
+    path = raw_native_strings(tmp_path / "a.safetensors", layers, alpha="1e38")
+    with pytest.raises(ConceptSplitError, match=r"too large to compute with: its delta overflows float32.*"
+                                                r"scale alpha/rank = 2\.5e\+37"):
+        read_adapter_file(path)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_finite_weights_whose_product_overflows_float32_are_refused(tmp_path, official):
+    # x1e20 on A and on B: every entry stays finite in float32 (|x| < 3.4e38), but B·A grows by 1e40.
+    layers = {path: (a * 1e20, b * 1e20) for path, (a, b) in make_layers().items()}
+    assert all(bool(torch.isfinite(t).all()) for pair in layers.values() for t in pair)
+    assert not bool(torch.isfinite(next(iter(layers.values()))[1] @ next(iter(layers.values()))[0]).all())
+    if official:
+        save_file(official_state(layers), str(tmp_path / "big.safetensors"))
+        path = tmp_path / "big.safetensors"
+    else:
+        path = raw_native_file(tmp_path / "big.safetensors", layers, make_metadata())
+    with pytest.raises(ConceptSplitError, match="overflows float32 at layer down_blocks.0"):
+        read_adapter_file(path)
+
+
+def test_delta_norm_is_the_frobenius_norm_of_b_times_a():
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 16, generator=g).double(), torch.randn(8, 4, generator=g).double()
+    # Exact reference: float64 values are rationals, so ||B·A||_F² is computed without rounding.
+    fa, fb = [[Fraction(x) for x in row] for row in a.tolist()], [[Fraction(x) for x in row] for row in b.tolist()]
+    exact = math.sqrt(float(sum(sum(fb[i][k] * fa[k][j] for k in range(4)) ** 2 for i in range(8) for j in range(16))))
+    # The Gram form sums r² = 16 signed products of sums of C = 8 and d = 16 terms: a float64 sum of n terms errs by
+    # at most n·eps times the sum of the terms' magnitudes (n = 8 + 16 + 16 = 40 along any chain), so the squared
+    # norm is off by at most 40·eps·sum|G∘H|, the norm by half that relative to it (plus the final sqrt's half ulp).
+    gram_terms = float(((b.T @ b) * (a @ a.T)).abs().sum())
+    eps = torch.finfo(torch.float64).eps
+    bound = (40 * eps * gram_terms / exact ** 2 / 2 + eps) * exact
+    assert abs(delta_frobenius_norm(a, b) - exact) <= bound
+    assert delta_frobenius_norm(a, torch.zeros(8, 4)) == 0.0
+
+
+def test_read_adapter_records_each_layers_delta_norm(tmp_path):
+    layers = make_layers()
+    loaded = read_adapter_file(write_adapter_file(tmp_path / "dog.safetensors", layers, make_metadata()))
+    assert loaded.delta_norms == {path: delta_frobenius_norm(a, b) for path, (a, b) in layers.items()}
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_rank_zero_adapter_is_refused_with_the_packs_message(tmp_path, official):
+    layers = {path: (torch.zeros(0, WIDTH), torch.zeros(c, 0)) for path, c in LAYERS}
+    if official:
+        save_file(official_state(layers), str(tmp_path / "r0.safetensors"))
+        match = r"empty layer at down_blocks.0.*lora_A \(0, 16\), lora_B \(8, 0\)"
+    else:
+        raw_native_strings(tmp_path / "r0.safetensors", layers, rank="0")
+        match = r"metadata conceptsplit.rank is out of range.*Seen: 0.*at least 1"
+    with pytest.raises(ConceptSplitError, match=match):
+        read_adapter_file(tmp_path / "r0.safetensors")
+
+
+def test_rank_zero_tensors_with_a_positive_metadata_rank_are_refused(tmp_path):
+    layers = {path: (torch.zeros(0, WIDTH), torch.zeros(c, 0)) for path, c in LAYERS}
+    raw_native_strings(tmp_path / "r0.safetensors", layers)  # metadata still says rank 4
+    with pytest.raises(ConceptSplitError, match="empty layer"):
+        read_adapter_file(tmp_path / "r0.safetensors")
+
+
+@pytest.mark.parametrize("shapes", [((4, WIDTH), (8, 3)), ((4, WIDTH, 1), (8, 4)), ((4,), (8, 4)),
+                                    ((4, WIDTH), (8, 4, 1))])
+def test_mismatched_or_wrong_dimensional_tensors_are_refused(tmp_path, shapes):
+    layers = make_layers()
+    layers[LAYERS[0][0]] = (torch.ones(shapes[0]), torch.ones(shapes[1]))
+    save_file(official_state(layers), str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConceptSplitError, match="mis-shaped tensors at down_blocks.0"):
+        read_adapter_file(tmp_path / "bad.safetensors")
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    layers = make_layers()
+    a, b = layers[LAYERS[0][0]]
+    layers[LAYERS[0][0]] = (a.to(torch.int32), b)
+    save_file(official_state(layers), str(tmp_path / "int.safetensors"))
+    with pytest.raises(ConceptSplitError, match="stores lora_A of layer down_blocks.0.* as torch.int32"):
+        read_adapter_file(tmp_path / "int.safetensors")
+
+
+@pytest.mark.parametrize("field, text, message", [
+    ("text_width", "-16", "metadata conceptsplit.text_width is out of range"),
+    ("layers", "0", "metadata conceptsplit.layers is out of range"),
+    ("rank", "four", "non-numeric metadata"),
+    ("format_version", "0", "uses format version 0"),
+    ("format_version", "\u00b2", "uses format version"),  # a digit to str.isdigit, not to int()
+    ("train_lr", "nan", "metadata conceptsplit.train_lr is not a finite number"),
+    ("train_steps", "-3", "metadata conceptsplit.train_steps is out of range"),
+    ("train_steps", "many", "metadata conceptsplit.train_steps is not an integer"),
+])
+def test_every_other_numeric_metadata_field_is_checked(tmp_path, field, text, message):
+    path = raw_native_strings(tmp_path / "m.safetensors", make_layers(), **{field: text})
+    with pytest.raises(ConceptSplitError, match=message):
+        read_adapter_file(path)
+
+
+def test_writer_refuses_a_rank_zero_adapter(tmp_path):
+    layers = {path: (torch.zeros(0, WIDTH), torch.zeros(c, 0)) for path, c in LAYERS}
+    with pytest.raises(ConceptSplitError, match="empty layer"):
+        write_adapter_file(tmp_path / "r0.safetensors", layers, make_metadata(rank=0))
+    assert not (tmp_path / "r0.safetensors").exists()

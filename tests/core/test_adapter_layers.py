@@ -49,3 +49,55 @@ def test_missing_and_misshaped_layers():
         bind_adapter_layers(adapter(drop="mid_block.attentions.0.transformer_blocks.0"), HOST)
     with pytest.raises(ConceptSplitError, match=r"shaped for another model.*lora_B \(640, 4\).*lora_B \(1280, r\)"):
         bind_adapter_layers(adapter(channels=(320, 640)), HOST)
+
+
+# --- the delta's size next to the layer's own weight (issue 11, item 1) ---------------------------------------------
+
+def sized_concept(ratio: float, strength: float = 1.0, alpha: float = 4.0):
+    """A concept whose ||strength · alpha/r · B·A||_F is `ratio` times 1.0 (the reference weight norm) at every layer.
+
+    B·A = e_0 e_0ᵀ · (ratio / (strength · alpha / r)) has Frobenius norm exactly that factor (one non-zero entry).
+    """
+    from conceptsplit_core.concepts import make_concept
+
+    rank = 4
+    value = ratio / (strength * alpha / rank)
+    layers = {}
+    for layer in HOST.layers:
+        lora_a = torch.zeros(rank, layer.in_features)
+        lora_b = torch.zeros(layer.out_features, rank)
+        lora_a[0, 0], lora_b[0, 0] = 1.0, value
+        layers[layer.path] = (lora_a, lora_b)
+    meta = AdapterMetadata(base_model="sd2.1-v", text_width=1024, rank=rank, alpha=alpha, identifier_word="dog",
+                           layers=len(layers))
+    weights = AdapterWeights(name="dog.safetensors", file_format="native", layers=layers, rank=rank,
+                             text_width=1024, alpha=alpha, metadata=meta)
+    return make_concept(weights, "dog", strength, "object")
+
+
+def test_delta_at_the_bound_passes_and_just_above_it_is_refused():
+    from conceptsplit_core.concepts import MAX_DELTA_TO_WEIGHT, check_delta_sizes
+
+    norms = {layer.key: 1.0 for layer in HOST.layers}
+    check_delta_sizes(sized_concept(MAX_DELTA_TO_WEIGHT), HOST, norms)  # exactly at the bound: accepted
+    # 0.1 % over: float32 stores the one entry to 6e-8 relative, far inside that margin
+    message = (r'Adapter "dog.safetensors" changes layer down_blocks.0.* by 1e\+03 times the layer\'s own weight.*'
+               r"to_v weight\|\| = 1.*at most 1000 times")
+    with pytest.raises(ConceptSplitError, match=message):
+        check_delta_sizes(sized_concept(MAX_DELTA_TO_WEIGHT * 1.001), HOST, norms)
+
+
+def test_delta_size_counts_strength_and_alpha_and_skips_unknown_layers():
+    from conceptsplit_core.concepts import check_delta_sizes
+
+    norms = {layer.key: 2.0 for layer in HOST.layers}
+    small = sized_concept(1500.0, strength=1.0)  # 750x a weight of norm 2: accepted
+    check_delta_sizes(small, HOST, norms)
+    stronger = type(small)(small.weights, "dog", 4.0, "object")  # the same file at strength 4: 3000x, refused
+    with pytest.raises(ConceptSplitError, match=r"by 3e\+03 times"):
+        check_delta_sizes(stronger, HOST, norms)
+    negative = type(small)(small.weights, "dog", -4.0, "object")  # |strength| counts
+    with pytest.raises(ConceptSplitError, match=r"by 3e\+03 times"):
+        check_delta_sizes(negative, HOST, norms)
+    check_delta_sizes(type(small)(small.weights, "dog", 0.0, "object"), HOST, norms)  # strength 0: off
+    check_delta_sizes(stronger, HOST, {})  # no readable weight: only the read-time float32 check applies

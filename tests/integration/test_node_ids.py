@@ -27,7 +27,8 @@ FROZEN = {
     "ConceptSplitLodaResults": ("latent", "loda_result"),
     "ConceptSplitCaptureAttention": ("model", "words", "token_mode", "first_step", "last_step", "layers", "positive",
                                      "blocks"),
-    "ConceptSplitAttentionViewer": ("alpha", "colormap", "capture", "samples", "maps", "image"),
+    "ConceptSplitAttentionViewer": ("alpha", "colormap", "capture", "samples", "maps", "image", "concept_masks"),
+    "ConceptSplitLoadTrainingImages": ("folder", "resolution"),
     "ConceptSplitTrainToVA": ("model", "clip", "vae", "images", "identifier_word", "steps", "learning_rate", "rank",
                               "seed", "resolution", "save_name", "overwrite", "checkpoint_every", "resume",
                               "gradient_checkpointing"),
@@ -62,6 +63,7 @@ def test_inputs_keep_their_names_and_order(pack_nodes, node_id):
 ADDED_LATER = {
     "ConceptSplitLodaSampler": ("gradient_checkpointing",),
     "ConceptSplitLoda": ("gradient_checkpointing",),
+    "ConceptSplitAttentionViewer": ("concept_masks",),
 }
 
 

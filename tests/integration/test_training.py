@@ -219,14 +219,19 @@ def test_gradient_matches_merged_weight_reference(pack):
                                         transformer_options=reference.options())
     loss = ((v_hat.float() - v_target) ** 2).mean()
     loss.backward()
-    assert abs(float(loss.detach()) - captured["loss"]) < 1e-5 * max(1.0, float(loss))
+    # Two float32 implementations of one UNet forward (they differ only in attn2): the loss is a mean of squares, so
+    # their rounding (~1e-6 of the output) changes it relatively; 1e-5 of it stays below what a wrong row or strength
+    # changes (the adapter's whole effect on this loss is ~5e-4 of it). The gradients below are the sharper check.
+    assert abs(float(loss.detach()) - captured["loss"]) < 1e-5 * float(loss)
     checked = 0
     for path, (grad_a, grad_b) in captured["grads"].items():
         module = mapping[f"{path}.attn2.to_v.weight"][: -len(".to_v.weight")]
         ref_a, ref_b = pairs[module][0].grad, pairs[module][1].grad
         assert grad_b.abs().max() > 0 and grad_a.abs().max() > 0
-        torch.testing.assert_close(grad_a, ref_a, rtol=1e-3, atol=1e-7)
-        torch.testing.assert_close(grad_b, ref_b, rtol=1e-3, atol=1e-7)
+        # 1e-3 of each gradient's size: float32 rounding through one forward and backward of the two implementations
+        # is ~1e-5 of it, a gradient on a wrong row or with a wrong scale (A's gradient is ∝ λ·B) is off by order 1.
+        torch.testing.assert_close(grad_a, ref_a, rtol=1e-3, atol=1e-3 * float(ref_a.abs().max()))
+        torch.testing.assert_close(grad_b, ref_b, rtol=1e-3, atol=1e-3 * float(ref_b.abs().max()))
         checked += 1
     assert checked == 7
 
@@ -307,6 +312,8 @@ def test_gradient_checkpointing_gives_the_same_adapter_and_restores_the_unet(pac
                          images=wide_images(), gradient_checkpointing=True)
     assert calls and set(calls) == {False}  # the blocks really ran checkpointed (non-reentrant)
     assert all("forward" not in module.__dict__ for module in model.model.diffusion_model.modules())  # unpatched
+    # Checkpointing recomputes the same float32 ops in the same order (bit-identical); 1e-6 ≈ 8 eps32 at losses and
+    # weights ≤ 1 only allows a gradient summed in another order, while a wrong recompute changes them by order 1.
     assert max(abs(a - b) for a, b in zip(plain.losses, checkpointed.losses)) < 1e-6
     for path, (lora_a, lora_b) in plain.concept.weights.layers.items():
         other_a, other_b = checkpointed.concept.weights.layers[path]
@@ -390,7 +397,7 @@ def test_training_workflow_on_the_server_then_generation(comfy_server):
     model = ["1", 0]
     graph = {
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd21", "seed": 0}},
-        "2": {"class_type": "LoadImageSetFromFolderNode", "inputs": {"folder": "my_dog", "resize_method": "None"}},
+        "2": {"class_type": "ConceptSplitLoadTrainingImages", "inputs": {"folder": "my_dog", "resolution": 64}},
         "3": {"class_type": "ConceptSplitTrainToVA", "inputs": {
             "model": model, "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "identifier_word": "dog",
             "steps": 2, "learning_rate": 1e-3, "rank": 4, "seed": 0, "resolution": 64, "save_name": "server_dog",

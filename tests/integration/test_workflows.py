@@ -32,6 +32,7 @@ TINY_INPUTS = {
     "ConceptSplitCaptureAttention": {"layers": "all"},  # the tiny models have no latent/4 cross-attention
     "ConceptSplitTrainToVA": {"steps": 2, "rank": 4, "resolution": 64, "overwrite": True,
                               "save_name": "workflow_test_adapter"},
+    "ConceptSplitLoadTrainingImages": {"resolution": 64},
 }
 LODA_TYPES = ("ConceptSplitLodaSampler", "ConceptSplitLoda")
 LODA_LATENT = {"width": 112, "height": 112}  # LODA needs maps of at least 7x7 (latent / 4) in the tiny models
@@ -59,7 +60,7 @@ def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder) 
             continue
         if node["class_type"] == "ConceptSplitLoadAdapter":
             inputs["adapter_name"] = serve_adapter(family, adapter_word(inputs["adapter_name"]))
-        if node["class_type"] == "LoadImageSetFromFolderNode":
+        if node["class_type"] == "ConceptSplitLoadTrainingImages":
             inputs["folder"] = photo_folder(inputs["folder"])
         inputs.update(TINY_INPUTS.get(node["class_type"], {}))
         if uses_loda and node["class_type"] == "EmptyLatentImage":

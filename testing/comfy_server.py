@@ -191,6 +191,10 @@ class ComfyServer:
     def _get(self, route: str, timeout: float = 30) -> dict:
         return json.loads(self._request("GET", route, timeout=timeout))
 
+    def get_text(self, route: str, timeout: float = 30) -> str:
+        """``GET route`` as the server sent it (e.g. to see tokens such as NaN that only Python's json reads)."""
+        return self._request("GET", route, timeout=timeout).decode()
+
     def object_info(self, node_class: str | None = None) -> dict:
         """``GET /object_info`` (all nodes) or ``/object_info/<node_class>`` (``{}`` when not registered)."""
         route = "/object_info" if node_class is None else "/object_info/" + urllib.parse.quote(node_class)

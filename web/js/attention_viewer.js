@@ -514,6 +514,41 @@ function show(node, output) {
     }
 }
 
+/**
+ * JSON.parse for ComfyUI's /history, which keeps every prompt as it was posted: Python's json.dumps writes a NaN or
+ * infinite input (a hand-edited or API-format prompt the pack refused) as the bare token NaN / Infinity, which
+ * JSON.parse rejects, so one such prompt in the history would hide every earlier run. Those tokens outside strings
+ * are read as null; text inside strings is left as it is.
+ */
+function parseHistoryJson(text) {
+    try {
+        return JSON.parse(text);
+    } catch (error) {
+        if (!(error instanceof SyntaxError)) throw error;
+    }
+    const parts = [];
+    let start = 0;
+    let inString = false;
+    for (let i = 0; i < text.length; i++) {
+        const c = text[i];
+        if (inString) {
+            if (c === "\\") i++;
+            else if (c === '"') inString = false;
+            continue;
+        }
+        if (c === '"') { inString = true; continue; }
+        if (c !== "N" && c !== "I" && c !== "-") continue;
+        const token = /^-?(?:NaN|Infinity)/.exec(text.slice(i, i + 9));
+        if (token) {
+            parts.push(text.slice(start, i), "null");
+            i += token[0].length - 1;
+            start = i + 1;
+        }
+    }
+    parts.push(text.slice(start));
+    return JSON.parse(parts.join(""));
+}
+
 /** After a page reload: the newest finished run in ComfyUI's history that has this node's viewer output. */
 async function restoreFromHistory(node) {
     const viewer = viewerOf(node);
@@ -521,7 +556,7 @@ async function restoreFromHistory(node) {
     try {
         const response = await api.fetchApi(`/history?max_items=${HISTORY_ITEMS}`);
         if (!response.ok) return;
-        const history = await response.json();
+        const history = parseHistoryJson(await response.text());
         // Only a run queued from this very workflow (its id is saved in the prompt's extra_pnginfo): the same node id
         // in another workflow, or a prompt posted without a workflow, is someone else's run.
         const workflowId = app.graph?.id;

@@ -13,9 +13,10 @@ from comfy_api.latest import io
 
 from ..conceptsplit_core import config
 from ..conceptsplit_core.adapter_file import read_adapter_file
-from ..conceptsplit_core.concepts import bind_concepts, describe_bindings, located, make_concept, plan_token_deltas
+from ..conceptsplit_core.concepts import make_concept, plan_tova
 from ..conceptsplit_core.errors import ConceptSplitError
-from . import comfy_hooks
+from . import comfy_text
+from .families import tova_family
 from .input_checks import check_number_inputs
 
 ConceptAdapters = io.Custom("CONCEPTSPLIT_ADAPTERS")  # tuple[ConceptAdapter, ...]
@@ -124,17 +125,12 @@ class ApplyToVA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapters, clip, text: str, apply_to_uncond: bool = True) -> io.NodeOutput:
-        layout = comfy_hooks.unet_layout(model)
-        prompt = comfy_hooks.prompt_tokens(clip, text)
-        bound = bind_concepts(tuple(adapters or ()), layout, prompt,
-                              lambda word: comfy_hooks.word_token_ids(clip, word),
-                              comfy_hooks.value_weight_norms(model, layout))
-        positive = comfy_hooks.encode_prompt(clip, text, layout)
+        family = tova_family(model)
+        layout = family.layout(model)
+        prompt = family.prompt_tokens(clip, text)
+        plan = plan_tova(tuple(adapters or ()), layout, prompt, lambda word: family.word_token_ids(clip, word),
+                         family.value_weight_norms(model, layout))
+        positive = comfy_text.encode_prompt(clip, text, layout)
         patched = model.clone()
-        comfy_hooks.install_token_deltas(patched, layout,
-                                         plan_token_deltas(bound, len(prompt.token_ids), prompt.token_ids),
-                                         apply_to_uncond, prompt, ", ".join(c.label for c in adapters), positive)
-        patched.model_options = comfy_hooks.with_located_concepts(patched.model_options,
-                                                                  located(bound, len(prompt.token_ids),
-                                                                          prompt.token_ids))
-        return io.NodeOutput(patched, positive, describe_bindings(bound, prompt))
+        family.install_tova(patched, layout, plan.deltas, apply_to_uncond, prompt, plan.label, positive, plan.located)
+        return io.NodeOutput(patched, positive, plan.info)

@@ -12,8 +12,9 @@ import comfy.samplers
 
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda_config import LODA_DEFAULTS, UI_OPTIONS, UI_RANGES, LodaConfig
-from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda, record_without_sampling
-from . import comfy_hooks, comfy_sampling
+from ..conceptsplit_core.concept_words import parse_words
+from .loda_sampling import LodaRequest, LodaResult, loda_sampler, plan_loda, record_without_sampling
+from . import comfy_conditioning, comfy_sampling
 from .input_checks import check_number_inputs
 
 ConceptMapsType = io.Custom("CONCEPTSPLIT_MAPS")  # conceptsplit_core.attention_record.ConceptMaps
@@ -132,13 +133,13 @@ class LodaSampler(io.ComfyNode):
         latent_hw = tuple(latent_image["samples"].shape[-2:])
         sampler = comfy_sampling.named_sampler(sampler_name)
         total_steps = max(len(sigmas) - 1, 0)  # denoise 0 gives no sigmas: KSampler returns the latent unchanged
-        plan = plan_loda(model, comfy_hooks.conditioning_prompts(positive), latent_hw, request, total_steps,
+        plan = plan_loda(model, comfy_conditioning.conditioning_prompts(positive), latent_hw, request, total_steps,
                          sampler)
         if total_steps == 0:
             record_without_sampling(result, plan, latent_image["samples"].shape[0])
             return io.NodeOutput(latent_image.copy(), *result_outputs(result, latent_hw))
-        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, loda_sampler(sampler, request), sigmas,
-                                                           positive, negative, latent_image)
+        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, loda_sampler(sampler, request, plan),
+                                                           sigmas, positive, negative, latent_image)
         return io.NodeOutput(latent, *result_outputs(result, latent_hw))
 
 

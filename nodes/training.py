@@ -30,8 +30,9 @@ from ..conceptsplit_core.loss_curve import render_loss_curve
 from ..conceptsplit_core.tova_lora import ToVALoraSet
 from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, CropViews, TrainConfig, crop_views,
                                                load_prompt_templates, templates_hash)
-from . import comfy_hooks, comfy_training
+from . import comfy_training
 from .adapters import ConceptAdapters
+from .families import tova_family
 from .input_checks import check_number_inputs
 
 CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Adapter never lists it
@@ -70,8 +71,9 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     """
     config = request.config.validate()
     word = request.identifier_word.strip()
-    layout = comfy_hooks.unet_layout(model)
-    sigmas, prediction, sigma_data = comfy_training.training_noise_schedule(model)
+    family = tova_family(model)
+    layout = family.layout(model)
+    sigmas, prediction, sigma_data = family.training_schedule(model)
     # The final, checkpoint and temp names are checked against the file system now, not after the run (issue 11).
     path = safe_save_name(folder, request.save_name, sibling_suffixes=(CHECKPOINT_SUFFIX,))
     if path.exists() and not request.overwrite:
@@ -82,8 +84,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     core.check_rank(config.rank, shapes)
     templates = request.templates or load_prompt_templates()
     prompts = core.template_prompts(templates, word)
-    positions = core.identifier_positions([comfy_hooks.prompt_tokens(clip, p) for p in prompts], word,
-                                          comfy_hooks.word_token_ids(clip, word))
+    positions = core.identifier_positions([family.prompt_tokens(clip, p) for p in prompts], word,
+                                          family.word_token_ids(clip, word))
     base_model = layout.family + ("-v" if layout.family == FAMILY_SD21 and prediction == PREDICTION_V else "")
     resolution = config.resolved_resolution(base_model)
     views = crop_views(images, resolution, config.crop_views, config.seed)  # k random crops per image (§2.6)
@@ -108,8 +110,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
                                  checkpoint=plan, on_step=on_step, autocast_dtype=autocast, label=word)
         return lora.state_for_saving(), result
 
-    weights, result = comfy_training.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body,
-                                                  gradient_checkpointing=request.gradient_checkpointing)
+    weights, result = comfy_training.run_training(model.clone(), family, layout, conditionings, tuple(mean[:1].shape),
+                                                  body, gradient_checkpointing=request.gradient_checkpointing)
     meta = AdapterMetadata(
         base_model=base_model, text_width=layout.text_width, rank=config.rank, alpha=alpha,
         identifier_word=word, role=request.role, prediction=prediction, layers=len(shapes),

@@ -12,11 +12,13 @@ from comfy_api.latest import io, ui
 
 from ..conceptsplit_core import attention_capture as capture_core
 from ..conceptsplit_core import viewer_payload
+from ..conceptsplit_core.concept_words import capture_words
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.map_metrics import (check_report_maps, check_share_masks, format_mask_share_report,
                                              format_metrics_report)
 from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
-from . import comfy_hooks, comfy_sampling
+from . import comfy_conditioning, comfy_sampling
+from .families import model_family
 from .input_checks import check_number_inputs
 
 AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
@@ -74,26 +76,24 @@ class CaptureAttention(io.ComfyNode):
     def execute(cls, model, words: str, token_mode: str, first_step: int, last_step: int, layers: str,
                 positive=None, blocks: str = "") -> io.NodeOutput:
         check_number_inputs(cls, {"first_step": first_step, "last_step": last_step})
-        layout = comfy_hooks.unet_layout(model)
-        layer_keys = capture_core.select_layers(dict(comfy_hooks.layer_levels(model, layout)), layers, blocks)
-        prompt = None if positive is None else comfy_hooks.conditioning_prompt_tokens(positive)
-        labels, positions, prompt_length = capture_core.plan_words(
-            words, prompt, comfy_hooks.located_concepts(model), comfy_hooks.default_word_token_ids, token_mode)
+        family = model_family(model)
+        layout = family.layout(model)
+        layer_keys = capture_core.select_layers(layout.levels(), layers, blocks)
+        prompt = None if positive is None else comfy_conditioning.conditioning_prompt_tokens(positive)
+        found = capture_words(words, prompt, comfy_conditioning.located_concepts(model),
+                              family.default_word_token_ids, token_mode)
         if last_step != -1 and last_step < first_step:
             raise ConceptSplitError.build(
                 "Capture Attention's step range is empty", seen=f"first_step {first_step}, last_step {last_step}",
                 expected="last_step >= first_step, or -1 for the last step", fix="swap the two values")
-        if prompt is not None:
-            prompt_ids = tuple(prompt.token_ids)
-        else:  # the ToVA concepts' prompt (plan_words found every word among them)
-            prompt_ids = next((c.prompt_ids for c in comfy_hooks.located_concepts(model)
-                               if c.word.lower() == labels[0].lower()), None)
-        request = capture_core.CaptureRequest(labels=labels, token_positions=positions, prompt_length=prompt_length,
-                                              layer_keys=layer_keys, first_step=first_step, last_step=last_step,
-                                              prompt_ids=prompt_ids, prompt_text="" if prompt is None else prompt.text)
+        request = capture_core.CaptureRequest(labels=found.labels, token_positions=found.positions,
+                                              prompt_length=found.prompt_length, layer_keys=layer_keys,
+                                              first_step=first_step, last_step=last_step,
+                                              prompt_ids=found.prompt_ids, prompt_text=found.prompt_text)
         capture = capture_core.AttentionCapture(request)
         patched = model.clone()
-        comfy_sampling.install_attention_capture(patched, layout, capture, comfy_hooks.conditioning_encodings(positive))
+        comfy_sampling.install_attention_capture(patched, family, layout, capture,
+                                                 comfy_conditioning.conditioning_encodings(positive))
         return io.NodeOutput(patched, capture)
 
 

@@ -39,6 +39,7 @@ from .attention_calls import COND, AttentionCall
 from .attention_record import ConceptMaps
 from .concept_words import TOKEN_FIRST, TOKEN_MODES  # noqa: F401 (the node lists TOKEN_MODES)
 from .errors import ConceptSplitError
+from .widgets import WidgetRange
 
 LAYERS_BLOCKS = "blocks"
 # "latent/N": the layers whose grid is the latent's divided by N (ceil at each halving); latent/4 is LODA's level.
@@ -61,6 +62,11 @@ class CaptureDefaults:
 
 
 CAPTURE_DEFAULTS = CaptureDefaults()
+MAX_STEP = 10000  # the largest step number the step widgets take
+UI_RANGES: dict[str, WidgetRange] = {
+    "first_step": WidgetRange(0, MAX_STEP, 1),
+    "last_step": WidgetRange(-1, MAX_STEP, 1),
+}
 
 
 @dataclass(frozen=True)

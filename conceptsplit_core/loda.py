@@ -7,7 +7,6 @@ need autograd where stated and never toggle grad modes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 

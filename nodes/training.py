@@ -24,16 +24,17 @@ from ..conceptsplit_core import training as core
 from ..conceptsplit_core.adapter_file import AdapterMetadata, read_adapter_file, write_adapter_file
 from ..conceptsplit_core.atomic_file import safe_save_name
 from ..conceptsplit_core.concepts import ConceptAdapter, make_concept
-from ..conceptsplit_core.config import FAMILY_SD21, PREDICTION_V, ROLE_OBJECT
+from ..conceptsplit_core.config import FAMILY_SD21, PREDICTION_V, ROLE_OBJECT, TOVA_FOLDER
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loss_curve import render_loss_curve
 from ..conceptsplit_core.tova_lora import ToVALoraSet
 from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, CropViews, TrainConfig, crop_views,
                                                load_prompt_templates, templates_hash)
 from . import comfy_training
-from .adapters import ConceptAdapters
+from .sockets import ConceptAdapters
 from .families import tova_family
 from .input_checks import check_number_inputs
+from .widgets import number_input
 
 CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Adapter never lists it
 
@@ -59,7 +60,7 @@ class TrainingOutcome:
 
 
 def tova_folder() -> Path:
-    return Path(folder_paths.get_folder_paths("tova")[0])
+    return Path(folder_paths.get_folder_paths(TOVA_FOLDER)[0])
 
 
 def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Path,
@@ -141,15 +142,12 @@ def _encode_views(vae, model, views: CropViews) -> tuple[torch.Tensor, torch.Ten
 
 
 def _int_input(name: str, default: int, tooltip: str) -> io.Int.Input:
-    low, high, step, advice = UI_RANGES[name]
-    return io.Int.Input(name, default=default, min=int(low), max=int(high), step=int(step),
-                        tooltip=f"{tooltip} Recommended: {advice}.")
+    return number_input(name, default, UI_RANGES[name], tooltip, integer=True)
 
 
 class TrainToVAAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        lr = UI_RANGES["learning_rate"]
         return io.Schema(
             node_id="ConceptSplitTrainToVA",
             display_name="Train ToVA Adapter",
@@ -171,8 +169,8 @@ class TrainToVAAdapter(io.ComfyNode):
                                 tooltip="The plain class word of the concept (dog, cat, barn). Its first token gets "
                                         "the delta, in training and in every later prompt."),
                 _int_input("steps", TRAIN_DEFAULTS.steps, "Optimizer steps, batch 1."),
-                io.Float.Input("learning_rate", default=TRAIN_DEFAULTS.learning_rate, min=lr.min, max=lr.max,
-                               step=lr.step, tooltip=f"AdamW learning rate, constant. Recommended: {lr.recommended}."),
+                number_input("learning_rate", TRAIN_DEFAULTS.learning_rate, UI_RANGES["learning_rate"],
+                             "AdamW learning rate, constant."),
                 _int_input("rank", TRAIN_DEFAULTS.rank, "LoRA rank r of each layer."),
                 io.Int.Input("seed", default=0, min=0, max=int(UI_RANGES["seed"].max), control_after_generate=False,
                              tooltip="Seeds the init, crops, order, timesteps and noise: same seed, same adapter."),

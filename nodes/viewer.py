@@ -16,16 +16,16 @@ from ..conceptsplit_core.concept_words import capture_words
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.map_metrics import (check_report_maps, check_share_masks, format_mask_share_report,
                                              format_metrics_report)
-from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
+from ..conceptsplit_core.map_render import ALPHA_DEFAULT, ALPHA_RANGE, COLORMAPS, render_attention_grid
 from . import comfy_conditioning, comfy_sampling
 from .families import model_family
 from .input_checks import check_number_inputs
+from .sockets import AttentionCaptureType as AttentionCaptureSocket
+from .sockets import ConceptMaps as ConceptMapsSocket
+from .widgets import number_input
 
-AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
-ConceptMapsSocket = io.Custom("CONCEPTSPLIT_MAPS")  # attention_record.ConceptMaps
 DEFAULTS = capture_core.CAPTURE_DEFAULTS
-MAX_STEP = 10000
-ALPHA_DEFAULT = 0.5
+RANGES = capture_core.UI_RANGES
 
 
 class CaptureAttention(io.ComfyNode):
@@ -50,11 +50,12 @@ class CaptureAttention(io.ComfyNode):
                 io.Combo.Input("token_mode", options=list(capture_core.TOKEN_MODES), default=DEFAULTS.token_mode,
                                tooltip="first token: the token ToVA and LODA use (spec §2.4). all tokens: sum the "
                                        "attention of every BPE token of the word (for long or rare words)."),
-                io.Int.Input("first_step", default=DEFAULTS.first_step, min=0, max=MAX_STEP,
-                             tooltip="First sampling step to average, 0-based, inclusive. 0 = from the start."),
-                io.Int.Input("last_step", default=DEFAULTS.last_step, min=-1, max=MAX_STEP,
-                             tooltip="Last sampling step to average, inclusive; -1 = the run's last step. Early "
-                                     "steps show the layout, late steps the details."),
+                number_input("first_step", DEFAULTS.first_step, RANGES["first_step"],
+                             "First sampling step to average, 0-based, inclusive. 0 = from the start.", integer=True,
+                             step=False),
+                number_input("last_step", DEFAULTS.last_step, RANGES["last_step"],
+                             "Last sampling step to average, inclusive; -1 = the run's last step. Early steps show "
+                             "the layout, late steps the details.", integer=True, step=False),
                 io.Combo.Input("layers", options=list(capture_core.LAYER_CHOICES), default=DEFAULTS.layers,
                                tooltip="Which cross-attention layers to average. latent/4: LODA's level (16x16 at "
                                        "SD1.5 512 px; spec §3.1). all: every layer, upsampled to the finest grid. "
@@ -118,8 +119,8 @@ class AttentionMapViewer(io.ComfyNode):
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image(s), to draw the heatmaps over; same batch size as the maps. "
                                        "Without it the heatmaps are shown alone."),
-                io.Float.Input("alpha", default=ALPHA_DEFAULT, min=0.0, max=1.0, step=0.05,
-                               tooltip="Heatmap opacity over the image: 0 = image only, 1 = heatmap only."),
+                number_input("alpha", ALPHA_DEFAULT, ALPHA_RANGE,
+                             "Heatmap opacity over the image: 0 = image only, 1 = heatmap only."),
                 io.Combo.Input("colormap", options=list(COLORMAPS), default=COLORMAPS[0],
                                tooltip="Perceptual colormap; dark = little attention, bright = most (per map)."),
                 io.Mask.Input("concept_masks", optional=True,

@@ -24,7 +24,6 @@ from .widgets import number_input
 ADAPTER_FOLDERS = config.ADAPTER_FOLDERS  # ToVA files belong in models/tova; models/loras is searched too
 
 
-
 def adapter_file_names() -> list[str]:
     names: list[str] = []
     for folder in ADAPTER_FOLDERS:

@@ -30,14 +30,15 @@ PROMPT = "a dog and a cat"
 
 def positive_with_tokens(pack, width: int = 1024):
     """Random text features carrying the PromptTokens of PROMPT, as ConceptSplit Text Encode attaches them."""
-    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_text")
+    records = importlib.import_module(f"{pack.__name__}.nodes.comfy_conditioning")
     prompt_tokens = importlib.import_module(f"{pack.__name__}.conceptsplit_core.prompt_tokens")
     words = [hooks.default_word_token_ids(w)[0] for w in PROMPT.split()]
     ids = (49406, *words, 49407) + (0,) * (77 - len(words) - 2)
     starts = (False, *([True] * len(words)), False) + (False,) * (77 - len(words) - 2)
     tokens = prompt_tokens.PromptTokens(PROMPT, ids, starts, 77)
     cond, extras = random_conditioning(width)[0]
-    return [[cond, {**extras, hooks.PROMPT_TOKENS_KEY: tokens}]]
+    return [[cond, {**extras, records.PROMPT_TOKENS_KEY: tokens}]]
 
 
 def sample(model, sampler, positive, negative, steps: int, size: int, seed: int = 0, step_times=None):
@@ -90,14 +91,15 @@ def gradient_pass_seconds(pack, model, positive, size: int, repeats: int) -> dic
     """Median time and peak memory of one stage-1 pass (cond-only forward at batch 1 to the maps, loss, gradient
     w.r.t. x) in three variants: truncated after the last loss layer, truncated with gradient checkpointing, and a
     full forward + backward; interleaved so load drift hits all alike. Weights as LODA sees them (comfy_autograd)."""
-    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+    family = importlib.import_module(f"{pack.__name__}.nodes.families").model_family(model)
+    unet_family = importlib.import_module(f"{pack.__name__}.nodes.families.unet")
     autograd = importlib.import_module(f"{pack.__name__}.nodes.comfy_autograd")
     loda = importlib.import_module(f"{pack.__name__}.conceptsplit_core.loda")
-    layout = hooks.unet_layout(model)
+    layout = family.layout(model)
     latent_hw = (size // 8, size // 8)
-    layers = loda.select_map_layers(hooks.layer_levels(model, layout), layout.family, latent_hw, "all")
+    layers = loda.select_map_layers(layout, latent_hw, "all")
     collector = loda.MapCollector(loda.LodaConcepts(("dog", "cat"), (2, 5), 77), layers)
-    options = hooks.with_observers(model.model_options, layout, (collector,))["transformer_options"]
+    options = family.install_observers(model.model_options, layout, (collector,))["transformer_options"]
     sigma = torch.tensor([14.6])
     options = dict(options, cond_or_uncond=[0], sigmas=sigma)
     context = positive[0][0].clone()
@@ -110,7 +112,7 @@ def gradient_pass_seconds(pack, model, positive, size: int, repeats: int) -> dic
         for name, (truncate, checkpointing) in variants.items():
             x = torch.randn(1, 4, *latent_hw, requires_grad=True)
             with measured(results, f"{name}-{repeat > 0}"), autograd.AutogradWeights([unet]), \
-                    autograd.GradientCheckpointing(unet, checkpointing, keep_blocks=keep):
+                    autograd.GradientCheckpointing(unet_family.checkpoint_modules(unet, keep) if checkpointing else ()):
                 before = held_bytes()
                 collector.start(layers.loss_keys, (0,), truncate=truncate)
                 loda.run_truncated(lambda: model.model.apply_model(x, sigma, c_crossattn=context,

@@ -19,8 +19,8 @@ from bench.common import bootstrap, build_full_sd21, compare, device_description
 def tova_model(pack, model, concepts: int, rank: int = 64):
     """Patch a clone with `concepts` random rank-r adapters at token positions 2, 5, 8, ... through the seam."""
     core = lambda name: importlib.import_module(f"{pack.__name__}.conceptsplit_core.{name}")  # noqa: E731
-    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
-    layout = hooks.unet_layout(model)
+    family = importlib.import_module(f"{pack.__name__}.nodes.families").model_family(model)
+    layout = family.layout(model)
     generator = torch.Generator().manual_seed(3)
     bound = []
     for k in range(concepts):
@@ -33,7 +33,7 @@ def tova_model(pack, model, concepts: int, rank: int = 64):
         bound.append(core("concepts").BoundConcept(concept, 2 + 3 * k,
                                                    core("adapter_layers").bind_adapter_layers(weights, layout)))
     patched = model.clone()
-    hooks.install_token_deltas(patched, layout, core("concepts").plan_token_deltas(bound, 77), True)
+    family.install_tova(patched, layout, core("concepts").plan_token_deltas(bound, 77), True)
     return patched
 
 

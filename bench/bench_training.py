@@ -51,16 +51,17 @@ def main() -> None:
     core = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training")
     lora_module = importlib.import_module(f"{pack.__name__}.conceptsplit_core.tova_lora")
     data_module = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training_data")
-    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
+    families = importlib.import_module(f"{pack.__name__}.nodes.families")
     seam = importlib.import_module(f"{pack.__name__}.nodes.comfy_training")
     model = build_full_sd21()
-    layout = hooks.unet_layout(model)
+    family = families.model_family(model)
+    layout = family.layout(model)
     device = model.load_device
     latent = (1, 4, args.size // 8, args.size // 8)
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(2, *latent[1:], generator=generator).to(device)
     conds = [random_conditioning(seed=k) for k in range(4)]
-    sigmas, prediction, sigma_data = seam.training_noise_schedule(model)
+    sigmas, prediction, sigma_data = family.training_schedule(model)
     schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
     shapes = {layer.path: (layer.in_features, layer.out_features) for layer in layout.layers}
     total = args.warmup + args.iterations
@@ -85,7 +86,7 @@ def main() -> None:
                         autocast_dtype=seam.training_autocast_dtype(model))
         train_times.extend(stamps[2 * i + 1] - stamps[2 * i] for i in range(total))
 
-    seam.run_training(model.clone(), layout, conds, latent, body, gradient_checkpointing=args.gradient_checkpointing)
+    seam.run_training(model.clone(), family, layout, conds, latent, body, gradient_checkpointing=args.gradient_checkpointing)
     train_s = statistics.median(train_times[args.warmup:])
     plain_s = statistics.median(plain_times[args.warmup:])
     sizes = adapter_sizes(pack, layout, args.rank)

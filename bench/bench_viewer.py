@@ -25,16 +25,16 @@ LAYER_CHOICES = ("latent/4", "all")
 def capture_model(pack, model, words: int, layers: str):
     """A clone recording `words` token positions 2, 5, 8, ... on `layers`, through the seam, as the node does."""
     capture_core = importlib.import_module(f"{pack.__name__}.conceptsplit_core.attention_capture")
-    hooks = importlib.import_module(f"{pack.__name__}.nodes.comfy_hooks")
-    layout = hooks.unet_layout(model)
-    keys = capture_core.select_layers(dict(hooks.layer_levels(model, layout)), layers)
+    family = importlib.import_module(f"{pack.__name__}.nodes.families").model_family(model)
+    layout = family.layout(model)
+    keys = capture_core.select_layers(layout.levels(), layers)
     request = capture_core.CaptureRequest(labels=tuple(f"word{k}" for k in range(words)),
                                           token_positions=tuple((2 + 3 * k,) for k in range(words)),
                                           prompt_length=77, layer_keys=keys)
     store = capture_core.AttentionCapture(request)
     patched = model.clone()
     sampling = importlib.import_module(f"{pack.__name__}.nodes.comfy_sampling")
-    sampling.install_attention_capture(patched, layout, store)
+    sampling.install_attention_capture(patched, family, layout, store)
     return patched, store
 
 

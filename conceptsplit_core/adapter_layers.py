@@ -1,47 +1,17 @@
-"""Match an adapter's layers to the host UNet's cross-attention layers (spec §2.2) and check they fit.
+"""Match an adapter's layers to the host model's text-attention layers (spec §2.2) and check they fit.
 
-The host side is described by a `UNetLayout` that the ComfyUI seam builds from the real model: one
-`CrossAttentionLayer` per attn2 with its diffusers path, its ComfyUI block key and the shape of `to_v`.
+The host side is the `model_layout.ModelLayout` the model's family module builds from the real model: one
+`AttentionSite` per layer with its adapter path (the diffusers path of a UNet attn2), its key and the shape of `to_v`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .adapter_file import AdapterWeights
 from .config import FAMILY_DISPLAY, FAMILY_TEXT_WIDTH
 from .errors import ConceptSplitError
-
-
-@dataclass(frozen=True)
-class CrossAttentionLayer:
-    """One cross-attention layer of the host UNet."""
-
-    path: str  # diffusers path of the transformer block, e.g. "down_blocks.2.attentions.0.transformer_blocks.0"
-    block: tuple[str, int]  # ComfyUI block, e.g. ("input", 7)
-    block_index: int  # depth index inside the SpatialTransformer (0 for SD1.5/SD2.1)
-    out_features: int  # C, width of V
-    in_features: int  # d, text feature width
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        """ComfyUI's attn2 replace key: (block name, block id, block_index)."""
-        return (self.block[0], self.block[1], self.block_index)
-
-
-@dataclass(frozen=True)
-class UNetLayout:
-    """What the host model is: family, prediction type, text width and its cross-attention layers in order."""
-
-    family: str  # "sd1.5", "sd2.1", "sdxl"
-    prediction: str  # "eps" or "v"
-    text_width: int  # d
-    layers: tuple[CrossAttentionLayer, ...]
-
-    def by_path(self) -> dict[str, CrossAttentionLayer]:
-        return {layer.path: layer for layer in self.layers}
+from .model_layout import LayerKey, ModelLayout
 
 
 def family_for_text_width(width: int) -> str | None:
@@ -49,8 +19,8 @@ def family_for_text_width(width: int) -> str | None:
     return next((family for family, w in FAMILY_TEXT_WIDTH.items() if w == width), None)
 
 
-def bind_adapter_layers(adapter: AdapterWeights, layout: UNetLayout
-                        ) -> dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]]:
+def bind_adapter_layers(adapter: AdapterWeights, layout: ModelLayout
+                        ) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]:
     """Map the adapter's layers onto the host's attn2 layers; every layer present and shaped (spec §2.7 "Loading").
 
     Shapes: returns {replace key: (A (r, d), B (C, r))} for every host cross-attention layer.
@@ -64,8 +34,7 @@ def bind_adapter_layers(adapter: AdapterWeights, layout: UNetLayout
         raise ConceptSplitError.build(
             f'Adapter "{adapter.name}" does not cover this model\'s cross-attention layers',
             seen=f"{len(adapter.layers)} layers in the file; missing {_sample(missing)}; unknown {_sample(extra)}",
-            expected=f"exactly the {len(host)} attn2 layers of this {FAMILY_DISPLAY.get(layout.family, layout.family)} "
-                     "model",
+            expected=f"exactly the {len(host)} attn2 layers of this {layout.display_name} model",
             fix="use an adapter trained for this base model",
         )
     bound = {}
@@ -82,8 +51,8 @@ def bind_adapter_layers(adapter: AdapterWeights, layout: UNetLayout
     return bound
 
 
-def _check_family(adapter: AdapterWeights, layout: UNetLayout) -> None:
-    model_name = FAMILY_DISPLAY.get(layout.family, layout.family)
+def _check_family(adapter: AdapterWeights, layout: ModelLayout) -> None:
+    model_name = layout.display_name
     if adapter.metadata is not None:
         adapter_family = adapter.metadata.family
         source = "trained for"

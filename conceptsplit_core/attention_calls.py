@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 from einops import rearrange
 
-BlockKey = tuple[str, int, int]  # ("input", 7, 0): block name, block id, depth index
+from .model_layout import LayerKey
+
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
 
 
@@ -49,7 +50,7 @@ def chunk_holds_prompt(chunk: ChunkPrompt | None, prompt_ids: tuple | None, prom
 class AttentionCall:
     """One attn2 call: which layer, its grid, and how the batch is split into CFG chunks."""
 
-    key: BlockKey
+    key: LayerKey  # model_layout.AttentionSite.key of the layer
     grid: tuple[int, int]  # (h, w) of the layer's queries; N = h·w, row-major
     heads: int  # H
     cond_or_uncond: tuple[int, ...]  # per chunk: 0 positive, 1 negative; order varies per call

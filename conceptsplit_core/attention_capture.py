@@ -29,25 +29,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention_calls import COND, AttentionCall, BlockKey
+from .attention_calls import COND, AttentionCall
 from .attention_record import ConceptMaps
+from .concept_words import TOKEN_FIRST, TOKEN_MODES  # noqa: F401 (the node lists TOKEN_MODES)
 from .errors import ConceptSplitError
-from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
+from .widgets import WidgetRange
 
-TOKEN_FIRST = "first token"
-TOKEN_ALL = "all tokens"
-TOKEN_MODES = (TOKEN_FIRST, TOKEN_ALL)
 LAYERS_BLOCKS = "blocks"
 # "latent/N": the layers whose grid is the latent's divided by N (ceil at each halving); latent/4 is LODA's level.
 LAYER_CHOICES = ("latent/4", "all", "latent", "latent/2", "latent/8", LAYERS_BLOCKS)
 _SIGMA_TOLERANCE = 1e-5  # relative; a call's sigma is the schedule's own value, so only float noise is tolerated
-_BLOCK_PATTERN = re.compile(r"^(input|middle|output)(?:[\s_]*(\d+))?(?:\.(\d+))?$")
+# A typed layer name: "<block name> <id>.<depth>", e.g. "input 7", "middle", "output_3.1" (UNet) or "double 3" (DiT);
+# the names are those of the model's own layer keys (name, id, depth).
+_BLOCK_PATTERN = re.compile(r"^([a-z]+)(?:[\s_]*(\d+))?(?:\.(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ class CaptureDefaults:
 
 
 CAPTURE_DEFAULTS = CaptureDefaults()
+MAX_STEP = 10000  # the largest step number the step widgets take
+UI_RANGES: dict[str, WidgetRange] = {
+    "first_step": WidgetRange(0, MAX_STEP, 1),
+    "last_step": WidgetRange(-1, MAX_STEP, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -92,77 +97,7 @@ class CaptureRequest:
         assert all(0 <= p < self.prompt_length for ps in self.token_positions for p in ps), "positions in prompt"
 
 
-def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
-               word_ids: Callable[[str], tuple[int, ...]], token_mode: str
-               ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], int]:
-    """Which words to capture and where they are: (labels, token positions per word, prompt length T).
-
-    Typed words (comma-separated) are located in the positive prompt's tokens; without typed words the ToVA
-    concepts' identifier words are used. Without the prompt's tokens only ToVA concepts can be captured, at their
-    recorded positions s_k (concepts.LocatedConcept). Raises: ConceptSplitError on an empty word list, a word not in
-    the prompt, or typed words with nothing to locate them in.
-    """
-    typed = tuple(word.strip() for word in words_text.split(",") if word.strip())
-    words = typed or tuple(concept.word for concept in concepts)
-    if not words:
-        raise ConceptSplitError.build(
-            "Capture Attention got no words", seen=f"words {words_text!r} and no ToVA concepts on the model",
-            expected='one or more comma-separated words of the prompt, e.g. "dog, cat"',
-            fix="type the words to inspect, or apply ToVA adapters before this node")
-    if prompt is not None:
-        return words, locate_words(prompt, words, word_ids, token_mode), len(prompt.token_ids)
-    by_word = {concept.word.lower(): concept for concept in concepts}
-    missing = [word for word in words if word.lower() not in by_word]
-    if missing:
-        raise ConceptSplitError.build(
-            f'Capture Attention cannot find "{missing[0]}" without the prompt\'s tokens',
-            seen="no token record on the positive input" + (f", ToVA concepts {', '.join(by_word)}" if by_word else ""),
-            expected="the positive CONDITIONING of ConceptSplit Text Encode or Apply ToVA, or only ToVA words",
-            fix="connect that conditioning to Capture Attention's positive input")
-    positions = []
-    for word in words:
-        start = by_word[word.lower()].position
-        width = len(word_ids(word)) if token_mode == TOKEN_ALL else 1
-        positions.append(tuple(range(start, start + max(width, 1))))
-    return words, tuple(positions), by_word[words[0].lower()].prompt_length
-
-
-def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[[str], tuple[int, ...]],
-                 token_mode: str) -> tuple[tuple[int, ...], ...]:
-    """Token positions of each word in the prompt, by ToVA's rule (spec §2.4: first free occurrence starting a word).
-
-    Returns per word its first token's position, or all its BPE tokens' positions (token_mode "all tokens").
-    Raises: ConceptSplitError for a word not in the prompt (or fewer occurrences than the word is listed).
-    """
-    ids_of = {word: tuple(word_ids(word)) for word in words}
-    for word in dict.fromkeys(words):
-        ids = ids_of[word]
-        found = _count_occurrences(prompt, ids)
-        wanted = sum(1 for other in words if other == word)
-        if found < wanted:
-            raise ConceptSplitError.build(
-                f'Word "{word}" is not in the prompt' + (f" {wanted} times" if found else ""),
-                seen=f'{found} occurrence(s) as a separate word in "{_short(prompt.text)}"',
-                expected=f'"{word}" written in the positive prompt ("{word}s" or "hot{word}" do not match)',
-                fix=f'add "{word}" to the prompt or remove it from the words')
-    requests = [IdentifierRequest(label=word, word=word, word_ids=ids_of[word]) for word in words]
-    starts = locate_identifier_positions(prompt, requests)
-    if token_mode == TOKEN_ALL:
-        return tuple(tuple(range(start, start + len(ids_of[word]))) for word, start in zip(words, starts))
-    return tuple((start,) for start in starts)
-
-
-def _count_occurrences(prompt: PromptTokens, ids: tuple[int, ...]) -> int:
-    n = len(ids)
-    slots = range(len(prompt.token_ids) - n + 1) if n else ()
-    return sum(1 for p in slots if prompt.word_starts[p] and tuple(prompt.token_ids[p:p + n]) == ids)
-
-
-def _short(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def select_layers(levels: Mapping[BlockKey, int], choice: str, blocks: str = "") -> frozenset:
+def select_layers(levels: Mapping[LayerKey, int], choice: str, blocks: str = "") -> frozenset:
     """Resolve a layer choice against the model's attn2 layers and their downsampling levels.
 
     Args:
@@ -194,8 +129,8 @@ def _level_name(level: int) -> str:
     return "latent" if level == 0 else f"latent/{2 ** level}"
 
 
-def _parse_blocks(levels: Mapping[BlockKey, int], blocks: str) -> frozenset:
-    keys: set[BlockKey] = set()
+def _parse_blocks(levels: Mapping[LayerKey, int], blocks: str) -> frozenset:
+    keys: set[LayerKey] = set()
     for item in (part.strip().lower() for part in blocks.split(",")):
         if not item:
             continue
@@ -218,9 +153,9 @@ def _parse_blocks(levels: Mapping[BlockKey, int], blocks: str) -> frozenset:
     return frozenset(keys)
 
 
-def _blocks_text(levels: Mapping[BlockKey, int]) -> str:
+def _blocks_text(levels: Mapping[LayerKey, int]) -> str:
     names: dict[str, list[str]] = {}
-    for name, number, depth in sorted(levels, key=lambda k: (("input", "middle", "output").index(k[0]), k[1], k[2])):
+    for name, number, depth in sorted(levels):  # by name, id, depth (for a UNet: input, middle, output)
         label = str(number) if depth == 0 else f"{number}.{depth}"
         names.setdefault(name, []).append(label)
     return "; ".join(f"{name} {', '.join(labels)}" for name, labels in names.items())
@@ -289,9 +224,9 @@ class _RunSums:
         self.step_sums: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}  # (step, grid) -> Σ maps
         self.step_counts: dict[tuple[int, tuple[int, int]], int] = {}
         self.steps: set[int] = set()
-        self.layers: set[BlockKey] = set()
+        self.layers: set[LayerKey] = set()
 
-    def add(self, key: BlockKey, step: int, maps: torch.Tensor) -> None:
+    def add(self, key: LayerKey, step: int, maps: torch.Tensor) -> None:
         grid = tuple(maps.shape[-2:])
         slot = (step, grid)  # one sum per step and grid: K × h × w per image; the whole range is their sum
         if slot in self.step_sums:
@@ -318,8 +253,7 @@ class _RunSums:
             weights.append(sum(n for (s, _), n in self.step_counts.items() if s == step))
         maps = (sum(totals) / sum(weights)).float().cpu()  # (B_img, K, h, w): the mean over every added map
         per_step = [(total / count).float().cpu() for total, count in zip(totals, weights)]
-        order = ("input", "middle", "output")
-        layers = tuple(sorted(self.layers, key=lambda k: (order.index(k[0]), k[1], k[2])))
+        layers = tuple(sorted(self.layers))  # by name, id, depth (for a UNet: input, middle, output)
         return ConceptMaps(labels=labels, maps=maps, steps=steps, layers=layers,
                            step_maps=torch.stack(per_step, dim=1), step_weights=tuple(weights),  # (B, S_rec, K, h, w)
                            total_steps=int(self.sample_sigmas.shape[0]) - 1, prompt=prompt)

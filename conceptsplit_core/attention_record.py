@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_layout import LayerKey
+
 
 @dataclass(frozen=True)
 class ConceptMaps:
@@ -17,7 +19,7 @@ class ConceptMaps:
     labels: tuple[str, ...]  # one per concept, e.g. ("dog", "cat")
     maps: torch.Tensor  # (B, K, h, w) fp32 on the CPU, K = len(labels); attention probabilities, not normalised
     steps: tuple[int, ...] = ()  # 0-based sampling steps the maps average over; () = not recorded
-    layers: tuple[tuple[str, int, int], ...] = ()  # attn2 block keys averaged over; () = not recorded
+    layers: tuple[LayerKey, ...] = ()  # keys of the layers averaged over; () = not recorded
     # Per recorded step, for the interactive viewer (Capture Attention keeps them, issue 15): step_maps[:, i] is the
     # mean over the model calls × layers of step `steps[i]`, step_weights[i] how many (call, layer) maps it averages,
     # so Σ_i w_i · step_maps[:, i] / Σ_i w_i == maps (up to float rounding). None / () = not kept.

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from .adapter_file import AdapterWeights
-from .adapter_layers import UNetLayout, bind_adapter_layers
+from .adapter_layers import bind_adapter_layers
 from .config import ROLE_FROM_FILE, ROLES, TOKEN_INDEX_AUTO
 from .errors import ConceptSplitError
+from .model_layout import LayerKey, ModelLayout
 from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
 from .token_value_delta import TokenDelta
-
-BlockKey = tuple[str, int, int]
 
 # The largest ToVA delta accepted next to the layer's own value weight: ||strength · alpha/r · B·A||_F may be at most
 # this many times ||W_v||_F (see check_delta_sizes for the derivation).
@@ -44,7 +43,7 @@ class BoundConcept:
 
     concept: ConceptAdapter
     position: int  # s_k, 0-based in the flat token sequence
-    layers: dict  # BlockKey -> (A (r, d), B (C, r))
+    layers: dict  # LayerKey -> (A (r, d), B (C, r))
 
 
 @dataclass(frozen=True)
@@ -90,9 +89,9 @@ def make_concept(weights: AdapterWeights, identifier_word: str, strength: float,
                           token_index=explicit)
 
 
-def bind_concepts(concepts: Sequence[ConceptAdapter], layout: UNetLayout, prompt: PromptTokens,
+def bind_concepts(concepts: Sequence[ConceptAdapter], layout: ModelLayout, prompt: PromptTokens,
                   word_ids: Callable[[str], tuple[int, ...]],
-                  value_weight_norms: Mapping[BlockKey, float] | None = None) -> list[BoundConcept]:
+                  value_weight_norms: Mapping[LayerKey, float] | None = None) -> list[BoundConcept]:
     """Check every adapter against the model, then find every identifier in the prompt (spec §2.4, §2.7, §2.8).
 
     `value_weight_norms` ({attn2 replace key: ||W_v||_F} of the host) adds the delta-size check (check_delta_sizes).
@@ -119,7 +118,7 @@ def bind_concepts(concepts: Sequence[ConceptAdapter], layout: UNetLayout, prompt
     return [BoundConcept(concept, position, bound) for concept, position, bound in zip(concepts, positions, layers)]
 
 
-def check_delta_sizes(concept: ConceptAdapter, layout: UNetLayout, value_weight_norms: Mapping[BlockKey, float]
+def check_delta_sizes(concept: ConceptAdapter, layout: ModelLayout, value_weight_norms: Mapping[LayerKey, float]
                       ) -> None:
     """Refuse a concept whose delta dwarfs the layer it adapts: ||λ · alpha/r · B·A||_F <= 1000 · ||W_v||_F.
 
@@ -162,12 +161,12 @@ def check_delta_sizes(concept: ConceptAdapter, layout: UNetLayout, value_weight_
 
 
 def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int,
-                      prompt_ids: tuple | None = None) -> dict[BlockKey, tuple[TokenDelta, ...]]:
+                      prompt_ids: tuple | None = None) -> dict[LayerKey, tuple[TokenDelta, ...]]:
     """Per attn2 block, the deltas of every concept, in concept order (spec §2.1: scale = strength · alpha / r).
 
     `prompt_ids` (the prompt's token ids) lets the sampler tell this prompt's conditioning from others in a batch.
     """
-    plan: dict[BlockKey, list[TokenDelta]] = {}
+    plan: dict[LayerKey, list[TokenDelta]] = {}
     for item in bound:
         scale = item.concept.strength * item.concept.weights.scale
         for key, (lora_a, lora_b) in item.layers.items():
@@ -186,3 +185,26 @@ def describe_bindings(bound: Sequence[BoundConcept], prompt: PromptTokens) -> st
                      f"(window {item.position // window}, index {item.position % window}), role {c.role}, "
                      f"strength {c.strength:g}, rank {c.weights.rank}, {c.weights.file_format} format")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ToVAPlan:
+    """Everything Apply ToVA installs, resolved before anything is patched."""
+
+    deltas: dict  # LayerKey -> tuple[TokenDelta, ...], per layer, in concept order
+    located: tuple[LocatedConcept, ...]  # the concepts and their positions, for LODA and the viewer
+    info: str  # the node's text output: where each identifier word was found
+    label: str  # the adapters' labels, for messages
+
+
+def plan_tova(concepts: Sequence[ConceptAdapter], layout: ModelLayout, prompt: PromptTokens,
+              word_ids: Callable[[str], tuple[int, ...]],
+              value_weight_norms: Mapping[LayerKey, float] | None = None) -> ToVAPlan:
+    """Bind the concepts to the model and the prompt (bind_concepts), and plan their deltas (spec §2.1, §2.4).
+
+    Raises: ConceptSplitError as bind_concepts.
+    """
+    bound = bind_concepts(concepts, layout, prompt, word_ids, value_weight_norms)
+    length, ids = len(prompt.token_ids), prompt.token_ids
+    return ToVAPlan(plan_token_deltas(bound, length, ids), located(bound, length, ids),
+                    describe_bindings(bound, prompt), ", ".join(c.label for c in concepts))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .widgets import WidgetRange
+
 # Model families the pack knows (spec §2.2). The key is what adapter metadata stores in `conceptsplit.base_model`
 # after the optional "-v" suffix is removed.
 FAMILY_SD15 = "sd1.5"
@@ -33,11 +35,18 @@ class ToVAConfig:
 
 TOVA_DEFAULTS = ToVAConfig()
 
-# Widget ranges: (min, max, step). "recommended" is what the tooltip tells the user.
-STRENGTH_RANGE = (-4.0, 4.0, 0.05)
-STRENGTH_RECOMMENDED = "0.0 to 1.5; 1.0 reproduces the paper"
 TOKEN_INDEX_AUTO = -1  # "find the identifier word in the prompt" (spec §2.4)
 TOKEN_INDEX_MAX = 77 * 8 - 1  # ComfyUI allows long prompts as several 77-token windows
+
+# Widget ranges of the ToVA nodes; "recommended" is what the tooltip tells the user.
+UI_RANGES: dict[str, WidgetRange] = {
+    "strength": WidgetRange(-4.0, 4.0, 0.05, "0.0 to 1.5; 1.0 reproduces the paper"),
+    "token_index": WidgetRange(TOKEN_INDEX_AUTO, TOKEN_INDEX_MAX, 1),
+}
+# Folders of ComfyUI/models that hold ToVA adapter files, in search order: models/tova (registered by the pack, where
+# training saves), then models/loras.
+ADAPTER_FOLDERS = ("tova", "loras")
+TOVA_FOLDER = ADAPTER_FOLDERS[0]
 
 # Native adapter file format (spec §2.7).
 NATIVE_FORMAT_NAME = "tova"

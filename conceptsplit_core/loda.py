@@ -7,34 +7,34 @@ need autograd where stated and never toggle grad modes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .attention_calls import COND, UNCOND, AttentionCall, BlockKey
+from .attention_calls import COND, UNCOND, AttentionCall
 from .attention_fixing import build_fixing_bias, build_fixing_masks, resize_masks_nearest
 from .errors import ConceptSplitError
 from .loda_config import LodaConfig
 from .loda_loss import AE_KERNEL_SIZE
+from .model_layout import LayerKey, ModelLayout, map_grid
 from .token_value_delta import identifier_rows
 
 __all__ = [
     "FixingBias",
     "LodaConcepts",
+    "LodaPlan",
     "MapCollector",
     "MapLayers",
     "StepRecord",
     "build_concept_masks",
     "format_report",
+    "loda_stage1_steps",
     "map_grid",
+    "plan_loda_run",
     "run_truncated",
     "select_map_layers",
 ]
-
-MAP_LEVEL = 2  # the map level is latent/4: two downsamplings (spec §3.1)
-SDXL_FAMILY = "sdxl"
 
 
 class _TruncatedForward(Exception):
@@ -90,53 +90,89 @@ class MapLayers:
     """Which cross-attention layers LODA reads and biases (spec §3.1, §4.3)."""
 
     grid: tuple[int, int]  # (h, w) of the map level
-    loss_keys: tuple[BlockKey, ...]  # stage-1 loss layers, execution order; the last one ends the gradient pass
-    mask_keys: tuple[BlockKey, ...]  # layers averaged for the stage-2 masks
+    loss_keys: tuple[LayerKey, ...]  # stage-1 loss layers, execution order; the last one ends the gradient pass
+    mask_keys: tuple[LayerKey, ...]  # layers averaged for the stage-2 masks
     fixing_keys: Optional[frozenset]  # layers that get the bias; None = every cross-attention layer
 
 
-def map_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
-    """Grid after `level` stride-2 downsamplings with padding 1: ceil at each one (spec §3.1, notes §1.3)."""
-    h, w = latent_hw
-    for _ in range(level):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return h, w
-
-
-def select_map_layers(layer_levels: Sequence[tuple[BlockKey, int]], family: str, latent_hw: tuple[int, int],
-                      fixing_layers: str) -> MapLayers:
-    """Pick the map-level layers (spec §3.1): all layers at latent/4; SDXL's loss uses only the down blocks.
-
-    [choice] A UNet shallower than SD's (fewer than 3 levels, e.g. the tiny test models) uses its deepest level.
+def select_map_layers(layout: ModelLayout, latent_hw: tuple[int, int], fixing_layers: str) -> MapLayers:
+    """Pick LODA's layers from the layout's data (spec §3.1): the map layers (`AttentionSite.map`, the family's map
+    level, e.g. latent/4 for the SD UNets) give the masks, those of them marked `loss` the stage-1 loss.
 
     Args:
-        layer_levels: (replace key, downsampling level) for every cross-attention layer, in execution order.
-        family: "sd1.5", "sd2.1" or "sdxl". latent_hw: (H_lat, W_lat). fixing_layers: "all" or "map_level".
+        layout: the host model's layers, in execution order. latent_hw: (H_lat, W_lat).
+        fixing_layers: "all" (every layer of the layout gets the bias) or "map_level" (the map layers only).
     Raises:
-        ConceptSplitError: no cross-attention layer at the level, or maps smaller than the 7×7 smoothing kernel.
+        ConceptSplitError: no map or loss layer, or maps smaller than the 7×7 smoothing kernel.
     """
-    down_levels = [level for key, level in layer_levels if key[0] == "input"]
-    if not down_levels:
+    at_level = tuple(site for site in layout.layers if site.map)
+    loss_keys = tuple(site.key for site in at_level if site.loss)
+    if not at_level or not loss_keys:
         raise ConceptSplitError.build(
-            "This model has no cross-attention layers in its down blocks, which LODA needs",
-            seen=f"{len(layer_levels)} cross-attention layers, none in input blocks",
-            expected="an SD1.5, SD2.1 or SDXL UNet (cross-attention at latent/4)",
-            fix="use LODA with an SD1.5, SD2.1 or SDXL checkpoint",
+            "This model has no cross-attention layers at the level LODA reads its maps from",
+            seen=f"{len(layout.layers)} text-attention layers of this {layout.display_name} model, "
+                 f"{len(at_level)} at the map level, {len(loss_keys)} of them usable for the loss",
+            expected="a model whose family has text-attention layers at its map level (SD UNets: latent/4 in the "
+                     "down blocks)",
+            fix="use LODA with a supported checkpoint (SD1.5, SD2.1, SDXL)",
         )
-    level = min(MAP_LEVEL, max(down_levels))
-    grid = map_grid(latent_hw, level)
+    levels = {site.level for site in at_level}
+    grids = {map_grid(latent_hw, level) for level in levels}
+    grid = min(grids)
+    if len(grids) > 1:
+        raise ConceptSplitError.build(
+            "The model's map layers have different grids", seen=f"grids {sorted(grids)}",
+            expected="one grid for every map layer", fix="report this model to the pack's authors")
     if min(grid) < AE_KERNEL_SIZE:
-        side = AE_KERNEL_SIZE * 8 * 2 ** level
+        level = max(levels)
+        side = AE_KERNEL_SIZE * layout.latent_scale * 2 ** level
         raise ConceptSplitError.build(
             "Unsupported resolution: the LODA attention maps are smaller than the smoothing kernel",
             seen=f"latent {latent_hw[0]}×{latent_hw[1]} gives {grid[0]}×{grid[1]} maps at latent/{2 ** level}",
             expected=f"maps of at least {AE_KERNEL_SIZE}×{AE_KERNEL_SIZE} (24×24 at 768 px for SD2.1)",
             fix=f"use an image of at least {side}×{side} px",
         )
-    at_level = tuple(key for key, key_level in layer_levels if key_level == level)
-    loss_keys = tuple(key for key in at_level if family != SDXL_FAMILY or key[0] == "input")  # spec §3.1 SDXL
-    fixing = None if fixing_layers == "all" else frozenset(at_level)
-    return MapLayers(grid=grid, loss_keys=loss_keys, mask_keys=at_level, fixing_keys=fixing)
+    mask_keys = tuple(site.key for site in at_level)
+    fixing = None if fixing_layers == "all" else frozenset(mask_keys)
+    return MapLayers(grid=grid, loss_keys=loss_keys, mask_keys=mask_keys, fixing_keys=fixing)
+
+
+@dataclass(frozen=True)
+class LodaPlan:
+    """A LODA request resolved against one model, prompt, latent and schedule; checked before any step."""
+
+    concepts: LodaConcepts
+    layers: MapLayers
+    stage1_steps: int  # N
+    total_steps: int  # S; 0 when there is nothing to sample (denoise 0)
+    fixing: bool  # p or m non-zero, and steps left after stage 1
+    layout: ModelLayout  # the model's layers, built once per run
+
+
+def loda_stage1_steps(config: LodaConfig, total_steps: int) -> int:
+    """Check the settings against S = `total_steps` and return N (0 for a run with nothing to sample).
+
+    Raises: ConceptSplitError for a bad setting or N > S (LodaConfig.validate).
+    """
+    if total_steps == 0:
+        config.validate()
+        return 0
+    config.validate(total_steps)
+    return config.loda_steps_for(total_steps)
+
+
+def plan_loda_run(config: LodaConfig, layout: ModelLayout, words, latent_hw: tuple[int, int], total_steps: int,
+                  stage1_steps: int) -> LodaPlan:
+    """Resolve concepts, layers and whether fixing runs (spec §3.1, §4), from the located concept words `words`
+    (concept_words.ConceptWords) and the model's layout.
+
+    Raises: ConceptSplitError for fewer than 2 concepts, a model without map-level layers, or maps smaller than the
+    smoothing kernel.
+    """
+    concepts = LodaConcepts(tuple(words.labels), tuple(words.first_positions), words.prompt_length, words.prompt_ids)
+    layers = select_map_layers(layout, latent_hw, config.fixing_layers)
+    fixing = (config.boost != 0 or config.suppression != 0) and stage1_steps < total_steps
+    return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing, layout)
 
 
 class MapCollector:
@@ -151,7 +187,7 @@ class MapCollector:
         self.active = False
         self._keys: frozenset = frozenset()
         self._branches: frozenset = frozenset((COND,))
-        self._last_key: Optional[BlockKey] = None
+        self._last_key: Optional[LayerKey] = None
         self._truncate = False
         self._first_call = False
         self._sums: Optional[torch.Tensor] = None  # (B_img, K, N) fp32
@@ -161,7 +197,7 @@ class MapCollector:
     def __deepcopy__(self, memo):  # run state: ComfyUI must never copy it (notes §1.1)
         return self
 
-    def start(self, keys: Sequence[BlockKey], branches: Sequence[int], truncate: bool = False,
+    def start(self, keys: Sequence[LayerKey], branches: Sequence[int], truncate: bool = False,
               first_call: bool = False) -> None:
         """Collect from `keys` on chunks of `branches`.
 

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 from .errors import ConceptSplitError
 from .number_checks import check_number
+from .widgets import WidgetRange
 
 # N = round(0.2·S) when `loda_steps` is AUTO_LODA_STEPS: 10 LODA steps at S = 50 (spec §3.3, §8 #7).
 LODA_STEPS_FRACTION = 0.2
@@ -30,20 +31,42 @@ UI_OPTIONS: dict[str, tuple[str, ...]] = {
     "mask_source": ("cond", "cond_and_uncond"),
 }
 
-# Numeric widgets: field -> (min, max, step, recommended range for the tooltip). The widget limits are wider
+# Numeric widgets: field -> WidgetRange(min, max, step, recommended range for the tooltip). The widget limits are wider
 # than the recommended range on purpose (ablations); `LodaConfig.validate` enforces only what is mathematically
 # required. `loda_steps`: -1 = auto, 0 = stage 1 off, >= 1 = N.
-UI_RANGES: dict[str, tuple[float, float, float, str]] = {
-    "loda_steps": (AUTO_LODA_STEPS, 1000, 1, "-1 = auto, round(0.2·steps): 10 at 50 steps as in the paper; 5 to 15 "
-                   "at 50 steps; 0 = stage 1 off (attention fixing only)"),
-    "inner_iterations": (1, 20, 1, "1 as in the paper; the official pipeline uses 10"),
-    "kl_threshold": (0.0, 10.0, 0.05, "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"),
-    "step_scale": (0.0, 200.0, 0.5, "20 to 40; 40 is the paper's η at step 0, 20 the official code's"),
-    "smoothing_sigma": (0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the paper (the official pipeline uses 1.0)"),
-    "mask_percentile": (0.5, 0.999, 0.005, "0.80 to 0.99; 0.90 is the paper (γ); lower masks over-remove overlap"),
-    "mask_sigma": (0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the official code"),
-    "boost": (0.0, 20.0, 0.5, "0 to 10; +5 is the paper (p)"),
-    "suppression": (-1e8, 0.0, 1.0, "-1e8 (the paper's m) removes the other concepts' tokens; 0 disables"),
+UI_RANGES: dict[str, WidgetRange] = {
+    "loda_steps": WidgetRange(AUTO_LODA_STEPS, 1000, 1, "-1 = auto, round(0.2·steps): 10 at 50 steps as in the paper; "
+                              "5 to 15 at 50 steps; 0 = stage 1 off (attention fixing only)"),
+    "inner_iterations": WidgetRange(1, 20, 1, "1 as in the paper; the official pipeline uses 10"),
+    "kl_threshold": WidgetRange(0.0, 10.0, 0.05, "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"),
+    "step_scale": WidgetRange(0.0, 200.0, 0.5, "20 to 40; 40 is the paper's η at step 0, 20 the official code's"),
+    "smoothing_sigma": WidgetRange(0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the paper (the official pipeline uses 1.0)"),
+    "mask_percentile": WidgetRange(0.5, 0.999, 0.005,
+                                   "0.80 to 0.99; 0.90 is the paper (γ); lower masks over-remove overlap"),
+    "mask_sigma": WidgetRange(0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the official code"),
+    "boost": WidgetRange(0.0, 20.0, 0.5, "0 to 10; +5 is the paper (p)"),
+    "suppression": WidgetRange(-1e8, 0.0, 1.0, "-1e8 (the paper's m) removes the other concepts' tokens; 0 disables"),
+}
+
+# What each LodaConfig field means, for its widget's tooltip (every field needs one: the nodes build a widget per
+# field and refuse a field without a meaning).
+MEANINGS: dict[str, str] = {
+    "loda_steps": "N: sampling steps 0..N-1 get a latent update (stage 1); attention fixing runs from step N. "
+                  "Stage 1 runs the sampler one step at a time, so multistep samplers (dpmpp_2m, deis, ipndm, ...) "
+                  "run first-order on those steps; uni_pc cannot, use it with 0.",
+    "inner_iterations": "Gradient steps per stage-1 sampling step.",
+    "kl_threshold": "τ: updates stop once the harmonic mean of the concepts' pairwise KL reaches it.",
+    "step_scale": "η at step 0; the step size falls linearly to half of it over the steps (paper schedule).",
+    "step_schedule": "Step-size schedule: linear = the paper (40 − 20·i/S), sqrt = the official code.",
+    "smoothing_sigma": "σ of the 7×7 Gaussian that smooths the maps before the KL.",
+    "kl_pairs": "ordered: KL for a < b (official code); symmetric: both directions (Algorithm 1).",
+    "mask_percentile": "γ: each concept's mask is its smoothed map above this quantile (0.90 = top 10 %).",
+    "mask_sigma": "σ_m of the Gaussian that smooths the maps before the percentile.",
+    "boost": "p: added to the concept token's attention logits inside its own mask.",
+    "suppression": "m: added to the other concept tokens' logits inside a concept's mask.",
+    "fixing_layers": "all cross-attention layers (paper reconstruction) or only the map-level layers.",
+    "fixing_branches": "both CFG branches (official processors) or only the conditional one.",
+    "mask_source": "cond: masks from the conditional maps; cond_and_uncond: both, as the official code.",
 }
 
 

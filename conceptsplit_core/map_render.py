@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConceptSplitError
+from .widgets import WidgetRange
 
 # Polynomial fits of matplotlib's perceptual colormaps by Matt Zucker, "Colormaps" (Shadertoy WlfXRN, CC0),
 # fitted to the BIDS/colormap data: c(t) = Σ_n coeff[n]·tⁿ per channel, rows n = 0..6, columns (R, G, B).
@@ -47,6 +48,8 @@ _TRUE_ENDPOINTS = {
 # Turbo is left out on purpose: Google's published polynomial (Ruofei Du) is off by 12/255 on average and 32/255 at
 # t = 0, and turbo's lightness is not monotone, so it would misrepresent attention strength.
 COLORMAPS = ("inferno", "viridis")  # first = default; the viewer node offers these names
+ALPHA_DEFAULT = 0.5  # heatmap opacity over the image: half and half
+ALPHA_RANGE = WidgetRange(0.0, 1.0, 0.05)
 _LUT_SIZE = 256
 _ENDPOINT_RAMP = 8  # LUT entries over which the fit is pinned to the true endpoints (keeps interior error ≤ the fit's)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .config import FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL
 from .errors import ConceptSplitError
 from .number_checks import check_number
+from .widgets import WidgetRange
 
 TEMPLATES_PATH = Path(__file__).parent / "data" / "prompt_templates.txt"
 NUM_TRAIN_TIMESTEPS = 1000  # t ~ U{0..999} (spec §2.6)
@@ -91,15 +92,6 @@ def default_resolution(base_model: str) -> int:
             fix="train on an SD2.1, SDXL or SD1.5 checkpoint",
         )
     return _DEFAULT_RESOLUTION[family]
-
-
-class WidgetRange(NamedTuple):
-    """Node widget limits for one TrainConfig field; `recommended` is the tooltip's advice."""
-
-    min: float
-    max: float
-    step: float
-    recommended: str
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ConceptSplitError
-from .training_data import WidgetRange, preprocess_images
+from .training_data import preprocess_images
+from .widgets import WidgetRange
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Widget limits of the loader's square size; the trainer resizes again to its own resolution R (spec §2.6).

@@ -13,13 +13,15 @@ from comfy_api.latest import io
 
 from ..conceptsplit_core import config
 from ..conceptsplit_core.adapter_file import read_adapter_file
-from ..conceptsplit_core.concepts import bind_concepts, describe_bindings, located, make_concept, plan_token_deltas
+from ..conceptsplit_core.concepts import make_concept, plan_tova
 from ..conceptsplit_core.errors import ConceptSplitError
-from . import comfy_hooks
+from . import comfy_text
+from .families import tova_family
 from .input_checks import check_number_inputs
+from .sockets import ConceptAdapters
+from .widgets import number_input
 
-ConceptAdapters = io.Custom("CONCEPTSPLIT_ADAPTERS")  # tuple[ConceptAdapter, ...]
-ADAPTER_FOLDERS = ("tova", "loras")  # ToVA files belong in models/tova; models/loras is searched too
+ADAPTER_FOLDERS = config.ADAPTER_FOLDERS  # ToVA files belong in models/tova; models/loras is searched too
 
 
 def adapter_file_names() -> list[str]:
@@ -58,18 +60,16 @@ class LoadToVAAdapter(io.ComfyNode):
                                 tooltip="The plain class word the adapter was trained on (e.g. dog). It must appear "
                                         "in the prompt; its first token gets the delta. Empty = the word stored in "
                                         "the file (official checkpoints store none, so type it)."),
-                io.Float.Input("strength", default=config.TOVA_DEFAULTS.strength, min=config.STRENGTH_RANGE[0],
-                               max=config.STRENGTH_RANGE[1], step=config.STRENGTH_RANGE[2],
-                               tooltip="Multiplier on the adapter delta (λ). Recommended "
-                                       f"{config.STRENGTH_RECOMMENDED}; 0 turns the concept off."),
+                number_input("strength", config.TOVA_DEFAULTS.strength, config.UI_RANGES["strength"],
+                             "Multiplier on the adapter delta (λ); 0 turns the concept off."),
                 io.Combo.Input("role", options=[config.ROLE_FROM_FILE, *config.ROLES], default=config.ROLE_FROM_FILE,
                                tooltip="object: ToVA + LODA separation and attention fixing. background (a place, "
                                        "a style): ToVA only, never separated. 'from file' uses the adapter's "
                                        "metadata (object for official checkpoints)."),
-                io.Int.Input("token_index", default=config.TOKEN_INDEX_AUTO, min=config.TOKEN_INDEX_AUTO,
-                             max=config.TOKEN_INDEX_MAX, optional=True,
-                             tooltip="-1 (default): find the identifier word in the prompt. Otherwise the token "
-                                     "position to adapt, counted with the start token at 0 and 77 per window."),
+                number_input("token_index", config.TOKEN_INDEX_AUTO, config.UI_RANGES["token_index"],
+                             "-1 (default): find the identifier word in the prompt. Otherwise the token position to "
+                             "adapt, counted with the start token at 0 and 77 per window.", integer=True, step=False,
+                             optional=True),
                 ConceptAdapters.Input("adapters", optional=True,
                                       tooltip="Adapters loaded so far; this node appends its adapter to them."),
             ],
@@ -80,7 +80,8 @@ class LoadToVAAdapter(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name, **kwargs):
-        path = folder_paths.get_full_path("tova", adapter_name) or folder_paths.get_full_path("loras", adapter_name)
+        path = next(filter(None, (folder_paths.get_full_path(folder, adapter_name) for folder in ADAPTER_FOLDERS)),
+                    None)
         return os.path.getmtime(path) if path else None
 
     @classmethod
@@ -124,17 +125,12 @@ class ApplyToVA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapters, clip, text: str, apply_to_uncond: bool = True) -> io.NodeOutput:
-        layout = comfy_hooks.unet_layout(model)
-        prompt = comfy_hooks.prompt_tokens(clip, text)
-        bound = bind_concepts(tuple(adapters or ()), layout, prompt,
-                              lambda word: comfy_hooks.word_token_ids(clip, word),
-                              comfy_hooks.value_weight_norms(model, layout))
-        positive = comfy_hooks.encode_prompt(clip, text, layout)
+        family = tova_family(model)
+        layout = family.layout(model)
+        prompt = family.prompt_tokens(clip, text)
+        plan = plan_tova(tuple(adapters or ()), layout, prompt, lambda word: family.word_token_ids(clip, word),
+                         family.value_weight_norms(model, layout))
+        positive = comfy_text.encode_prompt(clip, text, layout)
         patched = model.clone()
-        comfy_hooks.install_token_deltas(patched, layout,
-                                         plan_token_deltas(bound, len(prompt.token_ids), prompt.token_ids),
-                                         apply_to_uncond, prompt, ", ".join(c.label for c in adapters), positive)
-        patched.model_options = comfy_hooks.with_located_concepts(patched.model_options,
-                                                                  located(bound, len(prompt.token_ids),
-                                                                          prompt.token_ids))
-        return io.NodeOutput(patched, positive, describe_bindings(bound, prompt))
+        family.install_tova(patched, layout, plan.deltas, apply_to_uncond, prompt, plan.label, positive, plan.located)
+        return io.NodeOutput(patched, positive, plan.info)

@@ -5,8 +5,9 @@ after an interrupt or an error, so no other node ever sees the change.
 - `AutogradWeights`: the executor loads weights under `torch.inference_mode()`, and autograd refuses to save an
   inference tensor for backward. Instead of copying the weights (notes §4.2 fix (a)), every inference parameter and
   buffer is swapped for a normal tensor that *views the same storage*: no copy, no extra memory, bit-identical values.
-- `GradientCheckpointing`: ResBlock / SpatialTransformer forwards wrapped in non-reentrant torch.utils.checkpoint,
-  so backward recomputes their activations instead of keeping them.
+- `GradientCheckpointing`: chosen module forwards (a UNet's ResBlock / SpatialTransformer: the family says which)
+  wrapped in non-reentrant torch.utils.checkpoint, so backward recomputes their activations instead of keeping them.
+- `FrozenWeights`: a model's parameters frozen for training, its weights as autograd-usable views.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ from typing import Iterable
 import torch
 import torch.utils.checkpoint
 
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-
-UNetBlock = tuple  # ("input", 7) / ("middle", 0) / ("output", 5): a ComfyUI UNet block, a replace key without depth
 
 
 class AutogradWeights:
@@ -84,38 +81,39 @@ def _normal_view(tensor: torch.Tensor) -> torch.Tensor:
     return view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
-def unet_and_control_modules(model_patcher, conds=None) -> list[torch.nn.Module]:
-    """The UNet of `model_patcher` and every ControlNet (or ControlLoRA) in the conds' control chains, each once:
-    the modules a gradient w.r.t. the latent runs through. T2I adapters are left out: their output depends on the
-    hint only, never on the latent."""
-    found: dict[int, torch.nn.Module] = {id(model_patcher.model.diffusion_model): model_patcher.model.diffusion_model}
-    for entry in conds or ():
-        control = entry.get("control")
-        while control is not None:
-            module = getattr(control, "control_model", None)
-            if isinstance(module, torch.nn.Module):
-                found.setdefault(id(module), module)
-            control = getattr(control, "previous_controlnet", None)
-    return list(found.values())
+class FrozenWeights:
+    """Context manager for training: no parameter of `module` requires grad inside the block (the flags are put
+    back on exit), and its inference-tensor weights are autograd-usable views (AutogradWeights), so only the
+    trained parameters (the LoRA's) get gradients."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.weights = AutogradWeights([module])
+        self.flags: list[tuple[torch.nn.Parameter, bool]] = []
+
+    def __enter__(self) -> "FrozenWeights":
+        self.weights.__enter__()
+        for param in self.module.parameters():
+            self.flags.append((param, param.requires_grad))
+            param.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for param, flag in self.flags:
+            param.requires_grad_(flag)
+        self.flags.clear()
+        self.weights.__exit__(*exc)
 
 
 class GradientCheckpointing:
-    """Context manager: wrap the ResBlock and SpatialTransformer forwards of `diffusion_model` in
-    torch.utils.checkpoint (non-reentrant) inside the block; restored on exit (as comfy_extras/nodes_train.py
-    patches and unpatches). Gradients are unchanged (tested to 1e-6).
-
-    Args:
-        enabled: False makes this a no-op, so callers need no branch.
-        keep_blocks: UNet blocks whose SpatialTransformer stays un-checkpointed. LODA keeps its loss layers there:
-            their attention observers record maps and end the pass, which a recompute in backward must not repeat.
+    """Context manager: wrap the forwards of `modules` in torch.utils.checkpoint (non-reentrant) inside the block;
+    restored on exit (as comfy_extras/nodes_train.py patches and unpatches). Gradients are unchanged (tested to
+    1e-6). Which modules of a model may be checkpointed is its family's knowledge (families.unet.checkpoint_modules);
+    no modules makes this a no-op, so callers need no branch.
     """
 
-    def __init__(self, diffusion_model: torch.nn.Module, enabled: bool, keep_blocks: Iterable[UNetBlock] = ()):
-        kept = {id(m) for block in keep_blocks for m in _block_module(diffusion_model, block).modules()
-                if isinstance(m, SpatialTransformer)}
-        self.modules = ([m for m in diffusion_model.modules()
-                         if isinstance(m, (ResBlock, SpatialTransformer)) and id(m) not in kept]
-                        if enabled else [])
+    def __init__(self, modules: Iterable[torch.nn.Module] = ()):
+        self.modules = list(modules)
         self.saved: list[tuple[torch.nn.Module, object]] = []
 
     def __enter__(self) -> "GradientCheckpointing":
@@ -131,13 +129,6 @@ class GradientCheckpointing:
             else:
                 module.forward = own
         self.saved.clear()
-
-
-def _block_module(diffusion_model: torch.nn.Module, block: UNetBlock) -> torch.nn.Module:
-    name, index = block[0], block[1]
-    if name == "middle":
-        return diffusion_model.middle_block
-    return (diffusion_model.input_blocks if name == "input" else diffusion_model.output_blocks)[index]
 
 
 def _checkpointed(forward):

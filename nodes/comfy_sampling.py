@@ -1,5 +1,5 @@
-"""Seam, part 2: ComfyUI's sampler, guider, noise and gradient-pass signatures (comfyui-notes §4), for LODA and the
-attention viewer's run bookkeeping. Node modules call these; conceptsplit_core never sees ComfyUI objects.
+"""Seam: ComfyUI's sampler, guider, noise and run signatures (comfyui-notes §4), for LODA and the attention viewer's
+run bookkeeping. Node modules call these; conceptsplit_core never sees ComfyUI objects.
 """
 
 from __future__ import annotations
@@ -10,22 +10,18 @@ import torch
 
 import comfy.extra_samplers.uni_pc as k_diffusion_uni_pc
 import comfy.k_diffusion.sampling as k_diffusion_sampling
-import comfy.model_base
 import comfy.model_management
-import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import comfy.sd1_clip
-import comfy.supported_models
 import comfy.utils
 import latent_preview
 
-from ..conceptsplit_core.adapter_layers import UNetLayout
 from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.model_layout import ModelLayout
 from ..conceptsplit_core.prompt_tokens import PromptTokens
-
-from .comfy_hooks import (ConceptSplitAttention, call_chunk_table, check_prompt_sampled, distinct_prompts,
-                          encoding_text, recorded_prompt_ids, with_chunk_table, with_observers, with_prompt_encodings)
+from .comfy_conditioning import (call_chunk_table, check_prompt_sampled, distinct_prompts, encoding_text,
+                                 recorded_prompt_ids, with_chunk_table, with_prompt_encodings)
 
 
 def check_steps_one_slice(inner) -> None:
@@ -41,49 +37,6 @@ def check_steps_one_slice(inner) -> None:
                  "so it would not denoise the stage-1 steps)",
             expected="a sampler that can step one sigma at a time (euler, ddim, dpmpp_2m, heun, ...)",
             fix="pick another sampler, or set loda_steps to 0 to turn stage 1 off (attention fixing still works)")
-
-
-def check_fixing_patches(model_options: dict, layout: UNetLayout, fixing_keys) -> None:
-    """Raise if a layer that attention fixing biases has another pack's attn2 replace (comfy_hooks chains it as
-    ConceptSplitAttention.wrapped), which cannot take the bias; checked before sampling (STYLE §10).
-
-    fixing_keys: the biased replace keys, or None for every cross-attention layer of `layout`.
-    """
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    foreign = []
-    for layer in layout.layers:
-        if fixing_keys is not None and layer.key not in fixing_keys:
-            continue
-        patch = replaces.get(layer.key, replaces.get(layer.key[:2]))
-        inner = patch.wrapped if isinstance(patch, ConceptSplitAttention) else patch
-        if inner is not None:
-            foreign.append((layer.key, type(inner).__name__))
-    if foreign:
-        raise ConceptSplitError.build(
-            "Attention fixing cannot pass a bias through another pack's attention patch",
-            seen=f"foreign attn2 replaces on {len(foreign)} biased layer(s), e.g. {foreign[0][1]} at {foreign[0][0]}",
-            expected="no other attn2 replace (IPAdapter, attention couple, ...) on the layers that get the LODA bias",
-            fix="set boost and suppression to 0 (fixing off), set fixing_layers to map_level if the other patch "
-                "avoids those layers, or remove the other attention patch from this model")
-
-
-def gradient_pass_options(model_options: dict, conds) -> dict:
-    """model_options for the stage-1 gradient pass: with a ControlNet in `conds`, each input block's output is
-    cloned after it is stored as a skip, because the UNet adds the control to the stored skips in place
-    (openaimodel.apply_control), which autograd refuses once the next block has saved that tensor."""
-    if not any(entry.get("control") is not None for entry in conds or ()):
-        return model_options
-    options = dict(model_options)
-    transformer_options = dict(options.get("transformer_options", {}))
-    patches = dict(transformer_options.get("patches", {}))
-    patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []), _clone_after_skip]
-    transformer_options["patches"] = patches
-    options["transformer_options"] = transformer_options
-    return options
-
-
-def _clone_after_skip(h: torch.Tensor, transformer_options) -> torch.Tensor:
-    return h.clone()  # the skip list keeps the original (changed in place later), the next block gets the copy
 
 
 def inpaint_model_input(model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_mask, model_options: dict,
@@ -112,14 +65,34 @@ def sampling_guider(model_k):
     return model_k.inner_model
 
 
-def guider_prompts(guider) -> tuple[PromptTokens, ...]:
-    """Every distinct PromptTokens of the guider's processed positive conds (convert_cond keeps the dict keys)."""
-    return distinct_prompts(guider.conds.get("positive", None) or ())
+def sampling_model(model_k):
+    """The MODEL (ModelPatcher) being sampled by the k-diffusion model function `model_k`."""
+    return sampling_guider(model_k).model_patcher
+
+
+def positive_conds(model_k) -> list:
+    """The processed positive conds of the run (dicts; convert_cond keeps the CONDITIONING's keys), or []."""
+    return sampling_guider(model_k).conds.get("positive", None) or []
+
+
+def sampled_prompts(model_k) -> tuple[PromptTokens, ...]:
+    """Every distinct PromptTokens of the run's processed positive conds."""
+    return distinct_prompts(positive_conds(model_k))
+
+
+def run_model_options(extra_args: dict) -> dict:
+    """The per-run model_options of a sampler call (KSAMPLER extra_args; notes §4.1)."""
+    return extra_args.get("model_options", {})
+
+
+def with_run_model_options(extra_args: dict, model_options: dict) -> dict:
+    """A copy of the sampler call's extra_args with `model_options` in place of the run's."""
+    return {**extra_args, "model_options": model_options}
 
 
 def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False,
                  prompt_ids: tuple | None = None):
-    """One cond-only UNet forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; notes §4.3 step 2).
+    """One cond-only model forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; notes §4.3 step 2).
 
     Differentiable w.r.t. x when grad mode is on; the model input scaling is part of the graph (spec §3.4).
     Shapes: x (b, 4, h, w); sigma () or (b,). With `negative`, the negative conds run as well (mask capture).
@@ -225,7 +198,7 @@ def mark_auxiliary_pass(model_options: dict) -> dict:
     return options
 
 
-def install_attention_capture(model_patcher, layout: UNetLayout, capture, encodings=()) -> None:
+def install_attention_capture(model_patcher, family, layout: ModelLayout, capture, encodings=()) -> None:
     """Make `model_patcher` (already a clone) report attn2 probabilities to `capture` and tell it each run's bounds.
 
     `capture` is an attention_capture.AttentionCapture. An OUTER_SAMPLE wrapper (notes §1.4; it chains, and clone()
@@ -233,13 +206,11 @@ def install_attention_capture(model_patcher, layout: UNetLayout, capture, encodi
     fails before sampling, and capture.finish_run(output latent) after the last. A CALC_COND_BATCH wrapper reads each
     model call's sigma once (one host sync per model call, none per attn2 layer) and brackets the call with
     capture.begin_model_call / end_model_call; at the run's model calls it also checks that a positive being
-    sampled is the prompt the words were located in (comfy_hooks.check_prompt_sampled), recognising an unrecorded
+    sampled is the prompt the words were located in (comfy_conditioning.check_prompt_sampled), recognising an unrecorded
     one by `encodings` (PromptEncodings of Capture Attention's positive input) and the model's.
     """
-    import comfy.patcher_extension  # kept local to this section (already loaded by comfy.samplers)
-
-    model_patcher.model_options = with_prompt_encodings(with_observers(model_patcher.model_options, layout, (capture,)),
-                                                        encodings)
+    options = family.install_observers(model_patcher.model_options, layout, (capture,))
+    model_patcher.model_options = with_prompt_encodings(options, encodings)
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
                                        _capture_run_wrapper(capture))
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CAPTURE_WRAPPER_KEY,

@@ -1,5 +1,6 @@
-"""Seam, part 3: what ToVA training needs from ComfyUI: the noise schedule, the VAE posterior, conditioning with SDXL's
-size embedding, and autograd inside ComfyUI's own sampling machinery (comfyui-notes §4.2, §4.4).
+"""Seam: what ToVA training needs from ComfyUI: the VAE posterior, conditioning with SDXL's size embedding, and a
+training run inside ComfyUI's own sampling machinery (comfyui-notes §4.2, §4.4). The noise schedule, the frozen
+model and where the deltas go are the model family's (nodes/families/).
 """
 
 from __future__ import annotations
@@ -7,39 +8,12 @@ from __future__ import annotations
 import torch
 
 import comfy.ldm.models.autoencoder as comfy_autoencoder
-import comfy.model_base
 import comfy.model_management
-import comfy.model_sampling
-import comfy.sample
 import comfy.samplers
-import comfy.sd1_clip
-import comfy.supported_models
 import comfy.utils
 
-from ..conceptsplit_core.adapter_layers import UNetLayout
-from ..conceptsplit_core.config import PREDICTION_EPS, PREDICTION_V
 from ..conceptsplit_core.errors import ConceptSplitError
-
-from .comfy_autograd import AutogradWeights, GradientCheckpointing
-from .comfy_hooks import with_processors
-
-
-def training_noise_schedule(model_patcher) -> tuple[torch.Tensor, str, float]:
-    """(σ_t table (1000,), "v" | "eps", σd) of the model's sampling object, which a ModelSamplingDiscrete may patch."""
-    sampling = model_patcher.get_model_object("model_sampling")
-    sigmas = getattr(sampling, "sigmas", None)
-    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        prediction = PREDICTION_V
-    elif type(sampling).calculate_denoised is comfy.model_sampling.EPS.calculate_denoised:
-        prediction = PREDICTION_EPS
-    else:
-        prediction = None
-    if prediction is None or sigmas is None or sigmas.numel() != 1000:
-        raise ConceptSplitError.build(
-            "ToVA training needs a discrete 1000-step v- or ε-prediction model",
-            seen=f"model sampling {type(sampling).__name__}", expected="SD1.5, SD2.1 or SDXL sampling (discrete)",
-            fix="remove ModelSampling nodes other than ModelSamplingDiscrete (eps or v_prediction) before training")
-    return sigmas.detach().to("cpu", torch.float32).clone(), prediction, float(sampling.sigma_data)
+from ..conceptsplit_core.model_layout import ModelLayout
 
 
 @torch.no_grad()
@@ -92,34 +66,12 @@ def _clone_conditioning(item):
     return [cond.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in extras.items()}]
 
 
-class _FrozenUNet:
-    """Only the LoRA parameters require grad: the UNet's requires_grad flags are off for the run and restored
-    afterwards; its inference-tensor weights are autograd-usable views for the run (comfy_autograd)."""
-
-    def __init__(self, model_patcher):
-        self.model_patcher = model_patcher
-        self.weights = AutogradWeights([model_patcher.model.diffusion_model])
-        self.flags: list[tuple[torch.nn.Parameter, bool]] = []
-
-    def __enter__(self):
-        self.weights.__enter__()
-        for param in self.model_patcher.model.diffusion_model.parameters():
-            self.flags.append((param, param.requires_grad))
-            param.requires_grad_(False)
-        return self
-
-    def __exit__(self, *exc):
-        for param, flag in self.flags:
-            param.requires_grad_(flag)
-        self.flags.clear()
-        self.weights.__exit__(*exc)
-
-
 class _TrainingSampler(comfy.samplers.Sampler):
     """A SAMPLER that trains instead of sampling (the shape of comfy_extras/nodes_train.py): ComfyUI has loaded
     the model and encoded the conds; `body(denoise)` runs the core training loop with a k-diffusion denoiser."""
 
-    def __init__(self, layout: UNetLayout, body, gradient_checkpointing: bool = False):
+    def __init__(self, family, layout: ModelLayout, body, gradient_checkpointing: bool = False):
+        self.family = family
         self.layout = layout
         self.body = body
         self.gradient_checkpointing = gradient_checkpointing
@@ -134,22 +86,23 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
         def denoise(x, sigma, template_index, deltas):
             # x (1, 4, h, w), sigma (1,) -> denoised x0 (1, 4, h, w); cond-only forward, our processor adds deltas
-            run_options = with_processors(options, self.layout, {keys[path]: (d,) for path, d in deltas.items()})
+            run_options = self.family.with_deltas(options, self.layout,
+                                                  {keys[path]: (d,) for path, d in deltas.items()})
             return comfy.samplers.calc_cond_batch(base, [[conds[template_index]]], x, sigma, run_options)[0]
 
         patcher = model_wrap.model_patcher
-        with _FrozenUNet(patcher), GradientCheckpointing(patcher.model.diffusion_model, self.gradient_checkpointing):
+        with self.family.trainable(patcher, self.gradient_checkpointing):
             self.result = self.body(denoise)
         return torch.zeros_like(latent_image)
 
 
-def run_training(model_patcher, layout: UNetLayout, conditionings: list, latent_shape: tuple[int, ...], body,
-                 gradient_checkpointing: bool = False):
+def run_training(model_patcher, family, layout: ModelLayout, conditionings: list, latent_shape: tuple[int, ...],
+                 body, gradient_checkpointing: bool = False):
     """Run `body(denoise)` inside ComfyUI's sampling machinery with autograd on; returns what body returns.
 
     `model_patcher` must be a clone (ComfyUI patches it while loading); `conditionings` holds one CONDITIONING per
     training prompt, in template order. Works inside the executor's inference mode (notes §4.2). With
-    `gradient_checkpointing`, the UNet's ResBlock / SpatialTransformer forwards are checkpointed for this run only.
+    `gradient_checkpointing`, the model's blocks are checkpointed for this run only (family.trainable).
     """
     with torch.inference_mode(False), torch.enable_grad():
         positives = []
@@ -162,7 +115,7 @@ def run_training(model_patcher, layout: UNetLayout, conditionings: list, latent_
         guider = comfy.samplers.CFGGuider(model_patcher)
         guider.set_conds(positives, [])
         guider.set_cfg(1.0)
-        sampler = _TrainingSampler(layout, body, gradient_checkpointing)
+        sampler = _TrainingSampler(family, layout, body, gradient_checkpointing)
         zeros = torch.zeros(latent_shape)
         guider.sample(zeros, zeros, sampler, torch.tensor([1.0, 0.0]), disable_pbar=True, seed=0)
         return sampler.result

@@ -7,6 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+from ..conceptsplit_core.config import TOVA_FOLDER
 from .adapters import ApplyToVA, LoadToVAAdapter
 from .loda_nodes import LodaResults, LodaSampler, LodaSamplerSelect
 from .prompt import ConceptSplitTextEncode
@@ -14,7 +15,6 @@ from .training import TrainToVAAdapter
 from .training_photos import LoadTrainingPhotos
 from .viewer import AttentionMapViewer, CaptureAttention
 
-TOVA_FOLDER = "tova"
 
 
 def register_tova_folder() -> None:

@@ -5,60 +5,41 @@ attention, then attention fixing).
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch.nn.functional as F
 from comfy_api.latest import io
 
 import comfy.samplers
 
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.loda_config import LODA_DEFAULTS, UI_OPTIONS, UI_RANGES, LodaConfig
-from .loda_sampling import LodaRequest, LodaResult, loda_sampler, parse_words, plan_loda, record_without_sampling
-from . import comfy_hooks, comfy_sampling
+from ..conceptsplit_core.loda_config import LODA_DEFAULTS, MEANINGS, UI_OPTIONS, UI_RANGES, LodaConfig
+from ..conceptsplit_core.concept_words import parse_words
+from .loda_sampling import LodaRequest, LodaResult, loda_sampler, plan_loda, record_without_sampling
+from . import comfy_conditioning, comfy_sampling
 from .input_checks import check_number_inputs
+from .sockets import ConceptMaps, LodaResultType
+from .widgets import choice_input, number_input
 
-ConceptMapsType = io.Custom("CONCEPTSPLIT_MAPS")  # conceptsplit_core.attention_record.ConceptMaps
-LodaResultType = io.Custom("CONCEPTSPLIT_LODA_RESULT")  # nodes.loda_sampling.LodaResult, filled by sampling
 LATENT_SCALE = 8  # image pixels per latent pixel (SD1.5, SD2.1, SDXL)
 
-_MEANINGS = {
-    "loda_steps": "N: sampling steps 0..N-1 get a latent update (stage 1); attention fixing runs from step N. "
-                  "Stage 1 runs the sampler one step at a time, so multistep samplers (dpmpp_2m, deis, ipndm, ...) "
-                  "run first-order on those steps; uni_pc cannot, use it with 0.",
-    "inner_iterations": "Gradient steps per stage-1 sampling step.",
-    "kl_threshold": "τ: updates stop once the harmonic mean of the concepts' pairwise KL reaches it.",
-    "step_scale": "η at step 0; the step size falls linearly to half of it over the steps (paper schedule).",
-    "step_schedule": "Step-size schedule: linear = the paper (40 − 20·i/S), sqrt = the official code.",
-    "smoothing_sigma": "σ of the 7×7 Gaussian that smooths the maps before the KL.",
-    "kl_pairs": "ordered: KL for a < b (official code); symmetric: both directions (Algorithm 1).",
-    "mask_percentile": "γ: each concept's mask is its smoothed map above this quantile (0.90 = top 10 %).",
-    "mask_sigma": "σ_m of the Gaussian that smooths the maps before the percentile.",
-    "boost": "p: added to the concept token's attention logits inside its own mask.",
-    "suppression": "m: added to the other concept tokens' logits inside a concept's mask.",
-    "fixing_layers": "all cross-attention layers (paper reconstruction) or only the map-level layers.",
-    "fixing_branches": "both CFG branches (official processors) or only the conditional one.",
-    "mask_source": "cond: masks from the conditional maps; cond_and_uncond: both, as the official code.",
-}
 
 
 def loda_setting_inputs() -> list:
-    """One widget per LodaConfig field, defaults and ranges from conceptsplit_core.loda_config (STYLE §6)."""
+    """One widget per LodaConfig field, defaults, ranges and meanings from conceptsplit_core.loda_config (STYLE §6)."""
     inputs = [io.String.Input("concept_words", default="", tooltip=(
         "Comma-separated object words to separate, e.g. 'dog, cat' (at least 2), found in the positive prompt "
         "as ToVA finds identifier words. Needs a positive from ConceptSplit Text Encode or Apply ToVA. Empty = "
         "the object concepts of the ToVA-patched model."))]
-    for name, meaning in _MEANINGS.items():
+    for field in fields(LodaConfig):  # every field, in declaration order (the frozen input order)
+        name = field.name
+        meaning = MEANINGS.get(name, "")
         if name in UI_OPTIONS:
-            options = list(UI_OPTIONS[name])
-            inputs.append(io.Combo.Input(name, options=options, default=options[0],
-                                         tooltip=f"{meaning} Default {options[0]}."))
+            inputs.append(choice_input(name, UI_OPTIONS[name], meaning))
             continue
-        low, high, step, recommended = UI_RANGES[name]
         default = getattr(LODA_DEFAULTS, name)
-        tooltip = f"{meaning} Recommended: {recommended}."
-        if name in ("loda_steps", "inner_iterations"):
-            inputs.append(io.Int.Input(name, default=default, min=int(low), max=int(high), tooltip=tooltip))
-        else:
-            inputs.append(io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip))
+        inputs.append(number_input(name, default, UI_RANGES[name], meaning, integer=isinstance(default, int),
+                                   step=False))
     # optional: API-format prompts saved before this input existed still validate (and get the default)
     inputs.append(io.Boolean.Input("gradient_checkpointing", default=False, optional=True, tooltip=(
         "Stage 1 only: recompute the UNet's blocks during the backward pass instead of storing their activations. "
@@ -86,7 +67,7 @@ def result_outputs(result: LodaResult, latent_hw: tuple[int, int]):
 _OUTPUTS = [
     io.Mask.Output(display_name="concept_masks", tooltip="Stage-2 masks, one per image and concept "
                    "(image-major, concept order), at image size. Zeros when no mask was built."),
-    ConceptMapsType.Output(display_name="concept_maps", tooltip="Each concept's attention map at step N (map "
+    ConceptMaps.Output(display_name="concept_maps", tooltip="Each concept's attention map at step N (map "
                            "level, latent/4), per image, for the ConceptSplit attention viewer."),
     io.String.Output(display_name="report", tooltip="Per step: harmonic-mean KL, loss and step size; skipped "
                      "updates; mask sizes."),
@@ -132,13 +113,13 @@ class LodaSampler(io.ComfyNode):
         latent_hw = tuple(latent_image["samples"].shape[-2:])
         sampler = comfy_sampling.named_sampler(sampler_name)
         total_steps = max(len(sigmas) - 1, 0)  # denoise 0 gives no sigmas: KSampler returns the latent unchanged
-        plan = plan_loda(model, comfy_hooks.conditioning_prompts(positive), latent_hw, request, total_steps,
+        plan = plan_loda(model, comfy_conditioning.conditioning_prompts(positive), latent_hw, request, total_steps,
                          sampler)
         if total_steps == 0:
             record_without_sampling(result, plan, latent_image["samples"].shape[0])
             return io.NodeOutput(latent_image.copy(), *result_outputs(result, latent_hw))
-        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, loda_sampler(sampler, request), sigmas,
-                                                           positive, negative, latent_image)
+        latent = comfy_sampling.sample_latent_with_sampler(model, seed, cfg, loda_sampler(sampler, request, plan),
+                                                           sigmas, positive, negative, latent_image)
         return io.NodeOutput(latent, *result_outputs(result, latent_hw))
 
 

@@ -1,25 +1,28 @@
 """The LODA SAMPLER function: stage 1 step by step around any k-diffusion sampler, then stage 2 in one call
-(spec §3.3, §3.4, §4; comfyui-notes §4.3). ComfyUI signatures come from `comfy_hooks`.
+(spec §3.3, §3.4, §4; comfyui-notes §4.3). ComfyUI objects are read through the seam (`comfy_sampling`,
+`comfy_conditioning`) and the model's family (`families`); the plan is core's (loda.plan_loda_run).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ..conceptsplit_core.attention_record import ConceptMaps
-from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaConcepts, MapCollector, MapLayers, StepRecord,
-                                      build_concept_masks, format_report, run_truncated, select_map_layers)
+from ..conceptsplit_core.concept_words import loda_words
+from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaPlan, MapCollector, StepRecord,
+                                      build_concept_masks, format_report, loda_stage1_steps, plan_loda_run,
+                                      run_truncated)
 from ..conceptsplit_core.loda_config import LodaConfig
 from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
-from ..conceptsplit_core.prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
-from . import comfy_autograd, comfy_hooks, comfy_sampling
+from ..conceptsplit_core.prompt_tokens import PromptTokens
+from . import comfy_conditioning, comfy_sampling
+from .families import family_of_layout, model_family
 
 OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaRequest
+PLAN_KEY = "conceptsplit_loda_plan"  # KSAMPLER extra_options key: the LodaPlan made before sampling (or None)
 
 
 @dataclass(frozen=True)
@@ -48,25 +51,10 @@ class LodaResult:
         return self
 
 
-@dataclass(frozen=True)
-class LodaPlan:
-    """A request resolved against one model, prompt, latent and schedule; checked before any step."""
-
-    concepts: LodaConcepts
-    layers: MapLayers
-    stage1_steps: int  # N
-    total_steps: int  # S; 0 when there is nothing to sample (denoise 0)
-    fixing: bool  # p or m non-zero
-
-
-def parse_words(text: str) -> tuple[str, ...]:
-    """'dog, cat' -> ("dog", "cat"); empty entries are dropped."""
-    return tuple(word.strip() for word in text.split(",") if word.strip())
-
-
 def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
               total_steps: int, inner=None) -> LodaPlan:
-    """Check every input and resolve concepts, layers and N before any sampling step (spec §5, STYLE §10).
+    """Check every input and resolve concepts, layers and N before any sampling step (spec §5, STYLE §10); once per
+    run (the LODA Sampler node plans before sampling and hands the plan to the sampler).
 
     Args:
         prompts: tokens of each recorded positive prompt being sampled (several after ConditioningCombine; none
@@ -78,73 +66,17 @@ def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[i
         maps smaller than the smoothing kernel, or fixing through another pack's attention patch.
     """
     config = request.config
-    if total_steps == 0:
-        config.validate()
-        stage1_steps = 0
-    else:
-        config.validate(total_steps)
-        stage1_steps = config.loda_steps_for(total_steps)
+    stage1_steps = loda_stage1_steps(config, total_steps)
     if inner is not None and stage1_steps > 0:
         comfy_sampling.check_steps_one_slice(inner)
-    layout = comfy_hooks.unet_layout(model_patcher)
-    concepts = _resolve_concepts(model_patcher, tuple(prompts), request.words)
-    layers = select_map_layers(comfy_hooks.layer_levels(model_patcher, layout), layout.family, latent_hw,
-                               config.fixing_layers)
-    fixing = (config.boost != 0 or config.suppression != 0) and stage1_steps < total_steps
-    if fixing:
-        comfy_sampling.check_fixing_patches(model_patcher.model_options, layout, layers.fixing_keys)
-    return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing)
-
-
-def _resolve_concepts(model_patcher, prompts: tuple[PromptTokens, ...], words: tuple[str, ...]) -> LodaConcepts:
-    if not words:
-        objects = [c for c in comfy_hooks.located_concepts(model_patcher) if c.role == "object"]
-        _check_tova_prompt(objects, prompts)
-        length = objects[0].prompt_length if objects else 0
-        ids = objects[0].prompt_ids if objects else None
-        return LodaConcepts(tuple(c.word for c in objects), tuple(c.position for c in objects), length, ids)  # K >= 2
-    if not prompts:
-        raise ConceptSplitError.build(
-            "LODA cannot find the concept words: the positive prompt carries no token record",
-            seen=f"concept words {', '.join(words)} with a positive from a plain CLIP Text Encode",
-            expected="a positive from Apply ToVA to Model or ConceptSplit Text Encode",
-            fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)")
-    requests = [IdentifierRequest(word, word, comfy_hooks.default_word_token_ids(word)) for word in words]
-    first_error = None
-    for prompt in prompts:  # several positives (ConditioningCombine): the first one holding every word
-        try:
-            positions = locate_identifier_positions(prompt, requests)
-        except ConceptSplitError as error:
-            first_error = first_error or error
-            continue
-        return LodaConcepts(words, tuple(positions), len(prompt.token_ids), tuple(prompt.token_ids))
-    raise first_error
-
-
-def _check_tova_prompt(objects, prompts: tuple[PromptTokens, ...]) -> None:
-    """With empty concept words, the ToVA positions hold only in the prompt Apply ToVA located them in.
-
-    A positive without a token record (plain CLIP Text Encode) is recognised by its text features at the first model
-    call by ToVA itself (comfy_hooks.check_prompt_sampled); recorded ones are compared here, before sampling: one of
-    them must be that prompt.
-    """
-    if not prompts or any(all(_located_in(c, prompt) for c in objects) for prompt in prompts):
-        return
-    prompt = prompts[0]
-    concept = next(c for c in objects if not _located_in(c, prompt))
-    raise ConceptSplitError.build(
-        f'The positive prompt being sampled is not the prompt Apply ToVA located "{concept.word}" in',
-        seen=f'a positive encoded from "{prompt.text[:80]}" ({len(prompt.token_ids)} tokens)',
-        expected=f"the prompt of that Apply ToVA ({concept.prompt_length} tokens)",
-        fix="connect Apply ToVA's positive output to the sampler, or write the concept words into "
-            "concept_words so LODA finds them in this prompt")
-
-
-def _located_in(concept, prompt: PromptTokens) -> bool:
-    """Whether a ToVA concept's position s_k refers to `prompt`: same recorded tokens (when recorded), same length."""
-    ids = tuple(prompt.token_ids)
-    recorded = getattr(concept, "prompt_ids", None)
-    return (recorded is None or tuple(recorded) == ids) and concept.prompt_length == len(ids)
+    family = model_family(model_patcher)
+    layout = family.layout(model_patcher)
+    words = loda_words(request.words, tuple(prompts), comfy_conditioning.located_concepts(model_patcher),
+                       family.default_word_token_ids)
+    plan = plan_loda_run(config, layout, words, latent_hw, total_steps, stage1_steps)
+    if plan.fixing:
+        family.check_fixing_patches(model_patcher.model_options, layout, plan.layers.fixing_keys)
+    return plan
 
 
 def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **options):
@@ -153,20 +85,23 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     if request.result is not None:
         request.result.reset()
     extra_args = dict(extra_args or {})
-    guider = comfy_sampling.sampling_guider(model_k)
-    plan = plan_loda(guider.model_patcher, comfy_sampling.guider_prompts(guider), tuple(x.shape[-2:]), request,
-                     len(sigmas) - 1, inner)
+    patcher = comfy_sampling.sampling_model(model_k)
+    plan = options.get(PLAN_KEY)
+    if plan is None:
+        plan = plan_loda(patcher, comfy_sampling.sampled_prompts(model_k), tuple(x.shape[-2:]), request,
+                         len(sigmas) - 1, inner)
     if plan.total_steps == 0:
         _record(request.result, plan, [], None, None, x.shape[0])
         return x
     config = request.config
-    layout = comfy_hooks.unet_layout(guider.model_patcher)
+    layout = plan.layout
+    family = family_of_layout(layout)
     collector = MapCollector(plan.concepts, plan.layers)
     fixer = FixingBias(plan.concepts, torch.zeros(0), config, plan.layers)
-    options_with = comfy_hooks.with_observers(extra_args.get("model_options", {}), layout, (collector, fixer))
+    options_with = family.install_observers(comfy_sampling.run_model_options(extra_args), layout, (collector, fixer))
     if plan.fixing:  # the per-run options may carry patches the MODEL did not (wrappers, hooks)
-        comfy_sampling.check_fixing_patches(options_with, layout, plan.layers.fixing_keys)
-    extra_args["model_options"] = options_with
+        family.check_fixing_patches(options_with, layout, plan.layers.fixing_keys)
+    extra_args = comfy_sampling.with_run_model_options(extra_args, options_with)
     mask_branches = (COND,) if config.mask_source == "cond" else (COND, UNCOND)
     updates: list[_Update] = []
     n = plan.stage1_steps
@@ -174,10 +109,11 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     if n > 0:
         noise_sampler = comfy_sampling.persistent_noise_sampler(inner, x, sigmas, extra_args.get("seed"))
     maps = None
-    gradient_options = comfy_sampling.gradient_pass_options(options_with, guider.conds.get("positive"))
+    positives = comfy_sampling.positive_conds(model_k)
+    gradient_options = family.gradient_pass_options(options_with, positives)
     for i in range(n):
         comfy_sampling.throw_if_interrupted()
-        with _gradient_scope(guider, plan, request.gradient_checkpointing):
+        with family.differentiable(patcher, positives, request.gradient_checkpointing, plan.layers.loss_keys):
             x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, gradient_options,
                                extra_args.get("denoise_mask"), updates)
         if i == n - 1:  # masks from the first (main CFG) forward of step N − 1, on the updated latent (spec §4.1)
@@ -201,19 +137,6 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     fixer.active = False
     _record(request.result, plan, updates, maps, masks, x.shape[0])
     return x
-
-
-@contextlib.contextmanager
-def _gradient_scope(guider, plan: LodaPlan, checkpointing: bool):
-    """Autograd on for one stage-1 step, inside ComfyUI's inference mode: the UNet's and ControlNets' weights as
-    autograd-usable views and, with `checkpointing`, the UNet's blocks checkpointed except those holding loss
-    layers; all restored on exit, also after an interrupt (comfy_autograd)."""
-    patcher = guider.model_patcher
-    modules = comfy_autograd.unet_and_control_modules(patcher, guider.conds.get("positive"))
-    keep = {key[:2] for key in plan.layers.loss_keys}
-    with torch.inference_mode(False), torch.enable_grad(), comfy_autograd.AutogradWeights(modules), \
-            comfy_autograd.GradientCheckpointing(patcher.model.diffusion_model, checkpointing, keep_blocks=keep):
-        yield
 
 
 @dataclass(frozen=True)
@@ -301,6 +224,7 @@ def record_without_sampling(result: LodaResult, plan: LodaPlan, batch: int) -> N
     _record(result, plan, [], None, None, batch)
 
 
-def loda_sampler(inner, request: LodaRequest):
-    """A SAMPLER running LODA around the SAMPLER `inner` (from KSamplerSelect)."""
-    return comfy_sampling.wrapping_ksampler(sample_loda, inner, {"inner": inner, OPTION_KEY: request})
+def loda_sampler(inner, request: LodaRequest, plan: Optional[LodaPlan] = None):
+    """A SAMPLER running LODA around the SAMPLER `inner` (from KSamplerSelect); with `plan` (made by the caller for
+    this run's model, prompts, latent and steps), sampling uses it instead of planning again."""
+    return comfy_sampling.wrapping_ksampler(sample_loda, inner, {"inner": inner, OPTION_KEY: request, PLAN_KEY: plan})

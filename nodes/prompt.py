@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import comfy_hooks
+from . import comfy_text
 
 
 class ConceptSplitTextEncode(io.ComfyNode):
@@ -28,4 +28,4 @@ class ConceptSplitTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text: str) -> io.NodeOutput:
-        return io.NodeOutput(comfy_hooks.encode_prompt(clip, text))
+        return io.NodeOutput(comfy_text.encode_prompt(clip, text))

@@ -24,15 +24,17 @@ from ..conceptsplit_core import training as core
 from ..conceptsplit_core.adapter_file import AdapterMetadata, read_adapter_file, write_adapter_file
 from ..conceptsplit_core.atomic_file import safe_save_name
 from ..conceptsplit_core.concepts import ConceptAdapter, make_concept
-from ..conceptsplit_core.config import FAMILY_SD21, PREDICTION_V, ROLE_OBJECT
+from ..conceptsplit_core.config import FAMILY_SD21, PREDICTION_V, ROLE_OBJECT, TOVA_FOLDER
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loss_curve import render_loss_curve
 from ..conceptsplit_core.tova_lora import ToVALoraSet
 from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, CropViews, TrainConfig, crop_views,
                                                load_prompt_templates, templates_hash)
-from . import comfy_hooks, comfy_training
-from .adapters import ConceptAdapters
+from . import comfy_training
+from .sockets import ConceptAdapters
+from .families import tova_family
 from .input_checks import check_number_inputs
+from .widgets import number_input
 
 CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Adapter never lists it
 
@@ -58,7 +60,7 @@ class TrainingOutcome:
 
 
 def tova_folder() -> Path:
-    return Path(folder_paths.get_folder_paths("tova")[0])
+    return Path(folder_paths.get_folder_paths(TOVA_FOLDER)[0])
 
 
 def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Path,
@@ -70,8 +72,9 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     """
     config = request.config.validate()
     word = request.identifier_word.strip()
-    layout = comfy_hooks.unet_layout(model)
-    sigmas, prediction, sigma_data = comfy_training.training_noise_schedule(model)
+    family = tova_family(model)
+    layout = family.layout(model)
+    sigmas, prediction, sigma_data = family.training_schedule(model)
     # The final, checkpoint and temp names are checked against the file system now, not after the run (issue 11).
     path = safe_save_name(folder, request.save_name, sibling_suffixes=(CHECKPOINT_SUFFIX,))
     if path.exists() and not request.overwrite:
@@ -82,8 +85,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     core.check_rank(config.rank, shapes)
     templates = request.templates or load_prompt_templates()
     prompts = core.template_prompts(templates, word)
-    positions = core.identifier_positions([comfy_hooks.prompt_tokens(clip, p) for p in prompts], word,
-                                          comfy_hooks.word_token_ids(clip, word))
+    positions = core.identifier_positions([family.prompt_tokens(clip, p) for p in prompts], word,
+                                          family.word_token_ids(clip, word))
     base_model = layout.family + ("-v" if layout.family == FAMILY_SD21 and prediction == PREDICTION_V else "")
     resolution = config.resolved_resolution(base_model)
     views = crop_views(images, resolution, config.crop_views, config.seed)  # k random crops per image (§2.6)
@@ -108,8 +111,8 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
                                  checkpoint=plan, on_step=on_step, autocast_dtype=autocast, label=word)
         return lora.state_for_saving(), result
 
-    weights, result = comfy_training.run_training(model.clone(), layout, conditionings, tuple(mean[:1].shape), body,
-                                                  gradient_checkpointing=request.gradient_checkpointing)
+    weights, result = comfy_training.run_training(model.clone(), family, layout, conditionings, tuple(mean[:1].shape),
+                                                  body, gradient_checkpointing=request.gradient_checkpointing)
     meta = AdapterMetadata(
         base_model=base_model, text_width=layout.text_width, rank=config.rank, alpha=alpha,
         identifier_word=word, role=request.role, prediction=prediction, layers=len(shapes),
@@ -139,15 +142,12 @@ def _encode_views(vae, model, views: CropViews) -> tuple[torch.Tensor, torch.Ten
 
 
 def _int_input(name: str, default: int, tooltip: str) -> io.Int.Input:
-    low, high, step, advice = UI_RANGES[name]
-    return io.Int.Input(name, default=default, min=int(low), max=int(high), step=int(step),
-                        tooltip=f"{tooltip} Recommended: {advice}.")
+    return number_input(name, default, UI_RANGES[name], tooltip, integer=True)
 
 
 class TrainToVAAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        lr = UI_RANGES["learning_rate"]
         return io.Schema(
             node_id="ConceptSplitTrainToVA",
             display_name="Train ToVA Adapter",
@@ -169,8 +169,8 @@ class TrainToVAAdapter(io.ComfyNode):
                                 tooltip="The plain class word of the concept (dog, cat, barn). Its first token gets "
                                         "the delta, in training and in every later prompt."),
                 _int_input("steps", TRAIN_DEFAULTS.steps, "Optimizer steps, batch 1."),
-                io.Float.Input("learning_rate", default=TRAIN_DEFAULTS.learning_rate, min=lr.min, max=lr.max,
-                               step=lr.step, tooltip=f"AdamW learning rate, constant. Recommended: {lr.recommended}."),
+                number_input("learning_rate", TRAIN_DEFAULTS.learning_rate, UI_RANGES["learning_rate"],
+                             "AdamW learning rate, constant."),
                 _int_input("rank", TRAIN_DEFAULTS.rank, "LoRA rank r of each layer."),
                 io.Int.Input("seed", default=0, min=0, max=int(UI_RANGES["seed"].max), control_after_generate=False,
                              tooltip="Seeds the init, crops, order, timesteps and noise: same seed, same adapter."),

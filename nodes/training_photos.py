@@ -12,12 +12,12 @@ from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.training_photos import (IMAGE_SUFFIXES, PHOTO_RESOLUTION, PHOTO_RESOLUTION_DEFAULT,
                                                  folder_fingerprint, load_square_photos, resolve_photo_folder)
 from .input_checks import check_number_inputs
+from .widgets import number_input
 
 
 class LoadTrainingPhotos(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        low, high, step, advice = PHOTO_RESOLUTION
         return io.Schema(
             node_id="ConceptSplitLoadTrainingImages",
             display_name="Load Training Photos",
@@ -30,9 +30,8 @@ class LoadTrainingPhotos(io.ComfyNode):
                                tooltip="A folder under ComfyUI/input holding 3-20 photos of the concept "
                                        f"({', '.join(IMAGE_SUFFIXES)}); sub-folders and hidden files are not "
                                        "read. Press R after adding a folder."),
-                io.Int.Input("resolution", default=PHOTO_RESOLUTION_DEFAULT, min=int(low), max=int(high),
-                             step=int(step), tooltip="Square size in pixels: each photo's shorter side is resized "
-                                                     f"to it, then the centre is cropped. Recommended: {advice}."),
+                number_input("resolution", PHOTO_RESOLUTION_DEFAULT, PHOTO_RESOLUTION, "Square size in pixels: each "
+                             "photo's shorter side is resized to it, then the centre is cropped.", integer=True),
             ],
             outputs=[io.Image.Output(display_name="images",
                                      tooltip="The photos as one batch (n, resolution, resolution), sorted by file "

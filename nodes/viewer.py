@@ -12,18 +12,20 @@ from comfy_api.latest import io, ui
 
 from ..conceptsplit_core import attention_capture as capture_core
 from ..conceptsplit_core import viewer_payload
+from ..conceptsplit_core.concept_words import capture_words
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.map_metrics import (check_report_maps, check_share_masks, format_mask_share_report,
                                              format_metrics_report)
-from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
-from . import comfy_hooks, comfy_sampling
+from ..conceptsplit_core.map_render import ALPHA_DEFAULT, ALPHA_RANGE, COLORMAPS, render_attention_grid
+from . import comfy_conditioning, comfy_sampling
+from .families import model_family
 from .input_checks import check_number_inputs
+from .sockets import AttentionCaptureType as AttentionCaptureSocket
+from .sockets import ConceptMaps as ConceptMapsSocket
+from .widgets import number_input
 
-AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
-ConceptMapsSocket = io.Custom("CONCEPTSPLIT_MAPS")  # attention_record.ConceptMaps
 DEFAULTS = capture_core.CAPTURE_DEFAULTS
-MAX_STEP = 10000
-ALPHA_DEFAULT = 0.5
+RANGES = capture_core.UI_RANGES
 
 
 class CaptureAttention(io.ComfyNode):
@@ -48,11 +50,12 @@ class CaptureAttention(io.ComfyNode):
                 io.Combo.Input("token_mode", options=list(capture_core.TOKEN_MODES), default=DEFAULTS.token_mode,
                                tooltip="first token: the token ToVA and LODA use (spec §2.4). all tokens: sum the "
                                        "attention of every BPE token of the word (for long or rare words)."),
-                io.Int.Input("first_step", default=DEFAULTS.first_step, min=0, max=MAX_STEP,
-                             tooltip="First sampling step to average, 0-based, inclusive. 0 = from the start."),
-                io.Int.Input("last_step", default=DEFAULTS.last_step, min=-1, max=MAX_STEP,
-                             tooltip="Last sampling step to average, inclusive; -1 = the run's last step. Early "
-                                     "steps show the layout, late steps the details."),
+                number_input("first_step", DEFAULTS.first_step, RANGES["first_step"],
+                             "First sampling step to average, 0-based, inclusive. 0 = from the start.", integer=True,
+                             step=False),
+                number_input("last_step", DEFAULTS.last_step, RANGES["last_step"],
+                             "Last sampling step to average, inclusive; -1 = the run's last step. Early steps show "
+                             "the layout, late steps the details.", integer=True, step=False),
                 io.Combo.Input("layers", options=list(capture_core.LAYER_CHOICES), default=DEFAULTS.layers,
                                tooltip="Which cross-attention layers to average. latent/4: LODA's level (16x16 at "
                                        "SD1.5 512 px; spec §3.1). all: every layer, upsampled to the finest grid. "
@@ -74,26 +77,24 @@ class CaptureAttention(io.ComfyNode):
     def execute(cls, model, words: str, token_mode: str, first_step: int, last_step: int, layers: str,
                 positive=None, blocks: str = "") -> io.NodeOutput:
         check_number_inputs(cls, {"first_step": first_step, "last_step": last_step})
-        layout = comfy_hooks.unet_layout(model)
-        layer_keys = capture_core.select_layers(dict(comfy_hooks.layer_levels(model, layout)), layers, blocks)
-        prompt = None if positive is None else comfy_hooks.conditioning_prompt_tokens(positive)
-        labels, positions, prompt_length = capture_core.plan_words(
-            words, prompt, comfy_hooks.located_concepts(model), comfy_hooks.default_word_token_ids, token_mode)
+        family = model_family(model)
+        layout = family.layout(model)
+        layer_keys = capture_core.select_layers(layout.levels(), layers, blocks)
+        prompt = None if positive is None else comfy_conditioning.conditioning_prompt_tokens(positive)
+        found = capture_words(words, prompt, comfy_conditioning.located_concepts(model),
+                              family.default_word_token_ids, token_mode)
         if last_step != -1 and last_step < first_step:
             raise ConceptSplitError.build(
                 "Capture Attention's step range is empty", seen=f"first_step {first_step}, last_step {last_step}",
                 expected="last_step >= first_step, or -1 for the last step", fix="swap the two values")
-        if prompt is not None:
-            prompt_ids = tuple(prompt.token_ids)
-        else:  # the ToVA concepts' prompt (plan_words found every word among them)
-            prompt_ids = next((c.prompt_ids for c in comfy_hooks.located_concepts(model)
-                               if c.word.lower() == labels[0].lower()), None)
-        request = capture_core.CaptureRequest(labels=labels, token_positions=positions, prompt_length=prompt_length,
-                                              layer_keys=layer_keys, first_step=first_step, last_step=last_step,
-                                              prompt_ids=prompt_ids, prompt_text="" if prompt is None else prompt.text)
+        request = capture_core.CaptureRequest(labels=found.labels, token_positions=found.positions,
+                                              prompt_length=found.prompt_length, layer_keys=layer_keys,
+                                              first_step=first_step, last_step=last_step,
+                                              prompt_ids=found.prompt_ids, prompt_text=found.prompt_text)
         capture = capture_core.AttentionCapture(request)
         patched = model.clone()
-        comfy_sampling.install_attention_capture(patched, layout, capture, comfy_hooks.conditioning_encodings(positive))
+        comfy_sampling.install_attention_capture(patched, family, layout, capture,
+                                                 comfy_conditioning.conditioning_encodings(positive))
         return io.NodeOutput(patched, capture)
 
 
@@ -118,8 +119,8 @@ class AttentionMapViewer(io.ComfyNode):
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image(s), to draw the heatmaps over; same batch size as the maps. "
                                        "Without it the heatmaps are shown alone."),
-                io.Float.Input("alpha", default=ALPHA_DEFAULT, min=0.0, max=1.0, step=0.05,
-                               tooltip="Heatmap opacity over the image: 0 = image only, 1 = heatmap only."),
+                number_input("alpha", ALPHA_DEFAULT, ALPHA_RANGE,
+                             "Heatmap opacity over the image: 0 = image only, 1 = heatmap only."),
                 io.Combo.Input("colormap", options=list(COLORMAPS), default=COLORMAPS[0],
                                tooltip="Perceptual colormap; dark = little attention, bright = most (per map)."),
                 io.Mask.Input("concept_masks", optional=True,

@@ -23,7 +23,7 @@ def _pack_module(name: str):
 
 def tiny_adapter_layers(model_patcher, seed: int, rank: int = TINY_RANK, magnitude: float = 0.5):
     """{diffusers path: (A (r, d), B (C, r))} random for this model's cross-attention layers."""
-    layout = _pack_module("nodes.comfy_hooks").unet_layout(model_patcher)
+    layout = _pack_module("nodes.families").model_family(model_patcher).layout(model_patcher)
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for layer in layout.layers:

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conceptsplit_core.adapter_file import AdapterMetadata, AdapterWeights
-from conceptsplit_core.adapter_layers import CrossAttentionLayer, UNetLayout, bind_adapter_layers
+from conceptsplit_core.adapter_layers import bind_adapter_layers
 from conceptsplit_core.errors import ConceptSplitError
+from conceptsplit_core.model_layout import AttentionSite, ModelLayout
 
-HOST = UNetLayout(family="sd2.1", prediction="v", text_width=1024, layers=(
-    CrossAttentionLayer("down_blocks.0.attentions.0.transformer_blocks.0", ("input", 1), 0, 320, 1024),
-    CrossAttentionLayer("mid_block.attentions.0.transformer_blocks.0", ("middle", 0), 0, 1280, 1024),
+HOST = ModelLayout(family="sd2.1", prediction="v", text_width=1024, display="SD2.1", layers=(
+    AttentionSite(("input", 1, 0), 0, 320, 1024, path="down_blocks.0.attentions.0.transformer_blocks.0"),
+    AttentionSite(("middle", 0, 0), 3, 1280, 1024, path="mid_block.attentions.0.transformer_blocks.0"),
 ))
 
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conceptsplit_core.attention_calls import AttentionCall
-from conceptsplit_core.attention_capture import (AttentionCapture, CaptureRequest, call_concept_maps, locate_words,
-                                                 plan_words, select_layers, step_index, step_maps_bytes)
+from conceptsplit_core.attention_capture import (AttentionCapture, CaptureRequest, call_concept_maps, select_layers,
+                                                 step_index, step_maps_bytes)
+from conceptsplit_core.concept_words import locate_words, plan_words
 from conceptsplit_core.concepts import LocatedConcept
 from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.prompt_tokens import PromptTokens

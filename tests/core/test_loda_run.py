@@ -12,6 +12,7 @@ from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.loda import (FixingBias, LodaConcepts, MapCollector, StepRecord, _TruncatedForward,
                                     build_concept_masks, format_report, map_grid, run_truncated, select_map_layers)
 from conceptsplit_core.loda_config import LodaConfig
+from conceptsplit_core.model_layout import AttentionSite, ModelLayout
 from testing.tolerance import float32_tolerance
 
 # Full-size SD1/SD2 layout (notes §1.3): key, level. input 1,2 L0; 4,5 L1; 7,8 L2; middle L3; output 3,4,5 L2 ...
@@ -28,17 +29,30 @@ TINY_LEVELS = [(("input", 1, 0), 0), (("input", 3, 0), 1), (("middle", 0, 0), 1)
                (("output", 1, 0), 1), (("output", 2, 0), 0), (("output", 3, 0), 0)]
 
 
+def layout(levels, map_level: int, loss_where=lambda key: True) -> ModelLayout:
+    """A layout with these (key, level) layers, the map layers at `map_level`, the loss on those `loss_where` allows
+    (the UNet family's rules, written out: families/unet.py builds them from the model)."""
+    return ModelLayout("test", "eps", 8, tuple(
+        AttentionSite(key, level, 8, 8, map=level == map_level, loss=level == map_level and loss_where(key))
+        for key, level in levels))
+
+
+SD2 = layout(SD2_LEVELS, 2)
+SDXL = layout(SDXL_LEVELS, 2, lambda key: key[0] == "input")  # spec §3.1: SDXL's loss in the down blocks only
+TINY = layout(TINY_LEVELS, 1)  # a shallow UNet: its deepest down level
+
+
 def test_sd21_map_layers_at_768_are_input_7_8_and_output_3_4_5_at_24x24():
-    layers = select_map_layers(SD2_LEVELS, "sd2.1", (96, 96), "all")
+    layers = select_map_layers(SD2, (96, 96), "all")
     assert layers.grid == (24, 24)
     assert layers.loss_keys == (("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0),
                                 ("output", 5, 0))
     assert layers.mask_keys == layers.loss_keys and layers.fixing_keys is None
-    assert select_map_layers(SD2_LEVELS, "sd2.1", (96, 96), "map_level").fixing_keys == frozenset(layers.loss_keys)
+    assert select_map_layers(SD2, (96, 96), "map_level").fixing_keys == frozenset(layers.loss_keys)
 
 
 def test_sdxl_loss_uses_down_blocks_only_and_masks_all_60_level_blocks():
-    layers = select_map_layers(SDXL_LEVELS, "sdxl", (128, 128), "all")
+    layers = select_map_layers(SDXL, (128, 128), "all")
     assert layers.grid == (32, 32)
     assert len(layers.loss_keys) == 20 and {k[0] for k in layers.loss_keys} == {"input"}
     assert len(layers.mask_keys) == 60 and layers.loss_keys[-1] == ("input", 8, 9)
@@ -46,15 +60,15 @@ def test_sdxl_loss_uses_down_blocks_only_and_masks_all_60_level_blocks():
 
 def test_odd_latents_use_ceil_and_shallow_unets_use_their_deepest_level():
     assert map_grid((97, 75), 2) == (25, 19)
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (16, 16), "all")
+    layers = select_map_layers(TINY, (16, 16), "all")
     assert layers.grid == (8, 8) and layers.mask_keys == tuple(k for k, lv in TINY_LEVELS if lv == 1)
 
 
-def test_maps_smaller_than_the_kernel_and_models_without_down_attention_are_refused():
+def test_maps_smaller_than_the_kernel_and_models_without_map_layers_are_refused():
     with pytest.raises(ConceptSplitError, match=r"Unsupported resolution.*6×6 maps.*at least 224×224 px"):
-        select_map_layers(SD2_LEVELS, "sd2.1", (24, 24), "all")
-    with pytest.raises(ConceptSplitError, match="no cross-attention layers in its down blocks"):
-        select_map_layers([(("middle", 0, 0), 1)], "sd1.5", (64, 64), "all")
+        select_map_layers(SD2, (24, 24), "all")
+    with pytest.raises(ConceptSplitError, match="no cross-attention layers at the level LODA reads its maps from"):
+        select_map_layers(layout([(("middle", 0, 0), 1)], None), (64, 64), "all")
 
 
 def test_concepts_need_two_objects_and_repeat_columns_for_lcm_contexts():
@@ -74,7 +88,7 @@ def _call(key, grid, heads, cond_or_uncond, per, context, sigma=1.0):
 def test_collector_equals_numpy_mean_over_heads_and_layers_of_the_concept_columns():
     torch.manual_seed(0)
     concepts = LodaConcepts(("dog", "cat"), (2, 5), 8)
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")  # 7×7 grid
+    layers = select_map_layers(TINY, (14, 14), "all")  # 7×7 grid
     keys = layers.mask_keys[:2]
     collector = MapCollector(concepts, layers)
     collector.start(keys, (0,))
@@ -98,7 +112,7 @@ def test_collector_equals_numpy_mean_over_heads_and_layers_of_the_concept_column
 
 def test_collector_keeps_the_graph_and_truncates_after_the_last_key():
     concepts = LodaConcepts(("dog", "cat"), (1, 2), 4)
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
+    layers = select_map_layers(TINY, (14, 14), "all")
     collector = MapCollector(concepts, layers)
     collector.start(layers.loss_keys, (0,), truncate=True)
     logits = torch.randn(1, 1, 49, 4, requires_grad=True)
@@ -117,7 +131,7 @@ def test_collector_keeps_the_graph_and_truncates_after_the_last_key():
 def test_collector_first_call_keeps_the_first_model_call_with_each_branch_and_then_stops():
     """Masks come from the first (main CFG) forward of step N − 1, never from heun's corrector (spec §4.1)."""
     concepts = LodaConcepts(("dog", "cat"), (1, 2), 4)
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
+    layers = select_map_layers(TINY, (14, 14), "all")
     collector = MapCollector(concepts, layers)
 
     def forward(chunks, values):  # one model call: every mask layer, then after_attention
@@ -145,7 +159,7 @@ def test_collector_first_call_keeps_the_first_model_call_with_each_branch_and_th
 
 def test_fixing_bias_gives_each_image_its_masks_on_the_chosen_branches_and_layers():
     concepts = LodaConcepts(("dog", "cat"), (2, 5), 8)
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (28, 28), "map_level")  # 14×14 map level
+    layers = select_map_layers(TINY, (28, 28), "map_level")  # 14×14 map level
     masks = torch.rand(2, 2, 14, 14) > 0.7  # (B_img, K, h, w), different per image
     config = LodaConfig(fixing_branches="cond", boost=5.0, suppression=-1e8)
     fixer = FixingBias(concepts, masks, config, layers)
@@ -166,7 +180,7 @@ def test_fixing_bias_gives_each_image_its_masks_on_the_chosen_branches_and_layer
     assert swapped[2:].abs().sum() == 0
     fixer.activate(masks.flip(0))  # new masks drop the cached biases
     torch.testing.assert_close(fixer.attention_bias(call, q, q)[2:], bias[2:].flip(0), rtol=0, atol=0)
-    coarse = FixingBias(concepts, masks, LodaConfig(), select_map_layers(TINY_LEVELS, "sd2.1", (28, 28), "all"))
+    coarse = FixingBias(concepts, masks, LodaConfig(), select_map_layers(TINY, (28, 28), "all"))
     coarse.active = True
     big = coarse.attention_bias(_call(("input", 1, 0), (28, 28), 2, (0,), 2, 16), q, q)
     upsampled = masks[1].repeat_interleave(2, -1).repeat_interleave(2, -2).flatten(1)  # nearest 14 -> 28, (K, N)
@@ -191,7 +205,7 @@ def test_other_positive_prompts_in_the_batch_are_neither_collected_nor_biased():
 
     ours, other = tuple(range(100, 108)), tuple(range(200, 216))  # token ids: our prompt 8 tokens, the other 16
     concepts = LodaConcepts(("dog", "cat"), (2, 5), 8, ours)
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")  # 7×7 map level
+    layers = select_map_layers(TINY, (14, 14), "all")  # 7×7 map level
     chunks = (ChunkPrompt(16, other), ChunkPrompt(8, ours), ChunkPrompt(16, None))  # other +, our +, negative
     call = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=2, cond_or_uncond=(0, 0, 1), batch=3,
                          context_length=16, sigmas=torch.ones(1), chunk_prompts=chunks)
@@ -251,7 +265,7 @@ def test_a_negative_too_short_for_a_concept_token_is_neither_collected_nor_biase
     for position, length, total in ((2, 77, 154), (80, 154, 308), (5, 77, 231)):
         assert list(range(total)[identifier_rows(position, length, total)]) == \
             LodaConcepts(("a", "b"), (position, 1), length).columns(total)[0]
-    layers = select_map_layers(TINY_LEVELS, "sd2.1", (14, 14), "all")
+    layers = select_map_layers(TINY, (14, 14), "all")
     call = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=1, cond_or_uncond=(0, 1), batch=2,
                          context_length=154, sigmas=torch.ones(1),
                          chunk_prompts=(ChunkPrompt(154, None), ChunkPrompt(77, None)))

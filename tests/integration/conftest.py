@@ -15,7 +15,7 @@ if str(HERE) not in sys.path:
 
 
 class PackModules:
-    """The pack as ComfyUI loaded it: `pack.core("adapter_file")`, `pack.glue("comfy_hooks")`.
+    """The pack as ComfyUI loaded it: `pack.core("adapter_file")`, `pack.glue("comfy_text")`.
 
     Its classes (ConceptSplitError included) are the ones the nodes raise, not those of a second import of
     `conceptsplit_core` from the repo root.
@@ -30,6 +30,14 @@ class PackModules:
 
     def glue(self, name: str):
         return importlib.import_module(f"{self.name}.nodes.{name}")
+
+    def family(self, model):
+        """The model family (nodes/families) of a MODEL."""
+        return self.glue("families").model_family(model)
+
+    def layout(self, model):
+        """The ModelLayout of a MODEL, as its family builds it."""
+        return self.family(model).layout(model)
 
     @property
     def error(self):

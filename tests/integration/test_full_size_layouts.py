@@ -50,7 +50,7 @@ def _known_config(name: str) -> dict:
     ("sdxl", 70, {640, 1280}, 2048),
 ])
 def test_full_size_layout_matches_spec(pack, family, layers, widths, text_width):
-    layout = pack.glue("comfy_hooks").unet_layout(full_size_model(family))
+    layout = pack.layout(full_size_model(family))
     assert len(layout.layers) == layers and layout.text_width == text_width
     assert {layer.out_features for layer in layout.layers} == widths
     assert all(layer.in_features == text_width for layer in layout.layers)

@@ -67,9 +67,9 @@ def tiny(arch="sd15", seed=0):
 
 
 def with_spy(pack, model, spy):
-    hooks = pack.glue("comfy_hooks")
+    family = pack.family(model)
     spied = model.clone()
-    spied.model_options = hooks.with_observers(spied.model_options, hooks.unet_layout(model), (spy,))
+    spied.model_options = family.install_observers(spied.model_options, family.layout(model), (spy,))
     return spied
 
 
@@ -168,7 +168,7 @@ def test_stage_1_raises_the_harmonic_mean_kl_at_step_n(pack):
 def test_fixing_raises_each_tokens_attention_share_inside_its_own_mask(pack):
     model, clip = sharpened_sd21()
     layers = pack.core("loda").select_map_layers(
-        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        pack.layout(model),
         (SIZE // 8, SIZE // 8), "all")
     shares = {}
     for boost, suppression in ((0.0, 0.0), (5.0, -1e8)):
@@ -336,7 +336,7 @@ def test_masks_come_from_the_first_forward_of_step_n_minus_1_not_from_heuns_corr
     """Spec §4.1: the main CFG pass of step N − 1 on the updated latent; heun's corrector runs at σ_N."""
     model, clip = sharpened_sd21()
     layers = pack.core("loda").select_map_layers(
-        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        pack.layout(model),
         (SIZE // 8, SIZE // 8), "all")
     spy = Spy(layers.mask_keys)  # main passes only (no grad): stage 1's gradient pass is not recorded
     sampler, result = loda(pack, "heun", 1)
@@ -493,11 +493,9 @@ def test_gradient_checkpointing_gives_the_same_updates_and_checkpoints_only_non_
     for checked, reference in zip(checkpointed[:2], plain[:2]):  # latent, maps
         torch.testing.assert_close(checked, reference, rtol=0, atol=float32_tolerance(reference, 4 * (2 * 7 + 1)))
     # the SpatialTransformers holding loss layers (the deepest level of the tiny model) are never wrapped
-    layout = pack.glue("comfy_hooks").unet_layout(model)
-    layers = pack.core("loda").select_map_layers(pack.glue("comfy_hooks").layer_levels(model, layout), layout.family,
-                                                 (SIZE // 8, SIZE // 8), "all")
+    layers = pack.core("loda").select_map_layers(pack.layout(model), (SIZE // 8, SIZE // 8), "all")
     loss_blocks = {key[:2] for key in layers.loss_keys}
-    kept = {id(m) for block in loss_blocks for m in autograd._block_module(unet, block).modules()
+    kept = {id(m) for block in loss_blocks for m in pack.glue("families.unet")._block_module(unet, block).modules()
             if isinstance(m, SpatialTransformer)}
     assert kept and wrapped and all(id(m) not in kept for m in wrapped[-1])
     assert any(isinstance(m, SpatialTransformer) for m in wrapped[-1])  # the others are
@@ -564,12 +562,12 @@ def test_a_second_positive_prompt_in_the_batch_does_not_enter_the_maps_or_get_th
 
     model, clip = sharpened_sd21()
     layers = pack.core("loda").select_map_layers(
-        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        pack.layout(model),
         (SIZE // 8, SIZE // 8), "all")
     ours, other = encode(pack, clip), encode(pack, clip, "a red house on a green hill")
     with torch.inference_mode():
         combined = nodes.ConditioningCombine().combine(ours, other)[0]
-    ours_ids = tuple(ours[0][1][pack.glue("comfy_hooks").PROMPT_TOKENS_KEY].token_ids)
+    ours_ids = tuple(ours[0][1][pack.glue("comfy_conditioning").PROMPT_TOKENS_KEY].token_ids)
     spy = Spy(layers.mask_keys)
     sampler, result = loda(pack, "euler", 1)
     sample_custom(with_spy(pack, model, spy), clip, sampler, combined, steps=3)
@@ -601,7 +599,7 @@ def test_an_area_prompt_running_first_neither_ends_the_gradient_pass_nor_enters_
 
     model, clip = sharpened_sd21()
     layers = pack.core("loda").select_map_layers(
-        pack.glue("comfy_hooks").layer_levels(model, pack.glue("comfy_hooks").unet_layout(model)), "sd2.1",
+        pack.layout(model),
         (SIZE // 8, SIZE // 8), "all")
     ours = encode(pack, clip)
     with torch.inference_mode():

@@ -70,7 +70,7 @@ def test_nodes_register_with_tooltips_and_comfy_nodes_module_is_comfyuis(pack, c
 
 @pytest.mark.parametrize("arch_name", ARCHS)
 def test_positions_match_comfyuis_own_token_sequence(pack, arch_name):
-    hooks = pack.glue("comfy_hooks")
+    hooks = pack.glue("comfy_text")
     _, clip, _ = build_tiny_model(arch_name)
     key = "h" if arch_name == "sd21" else "l"
     cases = [("A photo of my Dog, next to a CAT.", "dog"), ("(dog:1.3) and a cat", "dog"),
@@ -197,7 +197,7 @@ def test_chained_apply_nodes_equal_one_node_with_both(pack, two_adapters):
     both = apply(pack, model, load(pack, cat.name, adapters=load(pack, dog.name)), clip)[0]
     chained = apply(pack, apply(pack, model, load(pack, dog.name), clip)[0], load(pack, cat.name), clip)[0]
     assert torch.equal(sample(both, clip), sample(chained, clip))
-    stash = pack.glue("comfy_hooks").stash_value_input
+    stash = pack.glue("comfy_attention").stash_value_input
     assert chained.model_options["transformer_options"]["patches"]["attn2_patch"].count(stash) == 1
 
 
@@ -336,7 +336,7 @@ def test_sampling_another_positive_prompt_is_refused_at_the_first_model_call(pac
     import nodes
 
     with torch.inference_mode():
-        recorded = pack.glue("comfy_hooks").encode_prompt(clip, "a cat on a sofa")  # recorded, other tokens
+        recorded = pack.glue("comfy_text").encode_prompt(clip, "a cat on a sofa")  # recorded, other tokens
     with pytest.raises(pack.error, match="positive prompt being sampled is not the prompt Apply ToVA located"):
         sample(patched, clip, positive=recorded)
     with torch.inference_mode():  # the same text through plain CLIP Text Encode is accepted (same length)

@@ -80,9 +80,10 @@ def inference_model(arch="sd21"):
 
 def run_body(pack, model, clip, vae, body, images=None, templates=TEMPLATES):
     """Run `body(denoise, data, schedule, lora_shapes)` inside the training seam, like train_adapter does."""
-    core, hooks, seam = pack.core("training"), pack.glue("comfy_hooks"), pack.glue("comfy_training")
-    layout = hooks.unet_layout(model)
-    sigmas, prediction, sigma_data = seam.training_noise_schedule(model)
+    core, seam = pack.core("training"), pack.glue("comfy_training")
+    hooks = family = pack.family(model)
+    layout = family.layout(model)
+    sigmas, prediction, sigma_data = family.training_schedule(model)
     prompts = core.template_prompts(templates, WORD)
     positions = core.identifier_positions([hooks.prompt_tokens(clip, p) for p in prompts], WORD,
                                           hooks.word_token_ids(clip, WORD))
@@ -97,7 +98,7 @@ def run_body(pack, model, clip, vae, body, images=None, templates=TEMPLATES):
     def wrapped(denoise):
         return body(denoise, core.TrainingData(mean.clone(), std.clone(), positions), schedule, shapes)
 
-    return seam.run_training(model.clone(), layout, conds, tuple(mean[:1].shape), wrapped), conds, positions
+    return seam.run_training(model.clone(), family, layout, conds, tuple(mean[:1].shape), wrapped), conds, positions
 
 
 def evaluation_loss(pack, model, clip, vae, pairs, items=12):
@@ -134,7 +135,7 @@ def test_loss_falls_only_lora_changes_and_file_reloads(pack, tova_folder):
     with safe_open(str(tova_folder / "dog.safetensors"), "pt") as handle:
         raw = {key: handle.get_tensor(key) for key in handle.keys()}
         meta = handle.metadata()
-    layers = pack.glue("comfy_hooks").unet_layout(model).layers
+    layers = pack.layout(model).layers
     assert len(raw) == 2 * len(layers) == 14 and meta["conceptsplit.identifier_word"] == WORD  # 7 attn2 layers
     assert meta["conceptsplit.base_model"] == "sd2.1-v" and meta["conceptsplit.train_steps"] == "60"
     init = torch.Generator().manual_seed(0)  # A ~ N(0, (1/r)²) drawn in layer order (spec §2.5)

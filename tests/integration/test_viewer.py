@@ -121,8 +121,8 @@ def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, p
     patched, store = capture(pack, spy_model, words, positive, mode, *steps, layers=layers)
     latent = sample(patched, clip, positive=positive, negative_text=negative, steps=3, batch=batch)
     record = store.maps_for(latent)
-    tokens = pack.glue("comfy_hooks").conditioning_prompt_tokens(positive)
-    hooks = pack.glue("comfy_hooks")
+    tokens = pack.glue("comfy_conditioning").conditioning_prompt_tokens(positive)
+    hooks = pack.glue("comfy_text")
     positions = []
     for word in words.split(", "):  # positions found by plain search in ComfyUI's own token sequence
         ids = hooks.default_word_token_ids(word)
@@ -135,7 +135,7 @@ def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, p
         assert min(min(p) for p in positions) >= 77  # the words sit in the second window
     if negative:
         assert {c["k"].shape[1] for c in spy.calls} == {2 * len(tokens.token_ids)}  # cond LCM-repeated (×2)
-    levels = dict(hooks.layer_levels(model, hooks.unet_layout(model)))
+    levels = pack.layout(model).levels()
     factor = {"all": None, "latent": 1, "latent/2": 2}[layers]
     keys = {key for key, level in levels.items() if factor is None or 2 ** level == factor}
     reference = reference_maps(spy.calls, keys, positions, len(tokens.token_ids), *steps)
@@ -153,12 +153,12 @@ def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, p
 
 
 def test_layer_levels_match_the_grids_seen_in_a_run(pack):
-    hooks = pack.glue("comfy_hooks")
+    hooks = pack.glue("comfy_text")
     for arch in ("sd15", "sdxl"):
         model, clip, _ = build_tiny_model(arch)
         spy_model, spy = spied(model)
         sample(spy_model, clip, steps=1, size=72)  # latent 9x9: odd, so the ceil rule matters
-        levels = dict(hooks.layer_levels(model, hooks.unet_layout(model)))
+        levels = pack.layout(model).levels()
         seen = {call["key"]: call["grid"] for call in spy.calls}
         assert set(seen) == set(levels)
         for key, (h, w) in seen.items():
@@ -397,7 +397,7 @@ def test_a_second_positive_prompt_in_the_batch_is_left_out_of_the_maps(pack):
     patched, store = capture(pack, spy_model, "dog, cat", ours)
     latent = sample(patched, clip, positive=combined, steps=3)
     record = store.maps_for(latent)
-    ids = tuple(ours[0][1][pack.glue("comfy_hooks").PROMPT_TOKENS_KEY].token_ids)
+    ids = tuple(ours[0][1][pack.glue("comfy_conditioning").PROMPT_TOKENS_KEY].token_ids)
     assert any(call["chunks"].count(0) == 2 for call in spy.calls)  # both positives share model calls
     keys = set(record.layers)
     reference = reference_maps(spy.calls, keys, [[2], [5]], 77, 0, -1, prompt_ids=ids)

@@ -1,0 +1,53 @@
+"""The model families the pack supports, in match order, and `model_family`, the one place that tells which family a
+MODEL belongs to. A new architecture adds its module here (one import, its objects appended to FAMILIES)."""
+
+from __future__ import annotations
+
+from ...conceptsplit_core.errors import ConceptSplitError
+from .base import FamilyBase, ModelFamily
+from .unet import SD15, SD21, SDXL
+
+# Order matters: the first family whose matches() is true wins (SDXL variants subclass SDXL, SD2 unCLIP SD20).
+FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15)
+
+__all__ = ["FAMILIES", "FamilyBase", "ModelFamily", "family_of_layout", "model_family", "tova_family"]
+
+
+def model_family(model_patcher) -> ModelFamily:
+    """The family of a MODEL (a ComfyUI ModelPatcher).
+
+    Raises: ConceptSplitError naming the supported families for a model none of them describes.
+    """
+    for family in FAMILIES:
+        if family.matches(model_patcher):
+            return family
+    config = getattr(getattr(model_patcher, "model", None), "model_config", None)
+    names = _listed([family.display for family in FAMILIES])
+    raise ConceptSplitError.build(
+        f"ConceptSplit supports {names} models only",
+        seen=f"a {type(config if config is not None else model_patcher).__name__} model",
+        expected=f"a {names} checkpoint", fix=f"load a {names} checkpoint")
+
+
+def family_of_layout(layout) -> ModelFamily:
+    """The family that built `layout` (a model_layout.ModelLayout), by its name."""
+    return next(family for family in FAMILIES if family.name == layout.family)
+
+
+def tova_family(model_patcher) -> ModelFamily:
+    """The family of a MODEL that ToVA (Apply ToVA, training) works on.
+
+    Raises: ConceptSplitError for an unsupported model, or a family without ToVA support.
+    """
+    family = model_family(model_patcher)
+    if not family.supports_tova:
+        raise ConceptSplitError.build(
+            f"ToVA adapters are defined on UNet cross-attention; {family.display} is not supported yet",
+            seen=f"a {family.display} model",
+            expected=_listed([f.display for f in FAMILIES if f.supports_tova]) + " for ToVA",
+            fix=f"use a {_listed([f.display for f in FAMILIES if f.supports_tova])} checkpoint for ToVA")
+    return family
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

@@ -42,7 +42,7 @@ __all__ = [
 #   "off": the bound LoRAs do nothing until the masks exist;
 #   "unmasked": the whole LoRA everywhere until the masks exist (what merging would do: leaks by design).
 STAGE1_POLICIES = ("text_rows", "off", "unmasked")
-STAGE1_DEFAULT = "text_rows"
+STAGE1_DEFAULT = "off"
 
 
 @dataclass(frozen=True)

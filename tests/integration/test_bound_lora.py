@@ -340,3 +340,38 @@ def test_bad_input_is_refused_before_sampling(pack, loras_folder, case, message)
         apply(pack, model, bind(pack, bindings), positive)
     text = str(raised.value)
     assert "Seen:" in text and "Expected:" in text and "Fix:" in text
+
+
+def test_stage1_policies_before_the_masks_exist(pack, loras_folder):
+    """All steps in stage 1 (no masks ever): "off" is bit-identical to LODA without the LoRA; "text_rows" and
+    "unmasked" act (through stage 1's gradient pass too), "unmasked" on every position."""
+    model, clip = tiny("sd15")
+    write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
+    positive = encode(pack, clip)
+    plain = loda_sample(pack, model, clip, positive, loda_steps=3)[0]["samples"]
+    bound = bind(pack, [("dog.safetensors", "dog", 1.0)])
+    results = {}
+    for policy in ("off", "text_rows", "unmasked"):
+        patched, _ = apply(pack, model, bound, positive, stage1=policy)
+        results[policy] = loda_sample(pack, patched, clip, positive, loda_steps=3)[0]["samples"]
+    assert torch.equal(results["off"], plain)
+    assert not torch.equal(results["text_rows"], plain) and not torch.equal(results["unmasked"], plain)
+    assert not torch.equal(results["text_rows"], results["unmasked"])
+
+
+def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists(pack, loras_folder):
+    """Capability, not version: with comfy.weight_adapter.bypass the LoRA/LoHa/LoKr residual is the adapter's own
+    h(x); without it (0.3.64) ΔW from ComfyUI's calculate_weight. Both are checked against ΔW·x above."""
+    import importlib.util
+
+    import comfy.patcher_extension
+
+    lora = pack.glue("comfy_lora")
+    has_bypass = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None
+    assert lora.HAS_BYPASS == has_bypass
+    model, clip = tiny("sd15")
+    for kind in ("lora", "loha", "lokr"):
+        write_tiny_lora(loras_folder / f"{kind}.safetensors", model, seed=1, kind=kind)
+        patched, _ = apply(pack, model, bind(pack, [(f"{kind}.safetensors", "dog", 1.0)]), encode(pack, clip))
+        wrappers = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][lora.WRAPPER_KEY]
+        assert all(layer.residual.bypass == has_bypass for layer in wrappers[0].layers), kind

@@ -56,6 +56,7 @@ class ConceptRegions:
     prompt_ids: Optional[tuple]  # its token ids (to tell its chunks from other positives')
     masks: Optional[torch.Tensor] = None  # (B_img, K, h, w) bool at the map level, or None in stage 1
     checkpointing: bool = False  # stage 1 recomputes blocks in its backward pass (hooks would be gone by then)
+    masks_coming: bool = True  # False: this run never makes masks (stage 1 off and no fixing, or no stage 2)
 
     def __deepcopy__(self, memo):  # run state: ComfyUI's option copies must keep the same object
         return self

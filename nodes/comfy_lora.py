@@ -259,8 +259,8 @@ class BoundLoras:
                     expected="every bound word among the LODA sampler's concept words",
                     fix=f'add "{concept.word}" to the concept_words of the LODA sampler')
             index = labels.index(concept.word.lower())
-            if regions.positions[index] != concept.position or tuple(regions.prompt_ids or ()) != \
-                    tuple(self.prompt_ids or ()):
+            other_prompt = regions.prompt_ids is not None and tuple(regions.prompt_ids) != tuple(self.prompt_ids)
+            if regions.positions[index] != concept.position or other_prompt:
                 raise ConceptSplitError.build(
                     f'The bound concept "{concept.word}" was located in another prompt than the one LODA samples',
                     seen=f"token {concept.position} in Apply Bound LoRAs, token {regions.positions[index]} in LODA",
@@ -279,6 +279,12 @@ class BoundLoras:
                 fix="sample this model with the LODA Sampler (its concept_words naming the bound words)")
         indices = self._concept_indices(regions)
         masks = regions.masks
+        if masks is None and not regions.masks_coming:
+            raise ConceptSplitError.build(
+                "Bound LoRAs need LODA's masks, but this LODA run never makes them",
+                seen="loda_steps 0 with boost = suppression = 0, or loda_steps equal to the number of steps",
+                expected="a LODA run with masks for its later steps (stage 1 on, or attention fixing on)",
+                fix="set loda_steps to -1 (auto) or a number below steps, or a non-zero boost/suppression")
         if masks is None and self.stage1 == "off":
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         if masks is None and self.stage1 != "unmasked" and torch.is_grad_enabled() and regions.checkpointing:

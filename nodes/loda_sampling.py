@@ -211,8 +211,9 @@ def _publish_regions(model_options: dict, plan: LodaPlan, masks, checkpointing: 
     """Bound LoRAs (issue 13) read LODA's concepts and, from stage 2 on, its masks (B_img, K, h, w) from the
     model options of each call; a copy per run, so no run sees another's masks."""
     concepts = plan.concepts
+    coming = plan.stage1_steps < plan.total_steps and (plan.stage1_steps > 0 or plan.fixing)
     regions = ConceptRegions(concepts.labels, concepts.positions, concepts.prompt_length, concepts.prompt_ids, masks,
-                             checkpointing)
+                             checkpointing, coming)
     return comfy_lora.with_concept_regions(model_options, regions)
 
 

@@ -195,8 +195,6 @@ def run_two_bound(pack, arch, kinds, folder, strengths=(1.0, 0.7)):
                                         ("sd21", ("lora", "loha"))])
 def test_each_bound_lora_acts_only_in_its_region_and_equals_the_hand_computed_residual(pack, loras_folder, arch,
                                                                                        kinds):
-    import comfy.ldm.modules.attention  # noqa: F401  (the module classes)
-
     model, clip, positive, patched, spy, deltas, result, info = run_two_bound(pack, arch, kinds, loras_folder)
     strengths = (1.0, 0.7)
     assert spy.records, "no stage-2 model call was recorded"
@@ -343,20 +341,23 @@ def test_bad_input_is_refused_before_sampling(pack, loras_folder, case, message)
 
 
 def test_stage1_policies_before_the_masks_exist(pack, loras_folder):
-    """All steps in stage 1 (no masks ever): "off" is bit-identical to LODA without the LoRA; "text_rows" and
-    "unmasked" act (through stage 1's gradient pass too), "unmasked" on every position."""
+    """Stage 1 on steps 0..1 of 3: with "off" LODA's masks are bit-identical to those of the LoRA-free run (the LoRA
+    never acted before them); "text_rows" and "unmasked" act in stage 1 (its gradient pass too), so the latents at
+    the mask step differ, and all three differ from the LoRA-free image."""
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
     positive = encode(pack, clip)
-    plain = loda_sample(pack, model, clip, positive, loda_steps=3)[0]["samples"]
+    plain = loda_sample(pack, model, clip, positive, loda_steps=2)
     bound = bind(pack, [("dog.safetensors", "dog", 1.0)])
     results = {}
     for policy in ("off", "text_rows", "unmasked"):
         patched, _ = apply(pack, model, bound, positive, stage1=policy)
-        results[policy] = loda_sample(pack, patched, clip, positive, loda_steps=3)[0]["samples"]
-    assert torch.equal(results["off"], plain)
-    assert not torch.equal(results["text_rows"], plain) and not torch.equal(results["unmasked"], plain)
-    assert not torch.equal(results["text_rows"], results["unmasked"])
+        results[policy] = loda_sample(pack, patched, clip, positive, loda_steps=2)
+        assert not torch.equal(results[policy][0]["samples"], plain[0]["samples"]), policy
+    assert torch.equal(results["off"][1], plain[1])  # the MASK output: the same masks
+    assert torch.equal(results["off"][2].maps, plain[2].maps)  # and the same maps they came from
+    for policy in ("text_rows", "unmasked"):
+        assert not torch.equal(results[policy][2].maps, plain[2].maps), policy
 
 
 def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists(pack, loras_folder):
@@ -375,3 +376,14 @@ def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists(pack, loras_fol
         patched, _ = apply(pack, model, bind(pack, [(f"{kind}.safetensors", "dog", 1.0)]), encode(pack, clip))
         wrappers = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][lora.WRAPPER_KEY]
         assert all(layer.residual.bypass == has_bypass for layer in wrappers[0].layers), kind
+
+
+@pytest.mark.parametrize("overrides", [dict(loda_steps=0, boost=0.0, suppression=0.0), dict(loda_steps=3)],
+                         ids=["stage 1 and fixing off", "no stage 2"])
+def test_a_loda_run_that_never_makes_masks_is_refused_with_bound_loras(pack, loras_folder, overrides):
+    model, clip = tiny("sd15")
+    write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
+    positive = encode(pack, clip)
+    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), positive)
+    with pytest.raises(pack.error, match="never makes them"):
+        loda_sample(pack, patched, clip, positive, **overrides)

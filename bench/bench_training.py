@@ -86,7 +86,8 @@ def main() -> None:
                         autocast_dtype=seam.training_autocast_dtype(model))
         train_times.extend(stamps[2 * i + 1] - stamps[2 * i] for i in range(total))
 
-    seam.run_training(model.clone(), family, layout, conds, latent, body, gradient_checkpointing=args.gradient_checkpointing)
+    seam.run_training(model.clone(), family, layout, conds, latent, body,
+                      gradient_checkpointing=args.gradient_checkpointing)
     train_s = statistics.median(train_times[args.warmup:])
     plain_s = statistics.median(plain_times[args.warmup:])
     sizes = adapter_sizes(pack, layout, args.rank)

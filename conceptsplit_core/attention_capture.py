@@ -39,6 +39,7 @@ from .attention_calls import COND, AttentionCall
 from .attention_record import ConceptMaps
 from .concept_words import TOKEN_FIRST, TOKEN_MODES  # noqa: F401 (the node lists TOKEN_MODES)
 from .errors import ConceptSplitError
+from .model_layout import LayerKey
 from .widgets import WidgetRange
 
 LAYERS_BLOCKS = "blocks"

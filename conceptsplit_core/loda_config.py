@@ -38,7 +38,8 @@ UI_RANGES: dict[str, WidgetRange] = {
     "loda_steps": WidgetRange(AUTO_LODA_STEPS, 1000, 1, "-1 = auto, round(0.2·steps): 10 at 50 steps as in the paper; "
                               "5 to 15 at 50 steps; 0 = stage 1 off (attention fixing only)"),
     "inner_iterations": WidgetRange(1, 20, 1, "1 as in the paper; the official pipeline uses 10"),
-    "kl_threshold": WidgetRange(0.0, 10.0, 0.05, "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"),
+    "kl_threshold": WidgetRange(0.0, 10.0, 0.05,
+                                "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"),
     "step_scale": WidgetRange(0.0, 200.0, 0.5, "20 to 40; 40 is the paper's η at step 0, 20 the official code's"),
     "smoothing_sigma": WidgetRange(0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the paper (the official pipeline uses 1.0)"),
     "mask_percentile": WidgetRange(0.5, 0.999, 0.005,

@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..conceptsplit_core.config import TOVA_FOLDER
 from .adapters import ApplyToVA, LoadToVAAdapter
+from .bound_lora import ApplyBoundLoras, BindLoraToConcept
 from .loda_nodes import LodaResults, LodaSampler, LodaSamplerSelect
 from .prompt import ConceptSplitTextEncode
 from .training import TrainToVAAdapter
@@ -29,4 +30,5 @@ class ConceptSplitExtension(ComfyExtension):
         # ComfyUI 0.3.64 never calls on_load, so the folder is registered here, before any node runs.
         register_tova_folder()
         return [LoadToVAAdapter, ApplyToVA, ConceptSplitTextEncode, LodaSampler, LodaSamplerSelect, LodaResults,
-                CaptureAttention, AttentionMapViewer, LoadTrainingPhotos, TrainToVAAdapter]
+                CaptureAttention, AttentionMapViewer, LoadTrainingPhotos, TrainToVAAdapter, BindLoraToConcept,
+                ApplyBoundLoras]

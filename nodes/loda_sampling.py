@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..conceptsplit_core.attention_record import ConceptMaps
+from ..conceptsplit_core.bound_lora import ConceptRegions
 from ..conceptsplit_core.concept_words import loda_words
 from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaPlan, MapCollector, StepRecord,
                                       build_concept_masks, format_report, loda_stage1_steps, plan_loda_run,
@@ -18,7 +19,7 @@ from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaPlan, MapCol
 from ..conceptsplit_core.loda_config import LodaConfig
 from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
 from ..conceptsplit_core.prompt_tokens import PromptTokens
-from . import comfy_conditioning, comfy_sampling
+from . import comfy_conditioning, comfy_lora, comfy_sampling
 from .families import family_of_layout, model_family
 
 OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaRequest
@@ -99,6 +100,7 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     collector = MapCollector(plan.concepts, plan.layers)
     fixer = FixingBias(plan.concepts, torch.zeros(0), config, plan.layers)
     options_with = family.install_observers(comfy_sampling.run_model_options(extra_args), layout, (collector, fixer))
+    options_with = _publish_regions(options_with, plan, None, request.gradient_checkpointing)  # bound LoRAs
     if plan.fixing:  # the per-run options may carry patches the MODEL did not (wrappers, hooks)
         family.check_fixing_patches(options_with, layout, plan.layers.fixing_keys)
     extra_args = comfy_sampling.with_run_model_options(extra_args, options_with)
@@ -131,12 +133,25 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         maps = collector.maps().detach()
         collector.stop()
     masks = None if maps is None else build_concept_masks(maps, config)
+    if masks is not None:  # bound LoRAs: stage 2 sees the masks (nodes/comfy_lora.py)
+        extra_args = comfy_sampling.with_run_model_options(
+            extra_args, _publish_regions(options_with, plan, masks, request.gradient_checkpointing))
     if plan.fixing and masks is not None:
         fixer.activate(masks)
     x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[n:], extra_args, callback, disable, n, noise_sampler)
     fixer.active = False
     _record(request.result, plan, updates, maps, masks, x.shape[0])
     return x
+
+
+def _publish_regions(model_options: dict, plan: LodaPlan, masks, checkpointing: bool) -> dict:
+    """Bound LoRAs (issue 13) read LODA's concepts and, from stage 2 on, its masks (B_img, K, h, w) from the
+    model options of each call; a copy per run, so no run sees another's masks."""
+    concepts = plan.concepts
+    coming = plan.stage1_steps < plan.total_steps and (plan.stage1_steps > 0 or plan.fixing)
+    regions = ConceptRegions(concepts.labels, concepts.positions, concepts.prompt_length, concepts.prompt_ids, masks,
+                             checkpointing, coming)
+    return comfy_lora.with_concept_regions(model_options, regions)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@
 
 Node definitions come from the real ComfyUI (bootstrapped in this process, the pack loaded by ComfyUI's own loader),
 so widget order and defaults are what the frontend expects. Build with the oldest supported ComfyUI (0.3.64):
-newer versions add outputs to core nodes (SaveImage's `images` in 0.33) that older frontends do not know. One function per workflow, registered with
-`@workflow(...)`: it returns the API graph (omitted widget inputs get their defaults). Adapter file names follow
+newer versions add outputs to core nodes (SaveImage's `images` in 0.33) that older frontends do not know.
+One function per workflow, registered with `@workflow(...)`: it returns the API graph (omitted widget inputs get
+their defaults). Adapter file names follow
 `<identifier word>_<family>.safetensors`; tests/integration/test_workflows.py relies on it to serve tiny adapters.
 """
 

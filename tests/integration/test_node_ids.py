@@ -32,6 +32,8 @@ FROZEN = {
     "ConceptSplitTrainToVA": ("model", "clip", "vae", "images", "identifier_word", "steps", "learning_rate", "rank",
                               "seed", "resolution", "save_name", "overwrite", "checkpoint_every", "resume",
                               "gradient_checkpointing"),
+    "ConceptSplitBindLora": ("lora_name", "concept_word", "strength", "bound_loras"),
+    "ConceptSplitApplyBoundLoras": ("model", "bound_loras", "positive", "stage1", "text_inputs"),
 }
 
 

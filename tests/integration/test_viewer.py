@@ -153,7 +153,6 @@ def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, p
 
 
 def test_layer_levels_match_the_grids_seen_in_a_run(pack):
-    hooks = pack.glue("comfy_text")
     for arch in ("sd15", "sdxl"):
         model, clip, _ = build_tiny_model(arch)
         spy_model, spy = spied(model)

@@ -1,0 +1,149 @@
+"""Two bound LoRAs with LODA vs the same two LoRAs merged with Load LoRA, same sampler and steps; and the masked
+residuals alone (bindings on, LODA off: masks published by hand) vs the merged LoRAs. Full-size UNet, random weights.
+
+    COMFYUI_PATH=... python -m bench.bench_bound_lora [--arch sdxl|sd21] [--size 256] [--steps 10] [--rank 16]
+
+Goals (issue 13): time ratio ≤ 1.25×, peak memory ratio ≤ 1.15× (bound + LODA over merged). The full SDXL UNet
+(2.6 B parameters) needs about 10 GB in fp32 for the weights and as much again for Load LoRA's backups: run it on a
+GPU (`--arch sdxl`); on a small CPU machine `--arch sd21` measures the same code paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import SD21_UNET_CONFIG, bootstrap, compare, device_description, measured
+
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+PROMPT = "a dog and a cat"
+
+
+def build(arch: str, seed: int = 0):
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from testing.tiny_models import seeded_value
+
+    if arch == "sdxl":
+        config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+        base_cls, model_type = comfy.model_base.SDXL, comfy.model_base.ModelType.EPS
+    else:
+        config = comfy.supported_models.SD20(dict(SD21_UNET_CONFIG))
+        base_cls, model_type = comfy.model_base.BaseModel, comfy.model_base.ModelType.V_PREDICTION
+    config.set_inference_dtype(torch.float16 if torch.cuda.is_available() else torch.float32, None)
+    base = base_cls(config, model_type=model_type, device=mm.get_torch_device())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in base.diffusion_model.named_parameters():
+            param.copy_(seeded_value(name, param.shape, generator).to(param.dtype))
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def conditioning(pack, arch: str):
+    from bench.bench_loda import positive_with_tokens
+
+    width = 2048 if arch == "sdxl" else 1024
+    positive = positive_with_tokens(pack, width)
+    generator = torch.Generator().manual_seed(2)
+    negative = [[torch.randn(1, 77, width, generator=generator), {}]]
+    if arch == "sdxl":
+        for entry in (positive[0], negative[0]):
+            entry[1]["pooled_output"] = torch.randn(1, 1280, generator=generator)
+    return positive, negative
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sdxl", choices=("sdxl", "sd21"))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    pack = bootstrap()
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    import nodes
+
+    from testing.tiny_loras import write_tiny_lora
+
+    glue = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
+    core = lambda name: importlib.import_module(f"{pack.__name__}.conceptsplit_core.{name}")  # noqa: E731
+    folder = Path(tempfile.mkdtemp(prefix="bench-bound-"))
+    folder_paths.folder_names_and_paths["loras"][0].insert(0, str(folder))
+    folder_paths.filename_list_cache.clear()
+    with torch.inference_mode():
+        model = build(args.arch)
+    for word, seed in (("dog", 1), ("cat", 2)):
+        write_tiny_lora(folder / f"{word}.safetensors", model, seed=seed, rank=args.rank, magnitude=0.05)
+    positive, negative = conditioning(pack, args.arch)
+    with torch.inference_mode():
+        merged = model
+        for word in ("dog", "cat"):
+            state = comfy.utils.load_torch_file(str(folder / f"{word}.safetensors"), safe_load=True)
+            merged, _ = comfy.sd.load_lora_for_models(merged, None, state, 1.0, 0.0)
+        bound = glue("bound_lora").BindLoraToConcept.execute("dog.safetensors", "dog", 1.0).result[0]
+        bound = glue("bound_lora").BindLoraToConcept.execute("cat.safetensors", "cat", 1.0, bound).result[0]
+        patched = glue("bound_lora").ApplyBoundLoras.execute(model, bound, positive).result[0]
+    # masked residuals alone: the masks LODA would publish, fixed by hand (left / right halves at latent/4)
+    loda = core("loda")
+    tokens = positive[0][1][glue("comfy_conditioning").PROMPT_TOKENS_KEY]
+    h, w = loda.map_grid((args.size // 8, args.size // 8), 2)
+    masks = torch.zeros(1, 2, h, w, dtype=torch.bool)
+    masks[0, 0, :, : w // 2], masks[0, 1, :, w // 2:] = True, True
+    regions = core("bound_lora").ConceptRegions(("dog", "cat"), (2, 5), 77, tuple(tokens.token_ids), masks)
+    residuals_only = patched.clone()
+    residuals_only.model_options = glue("comfy_lora").with_concept_regions(residuals_only.model_options, regions)
+
+    latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
+    settings = dict(loda_steps=-1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
+                    smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
+                    suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+
+    def ksampler(m):
+        with torch.inference_mode():
+            return nodes.common_ksampler(m, 0, args.steps, 7.0, "euler", "normal", positive, negative, latent)
+
+    def loda_run(m):
+        with torch.inference_mode():
+            return glue("loda_nodes").LodaSampler.execute(m, 0, args.steps, 7.0, "euler", "normal", positive,
+                                                          negative, latent, 1.0, "dog, cat", **settings)
+
+    results: dict = {}
+    ksampler(merged)  # warm-up: loads the model, patches the weights once
+    for _ in range(args.repeats):
+        with measured(results, "merged"):
+            ksampler(merged)
+        with measured(results, "merged + LODA"):  # right after: the merged weights are still in place
+            loda_run(merged)
+        with measured(results, "bound + LODA"):
+            loda_run(patched)
+        with measured(results, "masked residuals"):
+            ksampler(residuals_only)
+    print(f"{device_description()}, {args.arch} UNet, {args.size} px, {args.steps} euler steps, rank {args.rank}")
+    for baseline, candidate in (("merged", "bound + LODA"), ("merged + LODA", "bound + LODA"),
+                                ("merged", "masked residuals")):
+        r = compare(results, baseline, candidate)
+        print(f"{candidate} vs {baseline}: {r['candidate_s']:.1f} s / {r['baseline_s']:.1f} s = "
+              f"{r['time_ratio']:.2f}×, peak {r['candidate_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MiB = "
+              f"{r['memory_ratio']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()

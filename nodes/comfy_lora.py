@@ -1,0 +1,400 @@
+"""Seam for bound LoRAs (issue 13): ComfyUI's LoRA reading, weight adapters and the UNet's module forward.
+
+- LoRA files are read exactly as Load LoRA reads them: comfy.utils.load_torch_file, comfy.lora_convert.convert_lora,
+  comfy.lora.model_lora_keys_unet and comfy.lora.load_lora (every format ComfyUI accepts: kohya, diffusers, PEFT,
+  LyCORIS LoHa/LoKr, ...). Only the UNet part is used; text-encoder keys are counted and left out.
+- The residual of one patch at one layer, from the layer's input x (bypass form, never merged):
+  * where ComfyUI has bypass mode (comfy.weight_adapter.bypass, 0.33.0+) and the adapter is additive (LoRA, LoHa,
+    LoKr without DoRA): the adapter's own low-rank h(x), with the module info ComfyUI's BypassForwardHook sets;
+  * otherwise (0.3.64, DoRA, OFT/BOFT/GLoRA, plain "diff" patches): ΔW = calculate_weight(W) − W with ComfyUI's own
+    comfy.lora.calculate_weight, computed once per device and dtype, and r = op(x, ΔW) (linear or conv, the module's
+    stride/padding), plus Δb for bias patches.
+- A DIFFUSION_MODEL wrapper registers forward hooks on the patched modules for one model call and removes them in
+  `finally` (the shared model never keeps them); the hooks add the residual where conceptsplit_core.bound_lora says.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.patcher_extension
+import comfy.utils
+import comfy.weight_adapter
+
+from ..conceptsplit_core.attention_calls import chunk_holds_prompt
+from ..conceptsplit_core.bound_lora import (BoundConcept, ConceptRegions, add_masked, exclusive_masks,
+                                            image_position_mask, layer_grid, token_row_mask)
+from ..conceptsplit_core.errors import ConceptSplitError
+from . import comfy_conditioning
+from .families import model_family
+
+# transformer_options key: the ConceptRegions of the running LODA sampler (None masks in stage 1)
+REGIONS_KEY = "conceptsplit_concept_regions"
+WRAPPER_KEY = "conceptsplit_bound_loras"
+MODEL_PREFIX = "diffusion_model."
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1", "te2", "te_", "lora_te1", "lora_te2", "clip_")
+HAS_BYPASS = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None  # ComfyUI 0.33.0+
+_DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8}  # where each additive adapter keeps its DoRA scale (weights tuple)
+
+
+def with_concept_regions(model_options: dict, regions: ConceptRegions) -> dict:
+    """A copy of `model_options` whose model calls see `regions` (LODA's concepts and masks) under REGIONS_KEY;
+    the caller's dicts stay as they were."""
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    transformer_options[REGIONS_KEY] = regions
+    options["transformer_options"] = transformer_options
+    return options
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraPatches:
+    """The UNet patches of one LoRA file, as comfy.lora.load_lora made them."""
+
+    name: str
+    patches: dict  # "diffusion_model.<module>.weight|bias" -> adapter or ("diff", ...) tuple
+    text_encoder_keys: int  # keys for the text encoders, not applied
+
+
+def read_lora(path: str, name: str, model_patcher) -> LoraPatches:
+    """Read a LoRA file for this MODEL's UNet with ComfyUI's own loader and key map.
+
+    Raises: ConceptSplitError for a file that cannot be read, or one of whose keys no layer of this UNet matches
+    (a LoRA for another base model, or a file that is not a LoRA).
+    """
+    try:
+        state = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as error:  # safetensors / torch raise many types for damaged files
+        raise ConceptSplitError.build(
+            f'The LoRA file "{name}" cannot be read', seen=f"{type(error).__name__}: {str(error)[:120]}",
+            expected="a .safetensors (or weights-only .pt) LoRA file", fix="download the file again") from None
+    if not isinstance(state, dict) or not state:
+        raise ConceptSplitError.build(f'The LoRA file "{name}" holds no tensors', seen="an empty file",
+                                      expected="a LoRA file", fix="download the file again")
+    text_keys = sum(1 for key in state if key.lower().startswith(TEXT_ENCODER_PREFIXES))
+    state = comfy.lora_convert.convert_lora(state)
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    loaded = comfy.lora.load_lora(state, key_map, log_missing=False)
+    patches = {key: patch for key, patch in loaded.items() if isinstance(key, str) and key.startswith(MODEL_PREFIX)}
+    if not patches:
+        family = model_family(model_patcher)
+        sample = ", ".join(sorted(state)[:3])
+        raise ConceptSplitError.build(
+            f'The LoRA "{name}" matches no layer of this {family.display} model',
+            seen=f"{len(state)} keys ({text_keys} for text encoders), e.g. {sample}",
+            expected=f"a LoRA trained for {family.display} (kohya, diffusers, PEFT or LyCORIS keys of its UNet)",
+            fix="use a LoRA made for this base model (SDXL fine-tunes take SDXL LoRAs), or another checkpoint")
+    _check_shapes(name, patches, model_patcher)
+    return LoraPatches(name, patches, text_keys)
+
+
+def _check_shapes(name: str, patches: dict, model_patcher) -> None:
+    """Raise when a patch's ΔW cannot have its layer's shape (a LoRA of another base model whose key names happen
+    to exist in this one: Load LoRA would skip those layers with a warning)."""
+    state = model_patcher.model.state_dict()
+    wrong = []
+    for key, patch in patches.items():
+        weight = state.get(key)
+        expected = None if weight is None else (int(weight.shape[0]), int(weight[0].numel()) if weight.dim() else 1)
+        found = _delta_shape(patch)
+        if weight is not None and found is not None and found != expected:
+            wrong.append(f"{key[len(MODEL_PREFIX):]}: {found[0]}×{found[1]} for {expected[0]}×{expected[1]}")
+    if wrong:
+        family = model_family(model_patcher)
+        raise ConceptSplitError.build(
+            f'The LoRA "{name}" does not fit this {family.display} model', seen=f"{len(wrong)} of {len(patches)} "
+            f"layers with other shapes, e.g. {wrong[0]}",
+            expected=f"a LoRA trained for {family.display}", fix="use a LoRA made for this base model")
+
+
+def _delta_shape(patch) -> Optional[tuple[int, int]]:
+    """(out, in·kernel) of a patch's ΔW from its factors, or None where the type is not known here."""
+    def numel(t):
+        return int(t[0].numel()) if t.dim() > 1 else 1
+
+    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
+        t = patch[1][0]
+        return int(t.shape[0]), numel(t)
+    name = getattr(patch, "name", None)
+    v = getattr(patch, "weights", None)
+    if name == "lora" and v[3] is None:
+        return int(v[0].shape[0]), numel(v[1])
+    if name == "loha" and v[5] is None:
+        return int(v[0].shape[0]), numel(v[1])
+    if name == "lokr" and v[7] is None:
+        w1 = v[0] if v[0] is not None else v[3] @ v[4]
+        rows2 = v[1].shape[0] if v[1] is not None else v[5].shape[0]
+        cols2 = numel(v[1]) if v[1] is not None else numel(v[6])
+        return int(w1.shape[0] * rows2), int(w1.shape[1] * cols2)
+    return None
+
+
+# --- residuals ----------------------------------------------------------------------------------------------
+
+def _module_path(key: str) -> tuple[str, str]:
+    """"diffusion_model.input_blocks.1.1.proj_in.weight" -> ("input_blocks.1.1.proj_in", "weight")."""
+    path, _, part = key[len(MODEL_PREFIX):].rpartition(".")
+    return path, part
+
+
+def layer_kind(path: str) -> str:
+    """"text" for cross-attention key/value projections (their input is the prompt's tokens), "global" for layers
+    on the timestep/label embedding (no positions to mask: not applied), else "image"."""
+    if path.endswith(("attn2.to_k", "attn2.to_v")):
+        return "text"
+    if "emb" in path.split(".")[0] or ".emb_layers." in f".{path}.":
+        return "global"
+    return "image"
+
+
+class PatchResidual:
+    """r(x) of one ComfyUI patch at one module, for a strength; device copies cached."""
+
+    def __init__(self, module: torch.nn.Module, key: str, patch, strength: float):
+        self.module, self.key, self.patch, self.strength = module, key, patch, float(strength)
+        self.part = _module_path(key)[1]
+        self.bypass = HAS_BYPASS and self.part == "weight" and _additive(patch)
+        self._cache: dict = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def __call__(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Shapes: x the module's input ((B, N, d) or (B, C, H, W)); returns a tensor shaped like base_out."""
+        cache_key = (x.device, x.dtype)
+        entry = self._cache.get(cache_key)
+        if entry is None:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: stage 1 saves them for backward
+                entry = self._adapter_on(x.device, x.dtype) if self.bypass else self._delta_on(x.device, x.dtype)
+            self._cache[cache_key] = entry
+        if self.bypass:
+            return entry.h(x, base_out)
+        if self.part == "bias":
+            shape = (-1,) + (1,) * (base_out.dim() - 2) if isinstance(self.module, torch.nn.Conv2d) else (-1,)
+            return entry.reshape(shape).expand_as(base_out)
+        if isinstance(self.module, torch.nn.Conv2d):
+            m = self.module
+            return F.conv2d(x, entry, None, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, entry)
+
+    def _adapter_on(self, device, dtype):
+        from comfy.weight_adapter.bypass import BypassForwardHook
+
+        adapter = copy.copy(self.patch)
+        BypassForwardHook(self.module, adapter, multiplier=self.strength)  # sets the module info h() reads
+        adapter.weights = tuple(w.to(device=device, dtype=dtype).clone() if torch.is_tensor(w) else w
+                                for w in adapter.weights)
+        return adapter
+
+    def _delta_on(self, device, dtype) -> torch.Tensor:
+        base = getattr(self.module, self.part).detach().to(device=device, dtype=torch.float32).clone()
+        patched = comfy.lora.calculate_weight([(self.strength, self.patch, 1.0, None, None)], base.clone(),
+                                              self.key, intermediate_dtype=torch.float32)
+        return (patched - base).to(dtype)  # ΔW (C_out, C_in[, kh, kw]) or Δb (C_out,)
+
+
+def _additive(patch) -> bool:
+    """Whether ComfyUI's bypass h(x) is this adapter's whole effect: LoRA/LoHa/LoKr without DoRA or reshape."""
+    if not isinstance(patch, comfy.weight_adapter.WeightAdapterBase):
+        return False
+    cls = type(patch)
+    base = comfy.weight_adapter.WeightAdapterBase
+    dora = _DORA_INDEX.get(getattr(patch, "name", ""))
+    weights = getattr(patch, "weights", ())
+    if dora is None or len(weights) <= dora or weights[dora] is not None:
+        return False
+    if patch.name == "lora" and len(weights) > 5 and weights[5] is not None:  # reshape
+        return False
+    return cls.h is not base.h and cls.g is base.g and cls.bypass_forward is base.bypass_forward
+
+
+# --- the wrapper ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BoundLayer:
+    path: str
+    kind: str  # "image" or "text"
+    concept: int  # index into BoundLoras.concepts
+    residual: PatchResidual
+
+
+class BoundLoras:
+    """DIFFUSION_MODEL wrapper: the bound LoRAs of one Apply Bound LoRAs node, hooked in for each model call."""
+
+    def __init__(self, layers: tuple[BoundLayer, ...], concepts: tuple[BoundConcept, ...], prompt_ids: tuple,
+                 prompt_length: int, stage1: str, text_rows: bool):
+        self.layers, self.concepts = layers, concepts
+        self.prompt_ids, self.prompt_length = prompt_ids, prompt_length
+        self.stage1, self.text_rows = stage1, text_rows
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def clear_device_caches(self) -> None:
+        for layer in self.layers:
+            layer.residual.clear()
+
+    def _concept_indices(self, regions: ConceptRegions) -> list[int]:
+        """Index in LODA's concepts of each bound word; the same token position is required."""
+        labels = [label.lower() for label in regions.labels]
+        indices = []
+        for concept in self.concepts:
+            if concept.word.lower() not in labels:
+                raise ConceptSplitError.build(
+                    f'The bound concept "{concept.word}" is not one of the concepts LODA separates',
+                    seen=f"LODA concepts {', '.join(regions.labels)}",
+                    expected="every bound word among the LODA sampler's concept words",
+                    fix=f'add "{concept.word}" to the concept_words of the LODA sampler')
+            index = labels.index(concept.word.lower())
+            other_prompt = regions.prompt_ids is not None and tuple(regions.prompt_ids) != tuple(self.prompt_ids)
+            if regions.positions[index] != concept.position or other_prompt:
+                raise ConceptSplitError.build(
+                    f'The bound concept "{concept.word}" was located in another prompt than the one LODA samples',
+                    seen=f"token {concept.position} in Apply Bound LoRAs, token {regions.positions[index]} in LODA",
+                    expected="Apply Bound LoRAs given the positive prompt the sampler gets",
+                    fix="connect the same positive CONDITIONING to Apply Bound LoRAs and to the sampler")
+            indices.append(index)
+        return indices
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        regions = transformer_options.get(REGIONS_KEY)
+        if regions is None:
+            raise ConceptSplitError.build(
+                "Bound LoRAs need the LODA masks, but this model is sampled without a LODA sampler",
+                seen="a model from Apply Bound LoRAs in KSampler / SamplerCustom without LODA",
+                expected="the LODA Sampler, or ConceptSplit LODA SAMPLER into SamplerCustom",
+                fix="sample this model with the LODA Sampler (its concept_words naming the bound words)")
+        indices = self._concept_indices(regions)
+        masks = regions.masks
+        if masks is None and not regions.masks_coming:
+            raise ConceptSplitError.build(
+                "Bound LoRAs need LODA's masks, but this LODA run never makes them",
+                seen="loda_steps 0 with boost = suppression = 0, or loda_steps equal to the number of steps",
+                expected="a LODA run with masks for its later steps (stage 1 on, or attention fixing on)",
+                fix="set loda_steps to -1 (auto) or a number below steps, or a non-zero boost/suppression")
+        if masks is None and self.stage1 == "off":
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        if masks is None and self.stage1 != "unmasked" and torch.is_grad_enabled() and regions.checkpointing:
+            raise ConceptSplitError.build(
+                "Bound LoRAs cannot act in LODA stage 1 with gradient checkpointing",
+                seen="gradient_checkpointing on and stage1 = text_rows",
+                expected="gradient checkpointing off, or bound LoRAs off in stage 1",
+                fix="turn gradient_checkpointing off in the LODA sampler, or set stage1 to off in Apply Bound LoRAs")
+        state = _CallState(self, regions, indices, x, transformer_options)
+        unet = executor.class_obj  # the UNetModel (a class executor around its _forward)
+        handles = []
+        try:
+            for layer in self.layers:
+                if masks is None and self.stage1 == "text_rows" and layer.kind != "text":
+                    continue
+                if masks is not None and layer.kind == "text" and not self.text_rows:
+                    continue
+                handles.append(unet.get_submodule(layer.path).register_forward_hook(state.hook(layer)))
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _CallState:
+    """Per model call: where each bound concept acts (cached per layer grid / context length)."""
+
+    def __init__(self, owner: BoundLoras, regions: ConceptRegions, indices: list[int], x, transformer_options):
+        self.owner = owner
+        self.latent_hw = tuple(int(s) for s in x.shape[-2:])
+        self.batch = int(x.shape[0])
+        self.unmasked = regions.masks is None  # stage 1 ("unmasked" or "text_rows" policy)
+        self.regions = None if regions.masks is None else exclusive_masks(regions.masks.to(x.device), indices)
+        branches = tuple(int(c) for c in transformer_options.get("cond_or_uncond", (0,)))
+        uuids = transformer_options.get("uuids") or [None] * len(branches)
+        table = transformer_options.get(comfy_conditioning.CHUNKS_KEY) or {}
+        self.chunks = []  # per CFG chunk: the prompt's own length when it holds the prompt, else None
+        for branch, uuid in zip(branches, uuids):
+            chunk = table.get(uuid)
+            holds = branch == 0 and chunk_holds_prompt(chunk, owner.prompt_ids, owner.prompt_length)
+            self.chunks.append((chunk.length if chunk is not None else owner.prompt_length) if holds else None)
+        self.device = x.device
+        self._masks: dict = {}
+
+    def _image_mask(self, concept: int, tokens: int, grid: Optional[tuple[int, int]], batch: int) -> torch.Tensor:
+        grid = grid or layer_grid(self.latent_hw, tokens)
+        key = ("image", concept, grid, batch)
+        if key not in self._masks:
+            self._masks[key] = image_position_mask(self.regions[:, concept], grid, batch)  # (B, N)
+        return self._masks[key]
+
+    def _text_mask(self, concept: int, context_length: int, batch: int) -> torch.Tensor:
+        key = ("text", concept, context_length, batch)
+        if key not in self._masks:
+            position = self.owner.concepts[concept].position
+            self._masks[key] = token_row_mask(self.chunks, batch // max(len(self.chunks), 1), position,
+                                              context_length, self.device)  # (B, T)
+        return self._masks[key]
+
+    def hook(self, layer: BoundLayer):
+        def forward_hook(module, args, output):
+            x = args[0]
+            residual = layer.residual(x, output)
+            if layer.kind == "text":
+                return add_masked(output, residual, self._text_mask(layer.concept, output.shape[1], output.shape[0]))
+            if self.unmasked:
+                return output + residual.to(output.dtype)
+            grid = tuple(output.shape[-2:]) if output.dim() == 4 else None
+            tokens = output.shape[1] if output.dim() == 3 else output.shape[-2] * output.shape[-1]
+            return add_masked(output, residual, self._image_mask(layer.concept, tokens, grid, output.shape[0]))
+
+        return forward_hook
+
+
+def bound_layers(model_patcher, loras: list[tuple[LoraPatches, float]]) -> tuple[tuple[BoundLayer, ...], int]:
+    """The hooked layers of every (LoRA, strength) in concept order, and how many patches were left out (on the
+    timestep/label embedding, where no position can be masked)."""
+    modules = dict(model_patcher.model.diffusion_model.named_modules())
+    layers, skipped = [], 0
+    for concept, (lora, strength) in enumerate(loras):
+        for key, patch in sorted(lora.patches.items()):
+            path, part = _module_path(key)
+            kind = layer_kind(path)
+            module = modules.get(path)
+            if kind == "global" or module is None or part not in ("weight", "bias"):
+                skipped += 1
+                continue
+            layers.append(BoundLayer(path, kind, concept, PatchResidual(module, key, patch, strength)))
+    return tuple(layers), skipped
+
+
+def install_bound_loras(model_patcher, wrapper: BoundLoras, positive) -> None:
+    """Install the wrapper on `model_patcher` (a clone), with the chunk table the text rows need (prompt of each
+    CFG chunk, recorded or recognised by content) and a cleanup that frees device copies."""
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                       comfy_conditioning.record_chunk_prompts)
+    model_patcher.model_options = comfy_conditioning.with_prompt_encodings(model_patcher.model_options,
+                                                                    comfy_conditioning.conditioning_encodings(positive))
+    model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY,
+                                        lambda patcher: wrapper.clear_device_caches())
+
+
+def lora_file_path(name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None or not os.path.isfile(path):
+        raise ConceptSplitError.build(
+            f'LoRA file "{name}" was not found', seen="no such file in models/loras",
+            expected="a LoRA file in ComfyUI/models/loras", fix='copy it there and press "Refresh" (R) in the UI')
+    return path

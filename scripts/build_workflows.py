@@ -10,8 +10,9 @@ Node definitions come from the real ComfyUI (bootstrapped in this process, the p
 so widget order and defaults are what the frontend expects. Build with the oldest supported ComfyUI (0.3.64):
 newer versions add outputs to core nodes (SaveImage's `images` in 0.33) that older frontends do not know.
 One function per workflow, registered with `@workflow(...)`: it returns the API graph (omitted widget inputs get
-their defaults). Adapter file names follow
-`<identifier word>_<family>.safetensors`; tests/integration/test_workflows.py relies on it to serve tiny adapters.
+their defaults). Adapter and bound-LoRA file names start with their concept word
+(`<identifier word>_<family>.safetensors`, `<concept word>_character_<family>.safetensors`);
+tests/integration/test_workflows.py relies on it to serve tiny adapters and LoRAs.
 """
 
 from __future__ import annotations
@@ -177,6 +178,38 @@ def loda_plain_sd15() -> dict:
         "9": node("PreviewImage", title="Concept masks", images=["8", 0]),
     }
     graph.update(decode_and_save(["5", 0], ["1", 2], 6, "conceptsplit/loda_plain"))
+    return graph
+
+
+@workflow("bound_loras_sdxl", family="sdxl", title="Two character LoRAs, each on its own subject (SDXL)", note=(
+    "Bound LoRAs: two ordinary LoRA files, each bound to one concept word, so each acts only on its own subject "
+    "(inside the mask LODA finds for it), unmerged, in one model pass per step.\n\n"
+    "Set:\n1. Load Checkpoint: SDXL base 1.0 (or a fine-tune).\n"
+    "2. ConceptSplit Text Encode: the prompt, holding each bound word (here dog, cat).\n"
+    "3. Each Bind LoRA to Concept: a LoRA file from models/loras (kohya, diffusers, PEFT, LyCORIS: whatever Load "
+    "LoRA reads), concept_word = its subject's word in the prompt, strength as Load LoRA's strength_model.\n"
+    "4. LODA Sampler, concept_words: every bound word (here dog, cat).\n\n"
+    "Apply Bound LoRAs needs a LODA sampler (it stops with an error otherwise). stage1 = off: the LoRAs act once "
+    "LODA's masks exist. The info text lists what each LoRA patches."))
+def bound_loras_sdxl() -> dict:
+    graph = {
+        "1": node("CheckpointLoaderSimple", ckpt_name=SDXL_CHECKPOINT),
+        "2": node("ConceptSplitTextEncode", clip=["1", 1], text="a photo of a dog and a cat playing in a garden"),
+        "3": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+        "4": node("ConceptSplitBindLora", title="Bind LoRA to Concept (dog)",
+                  lora_name="dog_character_sdxl.safetensors", concept_word="dog", strength=1.0),
+        "5": node("ConceptSplitBindLora", title="Bind LoRA to Concept (cat)",
+                  lora_name="cat_character_sdxl.safetensors", concept_word="cat", strength=1.0,
+                  bound_loras=["4", 0]),
+        "6": node("ConceptSplitApplyBoundLoras", model=["1", 0], bound_loras=["5", 0], positive=["2", 0]),
+        "7": node("PreviewAny", title="Bound LoRA info", source=["6", 1]),
+        "8": node("EmptyLatentImage", width=1024, height=1024, batch_size=1),
+        "9": node("ConceptSplitLodaSampler", model=["6", 0], positive=["2", 0], negative=["3", 0],
+                  latent_image=["8", 0], concept_words="dog, cat", **SAMPLING_50),
+        "12": node("MaskToImage", mask=["9", 1]),
+        "13": node("PreviewImage", title="Concept masks", images=["12", 0]),
+    }
+    graph.update(decode_and_save(["9", 0], ["1", 2], 10, "conceptsplit/bound_loras_sdxl"))
     return graph
 
 

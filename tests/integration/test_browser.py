@@ -31,8 +31,17 @@ BUDGET_S = 60.0
 MODEL_LOADERS = ("CheckpointLoaderSimple", "ConceptSplitLoadAdapter")  # in two_concepts_tova_sd21.json
 
 
+# Widgets a frontend adds on its own and queues although the node declares no such input (the server ignores them):
+# frontend 1.27 (ComfyUI 0.3.64) serializes PreviewAny's text display as `preview`; 1.49 does not.
+FRONTEND_ONLY_INPUTS = {"PreviewAny": {"preview"}}
+
+
 def without_meta(prompt: dict) -> dict:
-    return {nid: {"class_type": node["class_type"], "inputs": node["inputs"]} for nid, node in prompt.items()}
+    """The queued prompt without `_meta` and without the frontend-only inputs above."""
+    return {nid: {"class_type": node["class_type"],
+                  "inputs": {name: value for name, value in node["inputs"].items()
+                             if name not in FRONTEND_ONLY_INPUTS.get(node["class_type"], ())}}
+            for nid, node in prompt.items()}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 A workflow is converted to an API prompt with the server's /object_info (testing/workflow_format.py), then made
 cheap with the explicit substitutions below: the checkpoint loader becomes the test helper pack's tiny-model loader
 (of the family in the workflow's `extra.conceptsplit.family`), adapters become tiny random ones with the same
-identifier word, photo folders get three small photos, and sizes and step counts shrink.
+identifier word, LoRAs bound to a concept become tiny random kohya LoRAs for the tiny model, photo folders get three
+small photos, and sizes and step counts shrink.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -49,7 +51,7 @@ def adapter_word(adapter_name: str) -> str:
     return Path(adapter_name).stem.split("_")[0]
 
 
-def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder) -> dict:
+def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder, serve_lora) -> dict:
     family = workflow_family(workflow)
     prompt = ui_to_api(workflow, object_info)
     uses_loda = any(node["class_type"] in LODA_TYPES for node in prompt.values())
@@ -60,6 +62,8 @@ def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder) 
             continue
         if node["class_type"] == "ConceptSplitLoadAdapter":
             inputs["adapter_name"] = serve_adapter(family, adapter_word(inputs["adapter_name"]))
+        if node["class_type"] == "ConceptSplitBindLora":
+            inputs["lora_name"] = serve_lora(family, adapter_word(inputs["lora_name"]))
         if node["class_type"] == "ConceptSplitLoadTrainingImages":
             inputs["folder"] = photo_folder(inputs["folder"])
         inputs.update(TINY_INPUTS.get(node["class_type"], {}))
@@ -87,6 +91,24 @@ def serve_adapter(comfy_server, pack, tmp_path_factory):
             path = write_tiny_adapter(folder / f"workflow_{family}_{word}.safetensors", model, word,
                                       seed=len(served) + 1)
             served[(family, word)] = comfy_server.add_model("tova", path)
+        return served[(family, word)]
+    return serve
+
+
+@pytest.fixture(scope="module")
+def serve_lora(comfy_server, pack, tmp_path_factory):
+    """serve_lora(family, word) -> the name of a tiny random kohya LoRA in the server's models/loras (made once)."""
+    from testing.tiny_loras import write_tiny_lora
+    from testing.tiny_models import build_tiny_model
+
+    folder, served = tmp_path_factory.mktemp("workflow_loras"), {}
+
+    def serve(family: str, word: str) -> str:
+        if (family, word) not in served:
+            model, _, _ = build_tiny_model(family, seed=0)  # the server's tiny loader builds the same weights
+            path = folder / f"workflow_{family}_{word}_lora.safetensors"
+            write_tiny_lora(path, model, seed=len(served) + 1, kind="lora")
+            served[(family, word)] = comfy_server.add_model("loras", path)
         return served[(family, word)]
     return serve
 
@@ -124,9 +146,10 @@ def test_workflow_file_is_complete(path, object_info):
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
-def test_workflow_runs_to_completion_on_tiny_models(path, comfy_server, object_info, serve_adapter, photo_folder):
+def test_workflow_runs_to_completion_on_tiny_models(path, comfy_server, object_info, serve_adapter, photo_folder,
+                                                   serve_lora):
     workflow = json.loads(path.read_text())
-    prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder)
+    prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder, serve_lora)
     entry = comfy_server.run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success"
     image_nodes = [nid for nid, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")]
@@ -143,3 +166,42 @@ def test_template_browser_lists_and_serves_every_workflow(comfy_server):
         url = f"{comfy_server.url}/api/workflow_templates/{PACK_FOLDER}/{path.name}"
         with urllib.request.urlopen(url, timeout=10) as response:
             assert json.loads(response.read()) == json.loads(path.read_text())
+
+
+BOUND_LORA_WORKFLOWS = [p for p in WORKFLOW_FILES
+                        if "ConceptSplitBindLora" in node_types(json.loads(p.read_text()))]
+
+
+def test_there_is_a_bound_lora_workflow():
+    assert [p.stem for p in BOUND_LORA_WORKFLOWS] == ["bound_loras_sdxl"]
+
+
+@pytest.mark.parametrize("path", BOUND_LORA_WORKFLOWS, ids=[p.stem for p in BOUND_LORA_WORKFLOWS])
+def test_bound_lora_workflow_applies_its_loras(path, comfy_server, object_info, serve_adapter, photo_folder,
+                                               serve_lora):
+    """The served LoRAs act: the info text names each binding with patches, and the saved image differs from the
+    same graph with every Bind LoRA at strength 0 (which the pack documents as the model unchanged)."""
+    prompt = tiny_prompt(json.loads(path.read_text()), object_info, serve_adapter, photo_folder, serve_lora)
+    binds = {nid: node["inputs"] for nid, node in prompt.items() if node["class_type"] == "ConceptSplitBindLora"}
+    assert sorted(inputs["concept_word"] for inputs in binds.values()) == ["cat", "dog"]
+    (info_node,) = [nid for nid, node in prompt.items() if node["class_type"] == "PreviewAny"]
+    (save_node,) = [nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"]
+
+    entry = comfy_server.run(prompt, timeout=300)
+    info = "\n".join(entry["outputs"][info_node]["text"])
+    for inputs in binds.values():
+        (line,) = [ln for ln in info.splitlines() if f'-> "{inputs["concept_word"]}"' in ln]
+        assert line.startswith(inputs["lora_name"]), info
+        image_side = int(line.split(": ", 1)[1].split(" image-side")[0])
+        assert image_side > 0, info
+    patched = np.asarray(comfy_server.output_images(entry, save_node)[0].convert("RGB"), dtype=np.int16)
+
+    for nid in binds:
+        prompt[nid]["inputs"]["strength"] = 0.0
+    entry = comfy_server.run(prompt, timeout=300)
+    assert "unchanged" in "\n".join(entry["outputs"][info_node]["text"])
+    plain = np.asarray(comfy_server.output_images(entry, save_node)[0].convert("RGB"), dtype=np.int16)
+    assert patched.shape == plain.shape
+    # 8-bit images of one seed: the LoRAs' residual (magnitude-1 random factors on every UNet layer after LODA's
+    # mask step) moves many pixels by more than one rounding step; a run that ignored them would give 0 everywhere
+    assert np.abs(patched - plain).max() > 1, "the bound LoRAs did not change the image"

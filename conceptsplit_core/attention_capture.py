@@ -47,7 +47,8 @@ LAYERS_BLOCKS = "blocks"
 # "latent/N": the layers whose grid is the latent's divided by N (ceil at each halving); latent/4 is LODA's level.
 LAYER_CHOICES = ("latent/4", "all", "latent", "latent/2", "latent/8", LAYERS_BLOCKS)
 _SIGMA_TOLERANCE = 1e-5  # relative; a call's sigma is the schedule's own value, so only float noise is tolerated
-_BLOCK_PATTERN = re.compile(r"^(input|middle|output)(?:[\s_]*(\d+))?(?:\.(\d+))?$")
+_BLOCK_PATTERN = re.compile(r"^(input|middle|output|double|single)(?:[\s_]*(\d+))?(?:\.(\d+))?$")
+BLOCK_ORDER = ("input", "middle", "output", "double", "single")  # UNet blocks, then DiT (Flux) blocks
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ def _parse_blocks(levels: Mapping[BlockKey, int], blocks: str) -> frozenset:
 
 def _blocks_text(levels: Mapping[BlockKey, int]) -> str:
     names: dict[str, list[str]] = {}
-    for name, number, depth in sorted(levels, key=lambda k: (("input", "middle", "output").index(k[0]), k[1], k[2])):
+    for name, number, depth in sorted(levels, key=lambda k: (BLOCK_ORDER.index(k[0]), k[1], k[2])):
         label = str(number) if depth == 0 else f"{number}.{depth}"
         names.setdefault(name, []).append(label)
     return "; ".join(f"{name} {', '.join(labels)}" for name, labels in names.items())
@@ -318,7 +319,7 @@ class _RunSums:
             weights.append(sum(n for (s, _), n in self.step_counts.items() if s == step))
         maps = (sum(totals) / sum(weights)).float().cpu()  # (B_img, K, h, w): the mean over every added map
         per_step = [(total / count).float().cpu() for total, count in zip(totals, weights)]
-        order = ("input", "middle", "output")
+        order = BLOCK_ORDER
         layers = tuple(sorted(self.layers, key=lambda k: (order.index(k[0]), k[1], k[2])))
         return ConceptMaps(labels=labels, maps=maps, steps=steps, layers=layers,
                            step_maps=torch.stack(per_step, dim=1), step_weights=tuple(weights),  # (B, S_rec, K, h, w)

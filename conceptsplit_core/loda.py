@@ -28,6 +28,7 @@ __all__ = [
     "StepRecord",
     "build_concept_masks",
     "format_report",
+    "joint_map_layers",
     "map_grid",
     "run_truncated",
     "select_map_layers",
@@ -137,6 +138,32 @@ def select_map_layers(layer_levels: Sequence[tuple[BlockKey, int]], family: str,
     loss_keys = tuple(key for key in at_level if family != SDXL_FAMILY or key[0] == "input")  # spec §3.1 SDXL
     fixing = None if fixing_layers == "all" else frozenset(at_level)
     return MapLayers(grid=grid, loss_keys=loss_keys, mask_keys=at_level, fixing_keys=fixing)
+
+
+def joint_map_layers(keys: Sequence[BlockKey], map_keys: frozenset, grid: tuple[int, int], latent_hw: tuple[int, int],
+                     display: str, fixing_layers: str) -> MapLayers:
+    """The map layers of a DiT (joint attention): every joint block has the same grid, the patchified latent.
+
+    Args:
+        keys: every joint-attention block, in execution order. map_keys: the family's default map blocks (their
+            maps are averaged for the loss and the masks; the gradient pass stops after the last one).
+        grid: the image-token grid (h, w) at latent_hw. fixing_layers: "all" (every joint block) or "map_level".
+    Raises: ConceptSplitError when the model has none of the map blocks, or the grid is smaller than the 7×7 kernel.
+    """
+    ordered = tuple(key for key in keys if key in map_keys)
+    if not ordered:
+        raise ConceptSplitError.build(
+            f"This {display} model has no joint-attention blocks LODA reads maps from",
+            seen=f"{len(keys)} joint blocks", expected="at least one double block", fix=f"load a full {display} model")
+    if min(grid) < AE_KERNEL_SIZE:
+        side = AE_KERNEL_SIZE * round(latent_hw[0] / grid[0]) * 8
+        raise ConceptSplitError.build(
+            "Unsupported resolution: the LODA attention maps are smaller than the smoothing kernel",
+            seen=f"latent {latent_hw[0]}×{latent_hw[1]} gives {grid[0]}×{grid[1]} image tokens on {display}",
+            expected=f"maps of at least {AE_KERNEL_SIZE}×{AE_KERNEL_SIZE}",
+            fix=f"use an image of at least {side}×{side} px")
+    fixing = None if fixing_layers == "all" else frozenset(ordered)
+    return MapLayers(grid=grid, loss_keys=ordered, mask_keys=ordered, fixing_keys=fixing)
 
 
 class MapCollector:

@@ -16,6 +16,7 @@ from ..conceptsplit_core.adapter_file import read_adapter_file
 from ..conceptsplit_core.concepts import bind_concepts, describe_bindings, located, make_concept, plan_token_deltas
 from ..conceptsplit_core.errors import ConceptSplitError
 from . import comfy_hooks
+from .families import refuse_tova
 from .input_checks import check_number_inputs
 
 ConceptAdapters = io.Custom("CONCEPTSPLIT_ADAPTERS")  # tuple[ConceptAdapter, ...]
@@ -124,6 +125,7 @@ class ApplyToVA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapters, clip, text: str, apply_to_uncond: bool = True) -> io.NodeOutput:
+        refuse_tova(model)  # ToVA is defined on UNet cross-attention (DiT families answer supports_tova = False)
         layout = comfy_hooks.unet_layout(model)
         prompt = comfy_hooks.prompt_tokens(clip, text)
         bound = bind_concepts(tuple(adapters or ()), layout, prompt,

@@ -152,6 +152,11 @@ def prompt_tokens(clip, text: str) -> PromptTokens:
 
     Shapes: one slot per context row; position = window · 77 + index in window.
     """
+    from .families import clip_family  # DiT text encoders (T5, Qwen): the family knows its tokenizer and template
+
+    family = clip_family(clip)
+    if family is not None:
+        return family.prompt_tokens(clip, text)
     key, inner = _position_tokenizer(clip)
     windows = clip.tokenize(text)[key]  # list of windows, each a list of (token, weight)
     ids: list[int | None] = []
@@ -540,6 +545,10 @@ def _chunk_table_wrapper(prompt: PromptTokens, label: str):
 
 def with_observers(model_options: dict, layout: UNetLayout, observers: tuple) -> dict:
     """Return model_options whose processors report to `observers` (appended after any already there)."""
+    if getattr(layout, "joint", False):  # a DiT (ModelLayout from nodes/families): its joint attention override
+        from .families import family_named
+
+        return family_named(layout.family).install_observers(model_options, layout, observers)
     options = with_processors(model_options, layout)
     transformer_options = options["transformer_options"]
     transformer_options[OBSERVERS_KEY] = tuple(transformer_options.get(OBSERVERS_KEY, ())) + tuple(observers)

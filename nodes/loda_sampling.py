@@ -13,11 +13,14 @@ import torch
 from ..conceptsplit_core.attention_record import ConceptMaps
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaConcepts, MapCollector, MapLayers, StepRecord,
-                                      build_concept_masks, format_report, run_truncated, select_map_layers)
+                                      build_concept_masks, format_report, joint_map_layers, run_truncated,
+                                      select_map_layers)
 from ..conceptsplit_core.loda_config import LodaConfig
-from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
-from ..conceptsplit_core.prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
+from ..conceptsplit_core.loda_loss import flow_latent_update, kdiffusion_latent_update, separation_loss, step_size
+from ..conceptsplit_core.prompt_tokens import (IdentifierRequest, PromptTokens, locate_identifier_positions,
+                                               locate_words_in_pieces, located_table)
 from . import comfy_autograd, comfy_hooks, comfy_sampling
+from .families import dit_family
 
 OPTION_KEY = "conceptsplit_loda"  # KSAMPLER extra_options key holding the LodaRequest
 
@@ -57,6 +60,8 @@ class LodaPlan:
     stage1_steps: int  # N
     total_steps: int  # S; 0 when there is nothing to sample (denoise 0)
     fixing: bool  # p or m non-zero
+    family: object = None  # the DiT family (nodes/families) of the model; None = a UNet (comfy_hooks' path)
+    token_table: str = ""  # DiT: the located tokens (word -> token row, piece), shown in the report
 
 
 def parse_words(text: str) -> tuple[str, ...]:
@@ -86,6 +91,21 @@ def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[i
         stage1_steps = config.loda_steps_for(total_steps)
     if inner is not None and stage1_steps > 0:
         comfy_sampling.check_steps_one_slice(inner)
+    family = dit_family(model_patcher)
+    if family is not None:  # a DiT: joint attention maps (nodes/families, conceptsplit_core.joint_attention)
+        if request.gradient_checkpointing:
+            raise ConceptSplitError.build(
+                f"Gradient checkpointing is not available for {family.display} yet",
+                seen=f"gradient_checkpointing on with a {family.display} model",
+                expected="gradient_checkpointing off (the stage-1 pass already stops after the last map block)",
+                fix="turn gradient_checkpointing off")
+        layout = family.layout(model_patcher)
+        concepts, table = _resolve_dit_concepts(family, tuple(prompts), request.words)
+        layers = joint_map_layers(layout.keys, family.default_map_layers(layout, latent_hw),
+                                  family.map_grid(layout, layout.keys[0], latent_hw), latent_hw, family.display,
+                                  config.fixing_layers)
+        fixing = (config.boost != 0 or config.suppression != 0) and stage1_steps < total_steps
+        return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing, family, table)
     layout = comfy_hooks.unet_layout(model_patcher)
     concepts = _resolve_concepts(model_patcher, tuple(prompts), request.words)
     layers = select_map_layers(comfy_hooks.layer_levels(model_patcher, layout), layout.family, latent_hw,
@@ -118,6 +138,28 @@ def _resolve_concepts(model_patcher, prompts: tuple[PromptTokens, ...], words: t
             first_error = first_error or error
             continue
         return LodaConcepts(words, tuple(positions), len(prompt.token_ids), tuple(prompt.token_ids))
+    raise first_error
+
+
+def _resolve_dit_concepts(family, prompts: tuple[PromptTokens, ...], words: tuple[str, ...]):
+    """LodaConcepts of the concept words on a DiT, located by their decoded pieces in the first recorded positive
+    that holds them all, and the token table of what was bound (word -> row, piece)."""
+    if not words or not prompts:
+        raise ConceptSplitError.build(
+            f"LODA on {family.display} needs concept words and a positive with a token record",
+            seen=f"concept words {', '.join(words) or '(none)'}; "
+                 f"{'no' if not prompts else len(prompts)} recorded positive prompt(s)",
+            expected="two or more comma-separated concept words and a positive from ConceptSplit Text Encode",
+            fix="type the concept words (e.g. 'dog, cat') and encode the positive with ConceptSplit Text Encode")
+    first_error = None
+    for prompt in prompts:
+        try:
+            rows = locate_words_in_pieces(prompt, words)
+        except ConceptSplitError as error:
+            first_error = first_error or error
+            continue
+        concepts = LodaConcepts(words, tuple(r[0] for r in rows), len(prompt.token_ids), tuple(prompt.token_ids))
+        return concepts, located_table(prompt, words, rows)
     raise first_error
 
 
@@ -160,11 +202,12 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         _record(request.result, plan, [], None, None, x.shape[0])
         return x
     config = request.config
-    layout = comfy_hooks.unet_layout(guider.model_patcher)
+    layout = (plan.family.layout(guider.model_patcher) if plan.family is not None
+              else comfy_hooks.unet_layout(guider.model_patcher))
     collector = MapCollector(plan.concepts, plan.layers)
     fixer = FixingBias(plan.concepts, torch.zeros(0), config, plan.layers)
     options_with = comfy_hooks.with_observers(extra_args.get("model_options", {}), layout, (collector, fixer))
-    if plan.fixing:  # the per-run options may carry patches the MODEL did not (wrappers, hooks)
+    if plan.fixing and plan.family is None:  # the per-run options may carry patches the MODEL did not
         comfy_sampling.check_fixing_patches(options_with, layout, plan.layers.fixing_keys)
     extra_args["model_options"] = options_with
     mask_branches = (COND,) if config.mask_source == "cond" else (COND, UNCOND)
@@ -210,6 +253,11 @@ def _gradient_scope(guider, plan: LodaPlan, checkpointing: bool):
     layers; all restored on exit, also after an interrupt (comfy_autograd)."""
     patcher = guider.model_patcher
     modules = comfy_autograd.unet_and_control_modules(patcher, guider.conds.get("positive"))
+    if plan.family is not None:  # a DiT: the family's fixes (eager RoPE, cloned norm inputs), no checkpointing
+        with torch.inference_mode(False), torch.enable_grad(), comfy_autograd.AutogradWeights(modules), \
+                plan.family.differentiable(patcher):
+            yield
+        return
     keep = {key[:2] for key in plan.layers.loss_keys}
     with torch.inference_mode(False), torch.enable_grad(), comfy_autograd.AutogradWeights(modules), \
             comfy_autograd.GradientCheckpointing(patcher.model.diffusion_model, checkpointing, keep_blocks=keep):
@@ -251,13 +299,14 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
         x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
         for iteration in range(config.inner_iterations):
             comfy_sampling.throw_if_interrupted()
-            x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config)
+            x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config,
+                                      flow=plan.family is not None)
             updates.append(_Update(i, b, iteration, *update))
         images.append(x_b.detach())
     return torch.cat(images).to(x.dtype)
 
 
-def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, image, config):
+def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, image, config, flow=False):
     x_grad = x_b.detach().requires_grad_(True)
     model_input = comfy_sampling.inpaint_model_input(model_k, x_grad, sigma, denoise_mask, model_options, image)
     collector.start(collector.layers.loss_keys, (COND,), truncate=True)
@@ -273,7 +322,10 @@ def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask
         outcome = "loss 0, no update" if value == 0 else "skipped: non-finite loss"
         return x_b, (hm, value, eta, outcome)
     (grad,) = torch.autograd.grad(loss, x_grad)  # (1, 4, h, w)
-    updated = kdiffusion_latent_update(x_b.detach(), grad, sigma, eta)
+    if flow:  # flow matching (CONST): the model sees the state itself (docs/method.md, LODA on DiT models)
+        updated = flow_latent_update(x_b.detach(), grad, eta)
+    else:
+        updated = kdiffusion_latent_update(x_b.detach(), grad, sigma, eta)
     finite = torch.stack([torch.isfinite(grad).all(), torch.isfinite(updated).all()])  # (2,) on the device
     return torch.where(finite.all(), updated, x_b), (hm, value, eta, "", finite)
 
@@ -292,6 +344,8 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
                               masks=None if masks is None else result.masks)
     records = [update.record() for update in updates]
     result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
+    if plan.token_table:
+        result.report += "\n" + plan.token_table
 
 
 def record_without_sampling(result: LodaResult, plan: LodaPlan, batch: int) -> None:

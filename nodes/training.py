@@ -31,6 +31,7 @@ from ..conceptsplit_core.tova_lora import ToVALoraSet
 from ..conceptsplit_core.training_data import (TRAIN_DEFAULTS, UI_RANGES, CropViews, TrainConfig, crop_views,
                                                load_prompt_templates, templates_hash)
 from . import comfy_hooks, comfy_training
+from .families import refuse_tova
 from .adapters import ConceptAdapters
 from .input_checks import check_number_inputs
 
@@ -70,6 +71,7 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     """
     config = request.config.validate()
     word = request.identifier_word.strip()
+    refuse_tova(model, "ToVA adapters (and their training)")  # UNet cross-attention only
     layout = comfy_hooks.unet_layout(model)
     sigmas, prediction, sigma_data = comfy_training.training_noise_schedule(model)
     # The final, checkpoint and temp names are checked against the file system now, not after the run (issue 11).

@@ -16,7 +16,9 @@ from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.map_metrics import (check_report_maps, check_share_masks, format_mask_share_report,
                                              format_metrics_report)
 from ..conceptsplit_core.map_render import COLORMAPS, render_attention_grid
+from ..conceptsplit_core.prompt_tokens import locate_words_in_pieces
 from . import comfy_hooks, comfy_sampling
+from .families import dit_family
 from .input_checks import check_number_inputs
 
 AttentionCaptureSocket = io.Custom("CONCEPTSPLIT_CAPTURE")  # attention_capture.AttentionCapture
@@ -74,11 +76,17 @@ class CaptureAttention(io.ComfyNode):
     def execute(cls, model, words: str, token_mode: str, first_step: int, last_step: int, layers: str,
                 positive=None, blocks: str = "") -> io.NodeOutput:
         check_number_inputs(cls, {"first_step": first_step, "last_step": last_step})
-        layout = comfy_hooks.unet_layout(model)
-        layer_keys = capture_core.select_layers(dict(comfy_hooks.layer_levels(model, layout)), layers, blocks)
         prompt = None if positive is None else comfy_hooks.conditioning_prompt_tokens(positive)
-        labels, positions, prompt_length = capture_core.plan_words(
-            words, prompt, comfy_hooks.located_concepts(model), comfy_hooks.default_word_token_ids, token_mode)
+        family = dit_family(model)
+        if family is not None:  # a DiT: joint-attention blocks, words located by their decoded pieces
+            layout = family.layout(model)
+            layer_keys = _dit_layer_keys(family, layout, layers, blocks)
+            labels, positions, prompt_length = _dit_words(family, words, prompt, token_mode)
+        else:
+            layout = comfy_hooks.unet_layout(model)
+            layer_keys = capture_core.select_layers(dict(comfy_hooks.layer_levels(model, layout)), layers, blocks)
+            labels, positions, prompt_length = capture_core.plan_words(
+                words, prompt, comfy_hooks.located_concepts(model), comfy_hooks.default_word_token_ids, token_mode)
         if last_step != -1 and last_step < first_step:
             raise ConceptSplitError.build(
                 "Capture Attention's step range is empty", seen=f"first_step {first_step}, last_step {last_step}",
@@ -95,6 +103,28 @@ class CaptureAttention(io.ComfyNode):
         patched = model.clone()
         comfy_sampling.install_attention_capture(patched, layout, capture, comfy_hooks.conditioning_encodings(positive))
         return io.NodeOutput(patched, capture)
+
+
+def _dit_layer_keys(family, layout, layers: str, blocks: str) -> frozenset:
+    """A DiT's blocks for a layer choice: every joint block has the patch grid, so "all" is every block, "blocks"
+    names them ("double 0, single 3"), and a latent level means the family's default map blocks (LODA's)."""
+    levels = {key: 0 for key in layout.keys}
+    if layers in ("all", capture_core.LAYERS_BLOCKS):
+        return capture_core.select_layers(levels, layers, blocks)
+    return family.default_map_layers(layout, None)
+
+
+def _dit_words(family, words: str, prompt, token_mode: str):
+    """(labels, rows per word, prompt length) on a DiT: typed words located by their decoded pieces."""
+    labels = tuple(word.strip() for word in words.split(",") if word.strip())
+    if not labels or prompt is None or not prompt.pieces:
+        raise ConceptSplitError.build(
+            f"Capture Attention on {family.display} needs words and the positive prompt's tokens",
+            seen=f"words {words!r}, " + ("no positive connected" if prompt is None else "a positive without pieces"),
+            expected="comma-separated words and the positive from ConceptSplit Text Encode (with this model's CLIP)",
+            fix="type the words and connect ConceptSplit Text Encode's output to the positive input")
+    rows = locate_words_in_pieces(prompt, labels, all_tokens=token_mode == capture_core.TOKEN_ALL)
+    return labels, rows, len(prompt.token_ids)
 
 
 class AttentionMapViewer(io.ComfyNode):

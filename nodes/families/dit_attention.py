@@ -1,0 +1,122 @@
+"""Shared DiT joint-attention seam: one `optimized_attention_override` that turns every joint attention call of a
+DiT forward into an `AttentionCall` for the pack's observers (LODA's MapCollector and FixingBias, Capture Attention).
+
+ComfyUI routes every attention call that carries transformer_options through `wrap_attn`, which hands it to
+transformer_options["optimized_attention_override"] as f(func, q, k, v, heads, *args, **kwargs), q and k post-RoPE
+(B, H, L, D). For each joint call the observers see:
+- key: the family's block key, ("double", i, 0) / ("single", i, 0); grid: the patchified latent grid;
+  context_length: the text tokens T (the first T keys); rows: the image tokens of the latent;
+- probabilities: the JOINT softmax over all L keys (text, image, reference tokens), sliced to image rows × text
+  columns (B, H, N, T): the map the model actually mixes its values with (conceptsplit_core.joint_attention);
+- their (B, N, T) bias, embedded into the additive attention mask on those rows and columns only, and passed only
+  when it is non-zero (so a zero bias leaves the call bit-identical).
+A DIFFUSION_MODEL wrapper records each forward's geometry (text length, latent grid) for the override. Any override
+installed before is chained (called in place of ComfyUI's attention), never replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.patcher_extension
+
+from ...conceptsplit_core.attention_calls import AttentionCall
+from ...conceptsplit_core.joint_attention import add_masks, joint_bias_mask, joint_text_probabilities
+from ...conceptsplit_core.model_layout import ModelLayout
+from ..comfy_hooks import CHUNKS_KEY, CHUNKS_WRAPPER_KEY, OBSERVERS_KEY, record_chunk_prompts
+
+OVERRIDE_KEY = "optimized_attention_override"
+GEOMETRY_WRAPPER_KEY = "conceptsplit_dit_geometry"
+
+
+class DitAttentionHook:
+    """The override: reports joint calls to the observers in transformer_options[OBSERVERS_KEY], then attends
+    (through the override it wraps, if any). Shared by reference: ComfyUI deep-copies model_options on clone()."""
+
+    def __init__(self, family, layout: ModelLayout, wrapped=None):
+        self.family = family
+        self.layout = layout
+        self.wrapped = wrapped
+        self._stack: list = []  # JointGeometry of the forwards in progress (innermost last)
+        hook = self
+
+        def diffusion_model_wrapper(executor, *args, **kwargs):
+            x = args[0] if args else kwargs["x"]  # (B, C, h, w) latent (5-D for video-style latents)
+            context = args[2] if len(args) > 2 else kwargs.get("context")  # (B, T, d)
+            hook._stack.append(family.geometry(layout, x, context))
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                hook._stack.pop()
+
+        self.diffusion_model_wrapper = diffusion_model_wrapper  # a plain function: deepcopy keeps it as is
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def _attend(self, func, q, k, v, heads, args, kwargs):
+        if self.wrapped is not None:
+            return self.wrapped(func, q, k, v, heads, *args, **kwargs)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        observers = options.get(OBSERVERS_KEY, ())
+        geometry = self._stack[-1] if self._stack else None
+        if not observers or geometry is None or q.dim() != 4 or not kwargs.get("skip_reshape", False) or \
+                q.shape[2] < geometry.image_start + geometry.image_tokens:
+            return self._attend(func, q, k, v, heads, args, kwargs)  # not a joint call of a recorded forward
+        if args:  # Lumina / Qwen pass the mask positionally: optimized_attention(q, k, v, heads, mask, ...)
+            kwargs = {**kwargs, "mask": args[0]}
+            args = args[1:]
+        call = _attention_call(self.family.block_key(self.layout, options, geometry), geometry, options, q)
+        bias = None
+        for observer in observers:
+            extra = observer.attention_bias(call, q, k)  # (B, N, T) or None
+            if extra is not None:
+                bias = extra if bias is None else bias + extra
+        if bias is not None and not bool(torch.count_nonzero(bias)):
+            bias = None  # a zero bias changes nothing: keep the call (and its kernel choice) as it was
+        if any(observer.needs_probabilities(call) for observer in observers):
+            probs = joint_text_probabilities(q, k, geometry.image_start, geometry.image_tokens, geometry.text_tokens,
+                                             kwargs.get("mask"), bias)  # (B, H, N, T) fp32
+            for observer in observers:
+                observer.observe_probabilities(call, probs)
+        if bias is not None:
+            added = joint_bias_mask(bias, q.shape[2], geometry.image_start, q.dtype)  # (B, 1, L, L)
+            kwargs = {**kwargs, "mask": add_masks(kwargs.get("mask"), added)}
+        out = self._attend(func, q, k, v, heads, args, kwargs)
+        for observer in observers:
+            observer.after_attention(call)
+        return out
+
+
+def _attention_call(key, geometry, options: dict, q: torch.Tensor) -> AttentionCall:
+    table = options.get(CHUNKS_KEY) or {}
+    uuids = options.get("uuids") or ()
+    chunks = tuple(int(c) for c in options.get("cond_or_uncond") or (0,))
+    return AttentionCall(key=key, grid=geometry.grid, heads=int(q.shape[1]), cond_or_uncond=chunks,
+                         batch=int(q.shape[0]), context_length=geometry.text_tokens, sigmas=options.get("sigmas"),
+                         chunk_prompts=tuple(table.get(uuid) for uuid in uuids) if table else ())
+
+
+def with_dit_observers(model_options: dict, family, layout: ModelLayout, observers: tuple) -> dict:
+    """A NEW model_options whose joint attention calls report to `observers` (appended to any there), with the
+    geometry wrapper and the chunk-table wrapper installed once; the caller's dicts stay as they were."""
+    options = dict(model_options)
+    transformer_options = dict(options.get("transformer_options", {}))
+    options["transformer_options"] = transformer_options
+    transformer_options[OBSERVERS_KEY] = tuple(transformer_options.get(OBSERVERS_KEY, ())) + tuple(observers)
+    existing = transformer_options.get(OVERRIDE_KEY)
+    hook = existing if isinstance(existing, DitAttentionHook) else DitAttentionHook(family, layout, existing)
+    transformer_options[OVERRIDE_KEY] = hook
+    wrappers = dict(transformer_options.get("wrappers", {}))
+    for call_type, key, wrapper in (
+            (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CHUNKS_WRAPPER_KEY, record_chunk_prompts),
+            (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GEOMETRY_WRAPPER_KEY, hook.diffusion_model_wrapper)):
+        by_key = dict(wrappers.get(call_type, {}))
+        if wrapper not in by_key.get(key, []):
+            by_key[key] = [*by_key.get(key, []), wrapper]
+        wrappers[call_type] = by_key
+    transformer_options["wrappers"] = wrappers
+    return options

@@ -76,8 +76,13 @@ def build_tiny_flux(seed: int = 0):
     import comfy.supported_models
     import comfy.text_encoders.flux
 
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
     gen = torch.Generator().manual_seed(seed)
-    config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
+    config = comfy.supported_models.Flux({k: v for k, v in FLUX_CONFIG.items() if k in known})  # keys of this version
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     _init_module(model.diffusion_model, gen)

@@ -96,6 +96,40 @@ def build_tiny_flux(seed: int = 0):
     return patcher, clip
 
 
+QWEN_TE_WIDTH = 32
+QWEN_CONFIG = {  # real Qwen-Image values in comments
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,  # 16 ch × 2×2 packed
+    "num_layers": 2,  # 60
+    "attention_head_dim": 32, "num_attention_heads": 2,  # 128 × 24
+    "joint_attention_dim": QWEN_TE_WIDTH,  # 3584 (Qwen2.5-VL-7B hidden)
+    "axes_dims_rope": (8, 12, 12),  # (16, 56, 56); sum = head dim
+}
+
+
+def build_tiny_qwenimage(seed: int = 0):
+    """A fresh tiny Qwen-Image (MODEL, CLIP): 2 joint blocks, 2 heads, a 3-layer Qwen2.5-VL text encoder.
+
+    Its vision tower is always built full size by ComfyUI (allocated, never initialised nor used: text prompts only).
+    A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.text_encoders.qwen_image
+
+    gen = torch.Generator().manual_seed(seed)
+    config = comfy.supported_models.QwenImage(dict(QWEN_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    _init_module(model.diffusion_model, gen)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    clip = _build_clip(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te(), {
+        "qwen25_7b_model_config": {"hidden_size": QWEN_TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 3,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1},
+    }, gen, skip=(".visual.",))
+    return patcher, clip
+
+
 def flux_latent(batch: int = 1, size: int = 16) -> dict:
     """An empty Flux LATENT (B, 16, size, size): EmptySD3LatentImage's layout at pixel size 8·size."""
     return {"samples": torch.zeros(batch, 16, size, size)}

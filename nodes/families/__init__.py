@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ...conceptsplit_core.errors import ConceptSplitError
 from .flux import FLUX
+from .qwenimage import QWEN_IMAGE
 
-FAMILIES = (FLUX,)  # match order: a subclass family (Flux.2 subclasses Flux.1's config) goes before its base
-SUPPORTED = "SD1.5, SD2.x, SDXL, Flux.1"
+FAMILIES = (FLUX, QWEN_IMAGE)  # match order: a subclass family (Flux.2 subclasses Flux.1's config) goes before its base
+SUPPORTED = "SD1.5, SD2.x, SDXL, Flux.1, Qwen-Image"
 
 
 def dit_family(model_patcher):

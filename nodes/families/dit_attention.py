@@ -63,13 +63,14 @@ class DitAttentionHook:
         options = kwargs.get("transformer_options") or {}
         observers = options.get(OBSERVERS_KEY, ())
         geometry = self._stack[-1] if self._stack else None
-        if not observers or geometry is None or q.dim() != 4 or not kwargs.get("skip_reshape", False) or \
-                q.shape[2] < geometry.image_start + geometry.image_tokens:
+        qh, kh = _heads_layout(q, k, heads, kwargs.get("skip_reshape", False))  # (B, H, L, D) views
+        if not observers or geometry is None or qh is None or \
+                qh.shape[2] < geometry.image_start + geometry.image_tokens:
             return self._attend(func, q, k, v, heads, args, kwargs)  # not a joint call of a recorded forward
         if args:  # Lumina / Qwen pass the mask positionally: optimized_attention(q, k, v, heads, mask, ...)
             kwargs = {**kwargs, "mask": args[0]}
             args = args[1:]
-        call = _attention_call(self.family.block_key(self.layout, options, geometry), geometry, options, q)
+        call = _attention_call(self.family.block_key(self.layout, options, geometry), geometry, options, qh)
         bias = None
         for observer in observers:
             extra = observer.attention_bias(call, q, k)  # (B, N, T) or None
@@ -78,17 +79,28 @@ class DitAttentionHook:
         if bias is not None and not bool(torch.count_nonzero(bias)):
             bias = None  # a zero bias changes nothing: keep the call (and its kernel choice) as it was
         if any(observer.needs_probabilities(call) for observer in observers):
-            probs = joint_text_probabilities(q, k, geometry.image_start, geometry.image_tokens, geometry.text_tokens,
+            probs = joint_text_probabilities(qh, kh, geometry.image_start, geometry.image_tokens, geometry.text_tokens,
                                              kwargs.get("mask"), bias)  # (B, H, N, T) fp32
             for observer in observers:
                 observer.observe_probabilities(call, probs)
         if bias is not None:
-            added = joint_bias_mask(bias, q.shape[2], geometry.image_start, q.dtype)  # (B, 1, L, L)
+            added = joint_bias_mask(bias, qh.shape[2], geometry.image_start, q.dtype)  # (B, 1, L, L)
             kwargs = {**kwargs, "mask": add_masks(kwargs.get("mask"), added)}
         out = self._attend(func, q, k, v, heads, args, kwargs)
         for observer in observers:
             observer.after_attention(call)
         return out
+
+
+def _heads_layout(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshape: bool):
+    """q, k as (B, H, L, D): as given with skip_reshape, else from ComfyUI's (B, L, H·D); (None, None) otherwise."""
+    if skip_reshape and q.dim() == 4:
+        return q, k
+    if not skip_reshape and q.dim() == 3 and q.shape[-1] % heads == 0:
+        b, length, inner = q.shape
+        return (q.reshape(b, length, heads, inner // heads).transpose(1, 2),
+                k.reshape(b, k.shape[1], heads, inner // heads).transpose(1, 2))
+    return None, None
 
 
 def _attention_call(key, geometry, options: dict, q: torch.Tensor) -> AttentionCall:

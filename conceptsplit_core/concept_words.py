@@ -3,8 +3,8 @@
 One resolver for the three nodes (spec §2.4): a typed word list is split at commas (`parse_words`) and located in
 the positive prompt's tokens by ToVA's rule (prompt_tokens.locate_identifier_positions: the first free occurrence
 that starts a word; a prompt that carries its decoded pieces, a DiT's T5 or Qwen prompt, by those pieces:
-prompt_tokens.locate_words_in_pieces); without typed words the ToVA concepts recorded on the model are used, at the positions s_k
-Apply ToVA located them at.
+prompt_tokens.locate_words_in_pieces); without typed words the ToVA concepts recorded on the model are used, at the
+positions s_k Apply ToVA located them at.
 """
 
 from __future__ import annotations

@@ -174,7 +174,8 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
                    model_options, denoise_mask, updates: list) -> torch.Tensor:
     """Stage 1 at step i: per image, a truncated cond-only forward with gradients, the loss, and the k-diffusion
     update x ← x − η_i (1 + σ_i²) ∇_x L (flow matching: x ← x − η_i ∇_x L) replacing the sampler's state (spec §3.3,
-    §3.4). With an inpainting mask the pass sees the blended input the sampler's model call sees, so the update is zero outside the mask."""
+    §3.4). With an inpainting mask the pass sees the blended input the sampler's model call sees, so the update is
+    zero outside the mask."""
     eta = step_size(i, plan.total_steps, config)
     images = []
     sigma = sigmas[i].detach().clone()  # () normal tensor (called inside _gradient_scope)

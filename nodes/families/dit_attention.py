@@ -26,7 +26,6 @@ import torch
 import comfy.patcher_extension
 
 from ...conceptsplit_core.attention_calls import AttentionCall
-from ...conceptsplit_core.config import PREDICTION_FLOW
 from ...conceptsplit_core.errors import ConceptSplitError
 from ...conceptsplit_core.joint_attention import add_masks, joint_bias_mask, joint_text_probabilities
 from ...conceptsplit_core.model_layout import AttentionSite, LayerKey, ModelLayout, map_grid

@@ -18,9 +18,10 @@ import torch
 
 import comfy.supported_models
 
+from ...conceptsplit_core.config import PREDICTION_FLOW
 from ...conceptsplit_core.model_layout import LayerKey, ModelLayout
 from ...conceptsplit_core.prompt_tokens import PromptTokens
-from .dit_attention import PREDICTION_FLOW, DitFamily, JointGeometry
+from .dit_attention import DitFamily, JointGeometry
 from .flux import training_flag
 
 QWEN_KEY = "qwen25_7b"

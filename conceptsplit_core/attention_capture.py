@@ -39,7 +39,7 @@ from .attention_calls import COND, AttentionCall
 from .attention_record import ConceptMaps
 from .concept_words import TOKEN_FIRST, TOKEN_MODES  # noqa: F401 (the node lists TOKEN_MODES)
 from .errors import ConceptSplitError
-from .model_layout import LayerKey
+from .model_layout import LayerKey, ModelLayout
 from .widgets import WidgetRange
 
 LAYERS_BLOCKS = "blocks"
@@ -124,6 +124,14 @@ def select_layers(levels: Mapping[LayerKey, int], choice: str, blocks: str = "")
             seen=f"attn2 layers at {have}", expected=f"one of: all, {have}, or blocks",
             fix=f"pick one of {have}, or all")
     return keys
+
+
+def select_layout_layers(layout: ModelLayout, choice: str, blocks: str = "") -> frozenset:
+    """`select_layers` on a model's layout. In a joint layout (a DiT: every block has the patch grid, so a latent
+    level cannot tell blocks apart) a latent-level choice means the layout's map layers, LODA's."""
+    if layout.joint and choice not in ("all", LAYERS_BLOCKS):
+        return layout.map_keys()
+    return select_layers(layout.levels(), choice, blocks)
 
 
 def _level_name(level: int) -> str:

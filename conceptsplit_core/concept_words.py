@@ -2,8 +2,9 @@
 
 One resolver for the three nodes (spec §2.4): a typed word list is split at commas (`parse_words`) and located in
 the positive prompt's tokens by ToVA's rule (prompt_tokens.locate_identifier_positions: the first free occurrence
-that starts a word); without typed words the ToVA concepts recorded on the model are used, at the positions s_k
-Apply ToVA located them at.
+that starts a word; a prompt that carries its decoded pieces, a DiT's T5 or Qwen prompt, by those pieces:
+prompt_tokens.locate_words_in_pieces); without typed words the ToVA concepts recorded on the model are used, at the
+positions s_k Apply ToVA located them at.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .errors import ConceptSplitError
-from .prompt_tokens import IdentifierRequest, PromptTokens, locate_identifier_positions
+from .prompt_tokens import (IdentifierRequest, PromptTokens, locate_identifier_positions, locate_words_in_pieces,
+                            located_table)
 
 TOKEN_FIRST = "first token"
 TOKEN_ALL = "all tokens"
@@ -40,6 +42,7 @@ class ConceptWords:
     prompt_length: int  # T of the prompt the positions refer to (77 · windows)
     prompt_ids: tuple | None = None  # that prompt's token ids (None = not known)
     prompt_text: str = ""  # that prompt's text ("" = not known)
+    token_table: str = ""  # located by decoded pieces: "word -> token row (piece)" lines for reports; "" otherwise
 
     @property
     def first_positions(self) -> tuple[int, ...]:
@@ -70,10 +73,15 @@ def loda_words(words: Sequence[str], prompts: Sequence[PromptTokens], concepts: 
             seen=f"concept words {', '.join(words)} with a positive from a plain CLIP Text Encode",
             expected="a positive from Apply ToVA to Model or ConceptSplit Text Encode",
             fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)")
-    requests = word_requests(words, word_ids)
+    requests = None
     first_error = None
     for prompt in prompts:  # several positives (ConditioningCombine): the first one holding every word
         try:
+            if prompt.pieces:  # a DiT prompt: by its decoded pieces, with the bound tokens as a table
+                rows = locate_words_in_pieces(prompt, words)
+                return ConceptWords(tuple(words), rows, len(prompt.token_ids), tuple(prompt.token_ids), prompt.text,
+                                    located_table(prompt, words, rows))
+            requests = requests or word_requests(words, word_ids)
             positions = locate_identifier_positions(prompt, requests)
         except ConceptSplitError as error:
             first_error = first_error or error
@@ -162,8 +170,11 @@ def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[
     """Token positions of each word in the prompt, by ToVA's rule (spec §2.4: first free occurrence starting a word).
 
     Returns per word its first token's position, or all its BPE tokens' positions (token_mode "all tokens").
+    A prompt with decoded pieces (a DiT's) is located by them: its first piece, or every piece of the word.
     Raises: ConceptSplitError for a word not in the prompt (or fewer occurrences than the word is listed).
     """
+    if prompt.pieces:
+        return locate_words_in_pieces(prompt, words, all_tokens=token_mode == TOKEN_ALL)
     ids_of = {word: tuple(word_ids(word)) for word in words}
     for word in dict.fromkeys(words):
         ids = ids_of[word]

@@ -23,6 +23,7 @@ ROLE_FROM_FILE = "from file"  # node choice: the role stored in the adapter's me
 
 PREDICTION_EPS = "eps"
 PREDICTION_V = "v"
+PREDICTION_FLOW = "flow"  # flow matching (ComfyUI's CONST: x_σ = (1 − σ)·x0 + σ·ε), the DiT families
 
 
 @dataclass(frozen=True)

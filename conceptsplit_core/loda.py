@@ -147,6 +147,7 @@ class LodaPlan:
     total_steps: int  # S; 0 when there is nothing to sample (denoise 0)
     fixing: bool  # p or m non-zero, and steps left after stage 1
     layout: ModelLayout  # the model's layers, built once per run
+    token_table: str = ""  # words located by decoded pieces (DiT): word -> token row (piece), shown in the report
 
 
 def loda_stage1_steps(config: LodaConfig, total_steps: int) -> int:
@@ -172,7 +173,7 @@ def plan_loda_run(config: LodaConfig, layout: ModelLayout, words, latent_hw: tup
     concepts = LodaConcepts(tuple(words.labels), tuple(words.first_positions), words.prompt_length, words.prompt_ids)
     layers = select_map_layers(layout, latent_hw, config.fixing_layers)
     fixing = (config.boost != 0 or config.suppression != 0) and stage1_steps < total_steps
-    return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing, layout)
+    return LodaPlan(concepts, layers, stage1_steps, total_steps, fixing, layout, words.token_table)
 
 
 class MapCollector:

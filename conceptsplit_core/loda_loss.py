@@ -20,6 +20,7 @@ __all__ = [
     "SeparationDiagnostics",
     "attend_excite_kernel",
     "default_loda_steps",
+    "flow_latent_update",
     "harmonic_mean_kl",
     "kdiffusion_latent_update",
     "normalize_map",
@@ -258,3 +259,15 @@ def kdiffusion_latent_update(
         if sigma.dim() == 1:
             sigma = sigma.reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1)
     return x - eta * (1 + sigma**2) * grad_x.to(x.dtype)
+
+
+def flow_latent_update(x: torch.Tensor, grad_x: torch.Tensor, eta: float) -> torch.Tensor:
+    """x ← x − η_i · ∇_x L for a flow-matching (ComfyUI CONST) state x_σ = (1 − σ)·x0 + σ·ε (docs/method.md).
+
+    ComfyUI's CONST model sampling feeds the sampler state to the model unchanged (calculate_input is the identity),
+    so the model input z equals x and ∇_z L = ∇_x L: the paper's step Δz = −η ∇_z L is the state step, with no
+    (1 + σ²) factor (that factor exists only because the k-diffusion state is z·sqrt(1 + σ²)).
+    Shapes: x, grad_x: any equal shape; returns x's shape and dtype.
+    """
+    return x - eta * grad_x.to(x.dtype)
+

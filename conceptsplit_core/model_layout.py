@@ -47,6 +47,11 @@ class ModelLayout:
         """The family's name for messages."""
         return self.display or self.family
 
+    @property
+    def keys(self) -> tuple[LayerKey, ...]:
+        """Every layer's key, in execution order."""
+        return tuple(layer.key for layer in self.layers)
+
     def by_path(self) -> dict[str, AttentionSite]:
         """{adapter path: site} of the layers that have a path."""
         return {layer.path: layer for layer in self.layers if layer.path}

@@ -21,9 +21,13 @@ class PromptTokens:
     token_ids: tuple[int | None, ...]  # flat over windows; None for an embedding slot (textual inversion)
     word_starts: tuple[bool, ...]  # word_starts[p]: slot p begins a new word (previous slot ended one)
     window_length: int = 77  # tokens per window, SOT and EOT included
+    # DiT text encoders (T5, Qwen): each slot's piece text as the tokenizer decodes it, without the word-start
+    # marker ("▁cat" -> "cat"; "" for special and pad tokens); () for CLIP prompts, which are matched by BPE ids
+    pieces: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         assert len(self.token_ids) == len(self.word_starts), "one flag per token slot"
+        assert not self.pieces or len(self.pieces) == len(self.token_ids), "one piece per token slot"
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,65 @@ def _not_found_error(prompt: PromptTokens, request: IdentifierRequest, taken: bo
 
 def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def locate_words_in_pieces(prompt: PromptTokens, words: Sequence[str], all_tokens: bool = False
+                           ) -> tuple[tuple[int, ...], ...]:
+    """Token rows of each word in a prompt with decoded pieces (DiT text encoders: T5, Qwen), ToVA's rule:
+    words in order, each takes its first free occurrence as a whole word (case-insensitive, punctuation ends a word).
+
+    An occurrence starts at a word-start slot and is the shortest run of pieces whose text is the word; an empty
+    leading piece (T5 writes "a" as "▁" + "a") is skipped, so a split word's first piece is its first non-empty one.
+    Returns per word (first row,) or, with `all_tokens`, every row of its pieces.
+    Raises: ConceptSplitError naming the prompt's token table when a word has no free occurrence.
+    """
+    claimed: set[int] = set()
+    found = []
+    for word in words:
+        rows = next((r for r in _piece_occurrences(prompt, word) if not claimed.intersection(r)), None)
+        if rows is None:
+            taken = bool(_piece_occurrences(prompt, word))
+            raise ConceptSplitError.build(
+                f'Word "{word}" is not in the prompt' + (" often enough" if taken else ""),
+                seen=f'the tokens of "{_short(prompt.text)}": {token_table_text(prompt)}',
+                expected=f'"{word}" as a separate word of the prompt, once per concept that uses it ("{word}s" or '
+                         f'"hot{word}" do not match)',
+                fix=f'add "{word}" to the prompt or remove it from the words')
+        claimed.update(rows)
+        found.append(tuple(rows) if all_tokens else (rows[0],))
+    return tuple(found)
+
+
+def _piece_occurrences(prompt: PromptTokens, word: str) -> list[list[int]]:
+    target = word.strip().lower()
+    pieces = [p.lower() for p in prompt.pieces]
+    hits = []
+    for start in range(len(pieces)):
+        if not prompt.word_starts[start] or not target:
+            continue
+        text, rows, end = "", [], start
+        while end < len(pieces) and len(text) < len(target) and (end == start or not prompt.word_starts[end]):
+            if pieces[end]:
+                rows.append(end)
+                text += pieces[end]
+            end += 1
+        ends_word = end >= len(pieces) or prompt.word_starts[end] or not pieces[end] or not pieces[end][0].isalnum()
+        if text == target and rows and ends_word:
+            hits.append(rows)
+    return hits
+
+
+def token_table_text(prompt: PromptTokens, limit: int = 40) -> str:
+    """'row: piece' for the non-empty pieces of a prompt (the first `limit`), for errors and info outputs."""
+    shown = [f"{row}:{piece!r}" for row, piece in enumerate(prompt.pieces) if piece][:limit]
+    return ", ".join(shown) + (" ..." if len([p for p in prompt.pieces if p]) > limit else "")
+
+
+def located_table(prompt: PromptTokens, labels: Sequence[str], rows: Sequence[Sequence[int]]) -> str:
+    """The bound tokens as a table, one line per word: 'word -> row r (piece 'cat')'."""
+    lines = ["word -> token row (piece)"]
+    for label, word_rows in zip(labels, rows):
+        pieces = ", ".join(f"row {r} ({prompt.pieces[r]!r})" if r < len(prompt.pieces) else f"row {r}"
+                           for r in word_rows)
+        lines.append(f"{label} -> {pieces}")
+    return "\n".join(lines)

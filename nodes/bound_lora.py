@@ -117,6 +117,11 @@ class ApplyBoundLoras(io.ComfyNode):
             raise ConceptSplitError.build("Unknown stage1 policy", seen=repr(stage1),
                                           expected=", ".join(STAGE1_POLICIES), fix="pick one from the list")
         family = model_family(model)
+        if family.layout(model).joint:
+            raise ConceptSplitError.build(
+                f"Bound LoRAs are applied on UNet layers; {family.display} is not supported yet",
+                seen=f"a {family.display} model", expected="an SD1.5, SD2.x or SDXL model (fine-tunes too)",
+                fix="use Load LoRA on this model, or bind the LoRAs on an SD1.5/SD2.x/SDXL checkpoint")
         active = tuple(b for b in bindings if b.strength != 0)
         patched = model.clone()
         if not active:

@@ -28,10 +28,16 @@ def _position_tokenizer(clip) -> tuple[str, object]:
 
 
 def prompt_tokens(clip, text: str) -> PromptTokens:
-    """Tokenize `text` exactly as CLIPTextEncode does and flatten its 77-token windows (spec §2.4, notes §3).
+    """Tokenize `text` exactly as CLIPTextEncode does and flatten its 77-token windows (spec §2.4, notes §3); a text
+    encoder of a family of its own (a DiT's T5 or Qwen) is read by that family (families.clip_family).
 
     Shapes: one slot per context row; position = window · 77 + index in window.
     """
+    from .families import clip_family  # the families import this module
+
+    family = clip_family(clip)
+    if family is not None:
+        return family.prompt_tokens(clip, text)
     key, inner = _position_tokenizer(clip)
     windows = clip.tokenize(text)[key]  # list of windows, each a list of (token, weight)
     ids: list[int | None] = []

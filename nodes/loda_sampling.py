@@ -13,11 +13,13 @@ import torch
 from ..conceptsplit_core.attention_record import ConceptMaps
 from ..conceptsplit_core.bound_lora import ConceptRegions
 from ..conceptsplit_core.concept_words import loda_words
+from ..conceptsplit_core.config import PREDICTION_FLOW
+from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaPlan, MapCollector, StepRecord,
                                       build_concept_masks, format_report, loda_stage1_steps, plan_loda_run,
                                       run_truncated)
 from ..conceptsplit_core.loda_config import LodaConfig
-from ..conceptsplit_core.loda_loss import kdiffusion_latent_update, separation_loss, step_size
+from ..conceptsplit_core.loda_loss import flow_latent_update, kdiffusion_latent_update, separation_loss, step_size
 from ..conceptsplit_core.prompt_tokens import PromptTokens
 from . import comfy_conditioning, comfy_lora, comfy_sampling
 from .families import family_of_layout, model_family
@@ -71,6 +73,12 @@ def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[i
     if inner is not None and stage1_steps > 0:
         comfy_sampling.check_steps_one_slice(inner)
     family = model_family(model_patcher)
+    if request.gradient_checkpointing and not family.supports_checkpointing:
+        raise ConceptSplitError.build(
+            f"Gradient checkpointing is not available for {family.display} yet",
+            seen=f"gradient_checkpointing on with a {family.display} model",
+            expected="gradient_checkpointing off (the stage-1 pass already stops after the last map layer)",
+            fix="turn gradient_checkpointing off")
     layout = family.layout(model_patcher)
     words = loda_words(request.words, tuple(prompts), comfy_conditioning.located_concepts(model_patcher),
                        family.default_word_token_ids)
@@ -180,8 +188,9 @@ class _Update:
 def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, collector: MapCollector,
                    model_options, denoise_mask, updates: list) -> torch.Tensor:
     """Stage 1 at step i: per image, a truncated cond-only forward with gradients, the loss, and the k-diffusion
-    update x ← x − η_i (1 + σ_i²) ∇_x L replacing the sampler's state (spec §3.3, §3.4). With an inpainting mask
-    the pass sees the blended input the sampler's model call sees, so the update is zero outside the mask."""
+    update x ← x − η_i (1 + σ_i²) ∇_x L (flow matching: x ← x − η_i ∇_x L) replacing the sampler's state (spec §3.3,
+    §3.4). With an inpainting mask the pass sees the blended input the sampler's model call sees, so the update is
+    zero outside the mask."""
     eta = step_size(i, plan.total_steps, config)
     images = []
     sigma = sigmas[i].detach().clone()  # () normal tensor (called inside _gradient_scope)
@@ -189,13 +198,14 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
         x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
         for iteration in range(config.inner_iterations):
             comfy_sampling.throw_if_interrupted()
-            x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config)
+            x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config,
+                                      plan.layout.prediction)
             updates.append(_Update(i, b, iteration, *update))
         images.append(x_b.detach())
     return torch.cat(images).to(x.dtype)
 
 
-def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, image, config):
+def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, image, config, prediction):
     x_grad = x_b.detach().requires_grad_(True)
     model_input = comfy_sampling.inpaint_model_input(model_k, x_grad, sigma, denoise_mask, model_options, image)
     collector.start(collector.layers.loss_keys, (COND,), truncate=True)
@@ -211,7 +221,10 @@ def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask
         outcome = "loss 0, no update" if value == 0 else "skipped: non-finite loss"
         return x_b, (hm, value, eta, outcome)
     (grad,) = torch.autograd.grad(loss, x_grad)  # (1, 4, h, w)
-    updated = kdiffusion_latent_update(x_b.detach(), grad, sigma, eta)
+    if prediction == PREDICTION_FLOW:  # the model sees the state itself (docs/method.md, LODA on DiT models)
+        updated = flow_latent_update(x_b.detach(), grad, eta)
+    else:
+        updated = kdiffusion_latent_update(x_b.detach(), grad, sigma, eta)
     finite = torch.stack([torch.isfinite(grad).all(), torch.isfinite(updated).all()])  # (2,) on the device
     return torch.where(finite.all(), updated, x_b), (hm, value, eta, "", finite)
 
@@ -230,6 +243,8 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
                               masks=None if masks is None else result.masks)
     records = [update.record() for update in updates]
     result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
+    if plan.token_table:
+        result.report += "\n" + plan.token_table
 
 
 def record_without_sampling(result: LodaResult, plan: LodaPlan, batch: int) -> None:

@@ -79,7 +79,7 @@ class CaptureAttention(io.ComfyNode):
         check_number_inputs(cls, {"first_step": first_step, "last_step": last_step})
         family = model_family(model)
         layout = family.layout(model)
-        layer_keys = capture_core.select_layers(layout.levels(), layers, blocks)
+        layer_keys = capture_core.select_layout_layers(layout, layers, blocks)
         prompt = None if positive is None else comfy_conditioning.conditioning_prompt_tokens(positive)
         found = capture_words(words, prompt, comfy_conditioning.located_concepts(model),
                               family.default_word_token_ids, token_mode)

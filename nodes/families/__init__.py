@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from ...conceptsplit_core.errors import ConceptSplitError
 from .base import FamilyBase, ModelFamily
+from .flux import FLUX
+from .qwenimage import QWEN_IMAGE
 from .unet import SD15, SD21, SDXL
 
-# Order matters: the first family whose matches() is true wins (SDXL variants subclass SDXL, SD2 unCLIP SD20).
-FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15)
+# Order matters: the first family whose matches() is true wins (SDXL variants subclass SDXL, SD2 unCLIP SD20; a
+# subclass family such as Flux.2, whose config subclasses Flux.1's, goes before its base).
+FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15, FLUX, QWEN_IMAGE)
 
-__all__ = ["FAMILIES", "FamilyBase", "ModelFamily", "family_of_layout", "model_family", "tova_family"]
+__all__ = ["FAMILIES", "FamilyBase", "ModelFamily", "clip_family", "family_of_layout", "model_family",
+           "tova_family"]
 
 
 def model_family(model_patcher) -> ModelFamily:
@@ -32,6 +36,12 @@ def model_family(model_patcher) -> ModelFamily:
 def family_of_layout(layout) -> ModelFamily:
     """The family that built `layout` (a model_layout.ModelLayout), by its name."""
     return next(family for family in FAMILIES if family.name == layout.family)
+
+
+def clip_family(clip) -> ModelFamily | None:
+    """The family whose own text encoder `clip` is (T5 of Flux.1, Qwen2.5-VL of Qwen-Image), or None for a
+    CLIP-L/H/G text encoder, whose prompt positions comfy_text reads for every UNet family."""
+    return next((family for family in FAMILIES if family.matches_clip(clip)), None)
 
 
 def tova_family(model_patcher) -> ModelFamily:

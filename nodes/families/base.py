@@ -21,6 +21,7 @@ class ModelFamily(Protocol):
     name: str  # the family's id, stored in adapter metadata for the UNet families: "sd1.5", "sd2.1", "sdxl", ...
     display: str  # for people: "SD1.5", "SD2.1", "SDXL", "Flux.1", ...
     supports_tova: bool  # False: Apply ToVA and training refuse this family with a ConceptSplitError
+    supports_checkpointing: bool  # False: LODA refuses gradient_checkpointing on this family
 
     def matches(self, model_patcher) -> bool:
         """Whether this family describes the MODEL."""
@@ -33,6 +34,10 @@ class ModelFamily(Protocol):
 
     def map_grid(self, layout: ModelLayout, key: LayerKey, latent_hw: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the query grid of layer `key` for a latent of `latent_hw`."""
+
+    def matches_clip(self, clip) -> bool:
+        """Whether `clip` is this family's own text encoder (one whose prompt positions only this family knows);
+        False for the CLIP-L/H/G encoders, whose positions comfy_text reads for every UNet family."""
 
     def prompt_tokens(self, clip, text: str) -> PromptTokens:
         """The token positions of `text` in the context the model sees."""
@@ -65,6 +70,11 @@ class FamilyBase:
     name = ""
     display = ""
     supports_tova = False
+    supports_checkpointing = True
+
+    def matches_clip(self, clip) -> bool:
+        """Whether `clip` is a text encoder only this family reads (default: no; CLIP-L/H/G are comfy_text's)."""
+        return False
 
     def __deepcopy__(self, memo):
         return self

@@ -1,0 +1,135 @@
+"""Tiny seeded DiT models built in code with ComfyUI's own classes (Flux.1 first; shared/dit-notes.md §1).
+
+Real ComfyUI model, text-encoder and tokenizer classes with tiny widths, so the pack's hooks see the true joint
+attention calls (text tokens first, post-RoPE q and k), while a build plus a few sampling steps take well under a
+second on CPU. Requires ``comfy_bootstrap.bootstrap_comfyui`` first. Which families exist depends on the installed
+ComfyUI: ``available_dit_families()`` detects them by class, never by version string.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLUX_HIDDEN, FLUX_HEADS = 64, 2
+FLUX_T5_WIDTH, FLUX_CLIP_WIDTH = 48, 32
+FLUX_CONFIG = {  # the keys FluxParams needs; real Flux.1-dev values in comments
+    "image_model": "flux", "in_channels": 16, "out_channels": 16,
+    "vec_in_dim": FLUX_CLIP_WIDTH,  # 768: CLIP-L pooled
+    "context_in_dim": FLUX_T5_WIDTH,  # 4096: T5-XXL d_model
+    "hidden_size": FLUX_HIDDEN,  # 3072
+    "mlp_ratio": 2.0,  # 4.0
+    "num_heads": FLUX_HEADS,  # 24
+    "depth": 2, "depth_single_blocks": 1,  # 19 / 38
+    "axes_dim": [8, 12, 12],  # [16, 56, 56]; sum = hidden / heads
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],
+}
+
+
+def available_dit_families() -> tuple[str, ...]:
+    """The DiT families whose model classes this ComfyUI has ("flux" in every supported version)."""
+    import comfy.supported_models as sm
+
+    found = []
+    for name, cls in (("flux", "Flux"), ("flux2", "Flux2"), ("zimage", "ZImage"), ("qwenimage", "QwenImage")):
+        if hasattr(sm, cls):
+            found.append(name)
+    return tuple(found)
+
+
+def _init_module(module: torch.nn.Module, gen: torch.Generator, skip=()) -> None:
+    """ComfyUI ops create weights with torch.empty: matrices N(0, 1/fan_in) (attention far from uniform, so map
+    comparisons prove something), norm scales 1, other vectors N(0, 0.02)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if any(s in name for s in skip):
+                continue
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith(("weight", "scale")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        for _, b in module.named_buffers():
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                b.zero_()
+
+
+def _build_clip(tokenizer_cls, te_cls, options: dict, gen: torch.Generator, skip=()):
+    import comfy.sd
+    import comfy.supported_models_base
+
+    target = comfy.supported_models_base.ClipTarget(tokenizer_cls, te_cls)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32, **options})
+    _init_module(clip.cond_stage_model, gen, skip)
+    return clip
+
+
+def build_tiny_flux(seed: int = 0):
+    """A fresh tiny Flux.1 (MODEL, CLIP): 2 double + 1 single blocks, 2 heads, T5 + CLIP-L text encoders.
+
+    A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid; the context is T5's, padded to 256 tokens.
+    The same seed gives bit-identical weights. Works inside and outside inference mode.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.text_encoders.flux
+
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    gen = torch.Generator().manual_seed(seed)
+    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
+    config = comfy.supported_models.Flux({k: v for k, v in FLUX_CONFIG.items() if k in known})  # keys of this version
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    _init_module(model.diffusion_model, gen)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    clip = _build_clip(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip(), {
+        "t5xxl_model_config": {"d_model": FLUX_T5_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 3, "num_layers": 1},
+        "clip_l_model_config": {"hidden_size": FLUX_CLIP_WIDTH, "intermediate_size": 64, "num_attention_heads": 2,
+                                "num_hidden_layers": 2, "projection_dim": FLUX_CLIP_WIDTH},
+    }, gen)
+    return patcher, clip
+
+
+QWEN_TE_WIDTH = 32
+QWEN_CONFIG = {  # real Qwen-Image values in comments
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,  # 16 ch × 2×2 packed
+    "num_layers": 2,  # 60
+    "attention_head_dim": 32, "num_attention_heads": 2,  # 128 × 24
+    "joint_attention_dim": QWEN_TE_WIDTH,  # 3584 (Qwen2.5-VL-7B hidden)
+    "axes_dims_rope": (8, 12, 12),  # (16, 56, 56); sum = head dim
+}
+
+
+def build_tiny_qwenimage(seed: int = 0):
+    """A fresh tiny Qwen-Image (MODEL, CLIP): 2 joint blocks, 2 heads, a 3-layer Qwen2.5-VL text encoder.
+
+    Its vision tower is always built full size by ComfyUI (allocated, never initialised nor used: text prompts only).
+    A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.text_encoders.qwen_image
+
+    gen = torch.Generator().manual_seed(seed)
+    config = comfy.supported_models.QwenImage(dict(QWEN_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    _init_module(model.diffusion_model, gen)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    clip = _build_clip(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te(), {
+        "qwen25_7b_model_config": {"hidden_size": QWEN_TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 3,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1},
+    }, gen, skip=(".visual.",))
+    return patcher, clip
+
+
+def flux_latent(batch: int = 1, size: int = 16) -> dict:
+    """An empty Flux LATENT (B, 16, size, size): EmptySD3LatentImage's layout at pixel size 8·size."""
+    return {"samples": torch.zeros(batch, 16, size, size)}

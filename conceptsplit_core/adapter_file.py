@@ -1,4 +1,4 @@
-"""ToVA adapter files: read the native and the official format, write the native one (spec §2.7).
+"""ToVA adapter files: read the native and the official format, write the native one (method §2.7).
 
 Native:   tova.<diffusers path>.attn2.to_v.lora_A.weight (r, d) and ....lora_B.weight (C, r), conceptsplit.* metadata.
 Official: unet.<diffusers path>.attn2.to_v.original_linear.lora_A.weight / lora_B (KU-VGI/ConceptSplit checkpoints).
@@ -53,17 +53,17 @@ _TRAINING_REALS = ("train_lr",)
 
 @dataclass(frozen=True)
 class AdapterMetadata:
-    """The `conceptsplit.*` metadata of a native file (spec §2.7). All values are stored as strings."""
+    """The `conceptsplit.*` metadata of a native file (method §2.7). All values are stored as strings."""
 
     base_model: str  # "sd1.5", "sd2.1" or "sd2.1-v", "sdxl"
     text_width: int  # d, the adapter input width
     rank: int  # r
     alpha: float  # scale is alpha / r
-    identifier_word: str  # the plain class word, e.g. "dog" (spec §2.4)
-    role: str = "object"  # "object" or "background" (spec §5)
+    identifier_word: str  # the plain class word, e.g. "dog" (method §2.4)
+    role: str = "object"  # "object" or "background" (method §5)
     prediction: str = PREDICTION_EPS  # "eps" or "v": what the base model predicts
     layers: int = 0  # number of attn2.to_v layers covered; the writer fills it in from the tensors
-    training: Mapping[str, str] = field(default_factory=dict)  # train_steps, train_lr, ... (spec §2.7)
+    training: Mapping[str, str] = field(default_factory=dict)  # train_steps, train_lr, ... (method §2.7)
 
     @property
     def family(self) -> str:
@@ -103,7 +103,7 @@ class AdapterWeights:
 
     @property
     def scale(self) -> float:
-        """alpha / r (spec §2.1: 1.0 for the paper's adapters); r >= 1 and alpha > 0 are checked on reading."""
+        """alpha / r (method §2.1: 1.0 for the paper's adapters); r >= 1 and alpha > 0 are checked on reading."""
         return self.alpha / self.rank
 
     def delta_norm(self, layer_path: str) -> float:
@@ -126,7 +126,8 @@ def family_of_base_model(base_model: str) -> str:
 
 
 def read_adapter_file(path: str | Path) -> AdapterWeights:
-    """Load and validate a ToVA adapter file (spec §2.7 "Loading"): format, metadata, pairing, one rank, finite values.
+    """Load and validate a ToVA adapter file (method §2.7 "Loading"): format, metadata, pairing, one rank, finite
+    values.
 
     Shapes: lora_A (r, d), lora_B (C, r) per layer, returned as fp32 CPU tensors.
     Raises: ConceptSplitError for a missing, corrupt, pickled, regular-LoRA or otherwise invalid file.
@@ -146,7 +147,7 @@ def read_adapter_file(path: str | Path) -> AdapterWeights:
     rank, text_width = _check_shapes(name, layers)
     if metadata is not None:
         _check_metadata_against_tensors(name, metadata, rank, text_width, len(layers))
-    alpha = metadata.alpha if metadata is not None else float(rank)  # official: alpha = r, scale 1 (spec §2.5)
+    alpha = metadata.alpha if metadata is not None else float(rank)  # official: alpha = r, scale 1 (method §2.5)
     norms = _check_delta_sizes(name, layers, alpha / rank)
     return AdapterWeights(name=name, file_format=file_format, layers=layers, rank=rank, text_width=text_width,
                           alpha=alpha, metadata=metadata, delta_norms=norms)

@@ -1,4 +1,4 @@
-"""Match an adapter's layers to the host model's text-attention layers (spec §2.2) and check they fit.
+"""Match an adapter's layers to the host model's text-attention layers (method §2.2) and check they fit.
 
 The host side is the `model_layout.ModelLayout` the model's family module builds from the real model: one
 `AttentionSite` per layer with its adapter path (the diffusers path of a UNet attn2), its key and the shape of `to_v`.
@@ -21,7 +21,7 @@ def family_for_text_width(width: int) -> str | None:
 
 def bind_adapter_layers(adapter: AdapterWeights, layout: ModelLayout
                         ) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]:
-    """Map the adapter's layers onto the host's attn2 layers; every layer present and shaped (spec §2.7 "Loading").
+    """Map the adapter's layers onto the host's attn2 layers; every layer present and shaped (method §2.7 "Loading").
 
     Shapes: returns {replace key: (A (r, d), B (C, r))} for every host cross-attention layer.
     Raises: ConceptSplitError on a family mismatch, a text width mismatch, a missing, extra or mis-shaped layer.

@@ -1,4 +1,4 @@
-"""Atomic file writes and safe save names for adapters and training checkpoints (STYLE §11, spec §2.7).
+"""Atomic file writes and safe save names for adapters and training checkpoints (method §2.7).
 
 A write goes to a temp file in the target folder (same filesystem, so `os.replace` is atomic), is flushed and
 fsynced, then renamed over the target. On any exception the temp file is removed and the target is untouched, so

@@ -1,4 +1,4 @@
-"""What one cross-attention call looks like to ConceptSplit, and the explicit attention probabilities (spec §3.1).
+"""What one cross-attention call looks like to ConceptSplit, and the explicit attention probabilities (method §3.1).
 
 The ComfyUI seam builds an `AttentionCall` for every attn2 call and hands it, with q and k, to the observers of the
 run (LODA's map capture and fixing bias, the viewer's capture). Observers are plain objects with four methods;
@@ -32,7 +32,8 @@ class ChunkPrompt:
 
 
 def chunk_holds_prompt(chunk: ChunkPrompt | None, prompt_ids: tuple | None, prompt_length: int) -> bool:
-    """Whether a positive chunk is the conditioning of the prompt whose token positions s_k we use (spec §2.3, §8 #16).
+    """Whether a positive chunk is the conditioning of the prompt whose token positions s_k we use (method §2.3, §8
+    #16).
 
     The prompt is recognised by its token ids (recorded, or identified by content: prompt_encoding's rule), so
     another positive in the same batch (ConditioningCombine, regional prompts) or another text of the same length
@@ -104,7 +105,7 @@ class AttentionObserver(Protocol):
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(Q Kᵀ / √D + bias) over all T keys, SOT included, in fp32 (spec §3.1).
+    """softmax(Q Kᵀ / √D + bias) over all T keys, SOT included, in fp32 (method §3.1).
 
     Shapes:
         q: (B, N, H·D), k: (B, T, H·D), any float dtype; bias: (B, N, T) or None

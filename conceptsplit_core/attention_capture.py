@@ -1,11 +1,11 @@
 """Capture the cross-attention maps of chosen words during any sampling run, for the Attention Map Viewer (issue 4).
 
-The captured map of word k for image b is spec §3.1's Ā[:, :, s] extended over steps:
+The captured map of word k for image b is method §3.1's Ā[:, :, s] extended over steps:
 
     M[b, k] = mean over (model calls in the step range) × (chosen attn2 layers) × (heads) of
               Σ_{s ∈ positions(k)} softmax(Q Kᵀ / √D)[b, :, s]            reshaped to (h, w)
 
-on the positive (cond) branch only, with every key column raw (SOT included, no re-softmax), as spec §3.1. Running
+on the positive (cond) branch only, with every key column raw (SOT included, no re-softmax), as method §3.1. Running
 sums are kept per recorded step and layer grid, for the interactive viewer's step slider (issue 15), and the whole
 range's map is their sum: O(K × S × h × w) per image (step_maps_bytes states the bound), never per layer or head.
 Layers with coarser grids are upsampled bilinearly to the finest chosen grid when the run ends; since that is linear,
@@ -13,8 +13,9 @@ each (call, layer) map still counts as one uniform vote.
 
 Rules (documented choices):
 - A word of several BPE tokens sums its tokens' columns in "all tokens" mode (the probability of attending to any of
-  them), or uses its first token (spec §2.4) in "first token" mode.
-- LCM-repeated contexts (notes §1.6: a cond shorter than the uncond is tiled to the common length) sum the copies of
+  them), or uses its first token (method §2.4) in "first token" mode.
+- LCM-repeated contexts (integration §1.6: a cond shorter than the uncond is tiled to the common length) sum the
+  copies of
   each column. The copies have identical keys, so their sum equals the probability without the repeat.
 - Several positive chunks in one call (ConditioningCombine) are averaged.
 - Only sampling steps count. The seam brackets every model call with begin_model_call(σ) / end_model_call, reading σ
@@ -55,8 +56,8 @@ _BLOCK_PATTERN = re.compile(r"^([a-z]+)(?:[\s_]*(\d+))?(?:\.(\d+))?$")
 class CaptureDefaults:
     """Widget defaults of the Capture Attention node (issue 4)."""
 
-    token_mode: str = TOKEN_FIRST  # the token ToVA and LODA use (spec §2.4)
-    layers: str = "latent/4"  # LODA's map level (spec §3.1); "all" shows detail, latent/8 the layout
+    token_mode: str = TOKEN_FIRST  # the token ToVA and LODA use (method §2.4)
+    layers: str = "latent/4"  # LODA's map level (method §3.1); "all" shows detail, latent/8 the layout
     first_step: int = 0  # 0-based, inclusive
     last_step: int = -1  # inclusive; -1 = the run's last step
     kept_runs: int = 8  # finished runs remembered per capture (a few KB each), for graphs with several samplers
@@ -298,7 +299,7 @@ class AttentionCapture:
     The seam calls start_run(sample_sigmas) before and finish_run(output latent) after each sampling run with the
     patched model, and begin_model_call / end_model_call around each model call; the viewer asks maps_for(latent).
     `__deepcopy__` returns self: ComfyUI deep-copies model_options on every clone() and the results must stay in
-    this one object (notes §1.1).
+    this one object (integration §1.1).
     """
 
     def __init__(self, request: CaptureRequest, kept_runs: int = CAPTURE_DEFAULTS.kept_runs):

@@ -1,8 +1,8 @@
-"""LODA stage 2, attention fixing: aggregated maps, per-concept masks and the cross-attention logit bias (spec §3.1,
+"""LODA stage 2, attention fixing: aggregated maps, per-concept masks and the cross-attention logit bias (method §3.1,
 §4).
 
 Mask smoothing replicates `scipy.ndimage.gaussian_filter` with its defaults (the official code), built in torch.
-The bias is the reconstruction of spec §4.3 (the official `ptp_utils_LODA.py` is missing).
+The bias is the reconstruction of method §4.3 (the official `ptp_utils_LODA.py` is missing).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ __all__ = [
     "resize_masks_nearest",
 ]
 
-# scipy.ndimage.gaussian_filter's default truncation: radius = int(4·σ + 0.5), 13 taps at σ = 1.5 (spec §4.2).
+# scipy.ndimage.gaussian_filter's default truncation: radius = int(4·σ + 0.5), 13 taps at σ = 1.5 (method §4.2).
 MASK_TRUNCATE = 4.0
-# Keep biased logits finite: half of the dtype's lowest value leaves room to add the logits themselves (spec §4.3).
+# Keep biased logits finite: half of the dtype's lowest value leaves room to add the logits themselves (method §4.3).
 BIAS_FLOOR_FRACTION = 0.5
-SOT_POSITION = 0  # the start-of-text column is never biased, so no softmax row is all −inf (spec §4.3)
+SOT_POSITION = 0  # the start-of-text column is never biased, so no softmax row is all −inf (method §4.3)
 
 
 def _symmetric_index(length: int, radius: int, device: torch.device) -> torch.Tensor:
@@ -47,7 +47,7 @@ def _symmetric_index(length: int, radius: int, device: torch.device) -> torch.Te
 def gaussian_smooth_symmetric(
     maps: torch.Tensor, sigma: float = LODA_DEFAULTS.mask_sigma, truncate: float = MASK_TRUNCATE
 ) -> torch.Tensor:
-    """True Gaussian of σ_m before the mask percentile (spec §4.2): `scipy.ndimage.gaussian_filter` defaults.
+    """True Gaussian of σ_m before the mask percentile (method §4.2): `scipy.ndimage.gaussian_filter` defaults.
 
     Weights exp(−x² / (2σ²)) for |x| <= int(truncate·σ + 0.5), normalised; applied along h then along w;
     half-sample symmetric boundary (not torch's 'reflect'); same-size output.
@@ -116,7 +116,7 @@ def percentile_threshold(maps: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def build_fixing_masks(concept_maps: torch.Tensor, config: LodaConfig = LODA_DEFAULTS) -> torch.Tensor:
-    """mask_k = G_σm(Ā[:, :, s_k]) >= θ_k, θ_k its γ-quantile: about the top 10 % (spec §4.2).
+    """mask_k = G_σm(Ā[:, :, s_k]) >= θ_k, θ_k its γ-quantile: about the top 10 % (method §4.2).
 
     Shapes:
         concept_maps: (K, h, w), Ā[:, :, s_k] at the map level, in concept order; any float dtype.
@@ -137,7 +137,7 @@ def build_fixing_masks(concept_maps: torch.Tensor, config: LodaConfig = LODA_DEF
 
 
 def resize_masks_nearest(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Masks at another layer's grid, nearest neighbour as `F.interpolate(mode='nearest')` (spec §4.3 "Layers").
+    """Masks at another layer's grid, nearest neighbour as `F.interpolate(mode='nearest')` (method §4.3 "Layers").
 
     Shapes:
         masks: (K, h0, w0) bool; returns (K, h, w) bool.
@@ -154,10 +154,10 @@ def build_fixing_bias(
     suppression: float = LODA_DEFAULTS.suppression,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Additive pre-softmax bias Σ_k R_k ⊗ (p·e_{s_k} + m·Σ_{j≠k} e_{s_j}) (spec §4.3, reconstructed).
+    """Additive pre-softmax bias Σ_k R_k ⊗ (p·e_{s_k} + m·Σ_{j≠k} e_{s_j}) (method §4.3, reconstructed).
 
     Inside concept k's mask, +p goes to every column of k's token and m to every column of the other concepts'
-    tokens. A pixel in two masks gets p + m on both tokens, so both are removed there (spec §4.3). Sums are
+    tokens. A pixel in two masks gets p + m on both tokens, so both are removed there (method §4.3). Sums are
     formed in fp32 (float64 stays float64) and floored at finfo(dtype).min / 2 before the cast, so m = −1e8
     stays finite in fp16/bf16 and adding the bias to logits cannot overflow. Column 0 (SOT) is never biased.
 
@@ -223,7 +223,7 @@ def build_fixing_bias(
 def aggregate_maps(
     probs_list: Sequence[torch.Tensor], grid_sizes: Union[Sequence[tuple[int, int]], tuple[int, int]]
 ) -> torch.Tensor:
-    """Ā: mean of cross-attention probabilities over heads and layers, one uniform vote per map (spec §3.1).
+    """Ā: mean of cross-attention probabilities over heads and layers, one uniform vote per map (method §3.1).
 
     All maps are pooled before averaging (Attend-and-Excite `aggregate_attention`), so a layer with more heads
     weighs more. Pass only the rows you want: the conditional rows, or cond and uncond for `mask_source`.
@@ -274,7 +274,7 @@ def aggregate_maps(
 
 
 def concept_maps(aggregated: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-    """M_k = Ā[:, :, s_k] for each object concept, in concept order (spec §3.2 step 1, §4.2).
+    """M_k = Ā[:, :, s_k] for each object concept, in concept order (method §3.2 step 1, §4.2).
 
     Shapes:
         aggregated: (h, w, T); returns (K, h, w) in the same dtype, differentiable.

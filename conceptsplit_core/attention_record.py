@@ -1,6 +1,6 @@
 """Per-image concept attention maps as they travel between nodes (LODA sampler -> attention viewer).
 
-Socket type `CONCEPTSPLIT_MAPS`. Core form of spec §8 (STYLE §8): `(K, h, w)` per image, stacked over the batch.
+Socket type `CONCEPTSPLIT_MAPS`. Core form of method §8: `(K, h, w)` per image, stacked over the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .model_layout import LayerKey
 
 @dataclass(frozen=True)
 class ConceptMaps:
-    """Concept maps Ā[:, :, s_k] (spec §3.1), one stack per image, with the concept labels in concept order."""
+    """Concept maps Ā[:, :, s_k] (method §3.1), one stack per image, with the concept labels in concept order."""
 
     labels: tuple[str, ...]  # one per concept, e.g. ("dog", "cat")
     maps: torch.Tensor  # (B, K, h, w) fp32 on the CPU, K = len(labels); attention probabilities, not normalised

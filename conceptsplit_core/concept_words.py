@@ -1,6 +1,6 @@
 """Concept words: which words of the prompt ToVA, LODA and Capture Attention act on, and where they are.
 
-One resolver for the three nodes (spec §2.4): a typed word list is split at commas (`parse_words`) and located in
+One resolver for the three nodes (method §2.4): a typed word list is split at commas (`parse_words`) and located in
 the positive prompt's tokens by ToVA's rule (prompt_tokens.locate_identifier_positions: the first free occurrence
 that starts a word; a prompt that carries its decoded pieces, a DiT's T5 or Qwen prompt, by those pieces:
 prompt_tokens.locate_words_in_pieces); without typed words the ToVA concepts recorded on the model are used, at the
@@ -167,7 +167,7 @@ def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
 
 def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[[str], tuple[int, ...]],
                  token_mode: str) -> tuple[tuple[int, ...], ...]:
-    """Token positions of each word in the prompt, by ToVA's rule (spec §2.4: first free occurrence starting a word).
+    """Token positions of each word in the prompt, by ToVA's rule (method §2.4: first free occurrence starting a word).
 
     Returns per word its first token's position, or all its BPE tokens' positions (token_mode "all tokens").
     A prompt with decoded pieces (a DiT's) is located by them: its first piece, or every piece of the word.

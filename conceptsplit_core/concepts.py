@@ -1,7 +1,7 @@
 """Concepts: an adapter file plus what the user said about it (word, strength, role, token index), and the plan
-that binds a list of concepts to one model and one prompt (spec §2.4, §2.8).
+that binds a list of concepts to one model and one prompt (method §2.4, §2.8).
 
-Each concept keeps its own position next to it: never parallel lists of adapters and positions (spec §2.8).
+Each concept keeps its own position next to it: never parallel lists of adapters and positions (method §2.8).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ class ConceptAdapter:
     """One concept as it travels on the adapters wire between nodes (immutable)."""
 
     weights: AdapterWeights
-    identifier_word: str  # the plain class word whose first BPE token gets the delta (spec §2.4)
-    strength: float  # λ_k multiplier (spec §2.1, default 1.0)
-    role: str  # "object" (ToVA + LODA) or "background" (ToVA only), spec §5
+    identifier_word: str  # the plain class word whose first BPE token gets the delta (method §2.4)
+    strength: float  # λ_k multiplier (method §2.1, default 1.0)
+    role: str  # "object" (ToVA + LODA) or "background" (ToVA only), method §5
     token_index: int | None = None  # explicit s_k; None = find the word in the prompt
 
     @property
@@ -92,7 +92,7 @@ def make_concept(weights: AdapterWeights, identifier_word: str, strength: float,
 def bind_concepts(concepts: Sequence[ConceptAdapter], layout: ModelLayout, prompt: PromptTokens,
                   word_ids: Callable[[str], tuple[int, ...]],
                   value_weight_norms: Mapping[LayerKey, float] | None = None) -> list[BoundConcept]:
-    """Check every adapter against the model, then find every identifier in the prompt (spec §2.4, §2.7, §2.8).
+    """Check every adapter against the model, then find every identifier in the prompt (method §2.4, §2.7, §2.8).
 
     `value_weight_norms` ({attn2 replace key: ||W_v||_F} of the host) adds the delta-size check (check_delta_sizes).
     All checks run before anything is patched. Raises: ConceptSplitError (family, layers, size, word, occurrence).
@@ -162,7 +162,7 @@ def check_delta_sizes(concept: ConceptAdapter, layout: ModelLayout, value_weight
 
 def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int,
                       prompt_ids: tuple | None = None) -> dict[LayerKey, tuple[TokenDelta, ...]]:
-    """Per attn2 block, the deltas of every concept, in concept order (spec §2.1: scale = strength · alpha / r).
+    """Per attn2 block, the deltas of every concept, in concept order (method §2.1: scale = strength · alpha / r).
 
     `prompt_ids` (the prompt's token ids) lets the sampler tell this prompt's conditioning from others in a batch.
     """
@@ -200,7 +200,7 @@ class ToVAPlan:
 def plan_tova(concepts: Sequence[ConceptAdapter], layout: ModelLayout, prompt: PromptTokens,
               word_ids: Callable[[str], tuple[int, ...]],
               value_weight_norms: Mapping[LayerKey, float] | None = None) -> ToVAPlan:
-    """Bind the concepts to the model and the prompt (bind_concepts), and plan their deltas (spec §2.1, §2.4).
+    """Bind the concepts to the model and the prompt (bind_concepts), and plan their deltas (method §2.1, §2.4).
 
     Raises: ConceptSplitError as bind_concepts.
     """

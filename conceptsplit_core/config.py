@@ -1,4 +1,4 @@
-"""ToVA defaults and widget ranges (spec §2, §6). Nodes read their defaults from here so UI and algorithm agree."""
+"""ToVA defaults and widget ranges (method §2, §6). Nodes read their defaults from here so UI and algorithm agree."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ from dataclasses import dataclass
 
 from .widgets import WidgetRange
 
-# Model families the pack knows (spec §2.2). The key is what adapter metadata stores in `conceptsplit.base_model`
+# Model families the pack knows (method §2.2). The key is what adapter metadata stores in `conceptsplit.base_model`
 # after the optional "-v" suffix is removed.
 FAMILY_SD15 = "sd1.5"
 FAMILY_SD21 = "sd2.1"
 FAMILY_SDXL = "sdxl"
 FAMILIES = (FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL)
 FAMILY_DISPLAY = {FAMILY_SD15: "SD1.5", FAMILY_SD21: "SD2.1", FAMILY_SDXL: "SDXL"}
-# Text feature width d of the full-size models (spec §0); used to name the family of a file without metadata.
+# Text feature width d of the full-size models (method §0); used to name the family of a file without metadata.
 FAMILY_TEXT_WIDTH = {FAMILY_SD15: 768, FAMILY_SD21: 1024, FAMILY_SDXL: 2048}
 
-ROLE_OBJECT = "object"  # ToVA + LODA + attention fixing (spec §5)
-ROLE_BACKGROUND = "background"  # ToVA only (spec §5)
+ROLE_OBJECT = "object"  # ToVA + LODA + attention fixing (method §5)
+ROLE_BACKGROUND = "background"  # ToVA only (method §5)
 ROLES = (ROLE_OBJECT, ROLE_BACKGROUND)
 ROLE_FROM_FILE = "from file"  # node choice: the role stored in the adapter's metadata (object for official files)
 
@@ -28,15 +28,15 @@ PREDICTION_FLOW = "flow"  # flow matching (ComfyUI's CONST: x_σ = (1 − σ)·x
 
 @dataclass(frozen=True)
 class ToVAConfig:
-    """Inference-time ToVA settings (spec §2.1, §2.3)."""
+    """Inference-time ToVA settings (method §2.1, §2.3)."""
 
-    strength: float = 1.0  # λ_k multiplier on alpha/r; 1.0 = the paper (spec §2.1); useful range 0..1.5
+    strength: float = 1.0  # λ_k multiplier on alpha/r; 1.0 = the paper (method §2.1); useful range 0..1.5
     apply_to_uncond: bool = True  # add the delta in the unconditional CFG branch too, as the official code does (§2.3)
 
 
 TOVA_DEFAULTS = ToVAConfig()
 
-TOKEN_INDEX_AUTO = -1  # "find the identifier word in the prompt" (spec §2.4)
+TOKEN_INDEX_AUTO = -1  # "find the identifier word in the prompt" (method §2.4)
 TOKEN_INDEX_MAX = 77 * 8 - 1  # ComfyUI allows long prompts as several 77-token windows
 
 # Widget ranges of the ToVA nodes; "recommended" is what the tooltip tells the user.
@@ -49,6 +49,6 @@ UI_RANGES: dict[str, WidgetRange] = {
 ADAPTER_FOLDERS = ("tova", "loras")
 TOVA_FOLDER = ADAPTER_FOLDERS[0]
 
-# Native adapter file format (spec §2.7).
+# Native adapter file format (method §2.7).
 NATIVE_FORMAT_NAME = "tova"
 NATIVE_FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
-"""CLIP-T and DINO scores from feature tensors, as the paper's evaluation script `dino.py` defines them (spec §7).
+"""CLIP-T and DINO scores from feature tensors, as the paper's evaluation script `dino.py` defines them (method §7).
 
 The models and image loading live in `scripts/evaluate.py`; this module is only the math, so it can be checked against
-numpy. Definitions (spec §7, "Quality metrics"):
+numpy. Definitions (method §7, "Quality metrics"):
 
 - every image and text feature is L2-normalised first;
 - CLIP-T of an image = dot product of its normalised CLIP image feature with its prompt's normalised text feature
@@ -35,7 +35,7 @@ class ConceptReference:
 
     Attributes:
         name: the concept's name, as the user gave it (e.g. "dog").
-        role: "object" (scored) or "background" (left out of DINO, spec §7).
+        role: "object" (scored) or "background" (left out of DINO, method §7).
         reference: `(C,)` renormalised mean of the concept photos' normalised DINO features (`build_concept_reference`).
     """
 
@@ -62,7 +62,7 @@ def _check_features(features: torch.Tensor, what: str) -> None:
 
 
 def normalize_features(features: torch.Tensor, what: str = "features") -> torch.Tensor:
-    """L2-normalise each row, as `dino.py` does to every image and text feature (spec §7).
+    """L2-normalise each row, as `dino.py` does to every image and text feature (method §7).
 
     Shapes:
         features: `(M, C)`, any float dtype; computed in fp32.
@@ -85,7 +85,7 @@ def normalize_features(features: torch.Tensor, what: str = "features") -> torch.
 
 
 def build_concept_reference(reference_features: torch.Tensor) -> torch.Tensor:
-    """One concept's DINO reference: the renormalised mean of its photos' normalised features (spec §7).
+    """One concept's DINO reference: the renormalised mean of its photos' normalised features (method §7).
 
     Shapes:
         reference_features: `(M, C)` raw DINO CLS features of the concept's M photos, any float dtype.
@@ -107,7 +107,7 @@ def build_concept_reference(reference_features: torch.Tensor) -> torch.Tensor:
 
 
 def combine_concept_references(concepts: Sequence[ConceptReference]) -> torch.Tensor:
-    """The multi-concept DINO reference: the mean of the object concepts' references, NOT renormalised (spec §7).
+    """The multi-concept DINO reference: the mean of the object concepts' references, NOT renormalised (method §7).
 
     Background concepts are left out, as `dino.py` drops its background concept ("barn").
 
@@ -130,7 +130,7 @@ def combine_concept_references(concepts: Sequence[ConceptReference]) -> torch.Te
     if not objects:
         names = ", ".join(f"{c.name} ({c.role})" for c in concepts) or "no concepts"
         raise ConceptSplitError.build(
-            "The DINO score needs at least one object concept; background concepts are left out of it (spec §7)",
+            "The DINO score needs at least one object concept; background concepts are left out of it (method §7)",
             seen=names,
             expected="one or more concepts without the :background role",
             fix="add an object concept, e.g. --concept dog=photos/dog",
@@ -148,7 +148,7 @@ def combine_concept_references(concepts: Sequence[ConceptReference]) -> torch.Te
 
 
 def clip_t_scores(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """Per-image CLIP-T: cosine of each image's CLIP feature with its prompt's CLIP text feature (spec §7).
+    """Per-image CLIP-T: cosine of each image's CLIP feature with its prompt's CLIP text feature (method §7).
 
     Shapes:
         image_features: `(M, C)` raw CLIP image embeddings (after the visual projection), any float dtype.
@@ -171,7 +171,7 @@ def clip_t_scores(image_features: torch.Tensor, text_features: torch.Tensor) -> 
 
 
 def dino_scores(generated_features: torch.Tensor, concepts: Sequence[ConceptReference]) -> torch.Tensor:
-    """Per-image DINO: each generated image's normalised feature dotted with the combined reference (spec §7).
+    """Per-image DINO: each generated image's normalised feature dotted with the combined reference (method §7).
 
     Shapes:
         generated_features: `(M, C)` raw DINO CLS features of the generated images, any float dtype.

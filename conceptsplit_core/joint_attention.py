@@ -5,7 +5,7 @@ Why the joint softmax and not a softmax over the text columns alone: the model m
 probabilities, so a concept's share of an image token's attention is its column of that softmax, text and image
 keys competing. Renormalising over the text columns would show a map the model never uses (an image token that
 attends almost only to image tokens would still look fully "bound" to some word). LODA's loss and masks, the fixing
-bias and the viewer all read this joint map, the DiT counterpart of the UNet's attn2 softmax (spec §3.1).
+bias and the viewer all read this joint map, the DiT counterpart of the UNet's attn2 softmax (method §3.1).
 """
 
 from __future__ import annotations

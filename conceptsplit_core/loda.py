@@ -1,5 +1,5 @@
 """LODA during sampling, as attention observers: map capture for stage 1 and the masks, the stage-2 fixing bias,
-layer selection, and the run report (spec §3.1, §3.3, §4).
+layer selection, and the run report (method §3.1, §3.3, §4).
 
 The sampler (ComfyUI glue) owns the loop; these objects only see `AttentionCall`s, q, k and probabilities. They
 need autograd where stated and never toggle grad modes.
@@ -38,7 +38,7 @@ __all__ = [
 
 
 class _TruncatedForward(Exception):
-    """Raised after the last layer the stage-1 loss needs, so the rest of the decoder never runs (spec §3.3)."""
+    """Raised after the last layer the stage-1 loss needs, so the rest of the decoder never runs (method §3.3)."""
 
 
 def run_truncated(forward: Callable[[], object]) -> None:
@@ -51,10 +51,10 @@ def run_truncated(forward: Callable[[], object]) -> None:
 
 @dataclass(frozen=True)
 class LodaConcepts:
-    """The object concepts LODA separates, in concept order (spec §5 roles: objects only)."""
+    """The object concepts LODA separates, in concept order (method §5 roles: objects only)."""
 
     labels: tuple[str, ...]  # shown in the report and the viewer, e.g. ("dog", "cat")
-    positions: tuple[int, ...]  # s_k in the flat prompt sequence, SOT at 0 (spec §2.4)
+    positions: tuple[int, ...]  # s_k in the flat prompt sequence, SOT at 0 (method §2.4)
     prompt_length: int  # L = 77 · windows of the positive prompt
     prompt_ids: Optional[tuple] = None  # its token ids, to tell its chunks from other positives' (ConditioningCombine)
 
@@ -69,7 +69,8 @@ class LodaConcepts:
             )
 
     def columns(self, context_length: int, own_length: Optional[int] = None) -> list[list[int]]:
-        """Columns of each concept in a context of T tokens: s_k + c·L for every LCM copy c (notes §1.6), where L is
+        """Columns of each concept in a context of T tokens: s_k + c·L for every LCM copy c (integration §1.6), where
+        L is
         the chunk's own conditioning length (`own_length`, default the prompt's). The same rows ToVA adds its delta
         to (token_value_delta.identifier_rows); empty for a concept whose s_k lies beyond a shorter conditioning."""
         length = own_length or self.prompt_length
@@ -87,7 +88,7 @@ class LodaConcepts:
 
 @dataclass(frozen=True)
 class MapLayers:
-    """Which cross-attention layers LODA reads and biases (spec §3.1, §4.3)."""
+    """Which cross-attention layers LODA reads and biases (method §3.1, §4.3)."""
 
     grid: tuple[int, int]  # (h, w) of the map level
     loss_keys: tuple[LayerKey, ...]  # stage-1 loss layers, execution order; the last one ends the gradient pass
@@ -96,7 +97,7 @@ class MapLayers:
 
 
 def select_map_layers(layout: ModelLayout, latent_hw: tuple[int, int], fixing_layers: str) -> MapLayers:
-    """Pick LODA's layers from the layout's data (spec §3.1): the map layers (`AttentionSite.map`, the family's map
+    """Pick LODA's layers from the layout's data (method §3.1): the map layers (`AttentionSite.map`, the family's map
     level, e.g. latent/4 for the SD UNets) give the masks, those of them marked `loss` the stage-1 loss.
 
     Args:
@@ -164,7 +165,7 @@ def loda_stage1_steps(config: LodaConfig, total_steps: int) -> int:
 
 def plan_loda_run(config: LodaConfig, layout: ModelLayout, words, latent_hw: tuple[int, int], total_steps: int,
                   stage1_steps: int) -> LodaPlan:
-    """Resolve concepts, layers and whether fixing runs (spec §3.1, §4), from the located concept words `words`
+    """Resolve concepts, layers and whether fixing runs (method §3.1, §4), from the located concept words `words`
     (concept_words.ConceptWords) and the model's layout.
 
     Raises: ConceptSplitError for fewer than 2 concepts, a model without map-level layers, or maps smaller than the
@@ -177,7 +178,7 @@ def plan_loda_run(config: LodaConfig, layout: ModelLayout, words, latent_hw: tup
 
 
 class MapCollector:
-    """Observer that averages the concept columns of the attention probabilities over heads and layers (spec §3.1).
+    """Observer that averages the concept columns of the attention probabilities over heads and layers (method §3.1).
 
     Keeps them in the autograd graph when grad mode is on (stage 1). Per image: rows of each chunk are images.
     """
@@ -195,7 +196,7 @@ class MapCollector:
         self._count = 0
         self._columns: dict = {}  # (T, device) -> (K·copies,) long, the concept columns
 
-    def __deepcopy__(self, memo):  # run state: ComfyUI must never copy it (notes §1.1)
+    def __deepcopy__(self, memo):  # run state: ComfyUI must never copy it (integration §1.1)
         return self
 
     def start(self, keys: Sequence[LayerKey], branches: Sequence[int], truncate: bool = False,
@@ -204,7 +205,7 @@ class MapCollector:
 
         With `truncate`, end the pass after the last key. With `first_call`, keep only the first model call that
         holds each wanted branch and stop collecting after it, so a multi-evaluation step (heun's corrector,
-        dpmpp_2s's midpoint) never mixes its later forwards at another sigma into the masks (spec §4.1). A branch
+        dpmpp_2s's midpoint) never mixes its later forwards at another sigma into the masks (method §4.1). A branch
         absent from every call (uncond with CFG 1) is simply never collected.
         """
         self.active, self._keys, self._branches = True, frozenset(keys), frozenset(branches)
@@ -269,7 +270,7 @@ class MapCollector:
             return  # a model call holding only other prompts' chunks (or an area crop) neither ends nor truncates
         if self._truncate:
             raise _TruncatedForward()
-        if self._first_call:  # the end of a model call: the branches it collected are done (spec §4.1)
+        if self._first_call:  # the end of a model call: the branches it collected are done (method §4.1)
             done = {call.cond_or_uncond[index] for index, _ in chunks}
             self._branches = self._branches.difference(done)
             if not self._branches:
@@ -277,7 +278,7 @@ class MapCollector:
 
 
 class FixingBias:
-    """Observer adding the stage-2 logit bias (spec §4.3): +p on s_k and m on the other concepts inside mask_k.
+    """Observer adding the stage-2 logit bias (method §4.3): +p on s_k and m on the other concepts inside mask_k.
 
     Each image of the batch gets its own masks; masks are nearest-resized to every biased layer's grid.
     """
@@ -348,7 +349,7 @@ class FixingBias:
 
 
 def build_concept_masks(maps: torch.Tensor, config: LodaConfig) -> torch.Tensor:
-    """mask_k per image from the maps of the last completed forward (spec §4.1, §4.2).
+    """mask_k per image from the maps of the last completed forward (method §4.1, §4.2).
 
     Shapes: maps (B_img, K, h, w) any float; returns (B_img, K, h, w) bool.
     """
@@ -357,7 +358,7 @@ def build_concept_masks(maps: torch.Tensor, config: LodaConfig) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One stage-1 latent update of one image (spec §3.3)."""
+    """One stage-1 latent update of one image (method §3.3)."""
 
     step: int  # sampling step i (sigma index)
     image: int  # index in the batch
@@ -370,12 +371,12 @@ class StepRecord:
 
 def format_report(records: Sequence[StepRecord], concepts: LodaConcepts, stage1_steps: int, total_steps: int,
                   masks: Optional[torch.Tensor], fixing: bool) -> str:
-    """The node's text output: per-step HM and loss, skipped updates, and the mask sizes (spec §3, §4)."""
+    """The node's text output: per-step HM and loss, skipped updates, and the mask sizes (method §3, §4)."""
     named = ", ".join(f"{label} (token {p})" for label, p in zip(concepts.labels, concepts.positions))
     if total_steps == 0:
         return f"LODA: concepts {named}; no sampling steps (denoise 0): the latent is returned unchanged, no masks"
     stage1 = "stage 1 off"
-    if stage1_steps:  # the sampler runs step by step there, so multistep history restarts (notes §4.3)
+    if stage1_steps:  # the sampler runs step by step there, so multistep history restarts (integration §4.3)
         stage1 = (f"stage 1 on steps 0..{stage1_steps - 1} of {total_steps}, one sampler step at a time "
                   "(multistep samplers run first-order on those steps)")
     lines = [f"LODA: concepts {named}; {stage1}"]

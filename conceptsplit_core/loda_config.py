@@ -1,4 +1,4 @@
-"""LODA hyperparameters: paper defaults, widget ranges and validation (spec §3, §4, §6, §8).
+"""LODA hyperparameters: paper defaults, widget ranges and validation (method §3, §4, §6, §8).
 
 Nodes read defaults, min/max/step and the recommended-range text from here, so the UI and the algorithm agree.
 """
@@ -12,7 +12,7 @@ from .errors import ConceptSplitError
 from .number_checks import check_number
 from .widgets import WidgetRange
 
-# N = round(0.2·S) when `loda_steps` is AUTO_LODA_STEPS: 10 LODA steps at S = 50 (spec §3.3, §8 #7).
+# N = round(0.2·S) when `loda_steps` is AUTO_LODA_STEPS: 10 LODA steps at S = 50 (method §3.3, §8 #7).
 LODA_STEPS_FRACTION = 0.2
 AUTO_LODA_STEPS = -1  # loda_steps value meaning "round(0.2·S)"; 0 means stage 1 off (attention fixing only)
 
@@ -72,7 +72,7 @@ MEANINGS: dict[str, str] = {
 
 
 def default_loda_steps(total_steps: int) -> int:
-    """N = round(0.2·S), the number of LODA stage-1 steps for S sampling steps (spec §6, §8 #7).
+    """N = round(0.2·S), the number of LODA stage-1 steps for S sampling steps (method §6, §8 #7).
 
     Args:
         total_steps: S, the sampler's step count.
@@ -84,9 +84,9 @@ def default_loda_steps(total_steps: int) -> int:
 
 @dataclass(frozen=True)
 class LodaConfig:
-    """LODA settings (spec §3 stage 1, §4 stage 2). Defaults are the paper's reference run (spec §5, §6)."""
+    """LODA settings (method §3 stage 1, §4 stage 2). Defaults are the paper's reference run (method §5, §6)."""
 
-    # --- stage 1: latent optimisation (spec §3) ---
+    # --- stage 1: latent optimisation (method §3) ---
     # N, steps 0..N-1 get a latent update; -1 (AUTO_LODA_STEPS) -> round(0.2·S); 0 = stage 1 off; <= S
     loda_steps: int = AUTO_LODA_STEPS
     inner_iterations: int = 1  # gradient steps per sampling step; paper and script 1, pipeline 10 (§3.3); 1..20
@@ -95,7 +95,7 @@ class LodaConfig:
     step_schedule: StepSchedule = "linear"  # "linear" = paper; "sqrt" = official 20·sqrt(linspace(1, .5, S)) (§3.3)
     smoothing_sigma: float = 1.5  # σ of the Attend-and-Excite 7×7 kernel, width σ·√2 (§3.2, §8 #18); > 0
     kl_pairs: KlPairs = "ordered"  # "ordered": a < b as the code; "symmetric": i ≠ j as Algorithm 1 (§3.2, §8 #6)
-    # --- stage 2: attention fixing (spec §4) ---
+    # --- stage 2: attention fixing (method §4) ---
     mask_percentile: float = 0.90  # γ as a fraction: θ_k = γ-quantile of the smoothed map (§4.2); in (0, 1)
     mask_sigma: float = 1.5  # σ_m of the true Gaussian (symmetric boundary, truncate 4) before the percentile; > 0
     boost: float = 5.0  # p, added to the own token's logit inside the own mask; paper +5, pipeline 3 (§4.3)
@@ -105,7 +105,7 @@ class LodaConfig:
     mask_source: MaskSource = "cond"  # maps for the masks: "cond" or "cond_and_uncond" as the official code (§8 #4)
 
     def loda_steps_for(self, total_steps: int) -> int:
-        """N for S = `total_steps`: the explicit `loda_steps` (0 = stage 1 off), else round(0.2·S) (spec §8 #7)."""
+        """N for S = `total_steps`: the explicit `loda_steps` (0 = stage 1 off), else round(0.2·S) (method §8 #7)."""
         if self.loda_steps == AUTO_LODA_STEPS:
             return default_loda_steps(total_steps)
         return self.loda_steps

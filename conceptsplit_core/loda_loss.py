@@ -1,4 +1,4 @@
-"""LODA stage 1: the concept-separation loss, step sizes and latent updates (spec §3.2-§3.4, Algorithm 1).
+"""LODA stage 1: the concept-separation loss, step sizes and latent updates (method §3.2-§3.4, Algorithm 1).
 
 Smoothing kernel as in Attend-and-Excite `utils/gaussian_smoothing.py` (`GaussianSmoothing`), which the official
 ConceptSplit code imports. Core functions here need autograd where they say so; they never toggle grad modes.
@@ -32,12 +32,12 @@ __all__ = [
     "vp_latent_update",
 ]
 
-# Fixed quirks of the reference smoothing, replicated exactly (spec §3.2, §8 #18); not user options.
+# Fixed quirks of the reference smoothing, replicated exactly (method §3.2, §8 #18); not user options.
 AE_KERNEL_SIZE = 7  # 7 taps per axis, centred at x = 3
 AE_REFLECT_PAD = 1  # torch 'reflect' padding before the valid convolution: 24×24 -> 26×26 -> 20×20
-NORMALIZE_EPS = 1e-10  # added after dividing by the sum, not renormalised (spec §3.2 step 3)
+NORMALIZE_EPS = 1e-10  # added after dividing by the sum, not renormalised (method §3.2 step 3)
 # The paper's schedule η_i = 40 − 20·i/S starts at 40 and falls by half of that over S steps; the official
-# sqrt schedule is 20·sqrt(linspace(1, 0.5, S)) (spec §3.3). `step_scale` multiplies both relative to 40.
+# sqrt schedule is 20·sqrt(linspace(1, 0.5, S)) (method §3.3). `step_scale` multiplies both relative to 40.
 PAPER_STEP_SCALE = 40.0
 SCHEDULE_END_RATIO = 0.5
 
@@ -48,7 +48,7 @@ def attend_excite_kernel(
     dtype: torch.dtype = torch.float32,
     device: Union[torch.device, str, None] = None,
 ) -> torch.Tensor:
-    """The separable smoothing kernel g(x)·g(y) of spec §3.2 step 2 (Attend-and-Excite `GaussianSmoothing`).
+    """The separable smoothing kernel g(x)·g(y) of method §3.2 step 2 (Attend-and-Excite `GaussianSmoothing`).
 
     g(x) ∝ exp(−((x − c) / (2σ))²) with c = (size − 1)/2, normalised to sum 1. Note the 2σ inside the square
     (continuous width σ·√2); for σ = 1.5, g = [0.0765, 0.1334, 0.1861, 0.2080, 0.1861, 0.1334, 0.0765].
@@ -65,12 +65,12 @@ def attend_excite_kernel(
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp32 at least: half/bfloat16 inputs are promoted, float64 stays float64 (spec §3.2 "all of this in fp32").
+    # fp32 at least: half/bfloat16 inputs are promoted, float64 stays float64 (method §3.2 "all of this in fp32").
     return torch.promote_types(dtype, torch.float32)
 
 
 def smooth_attention_map(maps: torch.Tensor, sigma: float = LODA_DEFAULTS.smoothing_sigma) -> torch.Tensor:
-    """M̃_k: reflect-pad 1, then a valid 7×7 convolution with `attend_excite_kernel` (spec §3.2 step 2).
+    """M̃_k: reflect-pad 1, then a valid 7×7 convolution with `attend_excite_kernel` (method §3.2 step 2).
 
     Differentiable. Computed in fp32 (float64 stays float64).
 
@@ -105,7 +105,7 @@ def smooth_attention_map(maps: torch.Tensor, sigma: float = LODA_DEFAULTS.smooth
 
 
 def normalize_map(maps: torch.Tensor) -> torch.Tensor:
-    """P_k = M̃_k / Σ M̃_k + 1e-10 (spec §3.2 step 3): the epsilon is added after normalising, not renormalised.
+    """P_k = M̃_k / Σ M̃_k + 1e-10 (method §3.2 step 3): the epsilon is added after normalising, not renormalised.
 
     Shapes:
         maps: (K, h, w); returns (K, h, w) in the input dtype.
@@ -129,7 +129,7 @@ def pair_indices(num_concepts: int, pairs: str = LODA_DEFAULTS.kl_pairs) -> list
 
 
 def pairwise_kl(probs: torch.Tensor, pairs: str = LODA_DEFAULTS.kl_pairs) -> torch.Tensor:
-    """KL_ab = Σ_xy P_a · ln(P_a / P_b) for each pair of `pair_indices` (spec §3.2 step 4).
+    """KL_ab = Σ_xy P_a · ln(P_a / P_b) for each pair of `pair_indices` (method §3.2 step 4).
 
     Shapes:
         probs: (K, h, w), normalised maps P_k.
@@ -144,7 +144,7 @@ def pairwise_kl(probs: torch.Tensor, pairs: str = LODA_DEFAULTS.kl_pairs) -> tor
 
 
 def harmonic_mean_kl(kls: torch.Tensor) -> torch.Tensor:
-    """HM = n_pairs / Σ (1 / KL_ab) (spec §3.2 step 5, Algorithm 1). For one pair, HM = KL.
+    """HM = n_pairs / Σ (1 / KL_ab) (method §3.2 step 5, Algorithm 1). For one pair, HM = KL.
 
     A KL of exactly 0 (identical maps) gives HM = 0, like `statistics.harmonic_mean`, with an undefined gradient.
 
@@ -167,7 +167,7 @@ class SeparationDiagnostics:
 def separation_loss(
     concept_maps: torch.Tensor, config: LodaConfig = LODA_DEFAULTS
 ) -> tuple[torch.Tensor, SeparationDiagnostics]:
-    """L = max(0, τ − HM) over the object concepts' maps (spec §3.2, Algorithm 1).
+    """L = max(0, τ − HM) over the object concepts' maps (method §3.2, Algorithm 1).
 
     Smooth (§3.2 step 2), normalise (step 3), pairwise KL (step 4), harmonic mean (step 5), hinge at τ (step 6).
     Differentiable with respect to `concept_maps` (keep them in the autograd graph to update the latent).
@@ -200,7 +200,7 @@ def separation_loss(
 
 
 def step_size(step_index: int, total_steps: int, config: LodaConfig = LODA_DEFAULTS) -> float:
-    """η_i, the gradient step of LODA stage 1 at 0-based sampling step i (spec §3.3, §8 #5).
+    """η_i, the gradient step of LODA stage 1 at 0-based sampling step i (method §3.3, §8 #5).
 
     "linear" (paper, Supp. §A): η_i = (40 − 20·i/S) · step_scale/40 → 40.0, 39.6, …, 36.4 for i = 0..9, S = 50.
     "sqrt" (official code): η_i = step_scale/2 · sqrt(r_i), r = linspace(1, 0.5, S) → 20.0 … 19.06.
@@ -232,7 +232,7 @@ def step_size(step_index: int, total_steps: int, config: LodaConfig = LODA_DEFAU
 
 
 def vp_latent_update(z: torch.Tensor, grad_z: torch.Tensor, eta: float) -> torch.Tensor:
-    """z ← z − η_i · ∇_z L in the variance-preserving (DDIM) scale (spec §3.3). Plain gradient descent.
+    """z ← z − η_i · ∇_z L in the variance-preserving (DDIM) scale (method §3.3). Plain gradient descent.
 
     Shapes:
         z, grad_z: (1, 4, H_lat, W_lat) or any equal shape; returns the same shape and dtype as `z`.
@@ -243,13 +243,13 @@ def vp_latent_update(z: torch.Tensor, grad_z: torch.Tensor, eta: float) -> torch
 def kdiffusion_latent_update(
     x: torch.Tensor, grad_x: torch.Tensor, sigma: Union[float, torch.Tensor], eta: float
 ) -> torch.Tensor:
-    """x ← x − η_i · (1 + σ_i²) · ∇_x L for a k-diffusion state x = z · sqrt(1 + σ²) (spec §3.4).
+    """x ← x − η_i · (1 + σ_i²) · ∇_x L for a k-diffusion state x = z · sqrt(1 + σ²) (method §3.4).
 
     Equivalence with `vp_latent_update`: the model input is z = x / sqrt(1 + σ²), so by the chain rule
     ∇_x L = ∇_z L / sqrt(1 + σ²). The VP step Δz = −η ∇_z L, mapped back to the state, is
     Δx = sqrt(1 + σ²) · Δz = −η · sqrt(1 + σ²) · ∇_z L = −η · (1 + σ²) · ∇_x L. So x' / sqrt(1 + σ²) equals the
     VP update of z exactly, provided `grad_x` was taken through the input scaling. The result must replace the
-    sampler's state (spec §3.4).
+    sampler's state (method §3.4).
 
     Shapes:
         x, grad_x: (B, 4, H_lat, W_lat) or any equal shape; sigma: float, () or (B,); returns x's shape and dtype.

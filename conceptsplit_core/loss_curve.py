@@ -1,4 +1,4 @@
-"""Draw a training loss curve as a ComfyUI IMAGE with torch alone (ComfyUI ships no matplotlib; notes §5).
+"""Draw a training loss curve as a ComfyUI IMAGE with torch alone (ComfyUI ships no matplotlib; integration §5).
 
 White background, light grid at quarters, the raw loss of every step in light blue and its moving average in dark
 blue. The vertical axis spans [min, max] of the losses; no text, the node reports the numbers separately.

@@ -1,8 +1,8 @@
 """Numbers the Attention Map Viewer shows per word and per pair: entropy (paper Table 1), KL and LODA's harmonic mean
-(spec §3.2), an overlap score, and with LODA's masks each word's attention share inside its own mask (what attention
-fixing, spec §4.3, raises).
+(method §3.2), an overlap score, and with LODA's masks each word's attention share inside its own mask (what attention
+fixing, method §4.3, raises).
 
-All functions take per-concept maps `(K, h, w)` (attention probabilities averaged over layers and heads, spec §3.1),
+All functions take per-concept maps `(K, h, w)` (attention probabilities averaged over layers and heads, method §3.1),
 compute in fp32 on the maps' device, and never track gradients for the caller (they are read-outs, not the loss).
 The per-pair KLs are read on the maps as given (no smoothing), so they show the maps the viewer draws. The report's
 harmonic mean is LODA's own number: `loda_loss.separation_loss` on the maps (smoothing, crop and epsilon of spec
@@ -21,7 +21,7 @@ from .errors import ConceptSplitError
 from .loda_config import LODA_DEFAULTS
 from .loda_loss import AE_KERNEL_SIZE, separation_loss
 
-EPSILON = 1e-10  # added after sum-normalising, not renormalised (spec §3.2 step 3)
+EPSILON = 1e-10  # added after sum-normalising, not renormalised (method §3.2 step 3)
 _WORD_WIDTH = 16  # max characters of a word in the report; longer words are cut with "…"
 
 
@@ -53,7 +53,7 @@ def _check_maps(maps: torch.Tensor, labels: list[str] | None = None) -> None:
 
 
 def spatial_distribution(maps: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
-    """Sum-normalise each map over its h·w positions, then add epsilon (spec §3.2 step 3: P_k = M_k / ΣM_k + 1e-10).
+    """Sum-normalise each map over its h·w positions, then add epsilon (method §3.2 step 3: P_k = M_k / ΣM_k + 1e-10).
 
     Shapes: maps `(K, h, w)` any float dtype -> `(K, h, w)` float32; each map sums to `1 + h·w·epsilon`.
     Raises: ConceptSplitError on non-finite or negative maps, or a map that sums to 0.
@@ -74,7 +74,7 @@ def entropy(maps: torch.Tensor) -> torch.Tensor:
 
 
 def paper_softmax_entropy(maps: torch.Tensor) -> torch.Tensor:
-    """The paper's Table 1 entropy (spec §7): softmax over the h·w positions of the averaged map, then `−Σ Â ln Â`.
+    """The paper's Table 1 entropy (method §7): softmax over the h·w positions of the averaged map, then `−Σ Â ln Â`.
 
     Quirk kept on purpose: the softmax acts on small averaged probabilities, so Â is nearly uniform and H stays just
     below ln(h·w) (6.356 at 24×24). Only its change across steps (Table 1's ΔH) is informative.
@@ -86,7 +86,7 @@ def paper_softmax_entropy(maps: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_kl_matrix(maps: torch.Tensor) -> torch.Tensor:
-    """`KL[a, b] = Σ P_a ln(P_a / P_b)` on spatial_distribution's P (spec §3.2 step 4), in both directions.
+    """`KL[a, b] = Σ P_a ln(P_a / P_b)` on spatial_distribution's P (method §3.2 step 4), in both directions.
 
     The diagonal is 0. LODA's loss uses the entries above the diagonal (a < b).
     Shapes: maps `(K, h, w)` -> `(K, K)` float32.
@@ -109,7 +109,7 @@ def overlap(maps: torch.Tensor) -> torch.Tensor:
 
 
 def harmonic_mean_kl(maps: torch.Tensor) -> torch.Tensor:
-    """LODA's `HM = n_pairs / Σ_{a<b} 1 / KL_ab` over the ordered pairs (spec §3.2 step 5); 0 if any KL is 0.
+    """LODA's `HM = n_pairs / Σ_{a<b} 1 / KL_ab` over the ordered pairs (method §3.2 step 5); 0 if any KL is 0.
 
     Shapes: maps `(K, h, w)`, K >= 2 -> scalar `()` float32.
     Raises: ConceptSplitError for fewer than 2 maps.
@@ -131,7 +131,7 @@ def harmonic_mean_kl(maps: torch.Tensor) -> torch.Tensor:
 
 def loda_harmonic_mean(maps: torch.Tensor) -> torch.Tensor:
     """LODA's HM exactly as its loss and report compute it: smooth, crop, normalise + 1e-10, KL over a < b, harmonic
-    mean (`loda_loss.separation_loss` with the paper defaults, spec §3.2 steps 2-5).
+    mean (`loda_loss.separation_loss` with the paper defaults, method §3.2 steps 2-5).
 
     Shapes: maps `(K, h, w)`, K >= 2, h and w >= 7 (the smoothing kernel) -> scalar `()` float32.
     Raises: ConceptSplitError for fewer than 2 maps or maps smaller than 7×7.
@@ -192,7 +192,7 @@ def format_metrics_report(labels: list[str], maps: torch.Tensor) -> str:
         f"Attention metrics: {K} word{'s' if K > 1 else ''}, {h}x{w} maps, ln(h*w) = {math.log(h * w):.4f}",
         f"{'word':<{width}}  {'H':>9}  {'H_paper':>10}",
     ]
-    # H_paper gets 6 decimals: Table 1's per-step changes are of order 1e-4 (spec §7).
+    # H_paper gets 6 decimals: Table 1's per-step changes are of order 1e-4 (method §7).
     lines += [f"{words[k]:<{width}}  {H[k]:9.5f}  {H_paper[k]:10.6f}" for k in range(K)]
     lines.append("H: entropy of the sum-normalised map (nats). H_paper: Table 1, softmax over positions first.")
     if K < 2:
@@ -238,8 +238,8 @@ def mask_attention_share(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch
     """Each word's attention share inside its own mask, and that mask's area: the share a flat map would have.
 
     `share_k = Σ M_k · c_k / Σ M_k`, with c_k the part of each map cell that mask k covers (the mask area-averaged
-    onto the maps' grid: exactly 0 or 1 for LODA's masks on maps of LODA's level, spec §4.1), and `area_k = mean c_k`.
-    Attention fixing (spec §4.3) adds +p to word k's logits inside mask k and m to it inside the other masks, which
+    onto the maps' grid: exactly 0 or 1 for LODA's masks on maps of LODA's level, method §4.1), and `area_k = mean c_k`.
+    Attention fixing (method §4.3) adds +p to word k's logits inside mask k and m to it inside the other masks, which
     moves word k's attention into its mask: the share rises above what the same run without fixing gives.
     Shapes: maps `(K, h, w)` attention (not normalised), masks `(K, H, W)` in 0..1 (any H, W; usually the image's)
     -> share `(K,)` and area `(K,)` float32.

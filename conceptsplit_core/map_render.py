@@ -1,4 +1,4 @@
-"""Render per-word attention maps as IMAGE heatmaps and MASKs for the Attention Map Viewer (spec §3.1 maps).
+"""Render per-word attention maps as IMAGE heatmaps and MASKs for the Attention Map Viewer (method §3.1 maps).
 
 Pure torch + Pillow (text only). Maps come in the canonical per-concept form `(K, h, w)`; outputs follow ComfyUI's
 IMAGE `(…, H_img, W_img, 3)` and MASK `(…, H_img, W_img)` conventions, float32 in 0..1.

@@ -66,7 +66,7 @@ class ModelLayout:
 
 
 def map_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
-    """Grid after `level` stride-2 downsamplings with padding 1: ceil at each one (spec §3.1, notes §1.3)."""
+    """Grid after `level` stride-2 downsamplings with padding 1: ceil at each one (method §3.1, integration §1.3)."""
     h, w = latent_hw
     for _ in range(level):
         h, w = math.ceil(h / 2), math.ceil(w / 2)

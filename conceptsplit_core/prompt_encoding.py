@@ -1,4 +1,4 @@
-"""Recognise the conditioning of a located prompt by its content (issue 11 #4; spec §2.3, §2.4).
+"""Recognise the conditioning of a located prompt by its content (issue 11 #4; method §2.3, §2.4).
 
 ToVA, LODA and the attention capture use token positions s_k found in one prompt. A conditioning sampled with them
 must hold that prompt's tokens, or the delta, the loss and the maps land on whatever word sits at s_k. A
@@ -41,7 +41,7 @@ class PromptEncoding:
 
     `context` is the CONDITIONING tensor itself (shared, not copied). `compute_eps` is the float eps of the dtype
     the text encoder ran in (its weights' dtype, at least 16 bits), so rounding of that dtype is tolerated too.
-    `__deepcopy__` returns self: ComfyUI deep-copies model_options on every clone() (notes §1.1).
+    `__deepcopy__` returns self: ComfyUI deep-copies model_options on every clone() (integration §1.1).
     """
 
     prompt_ids: tuple  # PromptTokens.token_ids of the prompt

@@ -1,4 +1,4 @@
-"""Find each concept's identifier token position s_k in the host's own token sequence (spec §2.4).
+"""Find each concept's identifier token position s_k in the host's own token sequence (method §2.4).
 
 The seam turns ComfyUI's tokenization of the prompt into a `PromptTokens`: the flat token sequence across
 77-token windows (position = window · 77 + index in window, SOT at 0 of each window), and for each slot whether a
@@ -41,7 +41,7 @@ class IdentifierRequest:
 
 
 def locate_identifier_positions(prompt: PromptTokens, requests: Sequence[IdentifierRequest]) -> list[int]:
-    """Return s_k for each request, in request order (spec §2.4, inference rule, used everywhere).
+    """Return s_k for each request, in request order (method §2.4, inference rule, used everywhere).
 
     Concepts are processed in order; each takes the first occurrence of its whole BPE sequence that starts a word
     and whose tokens are not yet claimed; s_k is the first token of that occurrence. An explicit position wins.

@@ -1,4 +1,4 @@
-"""Token-wise value delta, the heart of ToVA (spec §2.1): V[:, s_k] += λ_k · (c[:, s_k] @ A_kᵀ) @ B_kᵀ.
+"""Token-wise value delta, the heart of ToVA (method §2.1): V[:, s_k] += λ_k · (c[:, s_k] @ A_kᵀ) @ B_kᵀ.
 
 Only the identifier rows change; every other row of V stays bit-identical. Keys and queries are untouched.
 """
@@ -19,7 +19,7 @@ class TokenDelta:
     lora_B: torch.Tensor  # (C, r), fp32
     scale: float  # λ_k = strength · alpha / r
     position: int  # s_k in the prompt's token sequence
-    prompt_length: int  # 77 · windows of the prompt s_k was found in (for LCM-repeated contexts, §1.6 of the notes)
+    prompt_length: int  # 77 · windows of the prompt s_k was found in (for LCM-repeated contexts, integration §1.6)
     label: str = ""  # adapter name, for messages
     prompt_ids: tuple | None = None  # token ids of that prompt, to recognise it among several conditionings
 
@@ -42,7 +42,7 @@ def identifier_rows(position: int, chunk_length: int, context_length: int) -> sl
 
 def apply_token_value_delta(value: torch.Tensor, context: torch.Tensor, delta: TokenDelta,
                             row_mask: torch.Tensor, token_rows: slice | None = None) -> torch.Tensor:
-    """Add the ToVA delta δ_kᵀ A_{C_k}(c_k) to the identifier rows of V (spec §2.1), returning a new tensor.
+    """Add the ToVA delta δ_kᵀ A_{C_k}(c_k) to the identifier rows of V (method §2.1), returning a new tensor.
 
     Shapes:
         value:    (B, T, C)  projected values V = c @ W_vᵀ, any float dtype

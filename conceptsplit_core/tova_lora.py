@@ -1,4 +1,4 @@
-"""ToVA LoRA parameters, training targets and resumable training checkpoints (spec §2.1, §2.5, §2.6).
+"""ToVA LoRA parameters, training targets and resumable training checkpoints (method §2.1, §2.5, §2.6).
 
 Tensor naming follows microsoft/LoRA `loralib/layers.py`: `lora_A` is `(r, d)`, `lora_B` is `(C, r)`,
 `scale = alpha / r`, and `B` starts at zero so the delta `B (A c)` starts at zero.
@@ -30,10 +30,10 @@ def init_lora_pair(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial A, B of one ToVA layer: `A ~ N(0, (1/r)²)`, `B = 0` (spec §2.5, peft "gaussian" init).
+    """Initial A, B of one ToVA layer: `A ~ N(0, (1/r)²)`, `B = 0` (method §2.5, peft "gaussian" init).
 
     Shapes:
-        returns A (r, d) and B (C, r) on the CPU, in `dtype` (fp32 for training, spec §2.5).
+        returns A (r, d) and B (C, r) on the CPU, in `dtype` (fp32 for training, method §2.5).
     """
     lora_a = torch.randn(rank, in_features, generator=generator, dtype=torch.float32) / rank  # (r, d), std 1/r
     lora_b = torch.zeros(out_features, rank, dtype=torch.float32)  # (C, r): delta is exactly zero at step 0
@@ -46,7 +46,7 @@ def _parameter_name(layer_key: str) -> str:
 
 
 class ToVALoraSet(torch.nn.Module):
-    """One concept's trainable ToVA adapter: an fp32 (A, B) pair per cross-attention value projection (spec §2.2).
+    """One concept's trainable ToVA adapter: an fp32 (A, B) pair per cross-attention value projection (method §2.2).
 
     Layer keys are chosen by the caller (for example the diffusers path `down_blocks.0.attentions.0.
     transformer_blocks.0.attn2.to_v`); iteration order is the order of `layer_shapes`, which also fixes the
@@ -60,12 +60,12 @@ class ToVALoraSet(torch.nn.Module):
         alpha: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        """Create A ~ N(0, (1/r)²) and B = 0 for every layer (spec §2.5).
+        """Create A ~ N(0, (1/r)²) and B = 0 for every layer (method §2.5).
 
         Args:
             layer_shapes: layer key -> (d, C), the text width and the layer's channel width.
             rank: r.
-            alpha: None = r, so the scale alpha / r is 1 (spec §2.5).
+            alpha: None = r, so the scale alpha / r is 1 (method §2.5).
             generator: CPU generator for the A init; layers are drawn in `layer_shapes` order.
 
         Raises:
@@ -99,7 +99,7 @@ class ToVALoraSet(torch.nn.Module):
             self.lora_B[self._names[key]] = torch.nn.Parameter(lora_b)  # (C, r) fp32
 
     def __deepcopy__(self, memo: dict) -> "ToVALoraSet":
-        # ComfyUI deep-copies model_options on every clone (comfyui-notes §1.1); the trained weights must be shared.
+        # ComfyUI deep-copies model_options on every clone (integration §1.1); the trained weights must be shared.
         return self
 
     @property
@@ -111,7 +111,7 @@ class ToVALoraSet(torch.nn.Module):
         return {key: (self.lora_A[name], self.lora_B[name]) for key, name in self._names.items()}
 
     def state_for_saving(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Layer key -> (A, B) as detached CPU fp32 clones, for adapter files (spec §2.7) and checkpoints."""
+        """Layer key -> (A, B) as detached CPU fp32 clones, for adapter files (method §2.7) and checkpoints."""
         return {
             key: (a.detach().to("cpu", torch.float32).clone(), b.detach().to("cpu", torch.float32).clone())
             for key, (a, b) in self.pairs().items()
@@ -146,7 +146,7 @@ class ToVALoraSet(torch.nn.Module):
 
 
 def noised_latent(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion `x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε` (DDPM `add_noise`, spec §2.6).
+    """Forward diffusion `x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε` (DDPM `add_noise`, method §2.6).
 
     Shapes:
         x0, noise (B, 4, h, w); alphas_cumprod_t (B,) or a scalar. Computed and returned in fp32.
@@ -161,7 +161,7 @@ def prediction_target(
     alphas_cumprod_t: torch.Tensor,
     prediction: Literal["v", "eps"],
 ) -> torch.Tensor:
-    """The regression target of the MSE loss (spec §2.6): `v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x0` or `ε`.
+    """The regression target of the MSE loss (method §2.6): `v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x0` or `ε`.
 
     Shapes:
         x0, noise (B, 4, h, w); alphas_cumprod_t (B,) or a scalar. Returned in fp32 (the loss is fp32).
@@ -189,7 +189,7 @@ def _broadcast_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TrainingState:
-    """Everything a resumed run needs to continue bit-identically (spec §2.6; our checkpoint format [choice]).
+    """Everything a resumed run needs to continue bit-identically (method §2.6; our checkpoint format [choice]).
 
     Attributes:
         step: optimizer steps already taken; the next step to run is `step`.

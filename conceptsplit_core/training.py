@@ -1,4 +1,4 @@
-"""The ToVA training loop (spec §2.6): one concept's A, B on every attn2.to_v, delta on the identifier row only.
+"""The ToVA training loop (method §2.6): one concept's A, B on every attn2.to_v, delta on the identifier row only.
 
 The model is reached through one callable, a k-diffusion style denoiser that the host provides:
 
@@ -9,7 +9,7 @@ The model is reached through one callable, a k-diffusion style denoiser that the
 
 With σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of the model's discrete schedule, `(x0_hat − x0) / c_out` is exactly the error of
 the raw model output (v̂ − v for v-prediction, c_out = σ·σd/sqrt(σ² + σd²); ε̂ − ε for ε-prediction, c_out = σ),
-so the loss below is the spec's MSE against the model's own target (comfyui-notes §4.4, checked in the tests
+so the loss below is the spec's MSE against the model's own target (integration §4.4, checked in the tests
 against a direct v-MSE). All randomness comes from (seed, step), so a resumed run repeats an uninterrupted one.
 """
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """The model's discrete noise schedule and what it predicts (spec §2.6 "Timestep", "Target")."""
+    """The model's discrete noise schedule and what it predicts (method §2.6 "Timestep", "Target")."""
 
     sigmas: torch.Tensor  # (1000,) σ_t for t = 0..999, σ_t = sqrt((1 − ᾱ_t)/ᾱ_t)
     prediction: str  # "v" (SD2.1-768) or "eps" (SD1.5, SDXL)
@@ -58,11 +58,11 @@ class NoiseSchedule:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Everything encoded once per run (spec §2.6, issue 5: VAE once per image, text encoder once per template)."""
+    """Everything encoded once per run (method §2.6, issue 5: VAE once per image, text encoder once per template)."""
 
     latent_mean: torch.Tensor  # (m, 4, h, w) VAE posterior mean of each encoded crop, already × scaling factor
     latent_std: torch.Tensor  # (m, 4, h, w) VAE posterior std, × scaling factor (zeros = use the mean)
-    positions: tuple[int, ...]  # s of each template's prompt (spec §2.4 unified rule)
+    positions: tuple[int, ...]  # s of each template's prompt (method §2.4 unified rule)
     prompt_length: int = 77  # tokens of one prompt (one 77-token window)
     # per image, the latent rows of its k crop draws (training_data.crop_views; repeats allowed); () = row i is
     # image i's only crop
@@ -73,7 +73,7 @@ class TrainingData:
         return len(self.view_rows) if self.view_rows else int(self.latent_mean.shape[0])
 
     def latent_row(self, image_index: int, step: int, seed: int) -> int:
-        """The latent row of `image_index` at `step`: one of its k crops, picked by (seed, step) (spec §2.6)."""
+        """The latent row of `image_index` at `step`: one of its k crops, picked by (seed, step) (method §2.6)."""
         if not self.view_rows:
             return image_index
         rows = self.view_rows[image_index]
@@ -82,7 +82,7 @@ class TrainingData:
 
 @dataclass(frozen=True)
 class StepSample:
-    """One training item: the pair of spec §2.6 "Pairing", t, ε and the posterior sample x0."""
+    """One training item: the pair of method §2.6 "Pairing", t, ε and the posterior sample x0."""
 
     image_index: int
     template_index: int
@@ -108,7 +108,7 @@ class TrainingResult:
 
 
 def check_rank(rank: int, layer_shapes: Mapping[str, tuple[int, int]]) -> None:
-    """Rank r must not exceed min(d, C) of any layer, or B·A could not be full rank (spec §2.5)."""
+    """Rank r must not exceed min(d, C) of any layer, or B·A could not be full rank (method §2.5)."""
     limit = min(min(shape) for shape in layer_shapes.values())
     if rank > limit:
         narrow = min(layer_shapes, key=lambda key: min(layer_shapes[key]))
@@ -120,12 +120,13 @@ def check_rank(rank: int, layer_shapes: Mapping[str, tuple[int, int]]) -> None:
 
 
 def template_prompts(templates: Sequence[str], word: str) -> list[str]:
-    """Each template with `{}` replaced by the identifier word (spec §2.6; replace, not format, so braces are safe)."""
+    """Each template with `{}` replaced by the identifier word (method §2.6; replace, not format, so braces are
+    safe)."""
     return [template.replace("{}", word) for template in templates]
 
 
 def identifier_positions(prompts: Sequence[PromptTokens], word: str, word_ids: tuple[int, ...]) -> tuple[int, ...]:
-    """s for every prompt by the inference rule (spec §2.4 unified rule): the word's first BPE token."""
+    """s for every prompt by the inference rule (method §2.4 unified rule): the word's first BPE token."""
     if not word_ids:
         raise ConceptSplitError.build(
             f'The class word "{word}" gives no tokens', seen="the tokenizer returned nothing for it",
@@ -170,7 +171,7 @@ def step_deltas(lora: ToVALoraSet, position: int, prompt_length: int, label: str
 
 def step_loss(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, denoise: Denoiser,
               sample: StepSample, autocast_dtype: torch.dtype | None = None, label: str = "") -> torch.Tensor:
-    """MSE of the raw model output against its target (spec §2.6), differentiable in A and B (needs grad mode on).
+    """MSE of the raw model output against its target (method §2.6), differentiable in A and B (needs grad mode on).
 
     Shapes: x = x0 + σ·ε (1, 4, h, w); returns a scalar fp32 loss, mean over all elements.
     """
@@ -185,7 +186,7 @@ def step_loss(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, de
 
 
 def make_optimizer(lora: ToVALoraSet, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW on the fp32 master A, B only (spec §2.6: β (0.9, 0.999), weight decay 1e-2, ε 1e-8, constant lr)."""
+    """AdamW on the fp32 master A, B only (method §2.6: β (0.9, 0.999), weight decay 1e-2, ε 1e-8, constant lr)."""
     return torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas),
                              weight_decay=config.weight_decay, eps=config.adam_eps)
 
@@ -194,7 +195,7 @@ def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, d
                config: TrainConfig, *, run_record: Mapping[str, Any], checkpoint: CheckpointPlan | None = None,
                on_step: StepCallback | None = None, autocast_dtype: torch.dtype | None = None,
                label: str = "") -> TrainingResult:
-    """Run spec §2.6's loop for `config.steps` steps, batch 1, updating `lora` in place (needs grad mode on).
+    """Run method §2.6's loop for `config.steps` steps, batch 1, updating `lora` in place (needs grad mode on).
 
     Args:
         lora: the adapter, fp32, on the latents' device; only its A, B are optimised.

@@ -1,4 +1,4 @@
-"""ToVA training data: prompt templates, the training config, image preprocessing and the seeded schedule (spec §2.6).
+"""ToVA training data: prompt templates, the training config, image preprocessing and the seeded schedule (method §2.6).
 
 Everything random here is derived from `(seed, step)` or `seed` alone, never from a running generator that a resume
 would have to restore, so a run resumed at step k draws exactly what an uninterrupted run draws.
@@ -20,14 +20,14 @@ from .number_checks import check_number
 from .widgets import WidgetRange
 
 TEMPLATES_PATH = Path(__file__).parent / "data" / "prompt_templates.txt"
-NUM_TRAIN_TIMESTEPS = 1000  # t ~ U{0..999} (spec §2.6)
+NUM_TRAIN_TIMESTEPS = 1000  # t ~ U{0..999} (method §2.6)
 
-# Training resolution R per family (spec §2.6, §8 #10): 768 for SD2.1-v, 1024 for SDXL, 512 for SD1.5.
+# Training resolution R per family (method §2.6, §8 #10): 768 for SD2.1-v, 1024 for SDXL, 512 for SD1.5.
 _DEFAULT_RESOLUTION = {FAMILY_SD21: 768, FAMILY_SDXL: 1024, FAMILY_SD15: 512}
 
 
 def load_prompt_templates(path: str | Path | None = None) -> tuple[str, ...]:
-    """Read the pack's prompt templates (spec §2.6 "prompt regularisation"), one per line, `{}` = identifier word.
+    """Read the pack's prompt templates (method §2.6 "prompt regularisation"), one per line, `{}` = identifier word.
 
     Args:
         path: a custom template file; None reads `data/prompt_templates.txt` next to this module.
@@ -69,7 +69,7 @@ def load_prompt_templates(path: str | Path | None = None) -> tuple[str, ...]:
 
 
 def templates_hash(templates: Sequence[str]) -> str:
-    """Short fingerprint of a template list for adapter metadata `conceptsplit.templates` (spec §2.7).
+    """Short fingerprint of a template list for adapter metadata `conceptsplit.templates` (method §2.7).
 
     Returns:
         The first 16 hex digits of sha256 over the templates joined by newlines.
@@ -78,7 +78,7 @@ def templates_hash(templates: Sequence[str]) -> str:
 
 
 def default_resolution(base_model: str) -> int:
-    """Training resolution R for a model family (spec §2.6): `sd2.1-v`/`sd2.1` 768, `sdxl` 1024, `sd1.5` 512.
+    """Training resolution R for a model family (method §2.6): `sd2.1-v`/`sd2.1` 768, `sdxl` 1024, `sd1.5` 512.
 
     Raises:
         ConceptSplitError: unknown family name.
@@ -96,7 +96,7 @@ def default_resolution(base_model: str) -> int:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """ToVA training hyper-parameters; defaults are the paper's recipe (spec §2.5, §2.6, §6)."""
+    """ToVA training hyper-parameters; defaults are the paper's recipe (method §2.5, §2.6, §6)."""
 
     steps: int = 300  # optimizer steps, batch 1 (paper: 300, about 1.5 epochs of 199 templates); sane 100..2000
     learning_rate: float = 1e-4  # AdamW lr, constant, no warm-up (paper; official code default 5e-4); 1e-5..1e-3
@@ -171,7 +171,7 @@ class TrainConfig:
 TRAIN_DEFAULTS = TrainConfig()
 _PAPER_DEFAULTS = {field.name: getattr(TRAIN_DEFAULTS, field.name) for field in fields(TrainConfig)}
 
-# Widget limits for the training node (STYLE §6: defaults and ranges come from the core).
+# Widget limits for the training node (defaults and ranges come from the core).
 UI_RANGES: dict[str, WidgetRange] = {
     "steps": WidgetRange(1, 10000, 1, "300 (paper); 200..600 for 3-10 images"),
     "learning_rate": WidgetRange(1e-6, 1e-2, 1e-6, "1e-4 (paper); lower if the concept overwrites the prompt"),
@@ -236,7 +236,7 @@ def preprocess_images(
     generator: torch.Generator | None = None,
     crop: str = "random",
 ) -> torch.Tensor:
-    """Resize the shorter side to R (bilinear, antialiased), crop R×R, scale to [-1, 1] (spec §2.6 image pipeline).
+    """Resize the shorter side to R (bilinear, antialiased), crop R×R, scale to [-1, 1] (method §2.6 image pipeline).
 
     Images of different sizes are fine: each one is resized and cropped on its own, so the outputs all come out R×R.
     No flip and no colour jitter, as the official code.
@@ -285,7 +285,7 @@ def preprocess_images(
 
 @dataclass(frozen=True)
 class CropViews:
-    """k random R×R crops per image (spec §2.6 draws a random crop per sample; k views bound the VAE work to k
+    """k random R×R crops per image (method §2.6 draws a random crop per sample; k views bound the VAE work to k
     encodes per image). Stored as the resized images and crop offsets, so memory stays one resized image each."""
 
     resized: tuple[torch.Tensor, ...]  # per image (3, new_h, new_w) in [-1, 1], shorter side R
@@ -343,7 +343,7 @@ def _derived_seed(*parts: int | str) -> int:
 
 
 def training_schedule(n_images: int, n_templates: int, steps: int, seed: int) -> list[tuple[int, int]]:
-    """The (image index, template index) pair of every training item (spec §2.6 "Pairing").
+    """The (image index, template index) pair of every training item (method §2.6 "Pairing").
 
     Item i pairs image `i mod n_images` with template `i mod n_templates`; one epoch is `n_templates` items,
     shuffled per epoch with a generator seeded from `seed`. The list depends only on its arguments, so a run
@@ -377,7 +377,7 @@ def training_schedule(n_images: int, n_templates: int, steps: int, seed: int) ->
 def sample_training_noise(
     step: int, seed: int, shape: Sequence[int], num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps and Gaussian noise for one training step, derived from (seed, step) only (spec §2.6).
+    """Timesteps and Gaussian noise for one training step, derived from (seed, step) only (method §2.6).
 
     A generator seeded from `(seed, step)` draws `t ~ U{0..num_train_timesteps-1}` per batch row, then ε ~ N(0, I);
     no offset noise. Resuming at step k therefore draws exactly what an uninterrupted run draws at step k.

@@ -1,4 +1,4 @@
-"""Training photos from a folder: every image file, upright and RGB, as the ToVA trainer takes them (spec §2.6).
+"""Training photos from a folder: every image file, upright and RGB, as the ToVA trainer takes them (method §2.6).
 
 "Load Training Photos" (nodes/training_photos.py) and scripts/train_tova.py read photos here. The node squares each
 photo the way the trainer's centre crop does (`preprocess_images`), so photos of any size make one IMAGE batch;
@@ -19,7 +19,7 @@ from .training_data import preprocess_images
 from .widgets import WidgetRange
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Widget limits of the loader's square size; the trainer resizes again to its own resolution R (spec §2.6).
+# Widget limits of the loader's square size; the trainer resizes again to its own resolution R (method §2.6).
 PHOTO_RESOLUTION = WidgetRange(64, 4096, 8, "1024: at least the training resolution (768 SD2.1, 1024 SDXL, "
                                             "512 SD1.5), so the trainer only scales down")
 PHOTO_RESOLUTION_DEFAULT = 1024

@@ -1,4 +1,4 @@
-"""The one type for a node widget's limits (STYLE §6: defaults and ranges come from the core, so the UI and the
+"""The one type for a node widget's limits (defaults and ranges come from the core, so the UI and the
 algorithm agree). Each core module keeps its options' defaults, ranges and meanings side by side; the nodes build
 their widgets from them (nodes/widgets.py)."""
 

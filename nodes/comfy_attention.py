@@ -1,4 +1,4 @@
-"""Seam: the ConceptSplit attention processor and ComfyUI's attention call signatures (comfyui-notes §1-§2).
+"""Seam: the ConceptSplit attention processor and ComfyUI's attention call signatures (integration §1-§2).
 
 - attn2_patch  p(n, context, value, extra_options) -> (n, context, value): `stash_value_input` keeps the raw text
   features.
@@ -24,7 +24,7 @@ from .comfy_conditioning import CHUNKS_KEY, CHUNKS_WRAPPER_KEY, record_chunk_pro
 
 VALUE_INPUT_KEY = "conceptsplit_value_input"  # extra_options key: the tensor that to_v receives, (B, T, d)
 # transformer_options key: a tuple of AttentionObserver objects (a tuple, so ComfyUI's per-call dict/list copying
-# keeps the same objects; notes §1.1)
+# keeps the same objects; integration §1.1)
 OBSERVERS_KEY = "conceptsplit_observers"
 
 
@@ -39,7 +39,7 @@ class ConceptSplitAttention:
     capture (LODA, viewer), then attention (ComfyUI's, or the foreign replace it wraps).
 
     Immutable: adding adapters builds a new processor. `__deepcopy__` returns self, because ComfyUI deep-copies
-    model_options on every clone() and the adapters' tensors must not be duplicated (notes §1.1).
+    model_options on every clone() and the adapters' tensors must not be duplicated (integration §1.1).
     """
 
     def __init__(self, deltas: tuple[TokenDelta, ...] = (), apply_to_uncond: bool = True, wrapped=None):
@@ -152,7 +152,7 @@ class ConceptSplitAttention:
         return v
 
     def _chunk_rows(self, delta: TokenDelta, branch: int, chunk: "ChunkPrompt | None", tokens: int):
-        """Token rows of s_k in one CFG chunk, or None: spec §2.3 (both branches, where the token is present)."""
+        """Token rows of s_k in one CFG chunk, or None: method §2.3 (both branches, where the token is present)."""
         if branch == 1 and not self.apply_to_uncond:
             return None
         if branch == 0 and not chunk_holds_prompt(chunk, delta.prompt_ids, delta.prompt_length):
@@ -163,7 +163,8 @@ class ConceptSplitAttention:
 
 
 def attention_call(extra_options, q, k) -> AttentionCall:
-    """Describe this attn2 call from ComfyUI's extra_options (block keys, grid, chunk layout; notes §1.2, §1.7)."""
+    """Describe this attn2 call from ComfyUI's extra_options (block keys, grid, chunk layout; integration §1.2,
+    §1.7)."""
     block = extra_options["block"]
     grid = tuple(int(x) for x in extra_options["activations_shape"][-2:])
     table = extra_options.get(CHUNKS_KEY) or {}

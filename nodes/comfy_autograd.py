@@ -1,9 +1,10 @@
-"""Seam, part 4: autograd inside ComfyUI's inference-mode sampling (comfyui-notes §4.2), for LODA's stage-1 pass and
+"""Seam, part 4: autograd inside ComfyUI's inference-mode sampling (integration §4.2), for LODA's stage-1 pass and
 ToVA training. Both helpers change the shared UNet module for one `with` block only and restore it on exit, also
 after an interrupt or an error, so no other node ever sees the change.
 
 - `AutogradWeights`: the executor loads weights under `torch.inference_mode()`, and autograd refuses to save an
-  inference tensor for backward. Instead of copying the weights (notes §4.2 fix (a)), every inference parameter and
+  inference tensor for backward. Instead of copying the weights (integration §4.2 fix (a)), every inference parameter
+  and
   buffer is swapped for a normal tensor that *views the same storage*: no copy, no extra memory, bit-identical values.
 - `GradientCheckpointing`: chosen module forwards (a UNet's ResBlock / SpatialTransformer: the family says which)
   wrapped in non-reentrant torch.utils.checkpoint, so backward recomputes their activations instead of keeping them.

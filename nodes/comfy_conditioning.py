@@ -1,5 +1,5 @@
 """Seam: what the pack records on CONDITIONING and on a model's transformer_options, and the chunk table that tells
-each CFG chunk of a model call which prompt it holds (comfyui-notes §1.1, §1.7, §2).
+each CFG chunk of a model call which prompt it holds (integration §1.1, §1.7, §2).
 
 Node modules and the model-family modules call these; conceptsplit_core never sees ComfyUI objects.
 """

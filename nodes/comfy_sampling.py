@@ -1,4 +1,4 @@
-"""Seam: ComfyUI's sampler, guider, noise and run signatures (comfyui-notes §4), for LODA and the attention viewer's
+"""Seam: ComfyUI's sampler, guider, noise and run signatures (integration §4), for LODA and the attention viewer's
 run bookkeeping. Node modules call these; conceptsplit_core never sees ComfyUI objects.
 """
 
@@ -41,7 +41,7 @@ def check_steps_one_slice(inner) -> None:
 
 def inpaint_model_input(model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_mask, model_options: dict,
                         image: int) -> torch.Tensor:
-    """KSamplerX0Inpaint's blend of image `image` before a model call: x · mask + known · (1 − mask) (notes §4.1).
+    """KSamplerX0Inpaint's blend of image `image` before a model call: x · mask + known · (1 − mask) (integration §4.1).
 
     Differentiable w.r.t. x; the known part does not depend on x, so ∇_x is zero where the mask is 0.
     Shapes: x (1, 4, h, w); sigma () or (1,); denoise_mask (B, 1 or 4, h, w) or None (then x is returned).
@@ -61,7 +61,7 @@ def inpaint_model_input(model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_m
 
 
 def sampling_guider(model_k):
-    """The guider behind a k-diffusion model function (KSamplerX0Inpaint.inner_model; notes §4.1)."""
+    """The guider behind a k-diffusion model function (KSamplerX0Inpaint.inner_model; integration §4.1)."""
     return model_k.inner_model
 
 
@@ -81,7 +81,7 @@ def sampled_prompts(model_k) -> tuple[PromptTokens, ...]:
 
 
 def run_model_options(extra_args: dict) -> dict:
-    """The per-run model_options of a sampler call (KSAMPLER extra_args; notes §4.1)."""
+    """The per-run model_options of a sampler call (KSAMPLER extra_args; integration §4.1)."""
     return extra_args.get("model_options", {})
 
 
@@ -92,9 +92,9 @@ def with_run_model_options(extra_args: dict, model_options: dict) -> dict:
 
 def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False,
                  prompt_ids: tuple | None = None):
-    """One cond-only model forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; notes §4.3 step 2).
+    """One cond-only model forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; integration §4.3 step 2).
 
-    Differentiable w.r.t. x when grad mode is on; the model input scaling is part of the graph (spec §3.4).
+    Differentiable w.r.t. x when grad mode is on; the model input scaling is part of the graph (method §3.4).
     Shapes: x (b, 4, h, w); sigma () or (b,). With `negative`, the negative conds run as well (mask capture).
     With `prompt_ids`, only the positive conditionings recorded with those token ids run when there are any, so
     other positive prompts (ConditioningCombine) cost nothing and never come first in a split batch.
@@ -112,7 +112,7 @@ def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: d
 
 
 def persistent_noise_sampler(inner, x: torch.Tensor, sigmas: torch.Tensor, seed):
-    """One noise sampler for the whole run when the inner sampler takes `noise_sampler`, else None (pitfall §7.10).
+    """One noise sampler for the whole run when the inner sampler takes `noise_sampler`, else None (integration §7.10).
 
     Built as the sampler itself would build it from the full sigmas: a Brownian tree for the SDE samplers, the
     seeded default sampler for the ancestral ones, so slice-by-slice sampling draws the same noise as one call.
@@ -162,7 +162,7 @@ def throw_if_interrupted() -> None:
 
 
 def ksampler_sigmas(model_patcher, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
-    """The sigmas the KSampler node would use (denoise < 1 keeps the last steps; notes §4.1)."""
+    """The sigmas the KSampler node would use (denoise < 1 keeps the last steps; integration §4.1)."""
     sampler = comfy.samplers.KSampler(model_patcher, steps=steps, device=model_patcher.load_device,
                                       sampler=sampler_name, scheduler=scheduler, denoise=denoise,
                                       model_options=model_patcher.model_options)
@@ -201,7 +201,8 @@ def mark_auxiliary_pass(model_options: dict) -> dict:
 def install_attention_capture(model_patcher, family, layout: ModelLayout, capture, encodings=()) -> None:
     """Make `model_patcher` (already a clone) report attn2 probabilities to `capture` and tell it each run's bounds.
 
-    `capture` is an attention_capture.AttentionCapture. An OUTER_SAMPLE wrapper (notes §1.4; it chains, and clone()
+    `capture` is an attention_capture.AttentionCapture. An OUTER_SAMPLE wrapper (integration §1.4; it chains, and
+    clone()
     copies wrapper lists shallowly) calls capture.start_run(sigmas) before the first model call, so a bad step range
     fails before sampling, and capture.finish_run(output latent) after the last. A CALC_COND_BATCH wrapper reads each
     model call's sigma once (one host sync per model call, none per attn2 layer) and brackets the call with
@@ -218,7 +219,7 @@ def install_attention_capture(model_patcher, family, layout: ModelLayout, captur
 
 
 def _capture_run_wrapper(capture):
-    # A closure, not a bound method: deepcopy treats functions as atomic (notes §1.1).
+    # A closure, not a bound method: deepcopy treats functions as atomic (integration §1.1).
     def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         capture.start_run(sigmas)  # (S + 1,) the run's schedule; LODA's slices still see the full one here
         try:

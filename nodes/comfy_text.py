@@ -1,4 +1,4 @@
-"""Seam: ComfyUI's CLIP tokenizers and text encoding (comfyui-notes §3): the prompt's token positions exactly as the
+"""Seam: ComfyUI's CLIP tokenizers and text encoding (integration §3): the prompt's token positions exactly as the
 model's context holds them, a word's BPE ids, and CONDITIONING with the pack's token record attached.
 """
 
@@ -16,7 +16,7 @@ from .comfy_conditioning import PROMPT_ENCODING_KEY, PROMPT_TOKENS_KEY
 
 
 def _position_tokenizer(clip) -> tuple[str, object]:
-    """The tokenizer whose positions ComfyUI's context uses: CLIP-L for SD1.5/SDXL, OpenCLIP-H for SD2 (spec §2.4)."""
+    """The tokenizer whose positions ComfyUI's context uses: CLIP-L for SD1.5/SDXL, OpenCLIP-H for SD2 (method §2.4)."""
     tokenizer = clip.tokenizer
     for key in ("l", "h", "g"):
         inner = getattr(tokenizer, f"clip_{key}", None)
@@ -28,7 +28,8 @@ def _position_tokenizer(clip) -> tuple[str, object]:
 
 
 def prompt_tokens(clip, text: str) -> PromptTokens:
-    """Tokenize `text` exactly as CLIPTextEncode does and flatten its 77-token windows (spec §2.4, notes §3); a text
+    """Tokenize `text` exactly as CLIPTextEncode does and flatten its 77-token windows (method §2.4, integration §3);
+    a text
     encoder of a family of its own (a DiT's T5 or Qwen) is read by that family (families.clip_family).
 
     Shapes: one slot per context row; position = window · 77 + index in window.

@@ -1,5 +1,5 @@
 """Seam: what ToVA training needs from ComfyUI: the VAE posterior, conditioning with SDXL's size embedding, and a
-training run inside ComfyUI's own sampling machinery (comfyui-notes §4.2, §4.4). The noise schedule, the frozen
+training run inside ComfyUI's own sampling machinery (integration §4.2, §4.4). The noise schedule, the frozen
 model and where the deltas go are the model family's (nodes/families/).
 """
 
@@ -18,7 +18,7 @@ from ..conceptsplit_core.model_layout import ModelLayout
 
 @torch.no_grad()
 def encode_latent_posterior(vae, model_patcher, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior N(mean, std²) of each image, in the model's latent space (× scaling factor, spec §2.6).
+    """VAE posterior N(mean, std²) of each image, in the model's latent space (× scaling factor, method §2.6).
 
     ComfyUI's VAE.encode returns the posterior mode; the recipe samples it, so the moments are read from the
     encoder directly (AutoencoderKL), one image at a time. Other VAEs fall back to the mode with std 0.
@@ -46,7 +46,7 @@ def encode_latent_posterior(vae, model_patcher, pixels: torch.Tensor) -> tuple[t
 
 
 def training_conditioning(clip, text: str, resolution: int) -> list:
-    """CONDITIONING of one training prompt; SDXL's size conditioning says "an R×R image, uncropped" (spec §2.6)."""
+    """CONDITIONING of one training prompt; SDXL's size conditioning says "an R×R image, uncropped" (method §2.6)."""
     size = {"width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
             "target_width": resolution, "target_height": resolution}
     return clip.encode_from_tokens_scheduled(clip.tokenize(text), add_dict=size, show_pbar=False)
@@ -61,7 +61,7 @@ def training_autocast_dtype(model_patcher) -> torch.dtype | None:
 
 
 def _clone_conditioning(item):
-    # Tensors made under the executor's inference mode cannot be saved for backward (notes §4.2): clone inside.
+    # Tensors made under the executor's inference mode cannot be saved for backward (integration §4.2): clone inside.
     cond, extras = item
     return [cond.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in extras.items()}]
 
@@ -101,7 +101,7 @@ def run_training(model_patcher, family, layout: ModelLayout, conditionings: list
     """Run `body(denoise)` inside ComfyUI's sampling machinery with autograd on; returns what body returns.
 
     `model_patcher` must be a clone (ComfyUI patches it while loading); `conditionings` holds one CONDITIONING per
-    training prompt, in template order. Works inside the executor's inference mode (notes §4.2). With
+    training prompt, in template order. Works inside the executor's inference mode (integration §4.2). With
     `gradient_checkpointing`, the model's blocks are checkpointed for this run only (family.trainable).
     """
     with torch.inference_mode(False), torch.enable_grad():

@@ -19,7 +19,7 @@ from .viewer import AttentionMapViewer, CaptureAttention
 
 
 def register_tova_folder() -> None:
-    """Add models/tova (first) without dropping paths the user set in extra_model_paths.yaml (notes §5)."""
+    """Add models/tova (first) without dropping paths the user set in extra_model_paths.yaml (integration §5)."""
     folder_paths.add_model_folder_path(TOVA_FOLDER, os.path.join(folder_paths.models_dir, TOVA_FOLDER), is_default=True)
     paths, _ = folder_paths.folder_names_and_paths[TOVA_FOLDER]
     folder_paths.folder_names_and_paths[TOVA_FOLDER] = (paths, set(folder_paths.supported_pt_extensions))

@@ -26,7 +26,7 @@ LATENT_SCALE = 8  # image pixels per latent pixel (SD1.5, SD2.1, SDXL)
 
 
 def loda_setting_inputs() -> list:
-    """One widget per LodaConfig field, defaults, ranges and meanings from conceptsplit_core.loda_config (STYLE §6)."""
+    """One widget per LodaConfig field, defaults, ranges and meanings from conceptsplit_core.loda_config."""
     inputs = [io.String.Input("concept_words", default="", tooltip=(
         "Comma-separated object words to separate, e.g. 'dog, cat' (at least 2), found in the positive prompt "
         "as ToVA finds identifier words. Needs a positive from ConceptSplit Text Encode or Apply ToVA. Empty = "

@@ -1,5 +1,5 @@
 """The LODA SAMPLER function: stage 1 step by step around any k-diffusion sampler, then stage 2 in one call
-(spec §3.3, §3.4, §4; comfyui-notes §4.3). ComfyUI objects are read through the seam (`comfy_sampling`,
+(method §3.3, §3.4, §4; integration §4.3). ComfyUI objects are read through the seam (`comfy_sampling`,
 `comfy_conditioning`) and the model's family (`families`); the plan is core's (loda.plan_loda_run).
 """
 
@@ -56,7 +56,7 @@ class LodaResult:
 
 def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
               total_steps: int, inner=None) -> LodaPlan:
-    """Check every input and resolve concepts, layers and N before any sampling step (spec §5, STYLE §10); once per
+    """Check every input and resolve concepts, layers and N before any sampling step (method §5); once per
     run (the LODA Sampler node plans before sampling and hands the plan to the sampler).
 
     Args:
@@ -126,14 +126,14 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         with family.differentiable(patcher, positives, request.gradient_checkpointing, plan.layers.loss_keys):
             x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, gradient_options,
                                extra_args.get("denoise_mask"), updates)
-        if i == n - 1:  # masks from the first (main CFG) forward of step N − 1, on the updated latent (spec §4.1)
+        if i == n - 1:  # masks from the first (main CFG) forward of step N − 1, on the updated latent (method §4.1)
             collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
                                              noise_sampler)
         if i == n - 1:
             maps = collector.maps().detach()
             collector.stop()
-    if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (spec §4.1)
+    if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (method §4.1)
         collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         with torch.no_grad():
             comfy_sampling.cond_forward(model_k, x, sigmas[0], comfy_sampling.mark_auxiliary_pass(options_with),
@@ -188,7 +188,7 @@ class _Update:
 def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, collector: MapCollector,
                    model_options, denoise_mask, updates: list) -> torch.Tensor:
     """Stage 1 at step i: per image, a truncated cond-only forward with gradients, the loss, and the k-diffusion
-    update x ← x − η_i (1 + σ_i²) ∇_x L (flow matching: x ← x − η_i ∇_x L) replacing the sampler's state (spec §3.3,
+    update x ← x − η_i (1 + σ_i²) ∇_x L (flow matching: x ← x − η_i ∇_x L) replacing the sampler's state (method §3.3,
     §3.4). With an inpainting mask the pass sees the blended input the sampler's model call sees, so the update is
     zero outside the mask."""
     eta = step_size(i, plan.total_steps, config)

@@ -1,11 +1,11 @@
 """"Train ToVA Adapter": learn one concept's token-wise value LoRA from a few photos (ConceptSplit, Lim et al.,
-ICCV 2025, §3.1 ToVA; recipe in spec §2.6). `train_adapter` is the one code path of the node and the CLI trainer.
+ICCV 2025, §3.1 ToVA; recipe in method §2.6). `train_adapter` is the one code path of the node and the CLI trainer.
 
 Images: an IMAGE batch shares one size in ComfyUI (Batch Images resizes the second input to the first); an image list
 (newer ComfyUI's Load Image (from Folder)) holds photos of different sizes, and the node declares is_input_list so
 the whole list reaches one call (one run), not one call per photo. Every image is resized on its shorter side to the
 resolution R (bilinear, antialiased); k = 4 random R×R crops per image (offsets from the seed) are VAE-encoded once,
-and each step picks one of them by (seed, step), so the recipe's random crop per sample (spec §2.6) is approximated by
+and each step picks one of them by (seed, step), so the recipe's random crop per sample (method §2.6) is approximated by
 k views at k encodes per image and a resume repeats the same picks. Any size and aspect ratio works (a square image
 has one crop); the CLI passes photos of different sizes the same way.
 """
@@ -41,13 +41,13 @@ CHECKPOINT_SUFFIX = ".tova-checkpoint"  # not a model extension, so Load ToVA Ad
 
 @dataclass(frozen=True)
 class TrainingRequest:
-    identifier_word: str  # the plain class word, e.g. "dog" (spec §2.4)
+    identifier_word: str  # the plain class word, e.g. "dog" (method §2.4)
     config: TrainConfig
     save_name: str  # file name inside the tova folder
     overwrite: bool = False
     resume: bool = False
     role: str = ROLE_OBJECT
-    templates: tuple[str, ...] | None = None  # prompt templates; None = the pack's list (spec §2.6)
+    templates: tuple[str, ...] | None = None  # prompt templates; None = the pack's list (method §2.6)
     gradient_checkpointing: bool = False  # recompute UNet block activations in backward: less memory, ~30% slower
 
 
@@ -65,7 +65,7 @@ def tova_folder() -> Path:
 
 def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Path,
                   on_step: Callable[[int, int, float], None] | None = None) -> TrainingOutcome:
-    """Validate everything, encode once, train (spec §2.6), save atomically; nothing is written on bad input.
+    """Validate everything, encode once, train (method §2.6), save atomically; nothing is written on bad input.
 
     images: an IMAGE batch (n, H_img, W_img, 3) in 0..1, or a list of such tensors of different sizes.
     Raises: ConceptSplitError (settings, rank, class word, images, save name, NaN loss, foreign checkpoint).
@@ -104,7 +104,7 @@ def train_adapter(model, clip, vae, images, request: TrainingRequest, folder: Pa
     autocast = comfy_training.training_autocast_dtype(model)
 
     def body(denoise):
-        # Runs with autograd on and inference mode off: tensors made here can be saved for backward (notes §4.2).
+        # Runs with autograd on and inference mode off: tensors made here can be saved for backward (integration §4.2).
         data = core.TrainingData(mean.clone(), std.clone(), positions, view_rows=view_rows)
         lora = ToVALoraSet(shapes, config.rank, config.alpha, torch.Generator().manual_seed(config.seed))
         result = core.train_tova(lora.to(mean.device), data, schedule, denoise, config, run_record=record,

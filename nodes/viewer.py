@@ -1,4 +1,4 @@
-"""Attention viewer nodes: "Capture Attention" and "Attention Map Viewer" (ConceptSplit, ICCV 2025, spec §3.1, §7).
+"""Attention viewer nodes: "Capture Attention" and "Attention Map Viewer" (ConceptSplit, ICCV 2025, method §3.1, §7).
 
 See where each word attends during sampling, as heatmaps and as the paper's numbers (Table 1 entropy, LODA's KL).
 Capture patches a model clone so any sampler records the words' cross-attention maps; the viewer renders them after
@@ -48,7 +48,7 @@ class CaptureAttention(io.ComfyNode):
                                       tooltip="The positive prompt from ConceptSplit Text Encode or Apply ToVA (they "
                                               "record its tokens). Needed for words that are not ToVA identifiers."),
                 io.Combo.Input("token_mode", options=list(capture_core.TOKEN_MODES), default=DEFAULTS.token_mode,
-                               tooltip="first token: the token ToVA and LODA use (spec §2.4). all tokens: sum the "
+                               tooltip="first token: the token ToVA and LODA use (method §2.4). all tokens: sum the "
                                        "attention of every BPE token of the word (for long or rare words)."),
                 number_input("first_step", DEFAULTS.first_step, RANGES["first_step"],
                              "First sampling step to average, 0-based, inclusive. 0 = from the start.", integer=True,
@@ -58,7 +58,7 @@ class CaptureAttention(io.ComfyNode):
                              "the layout, late steps the details.", integer=True, step=False),
                 io.Combo.Input("layers", options=list(capture_core.LAYER_CHOICES), default=DEFAULTS.layers,
                                tooltip="Which cross-attention layers to average. latent/4: LODA's level (16x16 at "
-                                       "SD1.5 512 px; spec §3.1). all: every layer, upsampled to the finest grid. "
+                                       "SD1.5 512 px; method §3.1). all: every layer, upsampled to the finest grid. "
                                        "latent/N: layers with grid latent/N. blocks: the blocks typed below."),
                 io.String.Input("blocks", default="", optional=True,
                                 tooltip="With layers = blocks: ComfyUI block names, e.g. 'input 7, middle, output "

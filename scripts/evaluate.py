@@ -1,4 +1,4 @@
-"""Score generated images against their prompt (CLIP-T) and their concept photos (DINO), as the paper does (spec §7).
+"""Score generated images against their prompt (CLIP-T) and their concept photos (DINO), as the paper does (method §7).
 
     python scripts/evaluate.py --clip models/clip-vit-large-patch14 --dino models/dino-vitb16 \
         --generated output/dog_and_cat/ --prompt "a photo of a dog and a cat on a beach" \
@@ -54,7 +54,7 @@ class Preprocessing:
     std: tuple[float, float, float]
 
 
-# DINO preprocessing of dino.py (spec §7): Resize(256, bicubic), CenterCrop(224), ImageNet mean/std.
+# DINO preprocessing of dino.py (method §7): Resize(256, bicubic), CenterCrop(224), ImageNet mean/std.
 DINO_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # OpenAI CLIP's `clip.load` preprocessing: Resize(n_px, bicubic), CenterCrop(n_px), CLIP mean/std; n_px is the
 # vision tower's image size (224 for ViT-L/14), read from the model's config.
@@ -71,7 +71,7 @@ class ConceptArgument:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="CLIP-T and DINO scores of generated images, as defined by ConceptSplit's dino.py (spec §7).")
+        description="CLIP-T and DINO scores of generated images, as defined by ConceptSplit's dino.py (method §7).")
     parser.add_argument("--clip", type=Path, required=True,
                         help="local folder of a transformers CLIPModel with safetensors weights "
                              "(paper: openai/clip-vit-large-patch14)")
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "image in the sorted order the table prints")
     parser.add_argument("--concept", action="append", default=[], metavar="NAME=PHOTO_DIR[:background]",
                         help="a concept and the folder of its photos; repeat per concept. Background concepts are "
-                             "left out of DINO (spec §7)")
+                             "left out of DINO (method §7)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
@@ -290,7 +290,7 @@ def clip_image_encoder(model):
 
 
 def dino_image_encoder(model):
-    # CLS token after the final LayerNorm: timm's vit_base_patch16_224_dino with num_classes=0 (spec §7)
+    # CLS token after the final LayerNorm: timm's vit_base_patch16_224_dino with num_classes=0 (method §7)
     return lambda pixels: model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
@@ -344,7 +344,7 @@ def check_concepts(concepts: list[ConceptArgument]) -> None:
                                       expected="each concept name once", fix="merge the --concept arguments")
     if not any(c.role == OBJECT_ROLE for c in concepts):
         raise ConceptSplitError.build(
-            "DINO needs at least one object concept; background concepts are left out of it (spec §7)",
+            "DINO needs at least one object concept; background concepts are left out of it (method §7)",
             seen=", ".join(f"{c.name} ({c.role})" for c in concepts) or "no --concept",
             expected="one or more --concept NAME=PHOTO_DIR without :background",
             fix="add --concept NAME=PHOTO_DIR for each subject in the images",
@@ -390,7 +390,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     per_concept = {r.name: dino_scores(dino_generated, [r]) for r in references if r.role == OBJECT_ROLE}
 
     return {
-        "definitions": "spec §7 / official dino.py: CLIP-T = cosine(CLIP image, prompt text), mean over images; "
+        "definitions": "method §7 / official dino.py: CLIP-T = cosine(CLIP image, prompt text), mean over images; "
                        "DINO = normalised image feature · mean of object concepts' renormalised references "
                        "(not renormalised), mean over images; background concepts excluded",
         "models": {"clip": str(args.clip), "dino": str(args.dino)},

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a ConceptSplit ToVA adapter (spec §2.6).")
+    parser = argparse.ArgumentParser(description="Train a ConceptSplit ToVA adapter (method §2.6).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="SD2.1-768 / SD1.5 / SDXL checkpoint file")
     source.add_argument("--tiny", choices=("sd15", "sd21", "sdxl"), help="tiny random model (tests, demos)")
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute UNet block activations in backward: less memory, slower, same adapter")
     parser.add_argument("--crop-views", type=int, default=4,
-                        help="random crops encoded per photo; each step uses one (spec §2.6 random crop)")
+                        help="random crops encoded per photo; each step uses one (method §2.6 random crop)")
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """Make a real ComfyUI importable in this process, and load the pack the way ComfyUI does.
 
-Recipe from shared/comfyui-notes.md §6: ComfyUI's root goes first on ``sys.path`` and its argument parser
+Recipe from docs/comfyui-integration.md §6: ComfyUI's root goes first on ``sys.path`` and its argument parser
 must be enabled before any ``comfy`` module is imported. The repo has its own ``nodes/`` package, so the
 repo root must never sit ahead of ComfyUI's root, or ``import nodes`` would find the pack instead of
 ComfyUI's ``nodes.py``.

@@ -1,4 +1,4 @@
-"""Run a real ComfyUI server with the pack installed, for end-to-end tests (recipe C, comfyui-notes.md §6).
+"""Run a real ComfyUI server with the pack installed, for end-to-end tests (recipe C, docs/comfyui-integration.md §6).
 
 The server lives in a temp ``--base-directory`` whose ``custom_nodes/`` holds symlinks to this repo (as
 ``ComfyUI-ConceptSplit``) and to the test helper pack. Only the standard library and Pillow are used; every wait

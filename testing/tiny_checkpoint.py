@@ -1,4 +1,4 @@
-"""A minimal SD1.5 checkpoint that ComfyUI's real loader accepts (recipe B, shared/comfyui-notes.md §6).
+"""A minimal SD1.5 checkpoint that ComfyUI's real loader accepts (recipe B, docs/comfyui-integration.md §6).
 
 ``CheckpointLoaderSimple`` only detects SD15 for ``model_channels=320, context_dim=768``, so the UNet keeps real
 widths with a single level (18.7 M params). The loader builds CLIP-L from a fixed config and leaves missing keys

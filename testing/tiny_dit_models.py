@@ -1,4 +1,4 @@
-"""Tiny seeded DiT models built in code with ComfyUI's own classes (Flux.1 first; shared/dit-notes.md §1).
+"""Tiny seeded DiT models built in code with ComfyUI's own classes (Flux.1 and Qwen-Image; docs/method.md §10).
 
 Real ComfyUI model, text-encoder and tokenizer classes with tiny widths, so the pack's hooks see the true joint
 attention calls (text tokens first, post-RoPE q and k), while a build plus a few sampling steps take well under a

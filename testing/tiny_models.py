@@ -1,4 +1,4 @@
-"""Tiny seeded SD1.5 / SD2.1 / SDXL models built in code (recipe A, shared/comfyui-notes.md §6).
+"""Tiny seeded SD1.5 / SD2.1 / SDXL models built in code (recipe A, docs/comfyui-integration.md §6).
 
 Real ComfyUI classes and key names with tiny widths, so hooks see the true layer layout but a build plus a
 few sampling steps take well under a second on CPU. Context widths: sd15 32 (clip_l), sd21 64 (clip_h),
@@ -54,7 +54,7 @@ def _init_module(module: torch.nn.Module, gen: torch.Generator) -> None:
     """Seeded init; comfy ops skip reset_parameters, so weights start as torch.empty garbage.
 
     1-D weights (norm scales) get 1: a zero GroupNorm scale makes the UNet output exactly 0 and patch tests
-    pass vacuously (notes §6).
+    pass vacuously (integration §6).
     """
     with torch.no_grad():
         for name, p in module.named_parameters():

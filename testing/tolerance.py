@@ -1,6 +1,6 @@
 """Tolerances derived from what a test compares, so that the reason can be written next to each one.
 
-Rules the tests follow (STYLE §12: every tolerance is derived, never tuned to one run's numbers):
+Rules the tests follow (every tolerance is derived, never tuned to one run's numbers):
 
 - The same operations in the same order on the same inputs: `torch.equal`, no tolerance.
 - A float32 result against a float64 (or exact) reference: `float32_tolerance(magnitude, operations)`. Each float32

@@ -1,5 +1,5 @@
 """The UNet families: SD1.5, SD2.x and SDXL (and their fine-tunes), which share ComfyUI's UNet class
-(openaimodel.UNetModel) and its attn2 patch points (comfyui-notes §1-§3).
+(openaimodel.UNetModel) and its attn2 patch points (integration §1-§3).
 
 Everything the pack knows of these models lives here: which ComfyUI model classes they are, their attn2 layers
 (diffusers path, replace key, level), the map level LODA and the viewer read (latent/4; SDXL's loss only in the down
@@ -36,7 +36,7 @@ from ..comfy_conditioning import (call_chunk_table, check_prompt_sampled, condit
                                   with_located_concepts, with_prompt_encodings)
 from .base import FamilyBase
 
-MAP_LEVEL = 2  # LODA's maps are at latent/4: two downsamplings (spec §3.1)
+MAP_LEVEL = 2  # LODA's maps are at latent/4: two downsamplings (method §3.1)
 TOVA_WRAPPER_KEY = "conceptsplit_tova"
 _BLOCK_ORDER = ("input", "middle", "output")  # execution order of ComfyUI's UNet blocks
 UNetBlock = tuple  # ("input", 7) / ("middle", 0) / ("output", 5): a ComfyUI UNet block, a replace key without depth
@@ -51,7 +51,7 @@ class UNetFamily(FamilyBase):
         self.name = name
         self.display = FAMILY_DISPLAY[name]
         self.config_class = config_class
-        # spec §3.1: SDXL's stage-1 loss reads only the down blocks' map-level layers (the masks read all of them)
+        # method §3.1: SDXL's stage-1 loss reads only the down blocks' map-level layers (the masks read all of them)
         self.loss_in_down_blocks_only = loss_in_down_blocks_only
 
     def matches(self, model_patcher) -> bool:
@@ -61,7 +61,7 @@ class UNetFamily(FamilyBase):
     # --- layout -------------------------------------------------------------------------------------------------
 
     def layout(self, model_patcher) -> ModelLayout:
-        """The model's prediction type, text width and attn2 layers (spec §2.2), with their levels and map flags."""
+        """The model's prediction type, text width and attn2 layers (method §2.2), with their levels and map flags."""
         base = model_patcher.model
         config = base.model_config
         prediction = PREDICTION_V if base.model_type == comfy.model_base.ModelType.V_PREDICTION else PREDICTION_EPS
@@ -90,7 +90,7 @@ class UNetFamily(FamilyBase):
         return layout.map_keys()
 
     def map_grid(self, layout: ModelLayout, key: LayerKey, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of layer `key`: the latent halved at each downsampling before it, ceil (notes §1.3)."""
+        """(h, w) of layer `key`: the latent halved at each downsampling before it, ceil (integration §1.3)."""
         return map_grid(latent_hw, layout.levels()[key])
 
     def value_weight_norms(self, model_patcher, layout: ModelLayout) -> dict[LayerKey, float]:
@@ -145,7 +145,7 @@ class UNetFamily(FamilyBase):
 
         With `prompt`, a CALC_COND_BATCH wrapper also identifies each conditioning's prompt per model call (token
         record or content: prompt_encoding), so the delta lands only on the rows of that prompt's conditioning
-        (notes §2, variant 1), and checks that the positive prompt being sampled is this prompt. `positive` is the
+        (integration §2, variant 1), and checks that the positive prompt being sampled is this prompt. `positive` is the
         CONDITIONING encode_prompt made of it: its encoding is what an unrecorded positive is recognised by.
         """
         model_patcher.model_options = with_processors(model_patcher.model_options, layout, deltas_by_key,
@@ -166,7 +166,7 @@ class UNetFamily(FamilyBase):
 
     def check_fixing_patches(self, model_options: dict, layout: ModelLayout, fixing_keys) -> None:
         """Raise if a layer that attention fixing biases has another pack's attn2 replace (chained as
-        ConceptSplitAttention.wrapped), which cannot take the bias; checked before sampling (STYLE §10).
+        ConceptSplitAttention.wrapped), which cannot take the bias; checked before sampling.
 
         fixing_keys: the biased replace keys, or None for every cross-attention layer of `layout`.
         """
@@ -229,7 +229,7 @@ class UNetFamily(FamilyBase):
 
     def training_schedule(self, model_patcher) -> tuple[torch.Tensor, str, float]:
         """(σ_t table (1000,), "v" | "eps", σd) of the model's sampling object, which a ModelSamplingDiscrete may
-        patch: the noise schedule and target ToVA training uses (spec §2.6)."""
+        patch: the noise schedule and target ToVA training uses (method §2.6)."""
         sampling = model_patcher.get_model_object("model_sampling")
         sigmas = getattr(sampling, "sigmas", None)
         if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
@@ -280,7 +280,7 @@ def _depth_of(ldm_key: str) -> int:
 
 
 def _block_levels(unet_config: dict) -> dict[UNetBlock, int]:
-    """{block: downsampling level} of ComfyUI's UNet blocks (notes §1.3).
+    """{block: downsampling level} of ComfyUI's UNet blocks (integration §1.3).
 
     Input block 0 is conv_in; each level has num_res_blocks blocks, then one downsample block (not after the last
     level); the middle sits at the deepest level; output blocks run back up with num_res_blocks + 1 per level.

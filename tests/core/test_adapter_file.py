@@ -1,4 +1,4 @@
-"""Adapter files (spec §2.7): native round trip, official format, and every refusal with its message."""
+"""Adapter files (method §2.7): native round trip, official format, and every refusal with its message."""
 
 from __future__ import annotations
 

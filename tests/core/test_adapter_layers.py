@@ -1,4 +1,4 @@
-"""Binding an adapter to the host's cross-attention layers (spec §2.2, §2.7): family, width, layer set, shapes."""
+"""Binding an adapter to the host's cross-attention layers (method §2.2, §2.7): family, width, layer set, shapes."""
 
 from __future__ import annotations
 

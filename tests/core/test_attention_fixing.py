@@ -1,4 +1,4 @@
-"""LODA stage 2, attention fixing (spec §3.1, §4) against independent numpy references written out here."""
+"""LODA stage 2, attention fixing (method §3.1, §4) against independent numpy references written out here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py end to end on tiny seeded CLIP and DINO models saved as safetensors (shape and flow, spec §7).
+"""scripts/evaluate.py end to end on tiny seeded CLIP and DINO models saved as safetensors (shape and flow, method §7).
 
 The expected numbers come from an independent path: torchvision's transforms (as dino.py and clip.load preprocess),
 transformers' own feature getters, and numpy for the metric math. Needs transformers and torchvision, which ComfyUI

@@ -1,4 +1,4 @@
-"""CLIP-T / DINO math of spec §7 against an independent numpy transcription of the official dino.py."""
+"""CLIP-T / DINO math of method §7 against an independent numpy transcription of the official dino.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""conceptsplit_core never imports ComfyUI (STYLE §2); the glue imports the pack only relatively (STYLE §1)."""
+"""conceptsplit_core never imports ComfyUI; the glue imports the pack only relatively."""
 
 from __future__ import annotations
 

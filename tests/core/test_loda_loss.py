@@ -1,4 +1,4 @@
-"""LODA stage 1 (spec §3.2-§3.4) against independent numpy references written out here."""
+"""LODA stage 1 (method §3.2-§3.4) against independent numpy references written out here."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from conceptsplit_core.loda_loss import (
 )
 from testing.tolerance import float32_tolerance, float64_tolerance
 
-SPEC_G = [0.0765, 0.1334, 0.1861, 0.2080, 0.1861, 0.1334, 0.0765]  # spec §3.2, σ = 1.5
+SPEC_G = [0.0765, 0.1334, 0.1861, 0.2080, 0.1861, 0.1334, 0.0765]  # method §3.2, σ = 1.5
 
 
 def _random_maps(seed: int, k: int = 3, h: int = 24, w: int = 24) -> np.ndarray:
@@ -250,7 +250,7 @@ def test_default_loda_steps(steps, n):
     assert LodaConfig().loda_steps_for(steps) == n
 
 
-# ---------- latent updates (spec §3.4) ----------
+# ---------- latent updates (method §3.4) ----------
 
 
 def test_kdiffusion_update_equals_vp_update_on_toy_loss():

@@ -15,7 +15,7 @@ from conceptsplit_core.loda_config import LodaConfig
 from conceptsplit_core.model_layout import AttentionSite, ModelLayout
 from testing.tolerance import float32_tolerance
 
-# Full-size SD1/SD2 layout (notes §1.3): key, level. input 1,2 L0; 4,5 L1; 7,8 L2; middle L3; output 3,4,5 L2 ...
+# Full-size SD1/SD2 layout (integration §1.3): key, level. input 1,2 L0; 4,5 L1; 7,8 L2; middle L3; output 3,4,5 L2 ...
 SD2_LEVELS = ([(("input", i, 0), lv) for i, lv in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))]
               + [(("middle", 0, 0), 3)]
               + [(("output", i, 0), lv) for i, lv in ((3, 2), (4, 2), (5, 2), (6, 1), (7, 1), (8, 1), (9, 0),
@@ -38,7 +38,7 @@ def layout(levels, map_level: int, loss_where=lambda key: True) -> ModelLayout:
 
 
 SD2 = layout(SD2_LEVELS, 2)
-SDXL = layout(SDXL_LEVELS, 2, lambda key: key[0] == "input")  # spec §3.1: SDXL's loss in the down blocks only
+SDXL = layout(SDXL_LEVELS, 2, lambda key: key[0] == "input")  # method §3.1: SDXL's loss in the down blocks only
 TINY = layout(TINY_LEVELS, 1)  # a shallow UNet: its deepest down level
 
 
@@ -129,7 +129,7 @@ def test_collector_keeps_the_graph_and_truncates_after_the_last_key():
 
 
 def test_collector_first_call_keeps_the_first_model_call_with_each_branch_and_then_stops():
-    """Masks come from the first (main CFG) forward of step N − 1, never from heun's corrector (spec §4.1)."""
+    """Masks come from the first (main CFG) forward of step N − 1, never from heun's corrector (method §4.1)."""
     concepts = LodaConcepts(("dog", "cat"), (1, 2), 4)
     layers = select_map_layers(TINY, (14, 14), "all")
     collector = MapCollector(concepts, layers)
@@ -200,7 +200,7 @@ def test_masks_per_image_and_report():
 
 
 def test_other_positive_prompts_in_the_batch_are_neither_collected_nor_biased():
-    """ConditioningCombine: a second positive shares the batch; its token s_k is another word (spec §2.3)."""
+    """ConditioningCombine: a second positive shares the batch; its token s_k is another word (method §2.3)."""
     from conceptsplit_core.attention_calls import ChunkPrompt
 
     ours, other = tuple(range(100, 108)), tuple(range(200, 216))  # token ids: our prompt 8 tokens, the other 16

@@ -1,4 +1,4 @@
-"""Map metrics against hand-written numpy references (Table 1 entropy, spec §3.2 KL and harmonic mean)."""
+"""Map metrics against hand-written numpy references (Table 1 entropy, method §3.2 KL and harmonic mean)."""
 
 import math
 import re
@@ -63,7 +63,7 @@ def test_entropy_matches_numpy_reference():
 
 
 def test_paper_entropy_stays_near_log_576_for_small_averaged_maps():
-    # Averaged attention probabilities are small (about 1/77 per token), the regime of spec §7.
+    # Averaged attention probabilities are small (about 1/77 per token), the regime of method §7.
     maps = _random_maps(K=2, seed=2) / 77.0
     H_paper = paper_softmax_entropy(torch.tensor(maps, dtype=torch.float32)).numpy()
     flat = maps.reshape(2, -1)

@@ -1,4 +1,4 @@
-"""Identifier token rule (spec §2.4) on hand-built token sequences; the real tokenizers are in tests/integration."""
+"""Identifier token rule (method §2.4) on hand-built token sequences; the real tokenizers are in tests/integration."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def req(word_ids, explicit=None, label="x"):
 
 
 def test_positions_count_sot_as_zero():
-    # "a dog and a cat" -> [SOT, a, dog, and, a, cat, EOT] : dog = 2, cat = 5 (spec §2.4 example)
+    # "a dog and a cat" -> [SOT, a, dog, and, a, cat, EOT] : dog = 2, cat = 5 (method §2.4 example)
     prompt = prompt_of(1, 2, 4, 1, 3)
     assert locate_identifier_positions(prompt, [req([2]), req([3])]) == [2, 5]
     assert locate_identifier_positions(prompt, [req([3]), req([2])]) == [5, 2]

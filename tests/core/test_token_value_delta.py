@@ -1,4 +1,4 @@
-"""Token-wise value delta (spec §2.1) against the merged-weight reference, on exactly the identifier rows."""
+"""Token-wise value delta (method §2.1) against the merged-weight reference, on exactly the identifier rows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for conceptsplit_core.tova_lora and atomic_file: init, targets, checkpoints, atomic writes (spec §2.5-§2.7)."""
+"""Tests for conceptsplit_core.tova_lora and atomic_file: init, targets, checkpoints, atomic writes (method
+§2.5-§2.7)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from conceptsplit_core.tova_lora import (
 )
 from testing.tolerance import float32_tolerance
 
-# SD2.1's 16 attn2.to_v layers (spec §2.2): (diffusers path, C).
+# SD2.1's 16 attn2.to_v layers (method §2.2): (diffusers path, C).
 _SD21_LAYERS = (
     [(f"down_blocks.{b}.attentions.{a}", c) for b, c in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
     + [("mid_block.attentions.0", 1280)]
@@ -47,7 +48,7 @@ def test_init_statistics():
     assert abs(lora_a.mean().item()) < 0.05 / rank
     assert torch.count_nonzero(lora_b) == 0
     row = torch.randn(3, 1024)
-    assert torch.count_nonzero((row @ lora_a.T) @ lora_b.T) == 0  # delta exactly zero at step 0 (spec §2.5)
+    assert torch.count_nonzero((row @ lora_a.T) @ lora_b.T) == 0  # delta exactly zero at step 0 (method §2.5)
     again, _ = init_lora_pair(rank, 1024, 1280, torch.Generator().manual_seed(0))
     assert torch.equal(lora_a, again)
     assert init_lora_pair(4, 8, 8, dtype=torch.float16)[0].dtype == torch.float16
@@ -57,7 +58,7 @@ def test_sd21_adapter_size_matches_paper():
     shapes = {f"{path}.transformer_blocks.0.attn2.to_v": (1024, c) for path, c in _SD21_LAYERS}
     lora = ToVALoraSet(shapes, rank=64, generator=torch.Generator().manual_seed(0))
     assert len(lora.layer_keys) == 16
-    assert sum(p.numel() for p in lora.parameters()) == 1_847_296  # spec §2.2: 7.39 MB in fp32
+    assert sum(p.numel() for p in lora.parameters()) == 1_847_296  # method §2.2: 7.39 MB in fp32
 
 
 def test_lora_set_layout_and_scale():

@@ -1,4 +1,4 @@
-"""Tests for conceptsplit_core.training_data: templates, TrainConfig, preprocessing, schedule, noise (spec §2.6)."""
+"""Tests for conceptsplit_core.training_data: templates, TrainConfig, preprocessing, schedule, noise (method §2.6)."""
 
 from __future__ import annotations
 

@@ -222,7 +222,7 @@ def test_loda_with_nothing_to_do_is_bit_identical_to_ksampler_and_leaves_the_mod
     latent, *_ = loda_sample(pack, model, positive, negative, steps=3, cfg=2.0, sampler=sampler, loda_steps=0,
                              boost=0.0, suppression=0.0)
     assert torch.equal(latent["samples"], plain)
-    if sampler != "dpmpp_2m":  # multistep history restarts per stage-1 slice (notes §4.3)
+    if sampler != "dpmpp_2m":  # multistep history restarts per stage-1 slice (integration §4.3)
         latent, _, _, report = loda_sample(pack, model, positive, negative, steps=3, cfg=2.0, sampler=sampler,
                                            loda_steps=2, step_scale=0.0, boost=0.0, suppression=0.0)
         assert torch.equal(latent["samples"], plain) and report.count(": updated") == 2  # zero step, same noise

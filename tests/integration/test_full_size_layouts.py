@@ -1,4 +1,4 @@
-"""The layer tables of spec §2.2 on the real full-size UNets (built on the meta device: shapes only, no memory)."""
+"""The layer tables of method §2.2 on the real full-size UNets (built on the meta device: shapes only, no memory)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_full_size_layout_matches_spec(pack, family, layers, widths, text_width)
     assert all(layer.in_features == text_width for layer in layout.layers)
     by_path = layout.by_path()
     if family == "sd21":
-        # spec §2.2 table: down_blocks.2.attentions.0 = input_blocks.7.1, C 1280; 7.39 MB fp32 at rank 64
+        # method §2.2 table: down_blocks.2.attentions.0 = input_blocks.7.1, C 1280; 7.39 MB fp32 at rank 64
         layer = by_path["down_blocks.2.attentions.0.transformer_blocks.0"]
         assert (layer.key, layer.out_features) == (("input", 7, 0), 1280)
         assert by_path["mid_block.attentions.0.transformer_blocks.0"].key == ("middle", 0, 0)

@@ -1,6 +1,6 @@
 """LODA through the real ComfyUI, in process: bit-identity, stage 1 and stage 2 effects, ToVA, bad inputs, interrupts.
 
-Tiny models have two levels, so their map level is latent/2 (the deepest, spec §3.1 [choice]); 128 px gives 8×8
+Tiny models have two levels, so their map level is latent/2 (the deepest, method §3.1 [choice]); 128 px gives 8×8
 maps. Stage-1 effects are measured on tiny SD2.1 with attn2 q/k weights scaled ×10, so attention is not uniform
 (with N(0, 0.02) weights every token attends everywhere alike and the KL is ~1e-6). Models are built under
 inference mode, as ComfyUI's executor loads them, so the gradient pass meets inference-tensor weights.
@@ -60,7 +60,7 @@ class Spy:
 
 
 def tiny(arch="sd15", seed=0):
-    """(MODEL, CLIP) with inference-tensor weights, as the executor loads them (comfyui-notes §4.2)."""
+    """(MODEL, CLIP) with inference-tensor weights, as the executor loads them (integration §4.2)."""
     with torch.inference_mode():
         model, clip, _ = build_tiny_model(arch, seed)
     return model, clip
@@ -146,7 +146,7 @@ def test_no_stage_1_and_no_fixing_is_bit_identical_to_the_wrapped_sampler(pack, 
     plain = sample_custom(model, clip, comfy.samplers.sampler_object(sampler_name), positive)
     wrapped, _ = loda(pack, sampler_name, 0, boost=0.0, suppression=0.0)
     assert torch.equal(sample_custom(model, clip, wrapped, positive), plain)
-    if sampler_name not in ("dpmpp_2m", "dpmpp_2m_sde", "uni_pc"):  # multistep restarts per slice (notes §4.3)
+    if sampler_name not in ("dpmpp_2m", "dpmpp_2m_sde", "uni_pc"):  # multistep restarts per slice (integration §4.3)
         sliced, result = loda(pack, sampler_name, 2, step_scale=0.0, boost=0.0, suppression=0.0)
         assert torch.equal(sample_custom(model, clip, sliced, positive), plain)  # same noise, zero update
         assert result.report.count(": updated") == 2
@@ -333,7 +333,7 @@ def test_fixing_through_a_foreign_attention_replace_is_refused_before_sampling(p
 
 
 def test_masks_come_from_the_first_forward_of_step_n_minus_1_not_from_heuns_corrector(pack):
-    """Spec §4.1: the main CFG pass of step N − 1 on the updated latent; heun's corrector runs at σ_N."""
+    """Method §4.1: the main CFG pass of step N − 1 on the updated latent; heun's corrector runs at σ_N."""
     model, clip = sharpened_sd21()
     layers = pack.core("loda").select_map_layers(
         pack.layout(model),

@@ -1,5 +1,5 @@
 """LODA as workflow JSON through a real ComfyUI server: the "LODA Sampler" node and the "ConceptSplit LODA" SAMPLER
-inside SamplerCustom, for SD1.5, SD2.1 and SDXL, with and without ToVA (recipe C, comfyui-notes §6)."""
+inside SamplerCustom, for SD1.5, SD2.1 and SDXL, with and without ToVA (recipe C, integration §6)."""
 
 from __future__ import annotations
 

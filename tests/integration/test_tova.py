@@ -14,7 +14,7 @@ from testing.tiny_models import build_tiny_model
 from testing.tolerance import float32_tolerance
 
 ARCHS = ("sd15", "sd21", "sdxl")
-PROMPT = "a dog and a cat"  # [SOT, a, dog, and, a, cat, EOT]: dog = 2, cat = 5 (spec §2.4)
+PROMPT = "a dog and a cat"  # [SOT, a, dog, and, a, cat, EOT]: dog = 2, cat = 5 (method §2.4)
 
 
 def load(pack, name, word="", strength=1.0, role="from file", token_index=-1, adapters=None):
@@ -88,7 +88,7 @@ def test_positions_match_comfyuis_own_token_sequence(pack, arch_name):
             assert position >= 77  # second window
         if "catdog" in text:  # "catdog" is BPE cat + dog</w>: that dog is inside a word and must not match
             assert flat[position - 1] == 320 and position == 6  # [SOT, a, cat, dog, and, a, dog]
-    if arch_name == "sdxl":  # CLIP-G sees the same positions (spec §2.4)
+    if arch_name == "sdxl":  # CLIP-G sees the same positions (method §2.4)
         text = "A photo of my Dog, next to a CAT."
         g = [t[0] for window in clip.tokenize(text)["g"] for t in window]
         l_ids = [t[0] for window in clip.tokenize(text)["l"] for t in window]
@@ -279,7 +279,7 @@ def changed_rows_per_chunk(spy, model, encodings):
 
 def test_delta_follows_each_conditioning_in_combined_and_padded_batches(pack, tova_folder):
     """The ToVA prompt repeated to a longer batch gets every copy; another positive and a longer negative don't get
-    the ToVA prompt's copies (notes §1.6: L is each conditioning's own length)."""
+    the ToVA prompt's copies (integration §1.6: L is each conditioning's own length)."""
     import nodes
 
     model, clip, _ = build_tiny_model("sd15")

@@ -138,7 +138,7 @@ def test_loss_falls_only_lora_changes_and_file_reloads(pack, tova_folder):
     layers = pack.layout(model).layers
     assert len(raw) == 2 * len(layers) == 14 and meta["conceptsplit.identifier_word"] == WORD  # 7 attn2 layers
     assert meta["conceptsplit.base_model"] == "sd2.1-v" and meta["conceptsplit.train_steps"] == "60"
-    init = torch.Generator().manual_seed(0)  # A ~ N(0, (1/r)²) drawn in layer order (spec §2.5)
+    init = torch.Generator().manual_seed(0)  # A ~ N(0, (1/r)²) drawn in layer order (method §2.5)
     for path, (lora_a, lora_b) in loaded.weights.layers.items():
         assert torch.equal(raw[f"tova.{path}.attn2.to_v.lora_A.weight"], lora_a)
         assert torch.equal(raw[f"tova.{path}.attn2.to_v.lora_B.weight"], lora_b)
@@ -250,7 +250,7 @@ def test_trained_adapter_changes_v_only_on_identifier_rows(pack, tova_folder):
     with torch.no_grad():
         for name, v, context, _ in recorder.calls:
             base = torch.nn.functional.linear(context, modules[name].to_v.weight)  # (B, T, C)
-            changed = (v != base).any(dim=-1)  # (B, T); B = 2: uncond and cond, both get the delta (spec §2.3)
+            changed = (v != base).any(dim=-1)  # (B, T); B = 2: uncond and cond, both get the delta (method §2.3)
             assert changed.shape[0] == 2
             assert changed[:, DOG_POSITION].all() and not changed[:, :DOG_POSITION].any()
             assert not changed[:, DOG_POSITION + 1 :].any()

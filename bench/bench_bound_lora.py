@@ -36,7 +36,7 @@ def build(arch: str, seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from testing.tiny_models import seeded_value
+    from comfy_harness.tiny_models import seeded_value
 
     if arch == "sdxl":
         config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
@@ -81,7 +81,7 @@ def main() -> None:
     import folder_paths
     import nodes
 
-    from testing.tiny_loras import write_tiny_lora
+    from comfy_harness.tiny_loras import write_tiny_lora
 
     glue = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
     core = lambda name: importlib.import_module(f"{pack.__name__}.conceptsplit_core.{name}")  # noqa: E731

@@ -3,7 +3,7 @@
     COMFYUI_PATH=... python -m bench.bound_lora_stage1 [--arch sd21] [--seeds 4] [--steps 6] [--loda-steps 2]
 
 One random kohya LoRA bound to "dog" (nothing on "cat"), prompt "a dog and a cat", attn2 q/k sharpened so the maps
-are not flat (testing.tiny_models.sharpen_cross_attention). Against the same run without the LoRA, per policy:
+are not flat (comfy_harness.tiny_models.sharpen_cross_attention). Against the same run without the LoRA, per policy:
 - effect in the dog region, in the cat region (leakage into the other concept) and outside both: mean |Δ latent|
   over the final LODA masks of the LoRA-free run (nearest-upsampled to the latent);
 - mask IoU: how far the LoRA moved LODA's masks (1 = the masks are those of the LoRA-free run).
@@ -44,8 +44,8 @@ def main() -> None:
     import folder_paths
     import nodes
 
-    from testing.tiny_loras import write_tiny_lora
-    from testing.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
+    from comfy_harness.tiny_loras import write_tiny_lora
+    from comfy_harness.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
 
     glue = lambda name: importlib.import_module(f"{pack.__name__}.nodes.{name}")  # noqa: E731
     folder = Path(tempfile.mkdtemp(prefix="bound-lora-"))

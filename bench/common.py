@@ -34,7 +34,7 @@ def bootstrap():
     """Import ComfyUI from COMFYUI_PATH and load the pack through ComfyUI's loader; returns the pack module."""
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
-    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
+    from comfy_harness.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
 
     path = comfyui_path()
     if path is None:
@@ -54,7 +54,7 @@ def build_full_sd21(seed: int = 0, dtype: torch.dtype = torch.float32):
     config.set_inference_dtype(dtype, None)
     base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION,
                                       device=mm.get_torch_device())
-    from testing.tiny_models import seeded_value
+    from comfy_harness.tiny_models import seeded_value
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

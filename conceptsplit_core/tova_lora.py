@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -143,48 +143,6 @@ class ToVALoraSet(torch.nn.Module):
                 )
             a.copy_(saved_a)
             b.copy_(saved_b)
-
-
-def noised_latent(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion `x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε` (DDPM `add_noise`, method §2.6).
-
-    Shapes:
-        x0, noise (B, 4, h, w); alphas_cumprod_t (B,) or a scalar. Computed and returned in fp32.
-    """
-    alpha_bar = _broadcast_rows(alphas_cumprod_t, x0)
-    return alpha_bar.sqrt() * x0.float() + (1 - alpha_bar).sqrt() * noise.float()
-
-
-def prediction_target(
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    alphas_cumprod_t: torch.Tensor,
-    prediction: Literal["v", "eps"],
-) -> torch.Tensor:
-    """The regression target of the MSE loss (method §2.6): `v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x0` or `ε`.
-
-    Shapes:
-        x0, noise (B, 4, h, w); alphas_cumprod_t (B,) or a scalar. Returned in fp32 (the loss is fp32).
-
-    Raises:
-        ConceptSplitError: `prediction` is neither "v" nor "eps".
-    """
-    if prediction == "eps":
-        return noise.float()
-    if prediction == "v":
-        alpha_bar = _broadcast_rows(alphas_cumprod_t, x0)
-        return alpha_bar.sqrt() * noise.float() - (1 - alpha_bar).sqrt() * x0.float()
-    raise ConceptSplitError.build(
-        "Unknown prediction type",
-        seen=repr(prediction),
-        expected='"v" or "eps"',
-        fix='use "v" for SD2.1-768 and "eps" for SDXL and SD1.5',
-    )
-
-
-def _broadcast_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    values = torch.as_tensor(values, dtype=torch.float32, device=like.device)
-    return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values  # (B,) -> (B, 1, 1, 1)
 
 
 @dataclass

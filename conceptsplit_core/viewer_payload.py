@@ -24,7 +24,6 @@ import base64
 import re
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .attention_record import ConceptMaps
@@ -38,11 +37,6 @@ _WORD = re.compile(r"[\w'-]+")
 def encode_f32(values: torch.Tensor) -> str:
     """Base64 of the tensor's fp32 values, little-endian, row-major (JS: new Float32Array on the decoded bytes)."""
     return base64.b64encode(values.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()).decode()
-
-
-def decode_f32(text: str, shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of encode_f32. Shapes: returns `shape` fp32."""
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype="<f4").copy()).reshape(tuple(shape))
 
 
 def prompt_words(prompt: str, labels: Sequence[str]) -> list[dict]:
@@ -90,10 +84,3 @@ def viewer_payload(record: ConceptMaps, images: Sequence[dict] | None, alpha: fl
         "alpha": float(alpha),
         "colormap": colormap,
     }
-
-
-def range_mean(step_maps: torch.Tensor, weights: Sequence[int], first: int, last: int) -> torch.Tensor:
-    """The maps the viewer shows for slider entries first..last (inclusive): the weighted mean of those steps,
-    as the browser computes it (in float64). Shapes: step_maps (S_rec, K, h, w) -> (K, h, w) float64."""
-    w = torch.tensor(list(weights[first:last + 1]), dtype=torch.float64)  # (n,)
-    return (step_maps[first:last + 1].double() * w[:, None, None, None]).sum(0) / w.sum()

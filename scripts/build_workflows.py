@@ -3,8 +3,8 @@
     COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py              # every workflow -> workflows/*.json
     COMFYUI_PATH=... python scripts/build_workflows.py --only two_concepts_tova_sd21
     COMFYUI_PATH=... python scripts/build_workflows.py --thumbnails               # also workflows/*.jpg and the README
-                                                                                  # screenshot (needs chromium +
-                                                                                  # playwright, see testing/browser.py)
+                                                                                  # screenshot (needs chromium and
+                                                                                  # playwright; comfy_harness/browser)
 
 Node definitions come from the real ComfyUI (bootstrapped in this process, the pack loaded by ComfyUI's own loader),
 so widget order and defaults are what the frontend expects. Build with the oldest supported ComfyUI (0.3.64):
@@ -268,7 +268,7 @@ def train_tova_adapter_sd21() -> dict:
 
 # -- output ---------------------------------------------------------------------------------------------------
 def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
-    from testing.workflow_format import Layout, Note, api_to_ui
+    from comfy_harness.workflow_format import Layout, Note, api_to_ui
 
     wide = {"ConceptSplitApplyToVA": 380, "CLIPTextEncode": 380, "ConceptSplitTextEncode": 380,
             "ConceptSplitLodaSampler": 340}
@@ -290,8 +290,8 @@ def missing_node_types(definition: WorkflowDef, object_info: dict) -> list[str]:
 
 def load_object_info() -> dict:
     """/object_info of an in-process ComfyUI (COMFYUI_PATH) with the pack loaded."""
-    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
-    from testing.comfy_object_info import object_info
+    from comfy_harness.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
+    from comfy_harness.comfy_object_info import object_info
 
     path = comfyui_path()
     if path is None:
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         logger.info("wrote %s", write_workflow(WORKFLOWS[name], info, args.out))
     if args.thumbnails:
-        from testing.browser import render_thumbnails
+        from comfy_harness.browser import render_thumbnails
 
         done = render_thumbnails(args.out, [n for n in names if n not in failed], THUMBNAIL_WIDTH,
                                  README_SCREENSHOT if README_WORKFLOW in names else None, README_WORKFLOW)

@@ -100,7 +100,7 @@ def run_case(server, loader: dict, adapters, args, label: str) -> list[Path]:
 
 
 # LODA on the tiny SD2.1 model. Its N(0, 0.02) weights make every pixel attend to every token alike, so the loader
-# scales the cross-attention q/k weights (testing.tiny_models.SHARPEN_FACTORS, as the LODA tests do).
+# scales the cross-attention q/k weights (comfy_harness.tiny_models.SHARPEN_FACTORS, as the LODA tests do).
 LODA_ARCH = "sd21"
 LODA_SIZE = 112  # 14×14 latent: 7×7 maps at the tiny models' map level (latent/2), the smallest LODA's kernel takes
 LODA_LAYERS = "latent/2"  # Capture Attention at LODA's map level of the tiny models (latent/4 on real ones)
@@ -120,7 +120,7 @@ def loda_graph(args) -> dict:
     concept_masks (the stage-2 grid and each word's attention share inside its own mask) and, without and with LODA,
     one on the sampler's concept_maps (the maps at step N and LODA's harmonic mean). Widgets left out get their
     defaults."""
-    from testing.tiny_models import SHARPEN_FACTORS
+    from comfy_harness.tiny_models import SHARPEN_FACTORS
 
     g = {"1": {"class_type": "ConceptSplitTestTinyModelLoader",
                "inputs": {"arch": LODA_ARCH, "seed": 0, "attn2_qk_scale": SHARPEN_FACTORS[LODA_ARCH]}},
@@ -179,7 +179,7 @@ def read_mask_shares(metrics: str) -> dict[str, tuple[float, float]]:
 
 def run_loda_case(server, args) -> list[Path]:
     """The LODA graph through the server: writes the stage-2 grids without and with LODA, prints the separation."""
-    from testing.workflow_format import complete_api_graph
+    from comfy_harness.workflow_format import complete_api_graph
 
     graph = complete_api_graph(loda_graph(args), server.object_info())
     entry = server.run(graph, timeout=3600)
@@ -193,7 +193,7 @@ def run_loda_case(server, args) -> list[Path]:
         path = args.out / f"tiny_{LODA_ARCH}_attention_{name}_loda.png"
         grid.save(path)
         written.append(path)
-    from testing.tiny_models import SHARPEN_FACTORS
+    from comfy_harness.tiny_models import SHARPEN_FACTORS
 
     print(f"LODA on the tiny SD2.1 model (random weights, cross-attention q/k ×{SHARPEN_FACTORS[LODA_ARCH]:g}), "
           f"{LODA_SIZE} px, {LODA_STEPS} euler steps:\nstage 1 on steps 0-{LODA_N - 1}, attention fixing from step "
@@ -213,8 +213,8 @@ def main() -> None:
     args = parse_args()
     if args.checkpoint is None:
         args.v_prediction = False  # the tiny SD2.1 model is built as v-prediction already
-    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path
-    from testing.comfy_server import ComfyServer
+    from comfy_harness.comfy_bootstrap import bootstrap_comfyui, comfyui_path
+    from comfy_harness.comfy_server import ComfyServer
 
     comfy = comfyui_path()
     if comfy is None:
@@ -225,8 +225,8 @@ def main() -> None:
         if args.checkpoint is None:
             args.size, args.steps = args.size or 64, args.steps or 4
             bootstrap_comfyui(comfy)
-            from testing.tiny_adapters import write_tiny_adapter
-            from testing.tiny_models import build_tiny_model
+            from comfy_harness.tiny_adapters import write_tiny_adapter
+            from comfy_harness.tiny_models import build_tiny_model
 
             for arch in args.arch:
                 model, _, _ = build_tiny_model(arch, seed=0)

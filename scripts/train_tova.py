@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if str(REPO_ROOT) not in sys.path:
         sys.path.append(str(REPO_ROOT))  # after ComfyUI's root, which bootstrap puts first
-    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
+    from comfy_harness.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_pack_in_process
 
     root = comfyui_path()
     if root is None:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     photos = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training_photos")
     error_type = importlib.import_module(f"{pack.__name__}.conceptsplit_core.errors").ConceptSplitError
     if args.tiny:
-        from testing.tiny_models import build_tiny_model
+        from comfy_harness.tiny_models import build_tiny_model
 
         model, clip, vae = build_tiny_model(args.tiny, seed=0)
     else:

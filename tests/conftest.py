@@ -16,7 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
-# `import testing` must work under a bare `pytest` too; append, so the repo root never shadows ComfyUI's root.
+# `import comfy_harness` must work under a bare `pytest` too; append, so the repo root never shadows ComfyUI's root.
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
@@ -53,7 +53,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def comfyui() -> Path:
     """ComfyUI's root, bootstrapped into this process (sys.path, args parsing, ComfyUI's `nodes`)."""
-    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path
+    from comfy_harness.comfy_bootstrap import bootstrap_comfyui, comfyui_path
 
     try:
         path = comfyui_path()
@@ -68,7 +68,7 @@ def comfyui() -> Path:
 @pytest.fixture
 def tiny_model(request, comfyui):
     """A fresh seeded (MODEL, CLIP, VAE); parametrize indirectly with the arch, default sd15."""
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_models import build_tiny_model
 
     return build_tiny_model(getattr(request, "param", "sd15"), seed=0)
 
@@ -76,7 +76,7 @@ def tiny_model(request, comfyui):
 @pytest.fixture(scope="session")
 def tiny_sd15_checkpoint(comfyui, tmp_path_factory):
     """A ~285 MB seeded SD1.5 checkpoint that ComfyUI's real loader detects (recipe B); written once per session."""
-    from testing.tiny_checkpoint import write_tiny_sd15_checkpoint
+    from comfy_harness.tiny_checkpoint import write_tiny_sd15_checkpoint
 
     path = write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny_sd15.safetensors", seed=0)
     yield path
@@ -86,7 +86,7 @@ def tiny_sd15_checkpoint(comfyui, tmp_path_factory):
 @pytest.fixture(scope="session")
 def comfy_server(comfyui):
     """One real ComfyUI server per session, with this pack and the test helper pack installed."""
-    from testing.comfy_server import ComfyServer
+    from comfy_harness.comfy_server import ComfyServer
 
     server = ComfyServer(comfyui)
     server.start()

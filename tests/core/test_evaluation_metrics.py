@@ -15,7 +15,7 @@ from conceptsplit_core.evaluation_metrics import (
     dino_scores,
     normalize_features,
 )
-from testing.tolerance import float32_tolerance
+from comfy_harness.tolerance import float32_tolerance
 
 WIDTH = 16  # feature width of _features
 # float32 unit vectors and cosines against float64: a norm sums WIDTH squares, a cosine WIDTH products, of values

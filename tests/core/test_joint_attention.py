@@ -12,7 +12,7 @@ from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.joint_attention import add_masks, joint_bias_mask, joint_text_probabilities
 from conceptsplit_core.loda_loss import flow_latent_update
 from conceptsplit_core.prompt_tokens import PromptTokens, locate_words_in_pieces, located_table
-from testing.tolerance import EPS32, float32_softmax_tolerance
+from comfy_harness.tolerance import EPS32, float32_softmax_tolerance
 
 
 def qk(seed=0, b=2, h=3, length=13, d=8):

@@ -23,7 +23,7 @@ from conceptsplit_core.loda_loss import (
     step_size,
     vp_latent_update,
 )
-from testing.tolerance import float32_tolerance, float64_tolerance
+from comfy_harness.tolerance import float32_tolerance, float64_tolerance
 
 SPEC_G = [0.0765, 0.1334, 0.1861, 0.2080, 0.1861, 0.1334, 0.0765]  # method §3.2, σ = 1.5
 

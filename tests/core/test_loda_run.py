@@ -13,7 +13,7 @@ from conceptsplit_core.loda import (FixingBias, LodaConcepts, MapCollector, Step
                                     build_concept_masks, format_report, map_grid, run_truncated, select_map_layers)
 from conceptsplit_core.loda_config import LodaConfig
 from conceptsplit_core.model_layout import AttentionSite, ModelLayout
-from testing.tolerance import float32_tolerance
+from comfy_harness.tolerance import float32_tolerance
 
 # Full-size SD1/SD2 layout (integration §1.3): key, level. input 1,2 L0; 4,5 L1; 7,8 L2; middle L3; output 3,4,5 L2 ...
 SD2_LEVELS = ([(("input", i, 0), lv) for i, lv in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))]

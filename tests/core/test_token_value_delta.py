@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows
-from testing.tolerance import float32_tolerance
+from comfy_harness.tolerance import float32_tolerance
 
 B, T, D, C, R = 4, 77, 16, 24, 4
 

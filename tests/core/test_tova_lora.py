@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import safetensors.torch
@@ -21,11 +20,8 @@ from conceptsplit_core.tova_lora import (
     TrainingState,
     init_lora_pair,
     load_training_checkpoint,
-    noised_latent,
-    prediction_target,
     save_training_checkpoint,
 )
-from testing.tolerance import float32_tolerance
 
 # SD2.1's 16 attn2.to_v layers (method §2.2): (diffusers path, C).
 _SD21_LAYERS = (
@@ -112,37 +108,6 @@ def test_load_pairs_round_trip_and_mismatch():
     wrong_rank = ToVALoraSet(_TOY_SHAPES, rank=2).state_for_saving()
     with pytest.raises(ConceptSplitError, match="other shapes"):
         target.load_pairs(wrong_rank)
-
-
-# --- targets -----------------------------------------------------------------------------------------------------
-
-
-def test_prediction_targets_match_hand_formula():
-    x0 = torch.tensor([[[[1.0, -2.0]]], [[[0.5, 0.0]]]])  # (2, 1, 1, 2)
-    noise = torch.tensor([[[[0.3, 0.4]]], [[[-1.0, 2.0]]]])
-    alpha_bar = torch.tensor([0.64, 0.36])  # sqrt: 0.8 / 0.6, sqrt(1 - .): 0.6 / 0.8
-    v = prediction_target(x0, noise, alpha_bar, "v")
-    expected = torch.tensor(
-        [[[[0.8 * 0.3 - 0.6 * 1.0, 0.8 * 0.4 + 0.6 * 2.0]]], [[[0.6 * -1.0 - 0.8 * 0.5, 0.6 * 2.0 - 0.0]]]]
-    )
-    # float32 against the formula in float64, cast once: two square roots, two products and a sum of values ≤ 2
-    hand = float32_tolerance(2.0, 6)
-    torch.testing.assert_close(v, expected, rtol=0, atol=hand)
-    assert torch.equal(prediction_target(x0, noise, alpha_bar, "eps"), noise)
-    x_t = noised_latent(x0, noise, alpha_bar)
-    torch.testing.assert_close(x_t[0, 0, 0], torch.tensor([0.8 * 1.0 + 0.6 * 0.3, 0.8 * -2.0 + 0.6 * 0.4]),
-                               rtol=0, atol=hand)
-    # v-parameterisation identity: x0 = sqrt(ᾱ)·x_t − sqrt(1−ᾱ)·v
-    torch.testing.assert_close(
-        alpha_bar.sqrt()[:, None, None, None] * x_t - (1 - alpha_bar).sqrt()[:, None, None, None] * v,
-        x0,
-        rtol=0,
-        atol=3 * hand,  # x_t and v each within `hand` (weights √ᾱ, √(1−ᾱ) sum to ≤ √2), then 4 more roundings
-    )
-    scalar = prediction_target(x0, noise, torch.tensor(0.25), "v")
-    torch.testing.assert_close(scalar, 0.5 * noise - math.sqrt(0.75) * x0, rtol=0, atol=hand)  # the same formula
-    with pytest.raises(ConceptSplitError, match="prediction"):
-        prediction_target(x0, noise, alpha_bar, "x0")  # type: ignore[arg-type]
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------

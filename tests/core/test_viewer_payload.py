@@ -9,8 +9,8 @@ import torch
 
 from conceptsplit_core.attention_record import ConceptMaps
 from conceptsplit_core.map_render import COLORMAPS, colormap_lut
-from conceptsplit_core.viewer_payload import (PAYLOAD_VERSION, decode_f32, prompt_words, range_mean,
-                                              viewer_payload)
+from conceptsplit_core.viewer_payload import PAYLOAD_VERSION, prompt_words, viewer_payload
+from comfy_harness.viewer_reference import decode_f32, range_mean
 
 
 def test_capture_payload_round_trips_the_step_maps_exactly_and_marks_the_tracked_words():

@@ -46,7 +46,7 @@ class PackModules:
 
 @pytest.fixture(scope="session")
 def pack(comfyui) -> PackModules:
-    from testing.comfy_bootstrap import load_pack_in_process
+    from comfy_harness.comfy_bootstrap import load_pack_in_process
 
     return PackModules(load_pack_in_process())
 

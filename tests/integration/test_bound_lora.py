@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from testing.tiny_loras import write_tiny_lora
-from testing.tiny_models import build_tiny_model
-from testing.tolerance import float32_tolerance
+from comfy_harness.tiny_loras import write_tiny_lora
+from comfy_harness.tiny_models import build_tiny_model
+from comfy_harness.tolerance import float32_tolerance
 
 PROMPT = "a dog and a cat"  # dog = token 2, cat = token 5
 SIZE = 112  # 14×14 latent, 7×7 LODA maps in the tiny models
@@ -162,7 +162,7 @@ def assert_layer(module, x, output, base, regions, deltas, strengths, kind_mask)
         inner = module.weight[0].numel()
         # float32: the residual's own sum of `inner` terms (ΔW·x, or the low-rank h(x) chain: fewer terms), ΔW's
         # subtraction W + ΔW − W (one rounding of |W|), and the final add to the base output (|base|): each term
-        # and partial sum rounds by ≤ eps32 relative (testing/tolerance.py)
+        # and partial sum rounds by ≤ eps32 relative (comfy_harness/tolerance.py)
         tol = float32_tolerance(terms.max() + base.abs().max(), inner + 4)
         got = (output.double() - base.double())
         error = (got - reference).abs()

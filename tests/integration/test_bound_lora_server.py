@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_loras import write_tiny_lora
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_loras import write_tiny_lora
+from comfy_harness.tiny_models import build_tiny_model
 
 ARCHS = ("sd15", "sdxl")
 PROMPT = "a dog and a cat"
@@ -23,7 +23,7 @@ SETTINGS = dict(loda_steps=1, inner_iterations=1, kl_threshold=1.0, step_scale=4
 def lora_server(pack, comfyui, tmp_path_factory):
     """A server with a kohya dog LoRA and a LoHa cat LoRA per arch (models/loras), a ToVA dog adapter for sd15,
     and a damaged LoRA file."""
-    from testing.comfy_server import ComfyServer
+    from comfy_harness.comfy_server import ComfyServer
 
     folder = tmp_path_factory.mktemp("bound_loras")
     loras, tova = [], []

@@ -5,8 +5,8 @@ downloaded browser) and aborts every request that would leave the machine. Each 
 template route and loaded with `app.loadGraphData`, as the template browser does; the frontend must know every
 node type, create every node, mark no node with an error other than for a file this machine lacks (no weights on a
 test machine: frontend 1.49 marks a missing checkpoint or adapter, 1.27 does not), and queue exactly the prompt
-that testing/workflow_format.py computes. What the frontend made of a graph is read from its own LiteGraph state
-(testing/browser.py), not from dialog text, so the same checks hold on frontend 1.27 (ComfyUI 0.3.64) and 1.49
+that comfy_harness/workflow_format.py computes. What the frontend made of a graph is read from its own LiteGraph state
+(comfy_harness/browser.py), not from dialog text, so the same checks hold on frontend 1.27 (ComfyUI 0.3.64) and 1.49
 (ComfyUI 0.33.0).
 
 Outside CI a missing chromium or playwright skips these tests with the install command; on CI (CI=true) the skip
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from testing.browser import browser_unavailable_reason, frontend
-from testing.comfy_server import PACK_FOLDER
-from testing.workflow_format import api_to_ui, node_types, ui_to_api
+from comfy_harness.browser import browser_unavailable_reason, frontend
+from comfy_harness.comfy_server import PACK_FOLDER
+from comfy_harness.workflow_format import api_to_ui, node_types, ui_to_api
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 BUDGET_S = 60.0

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
 
 PROMPT = "a photo of a dog and a cat"
 NAN = float("nan")

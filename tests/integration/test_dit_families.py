@@ -1,6 +1,6 @@
 """LODA, attention fixing, Capture Attention and the viewer on DiT models (issue 14), in a real ComfyUI process.
 
-Families are parametrized by what the installed ComfyUI has (testing.tiny_dit_models.available_dit_families), and
+Families are parametrized by what the installed ComfyUI has (comfy_harness.tiny_dit_models.available_dit_families), and
 the pack's own registry; Flux.1 exists in every supported version and must run on each. Tiny random-weight models
 (2 double + 1 single blocks, 2 heads, matrices N(0, 1/fan_in) so attention is far from uniform) built with
 ComfyUI's own classes under inference mode, as the executor loads them. A 16×16 latent gives 8×8 image tokens.
@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from testing.tiny_dit_models import available_dit_families, build_tiny_flux, build_tiny_qwenimage, flux_latent
-from testing.tolerance import EPS32, float32_softmax_tolerance, float32_tolerance
+from comfy_harness.tiny_dit_models import available_dit_families, build_tiny_flux, build_tiny_qwenimage, flux_latent
+from comfy_harness.tolerance import EPS32, float32_softmax_tolerance, float32_tolerance
 
 log = logging.getLogger(__name__)
 PROMPT = "a photo of a cat and a dog"

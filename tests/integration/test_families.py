@@ -10,7 +10,7 @@ from dataclasses import fields
 import pytest
 from test_full_size_layouts import full_size_model
 
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_models import build_tiny_model
 
 TINY = {"sd15": "sd1.5", "sd21": "sd2.1", "sdxl": "sdxl"}
 

@@ -1,6 +1,6 @@
 """The test fixtures themselves: tiny models (recipe A), the tiny checkpoint (recipe B), the server (recipe C).
 
-Everything else in tests/integration builds on these, so each promise in testing/ is checked with numbers.
+Everything else in tests/integration builds on these, so each promise in comfy_harness/ is checked with numbers.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from testing.tiny_models import CONTEXT_WIDTHS, TINY_ARCHS
+from comfy_harness.tiny_models import CONTEXT_WIDTHS, TINY_ARCHS
 
 EXPECTED_MODEL_TYPE = {"sd15": "EPS", "sd21": "V_PREDICTION", "sdxl": "EPS"}
 SIZE = 64  # image side; latent side is SIZE / 8
@@ -54,7 +54,7 @@ def _tiny_loader(arch: str, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_model_builds_with_expected_layout(comfyui, arch):
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_models import build_tiny_model
 
     model, clip, vae = build_tiny_model(arch)  # no timing assert: speed is measured in bench/, never by a test
     assert model.model.model_type.name == EXPECTED_MODEL_TYPE[arch]
@@ -74,7 +74,7 @@ def test_tiny_model_builds_with_expected_layout(comfyui, arch):
 def test_tiny_model_samples_and_decodes_under_inference_mode(comfyui, arch):
     import nodes
 
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_models import build_tiny_model
 
     # The executor builds and runs everything under inference mode; so do we.
     with torch.inference_mode():
@@ -91,7 +91,7 @@ def test_tiny_model_samples_and_decodes_under_inference_mode(comfyui, arch):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_same_seed_gives_bit_identical_weights(comfyui, arch):
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_models import build_tiny_model
 
     def weights(seed):
         model, clip, vae = build_tiny_model(arch, seed=seed)
@@ -119,7 +119,7 @@ def test_bootstrap_imports_comfyuis_nodes(comfyui):
 def test_load_pack_in_process_uses_comfyuis_loader(comfyui, tmp_path):
     import nodes
 
-    from testing.comfy_bootstrap import REPO_ROOT, load_pack_in_process
+    from comfy_harness.comfy_bootstrap import REPO_ROOT, load_pack_in_process
 
     module = load_pack_in_process()
     assert Path(module.__file__).resolve() == REPO_ROOT / "__init__.py"

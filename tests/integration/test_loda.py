@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import sample
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
-from testing.tolerance import float32_tolerance
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
+from comfy_harness.tolerance import float32_tolerance
 
 log = logging.getLogger(__name__)
 PROMPT = "a dog and a cat"  # dog = token 2, cat = token 5
@@ -386,7 +386,7 @@ def test_denoise_zero_returns_the_input_latent_and_zero_masks_like_ksampler(pack
 def test_stage_1_with_a_controlnet_runs_on_its_inference_weights_and_leaves_them_in_place(pack):
     import nodes
 
-    from testing.tiny_controlnet import build_tiny_controlnet
+    from comfy_harness.tiny_controlnet import build_tiny_controlnet
 
     with torch.inference_mode():
         model, clip, vae = build_tiny_model("sd15", 0)

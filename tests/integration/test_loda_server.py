@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
 
 ARCHS = ("sd15", "sd21", "sdxl")
 PROMPT = "a dog and a cat"
@@ -20,7 +20,7 @@ SETTINGS = dict(loda_steps=1, inner_iterations=1, kl_threshold=1.0, step_scale=4
 @pytest.fixture(scope="module")
 def loda_server(pack, comfyui, tmp_path_factory):
     """A server whose models/tova holds a dog and a cat adapter for every tiny arch (seed 0 models)."""
-    from testing.comfy_server import ComfyServer
+    from comfy_harness.comfy_server import ComfyServer
 
     folder = tmp_path_factory.mktemp("loda_tova")
     files = []

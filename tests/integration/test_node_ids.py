@@ -40,7 +40,7 @@ FROZEN = {
 @pytest.fixture(scope="module")
 def pack_nodes(pack) -> dict:
     """/object_info entries of the nodes this pack registers (in this process only the pack is a custom node)."""
-    from testing.comfy_object_info import object_info
+    from comfy_harness.comfy_object_info import object_info
 
     return {name: entry for name, entry in object_info().items()
             if entry["python_module"].startswith("custom_nodes.")}

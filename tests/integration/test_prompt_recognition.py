@@ -10,8 +10,8 @@ from conftest import sample
 from test_tova import changed_rows_per_chunk
 from tova_reference import spy_model
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
 
 PROMPT = "a dog and a cat"  # [SOT, a, dog, and, a, cat, EOT]: dog = 2, cat = 5
 REFUSED = "The positive prompt being sampled is not the prompt Apply ToVA located"

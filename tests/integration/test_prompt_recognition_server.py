@@ -9,8 +9,8 @@ import torch
 from test_loda_server import SETTINGS
 from test_tova_server import saved_latent, tova_graph
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
 
 PROMPT = "a dog and a cat"
 REFUSED = "The positive prompt being sampled is not the prompt Apply ToVA located"

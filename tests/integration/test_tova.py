@@ -9,9 +9,9 @@ import torch
 from conftest import sample
 from tova_reference import ReferenceToVA, ValueSpy, adapter_tensors_by_module, spy_model
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
-from testing.tolerance import float32_tolerance
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
+from comfy_harness.tolerance import float32_tolerance
 
 ARCHS = ("sd15", "sd21", "sdxl")
 PROMPT = "a dog and a cat"  # [SOT, a, dog, and, a, cat, EOT]: dog = 2, cat = 5 (method §2.4)
@@ -237,7 +237,7 @@ def test_chains_with_controlnet(pack, tova_folder):
     """ControlNet's model never sees the attention patches; ToVA and the control both act on the result."""
     import nodes
 
-    from testing.tiny_controlnet import build_tiny_controlnet
+    from comfy_harness.tiny_controlnet import build_tiny_controlnet
 
     model, clip, vae = build_tiny_model("sd15", dtype=torch.float64)  # see sampled_tolerance
     dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)

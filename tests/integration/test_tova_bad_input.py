@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
 
 DISPLAY = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL"}
 

@@ -8,9 +8,9 @@ import torch
 from conftest import sample
 from safetensors.torch import save_file
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import build_tiny_model
-from testing.tolerance import effect_tolerance
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import build_tiny_model
+from comfy_harness.tolerance import effect_tolerance
 
 PROMPT = "a photo of a dog and a cat"
 

@@ -17,7 +17,7 @@ from conftest import sample
 from safetensors import safe_open
 from tova_reference import explicit_attention, module_path_of, spy_model
 
-from testing.tiny_models import build_tiny_model
+from comfy_harness.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = ("a photo of a {}", "a {} on the grass", "a watercolor painting of my {}", "the {} in a city street",

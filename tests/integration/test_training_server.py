@@ -22,7 +22,7 @@ PHOTO_SIZES = ((80, 64), (64, 96), (72, 72))  # (width, height): different sizes
 
 def _comfyui_node_ids() -> set[str]:
     """The node IDs this ComfyUI registers (what its /object_info lists), read in this process at collection."""
-    from testing.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_builtin_extra_nodes
+    from comfy_harness.comfy_bootstrap import bootstrap_comfyui, comfyui_path, load_builtin_extra_nodes
 
     try:
         path = comfyui_path()
@@ -174,7 +174,7 @@ def test_loader_refuses_a_folder_outside_the_input_folder(pack, tmp_path, monkey
 
 
 def test_a_list_wired_into_a_setting_is_refused(pack, tova_folder):
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_models import build_tiny_model
 
     model, clip, vae = build_tiny_model("sd21", seed=0)
     settings = {"model": [model], "clip": [clip], "vae": [vae], "identifier_word": ["dog"], "steps": [2, 3],

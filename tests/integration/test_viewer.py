@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import sample
 
-from testing.tiny_adapters import write_tiny_adapter
-from testing.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
-from testing.tolerance import float32_softmax_tolerance, float32_tolerance
+from comfy_harness.tiny_adapters import write_tiny_adapter
+from comfy_harness.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
+from comfy_harness.tolerance import float32_softmax_tolerance, float32_tolerance
 
 LONG_PROMPT = "a photo of " + "grass " * 80 + "and a dog next to a cat"  # dog and cat in the second window
 

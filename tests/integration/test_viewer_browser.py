@@ -1,6 +1,6 @@
 """The interactive Attention Map Viewer (web/js/attention_viewer.js) in the real frontend, on a real run (issue 15).
 
-Headless Debian chromium (testing/browser.py) opens a workflow of the tiny SD1.5 model, queues it from the page
+Headless Debian chromium (comfy_harness/browser.py) opens a workflow of the tiny SD1.5 model, queues it from the page
 (the server runs it; the result comes back over the websocket), hovers two words and moves the step slider. Each
 time the widget's overlay canvas must equal, within a derived tolerance, the overlay map_render draws from the
 maps in the node's UI output on the server's /history. Malformed or missing data must show a message in the widget
@@ -22,11 +22,12 @@ import torch
 
 from conceptsplit_core import viewer_payload
 from conceptsplit_core.map_metrics import entropy, overlap, pairwise_kl_matrix
-from testing.browser import browser_unavailable_reason, frontend
-from testing.browser_viewer import (PageErrors, canvas_pixels, decoded_step_maps, expected_overlay, fetch_image,
+from comfy_harness import viewer_reference
+from comfy_harness.browser import browser_unavailable_reason, frontend
+from comfy_harness.browser_viewer import (PageErrors, canvas_pixels, decoded_step_maps, expected_overlay, fetch_image,
                                     focus_node, latest_viewer_output, pixel_tolerance, queue_in_browser, show_output,
                                     wait_for_status)
-from testing.workflow_format import api_to_ui
+from comfy_harness.workflow_format import api_to_ui
 
 KEY = viewer_payload.VIEWER_KEY
 VIEWER = 8
@@ -114,7 +115,7 @@ def test_the_viewer_shows_words_and_steps_as_the_node_computed_them(page, ran, t
     # the metrics shown are the range's: map_metrics on the same maps (fp32 there, fp64 in the browser:
     # tolerance N · 2^-23 · |value|, N = h·w terms summed)
     for (first, shown) in ((0, cat_metrics), (last, late_metrics)):
-        maps = viewer_payload.range_mean(decoded_step_maps(payload, 0), payload["step_weights"], first, last)
+        maps = viewer_reference.range_mean(decoded_step_maps(payload, 0), payload["step_weights"], first, last)
         n = maps.shape[-1] * maps.shape[-2]
         expected_h = entropy(maps.float()).double()
         shown_h = torch.tensor(shown["entropy"], dtype=torch.float64)

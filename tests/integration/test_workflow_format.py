@@ -1,4 +1,5 @@
-"""UI <-> API workflow conversion (testing/workflow_format.py) against the real node definitions of ComfyUI 0.3.64."""
+"""UI <-> API workflow conversion (comfy_harness/workflow_format.py) against the real node definitions of ComfyUI
+0.3.64."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testing.workflow_format import (Note, WorkflowFormatError, api_to_ui, complete_api_graph, node_types,
+from comfy_harness.workflow_format import (Note, WorkflowFormatError, api_to_ui, complete_api_graph, node_types,
                                      ui_to_api)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def build_workflows_module():
 
 @pytest.fixture(scope="module")
 def info(pack):
-    from testing.comfy_object_info import object_info
+    from comfy_harness.comfy_object_info import object_info
 
     return object_info()
 

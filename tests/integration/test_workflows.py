@@ -1,6 +1,6 @@
 """Every example workflow in workflows/ is served to the template browser and runs on the real server.
 
-A workflow is converted to an API prompt with the server's /object_info (testing/workflow_format.py), then made
+A workflow is converted to an API prompt with the server's /object_info (comfy_harness/workflow_format.py), then made
 cheap with the explicit substitutions below: the checkpoint loader becomes the test helper pack's tiny-model loader
 (of the family in the workflow's `extra.conceptsplit.family`), adapters become tiny random ones with the same
 identifier word, LoRAs bound to a concept become tiny random kohya LoRAs for the tiny model, photo folders get three
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from testing.comfy_server import PACK_FOLDER
-from testing.workflow_format import node_types, ui_to_api
+from comfy_harness.comfy_server import PACK_FOLDER
+from comfy_harness.workflow_format import node_types, ui_to_api
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
@@ -80,8 +80,8 @@ def object_info(comfy_server) -> dict:
 @pytest.fixture(scope="module")
 def serve_adapter(comfy_server, pack, tmp_path_factory):
     """serve_adapter(family, word) -> the name of a tiny adapter in the server's models/tova (made once)."""
-    from testing.tiny_adapters import write_tiny_adapter
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_adapters import write_tiny_adapter
+    from comfy_harness.tiny_models import build_tiny_model
 
     folder, served = tmp_path_factory.mktemp("workflow_adapters"), {}
 
@@ -98,8 +98,8 @@ def serve_adapter(comfy_server, pack, tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve_lora(comfy_server, pack, tmp_path_factory):
     """serve_lora(family, word) -> the name of a tiny random kohya LoRA in the server's models/loras (made once)."""
-    from testing.tiny_loras import write_tiny_lora
-    from testing.tiny_models import build_tiny_model
+    from comfy_harness.tiny_loras import write_tiny_lora
+    from comfy_harness.tiny_models import build_tiny_model
 
     folder, served = tmp_path_factory.mktemp("workflow_loras"), {}
 

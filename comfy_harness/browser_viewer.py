@@ -1,7 +1,7 @@
 """Drive the interactive Attention Map Viewer (web/js/attention_viewer.js) in the real frontend, and compute what it
 must draw from the server's own numbers (issue 15).
 
-Builds on testing/browser.py (FrontendPage, frontend()). The page side reads the widget through its `data-cs`
+Builds on comfy_harness/browser.py (FrontendPage, frontend()). The page side reads the widget through its `data-cs`
 attributes; the Python side decodes the node's UI output (conceptsplit_core/viewer_payload.py) and renders the
 expected overlay with map_render, the functions the node's grid uses.
 """
@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conceptsplit_core import viewer_payload
+from comfy_harness import viewer_reference
 from conceptsplit_core.map_render import apply_colormap, colormap_lut, maps_to_masks, overlay_heatmap
 
 VIEWER_TYPE = "ConceptSplitAttentionViewer"
@@ -126,13 +127,13 @@ def fetch_image(server_url: str, ref: dict) -> np.ndarray:
 def decoded_step_maps(payload: dict, b: int) -> torch.Tensor:
     """Image b's per-step maps from the payload. Shapes: -> (S_rec, K, h, w) fp32."""
     h, w = payload["grid"]
-    return viewer_payload.decode_f32(payload["maps"][b], (len(payload["steps"]), len(payload["labels"]), h, w))
+    return viewer_reference.decode_f32(payload["maps"][b], (len(payload["steps"]), len(payload["labels"]), h, w))
 
 
 def expected_overlay(payload: dict, image: np.ndarray | None, b: int, word: int, first: int, last: int,
                      alpha: float, colormap: str) -> np.ndarray:
     """What the widget must draw, rendered by map_render from the server's maps: (H, W, 3) float64 in 0..255."""
-    mean = viewer_payload.range_mean(decoded_step_maps(payload, b), payload["step_weights"], first, last)  # (K, h, w)
+    mean = viewer_reference.range_mean(decoded_step_maps(payload, b), payload["step_weights"], first, last)  # (K, h, w)
     if image is None:
         raise NotImplementedError("the browser test always connects the image")
     H, W = image.shape[:2]

@@ -1,7 +1,7 @@
 """`/object_info` without a server: the same per-node dict that ComfyUI 0.3.64's `server.py` builds.
 
 `PromptServer.__init__` defines `node_info` as a local function of its routes, so it cannot be imported; this is
-that function, for a process where `testing.comfy_bootstrap` has imported ComfyUI and loaded the pack.
+that function, for a process where `comfy_harness.comfy_bootstrap` has imported ComfyUI and loaded the pack.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ TINY_RANK = 4
 
 
 def _pack_module(name: str):
-    from testing.comfy_bootstrap import load_pack_in_process
+    from comfy_harness.comfy_bootstrap import load_pack_in_process
     import importlib
 
     return importlib.import_module(f"{load_pack_in_process().__name__}.{name}")

@@ -1,7 +1,7 @@
-"""Test-only ComfyUI node pack: a loader that builds the seeded tiny models of ``testing/tiny_models.py``.
+"""Test-only ComfyUI node pack: a loader that builds the seeded tiny models of ``comfy_harness/tiny_models.py``.
 
 ComfyUI imports this folder as ``custom_nodes.<folder>`` without the repo on ``sys.path``, so the tiny-model
-module is loaded by file path: from env CONCEPTSPLIT_REPO (set by ``testing.comfy_server``), else two levels
+module is loaded by file path: from env CONCEPTSPLIT_REPO (set by ``comfy_harness.comfy_server``), else two levels
 above this file's real path. V1 API on purpose: it is not shipped, and it keeps this file self-contained.
 """
 import importlib.util
@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 _REPO = Path(os.environ.get("CONCEPTSPLIT_REPO") or Path(__file__).resolve().parents[2])
-_TINY_MODELS_FILE = _REPO / "testing" / "tiny_models.py"
+_TINY_MODELS_FILE = _REPO / "comfy_harness" / "tiny_models.py"
 
-# A private module name, so it never collides with a `testing` package elsewhere on sys.path.
+# A private module name, so it never collides with a `comfy_harness` package elsewhere on sys.path.
 _spec = importlib.util.spec_from_file_location("conceptsplit_test_helpers_tiny_models", _TINY_MODELS_FILE)
 if _spec is None or _spec.loader is None:
     raise ImportError(f"cannot load {_TINY_MODELS_FILE}; set CONCEPTSPLIT_REPO to the ComfyUI-ConceptSplit repo root")

@@ -20,11 +20,24 @@ import torch
 from bench.common import SD21_UNET_CONFIG, bootstrap, compare, device_description, measured
 
 SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
 PROMPT = "a dog and a cat"
@@ -50,8 +63,9 @@ def build(arch: str, seed: int = 0):
     with torch.no_grad():
         for name, param in base.diffusion_model.named_parameters():
             param.copy_(seeded_value(name, param.shape, generator).to(param.dtype))
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def conditioning(pack, arch: str):
@@ -106,15 +120,28 @@ def main() -> None:
     tokens = positive[0][1][glue("comfy_conditioning").PROMPT_TOKENS_KEY]
     h, w = loda.map_grid((args.size // 8, args.size // 8), 2)
     masks = torch.zeros(1, 2, h, w, dtype=torch.bool)
-    masks[0, 0, :, : w // 2], masks[0, 1, :, w // 2:] = True, True
+    masks[0, 0, :, : w // 2], masks[0, 1, :, w // 2 :] = True, True
     regions = core("bound_lora").ConceptRegions(("dog", "cat"), (2, 5), 77, tuple(tokens.token_ids), masks)
     residuals_only = patched.clone()
     residuals_only.model_options = glue("comfy_lora").with_concept_regions(residuals_only.model_options, regions)
 
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
-    settings = dict(loda_steps=-1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
-                    smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
-                    suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+    settings = dict(
+        loda_steps=-1,
+        inner_iterations=1,
+        kl_threshold=1.0,
+        step_scale=40.0,
+        step_schedule="linear",
+        smoothing_sigma=1.5,
+        kl_pairs="ordered",
+        mask_percentile=0.9,
+        mask_sigma=1.5,
+        boost=5.0,
+        suppression=-1e8,
+        fixing_layers="all",
+        fixing_branches="both",
+        mask_source="cond",
+    )
 
     def ksampler(m):
         with torch.inference_mode():
@@ -122,8 +149,9 @@ def main() -> None:
 
     def loda_run(m):
         with torch.inference_mode():
-            return glue("loda_nodes").LodaSampler.execute(m, 0, args.steps, 7.0, "euler", "normal", positive,
-                                                          negative, latent, 1.0, "dog, cat", **settings)
+            return glue("loda_nodes").LodaSampler.execute(
+                m, 0, args.steps, 7.0, "euler", "normal", positive, negative, latent, 1.0, "dog, cat", **settings
+            )
 
     results: dict = {}
     ksampler(merged)  # warm-up: loads the model, patches the weights once
@@ -137,12 +165,17 @@ def main() -> None:
         with measured(results, "masked residuals"):
             ksampler(residuals_only)
     print(f"{device_description()}, {args.arch} UNet, {args.size} px, {args.steps} euler steps, rank {args.rank}")
-    for baseline, candidate in (("merged", "bound + LODA"), ("merged + LODA", "bound + LODA"),
-                                ("merged", "masked residuals")):
+    for baseline, candidate in (
+        ("merged", "bound + LODA"),
+        ("merged + LODA", "bound + LODA"),
+        ("merged", "masked residuals"),
+    ):
         r = compare(results, baseline, candidate)
-        print(f"{candidate} vs {baseline}: {r['candidate_s']:.1f} s / {r['baseline_s']:.1f} s = "
-              f"{r['time_ratio']:.2f}×, peak {r['candidate_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MiB = "
-              f"{r['memory_ratio']:.2f}×")
+        print(
+            f"{candidate} vs {baseline}: {r['candidate_s']:.1f} s / {r['baseline_s']:.1f} s = "
+            f"{r['time_ratio']:.2f}×, peak {r['candidate_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MiB = "
+            f"{r['memory_ratio']:.2f}×"
+        )
 
 
 if __name__ == "__main__":

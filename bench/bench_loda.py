@@ -22,8 +22,15 @@ import time
 
 import torch
 
-from bench.common import (bootstrap, build_full_sd21, compare, device_description, held_bytes, measured,
-                          random_conditioning)
+from bench.common import (
+    bootstrap,
+    build_full_sd21,
+    compare,
+    device_description,
+    held_bytes,
+    measured,
+    random_conditioning,
+)
 
 PROMPT = "a dog and a cat"
 
@@ -57,8 +64,18 @@ def sample(model, sampler, positive, negative, steps: int, size: int, seed: int 
         if step_times is not None:
             _synchronize()
             step_times.append(time.perf_counter())  # the start
-        return comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent, seed=seed,
-                                          callback=None if step_times is None else callback)
+        return comfy.sample.sample_custom(
+            model,
+            noise,
+            7.5,
+            sampler,
+            sigmas,
+            positive,
+            negative,
+            latent,
+            seed=seed,
+            callback=None if step_times is None else callback,
+        )
 
 
 def _synchronize() -> None:
@@ -111,19 +128,28 @@ def gradient_pass_seconds(pack, model, positive, size: int, repeats: int) -> dic
     for repeat in range(repeats + 1):
         for name, (truncate, checkpointing) in variants.items():
             x = torch.randn(1, 4, *latent_hw, requires_grad=True)
-            with measured(results, f"{name}-{repeat > 0}"), autograd.AutogradWeights([unet]), \
-                    autograd.GradientCheckpointing(unet_family.checkpoint_modules(unet, keep) if checkpointing else ()):
+            with (
+                measured(results, f"{name}-{repeat > 0}"),
+                autograd.AutogradWeights([unet]),
+                autograd.GradientCheckpointing(unet_family.checkpoint_modules(unet, keep) if checkpointing else ()),
+            ):
                 before = held_bytes()
                 collector.start(layers.loss_keys, (0,), truncate=truncate)
-                loda.run_truncated(lambda: model.model.apply_model(x, sigma, c_crossattn=context,
-                                                                   transformer_options=options))
+                loda.run_truncated(
+                    lambda: model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+                )
                 collector.stop()
                 loss = collector.maps()[0].var()  # a loss of the maps; L itself may be 0 here
                 held[name].append(held_bytes() - before)  # what the graph keeps for backward
                 torch.autograd.grad(loss, x)
                 del loss
-    return {name: {"seconds": statistics.median(results[f"{name}-True"]["seconds"]),  # the first round warms up
-                   "held_mb": statistics.median(held[name][1:]) / 2**20} for name in variants}
+    return {
+        name: {
+            "seconds": statistics.median(results[f"{name}-True"]["seconds"]),  # the first round warms up
+            "held_mb": statistics.median(held[name][1:]) / 2**20,
+        }
+        for name in variants
+    }
 
 
 def main() -> None:
@@ -135,15 +161,19 @@ def main() -> None:
     parser.add_argument("--pass-repeats", type=int, default=3, help="timed rounds of the gradient-pass table")
     parser.add_argument("--checkpointing", action="store_true", help="LODA run with gradient_checkpointing on")
     parser.add_argument("--gradient-pass-only", action="store_true", help="only time the stage-1 passes")
-    parser.add_argument("--skip-after", action="store_true",
-                        help="skip the plain run after LODA (which checks that LODA leaves the model as it was)")
+    parser.add_argument(
+        "--skip-after",
+        action="store_true",
+        help="skip the plain run after LODA (which checks that LODA leaves the model as it was)",
+    )
     args = parser.parse_args()
     pack = bootstrap()
     import comfy.samplers
 
     run = importlib.import_module(f"{pack.__name__}.nodes.loda_sampling")
     config = importlib.import_module(f"{pack.__name__}.conceptsplit_core.loda_config").LodaConfig(
-        loda_steps=args.loda_steps)
+        loda_steps=args.loda_steps
+    )
     with torch.inference_mode():  # inference-tensor weights, as ComfyUI loads them
         model = build_full_sd21()
         positive = positive_with_tokens(pack)
@@ -164,37 +194,55 @@ def main() -> None:
             sample(model, plain_sampler, positive, negative, args.steps, args.size, step_times=plain_times)
         request = run.LodaRequest(config, ("dog", "cat"), run.LodaResult(), gradient_checkpointing=args.checkpointing)
         with measured(results, "loda"), timed_calls(run, "_stage1_update", stage1):
-            sample(model, run.loda_sampler(plain_sampler, request), positive, negative, args.steps, args.size,
-                   step_times=loda_times)
+            sample(
+                model,
+                run.loda_sampler(plain_sampler, request),
+                positive,
+                negative,
+                args.steps,
+                args.size,
+                step_times=loda_times,
+            )
         plain_after_times = []  # LODA leaves the weights as they were: a later plain run costs the same
         if not args.skip_after:
             sample(model, plain_sampler, positive, negative, args.steps, args.size, step_times=plain_after_times)
     ratio = compare(results, "plain", "loda")
-    print(f"\nLODA benchmark: {device_description()}, SD2.1 UNet (random weights), {args.size}×{args.size} px, "
-          f"euler, {args.steps} steps, N = {args.loda_steps}, CFG 7.5, gradient checkpointing "
-          f"{'on' if args.checkpointing else 'off'}\n")
+    print(
+        f"\nLODA benchmark: {device_description()}, SD2.1 UNet (random weights), {args.size}×{args.size} px, "
+        f"euler, {args.steps} steps, N = {args.loda_steps}, CFG 7.5, gradient checkpointing "
+        f"{'on' if args.checkpointing else 'off'}\n"
+    )
     print("| measure | plain | LODA | ratio | goal |")
     print("|---|---|---|---|---|")
-    print(f"| total time (s) | {ratio['baseline_s']:.1f} | {ratio['candidate_s']:.1f} | "
-          f"{ratio['time_ratio']:.3f} | ≤ 1.15 |")
-    print(f"| peak memory (MiB) | {ratio['baseline_peak_mb']:.0f} | {ratio['candidate_peak_mb']:.0f} | "
-          f"{ratio['memory_ratio']:.3f} | ≤ 1.3 |")
+    print(
+        f"| total time (s) | {ratio['baseline_s']:.1f} | {ratio['candidate_s']:.1f} | "
+        f"{ratio['time_ratio']:.3f} | ≤ 1.15 |"
+    )
+    print(
+        f"| peak memory (MiB) | {ratio['baseline_peak_mb']:.0f} | {ratio['candidate_peak_mb']:.0f} | "
+        f"{ratio['memory_ratio']:.3f} | ≤ 1.3 |"
+    )
     print_breakdown(plain_times, loda_times, stage1, args.steps, args.loda_steps, plain_after_times)
 
 
 def print_gradient_passes(passes: dict, forward: float, size: int) -> None:
     full = passes["full"]
-    print(f"\nStage-1 gradient pass, batch 1, {size}×{size} px (medians; memory = what the forward keeps for "
-          f"backward)\n")
+    print(
+        f"\nStage-1 gradient pass, batch 1, {size}×{size} px (medians; memory = what the forward keeps for backward)\n"
+    )
     print("| pass | seconds | vs full fwd+bwd | memory kept for backward (MiB) |")
     print("|---|---|---|---|")
-    labels = {"full": "untruncated forward + backward of the same loss",
-              "truncated": "truncated after the last loss layer (LODA)",
-              "checkpointed": "truncated + gradient checkpointing"}
+    labels = {
+        "full": "untruncated forward + backward of the same loss",
+        "truncated": "truncated after the last loss layer (LODA)",
+        "checkpointed": "truncated + gradient checkpointing",
+    }
     for name in ("full", "truncated", "checkpointed"):
         part = passes[name]
-        print(f"| {labels[name]} | {part['seconds']:.2f} | {part['seconds'] / full['seconds']:.3f} | "
-              f"{part['held_mb']:.0f} |")
+        print(
+            f"| {labels[name]} | {part['seconds']:.2f} | {part['seconds'] / full['seconds']:.3f} | "
+            f"{part['held_mb']:.0f} |"
+        )
     print(f"| for scale: plain CFG forward, batch 2 | {forward:.2f} | | |")
 
 
@@ -203,7 +251,7 @@ def print_breakdown(plain_times, loda_times, stage1, steps: int, loda_steps: int
     plain_steps = [b - a for a, b in zip(plain_times, plain_times[1:])]  # (S,) seconds per step
     loda_steps_s = [b - a for a, b in zip(loda_times, loda_times[1:])]
     plain_step = statistics.median(plain_steps[1:] or plain_steps)  # step 0 also loads/prepares
-    stage2 = loda_steps_s[loda_steps + 1:] or loda_steps_s[loda_steps:]  # step N also builds the masks
+    stage2 = loda_steps_s[loda_steps + 1 :] or loda_steps_s[loda_steps:]  # step N also builds the masks
     stage2_step = statistics.median(stage2) if stage2 else float("nan")
     update = statistics.median(stage1) if stage1 else 0.0
     estimate = loda_steps * update + (steps - loda_steps) * (stage2_step - plain_step)
@@ -211,15 +259,19 @@ def print_breakdown(plain_times, loda_times, stage1, steps: int, loda_steps: int
     print("| part | seconds | relative to a plain step |")
     print("|---|---|---|")
     print(f"| plain step (CFG pass + euler) | {plain_step:.3f} | 1.00 |")
-    print(f"| stage-1 update per step (batch-1 gradient pass, backward, update) | {update:.3f} | "
-          f"{update / plain_step:.2f} |")
+    print(
+        f"| stage-1 update per step (batch-1 gradient pass, backward, update) | {update:.3f} | "
+        f"{update / plain_step:.2f} |"
+    )
     print(f"| stage-2 step (CFG pass with fixing bias + euler) | {stage2_step:.3f} | {stage2_step / plain_step:.2f} |")
     after = [b - a for a, b in zip(plain_after_times, plain_after_times[1:])]
     if after:
         plain_after = statistics.median(after[1:] or after)
         print(f"| plain step after the LODA run (same model) | {plain_after:.3f} | {plain_after / plain_step:.2f} |")
-    print(f"| estimated overhead: N·update + (S−N)·(stage-2 − plain) | {estimate:.2f} | "
-          f"{estimate / (plain_step * steps):.3f} of a plain run |")
+    print(
+        f"| estimated overhead: N·update + (S−N)·(stage-2 − plain) | {estimate:.2f} | "
+        f"{estimate / (plain_step * steps):.3f} of a plain run |"
+    )
 
 
 def measured_forward(model, positive, size: int) -> float:

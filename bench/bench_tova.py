@@ -12,8 +12,7 @@ import importlib
 
 import torch
 
-from bench.common import bootstrap, build_full_sd21, compare, device_description, ksample, measured, \
-    random_conditioning
+from bench.common import bootstrap, build_full_sd21, compare, device_description, ksample, measured, random_conditioning
 
 
 def tova_model(pack, model, concepts: int, rank: int = 64):
@@ -24,14 +23,28 @@ def tova_model(pack, model, concepts: int, rank: int = 64):
     generator = torch.Generator().manual_seed(3)
     bound = []
     for k in range(concepts):
-        layers = {layer.path: (torch.randn(rank, layer.in_features, generator=generator) / 32,
-                               torch.randn(layer.out_features, rank, generator=generator) / 32)
-                  for layer in layout.layers}
-        weights = core("adapter_file").AdapterWeights(name=f"c{k}", file_format="native", layers=layers, rank=rank,
-                                                      text_width=layout.text_width, alpha=rank, metadata=None)
+        layers = {
+            layer.path: (
+                torch.randn(rank, layer.in_features, generator=generator) / 32,
+                torch.randn(layer.out_features, rank, generator=generator) / 32,
+            )
+            for layer in layout.layers
+        }
+        weights = core("adapter_file").AdapterWeights(
+            name=f"c{k}",
+            file_format="native",
+            layers=layers,
+            rank=rank,
+            text_width=layout.text_width,
+            alpha=rank,
+            metadata=None,
+        )
         concept = core("concepts").make_concept(weights, f"word{k}", 1.0, "object")
-        bound.append(core("concepts").BoundConcept(concept, 2 + 3 * k,
-                                                   core("adapter_layers").bind_adapter_layers(weights, layout)))
+        bound.append(
+            core("concepts").BoundConcept(
+                concept, 2 + 3 * k, core("adapter_layers").bind_adapter_layers(weights, layout)
+            )
+        )
     patched = model.clone()
     family.install_tova(patched, layout, core("concepts").plan_token_deltas(bound, 77), True)
     return patched
@@ -58,8 +71,10 @@ def main() -> None:
         with measured(results, "tova"):
             ksample(patched, positive, negative, args.steps, args.size)
     row = compare(results, "plain", "tova")
-    print(f"ToVA vs plain KSampler: SD2.1 UNet (random weights), {args.size}x{args.size}, {args.steps} steps, "
-          f"{args.concepts} rank-64 adapters, median of {args.repeats}, {device_description()}")
+    print(
+        f"ToVA vs plain KSampler: SD2.1 UNet (random weights), {args.size}x{args.size}, {args.steps} steps, "
+        f"{args.concepts} rank-64 adapters, median of {args.repeats}, {device_description()}"
+    )
     print("| run | seconds | peak memory (MB) |\n|---|---|---|")
     print(f"| plain | {row['baseline_s']:.2f} | {row['baseline_peak_mb']:.0f} |")
     print(f"| ToVA | {row['candidate_s']:.2f} | {row['candidate_peak_mb']:.0f} |")

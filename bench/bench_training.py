@@ -26,10 +26,19 @@ from bench.common import bootstrap, build_full_sd21, device_description, random_
 def adapter_sizes(pack, layout, rank: int) -> dict[str, float]:
     """MB on disk of a rank-r adapter for this layout, written by the pack's own writer in fp16 and fp32."""
     adapter_file = importlib.import_module(f"{pack.__name__}.conceptsplit_core.adapter_file")
-    layers = {layer.path: (torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank))
-              for layer in layout.layers}
-    meta = adapter_file.AdapterMetadata(base_model="sd2.1-v", text_width=layout.text_width, rank=rank, alpha=rank,
-                                        identifier_word="dog", prediction="v", layers=len(layers))
+    layers = {
+        layer.path: (torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank))
+        for layer in layout.layers
+    }
+    meta = adapter_file.AdapterMetadata(
+        base_model="sd2.1-v",
+        text_width=layout.text_width,
+        rank=rank,
+        alpha=rank,
+        identifier_word="dog",
+        prediction="v",
+        layers=len(layers),
+    )
     sizes = {"parameters": sum(a.numel() + b.numel() for a, b in layers.values())}
     with tempfile.TemporaryDirectory() as folder:
         for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
@@ -44,8 +53,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="train with the UNet's blocks checkpointed (the node's gradient_checkpointing input)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="train with the UNet's blocks checkpointed (the node's gradient_checkpointing input)",
+    )
     args = parser.parse_args()
     pack = bootstrap()
     core = importlib.import_module(f"{pack.__name__}.conceptsplit_core.training")
@@ -82,19 +94,30 @@ def main() -> None:
             plain_times.append(plain_iteration(model, core, data, schedule, done))
             stamps.append(time.perf_counter())
 
-        core.train_tova(lora, data, schedule, denoise, config, run_record={}, on_step=on_step,
-                        autocast_dtype=seam.training_autocast_dtype(model))
+        core.train_tova(
+            lora,
+            data,
+            schedule,
+            denoise,
+            config,
+            run_record={},
+            on_step=on_step,
+            autocast_dtype=seam.training_autocast_dtype(model),
+        )
         train_times.extend(stamps[2 * i + 1] - stamps[2 * i] for i in range(total))
 
-    seam.run_training(model.clone(), family, layout, conds, latent, body,
-                      gradient_checkpointing=args.gradient_checkpointing)
-    train_s = statistics.median(train_times[args.warmup:])
-    plain_s = statistics.median(plain_times[args.warmup:])
+    seam.run_training(
+        model.clone(), family, layout, conds, latent, body, gradient_checkpointing=args.gradient_checkpointing
+    )
+    train_s = statistics.median(train_times[args.warmup :])
+    plain_s = statistics.median(plain_times[args.warmup :])
     sizes = adapter_sizes(pack, layout, args.rank)
-    print(f"\nToVA training vs plain UNet forward+backward, {device_description()}, SD2.1 UNet (random weights), "
-          f"{args.size}x{args.size} px, rank {args.rank}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, median of {args.iterations} after {args.warmup} "
-          "warm-up\n")
+    print(
+        f"\nToVA training vs plain UNet forward+backward, {device_description()}, SD2.1 UNet (random weights), "
+        f"{args.size}x{args.size} px, rank {args.rank}, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}, median of {args.iterations} after {args.warmup} "
+        "warm-up\n"
+    )
     print("| measure | value |\n|---|---|")
     print(f"| plain forward+backward (s/iter) | {plain_s:.3f} |")
     print(f"| ToVA training iteration (s/iter) | {train_s:.3f} |")

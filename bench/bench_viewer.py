@@ -16,8 +16,7 @@ import importlib
 import statistics
 import time
 
-from bench.common import bootstrap, build_full_sd21, compare, device_description, ksample, measured, \
-    random_conditioning
+from bench.common import bootstrap, build_full_sd21, compare, device_description, ksample, measured, random_conditioning
 
 LAYER_CHOICES = ("latent/4", "all")
 
@@ -28,9 +27,12 @@ def capture_model(pack, model, words: int, layers: str):
     family = importlib.import_module(f"{pack.__name__}.nodes.families").model_family(model)
     layout = family.layout(model)
     keys = capture_core.select_layers(layout.levels(), layers)
-    request = capture_core.CaptureRequest(labels=tuple(f"word{k}" for k in range(words)),
-                                          token_positions=tuple((2 + 3 * k,) for k in range(words)),
-                                          prompt_length=77, layer_keys=keys)
+    request = capture_core.CaptureRequest(
+        labels=tuple(f"word{k}" for k in range(words)),
+        token_positions=tuple((2 + 3 * k,) for k in range(words)),
+        prompt_length=77,
+        layer_keys=keys,
+    )
     store = capture_core.AttentionCapture(request)
     patched = model.clone()
     sampling = importlib.import_module(f"{pack.__name__}.nodes.comfy_sampling")
@@ -44,8 +46,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--words", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads; 1 makes CPU time robust to other processes (0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 1 makes CPU time robust to other processes (0 = torch's default)",
+    )
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -73,20 +79,26 @@ def main() -> None:
             cpu_seconds.setdefault(layers, []).append(time.process_time() - start)
             assert (latent == plain).all(), "capturing changed the sampled latent"
             assert store.maps_for(latent).maps.shape[:2] == (1, args.words)
-    print(f"Capture Attention vs plain KSampler: SD2.1 UNet (random weights), {args.size}x{args.size}, "
-          f"{args.steps} steps, {args.words} words, median of {args.repeats}, {device_description()}, "
-          f"{args.threads or 'default'} thread(s)")
+    print(
+        f"Capture Attention vs plain KSampler: SD2.1 UNet (random weights), {args.size}x{args.size}, "
+        f"{args.steps} steps, {args.words} words, median of {args.repeats}, {device_description()}, "
+        f"{args.threads or 'default'} thread(s)"
+    )
     cpu = {name: statistics.median(values) for name, values in cpu_seconds.items()}
     print("| run | wall s | CPU s | peak memory (MB) | wall ratio | CPU-time ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for index, layers in enumerate(LAYER_CHOICES):
         row = compare(results, "plain", layers)
         if index == 0:
-            print(f"| plain | {row['baseline_s']:.2f} | {cpu['plain']:.1f} | {row['baseline_peak_mb']:.0f} "
-                  "| 1 | 1 | 1 |")
-        print(f"| capture, layers {layers} | {row['candidate_s']:.2f} | {cpu[layers]:.1f} | "
-              f"{row['candidate_peak_mb']:.0f} | {row['time_ratio']:.3f}x | {cpu[layers] / cpu['plain']:.3f}x | "
-              f"{row['memory_ratio']:.3f}x |")
+            print(
+                f"| plain | {row['baseline_s']:.2f} | {cpu['plain']:.1f} | {row['baseline_peak_mb']:.0f} | 1 | 1 | 1 |"
+            )
+        print(
+            f"| capture, layers {layers} | {row['candidate_s']:.2f} | {cpu[layers]:.1f} | "
+            f"{row['candidate_peak_mb']:.0f} | {row['time_ratio']:.3f}x | {cpu[layers] / cpu['plain']:.3f}x | "
+            f"{row['memory_ratio']:.3f}x |"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -24,9 +24,21 @@ from bench.common import bootstrap
 
 PROMPT = "a dog and a cat"
 SIZE = 112
-SETTINGS = dict(inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear", smoothing_sigma=1.5,
-                kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0, suppression=-1e8,
-                fixing_layers="all", fixing_branches="both", mask_source="cond")
+SETTINGS = dict(
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 def main() -> None:
@@ -69,9 +81,25 @@ def main() -> None:
     def run(which, seed):
         with torch.inference_mode():
             latent = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)[0]
-            out, masks, maps, _ = glue("loda_nodes").LodaSampler.execute(
-                models[which], seed, args.steps, 7.0, "euler", "normal", positive, negative, latent, 1.0,
-                "dog, cat", loda_steps=args.loda_steps, **SETTINGS).result
+            out, masks, maps, _ = (
+                glue("loda_nodes")
+                .LodaSampler.execute(
+                    models[which],
+                    seed,
+                    args.steps,
+                    7.0,
+                    "euler",
+                    "normal",
+                    positive,
+                    negative,
+                    latent,
+                    1.0,
+                    "dog, cat",
+                    loda_steps=args.loda_steps,
+                    **SETTINGS,
+                )
+                .result
+            )
         return out["samples"][0], maps.masks[0]  # (4, h, w), (K, 7, 7) bool
 
     rows = {name: {"dog": [], "cat": [], "outside": [], "iou": []} for name in models if name != "none"}
@@ -89,14 +117,18 @@ def main() -> None:
             inter = (masks & base_masks).flatten(1).sum(1).float()
             union = (masks | base_masks).flatten(1).sum(1).float()
             rows[name]["iou"].append(float((inter / union.clamp(min=1)).mean()))
-    print(f"{args.arch}, LoRA magnitude {args.magnitude}, {args.seeds} seeds, {args.steps} steps, "
-          f"LODA stage 1 on steps 0..{args.loda_steps - 1}; "
-          "mean |Δ latent| vs the LoRA-free run")
+    print(
+        f"{args.arch}, LoRA magnitude {args.magnitude}, {args.seeds} seeds, {args.steps} steps, "
+        f"LODA stage 1 on steps 0..{args.loda_steps - 1}; "
+        "mean |Δ latent| vs the LoRA-free run"
+    )
     print(f"{'policy':<10} {'dog (own)':>10} {'cat (leak)':>11} {'outside':>9} {'leak/own':>9} {'mask IoU':>9}")
     for name, values in rows.items():
         own, leak = statistics.mean(values["dog"]), statistics.mean(values["cat"])
-        print(f"{name:<10} {own:>10.4f} {leak:>11.4f} {statistics.mean(values['outside']):>9.4f} "
-              f"{leak / own if own else float('nan'):>9.3f} {statistics.mean(values['iou']):>9.3f}")
+        print(
+            f"{name:<10} {own:>10.4f} {leak:>11.4f} {statistics.mean(values['outside']):>9.4f} "
+            f"{leak / own if own else float('nan'):>9.3f} {statistics.mean(values['iou']):>9.3f}"
+        )
 
 
 if __name__ == "__main__":

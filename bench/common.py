@@ -21,12 +21,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ComfyUI's own SD2.1 (768-v) UNet config, comfy/model_detection.py `SD21`.
 SD21_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 1024,
+    "num_head_channels": 64,
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }
 
 
@@ -52,16 +64,18 @@ def build_full_sd21(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     config = comfy.supported_models.SD20(dict(SD21_UNET_CONFIG))
     config.set_inference_dtype(dtype, None)
-    base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION,
-                                      device=mm.get_torch_device())
+    base = comfy.model_base.BaseModel(
+        config, model_type=comfy.model_base.ModelType.V_PREDICTION, device=mm.get_torch_device()
+    )
     from comfy_harness.tiny_models import seeded_value
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in base.diffusion_model.named_parameters():
             param.copy_(seeded_value(name, param.shape, generator).to(param.dtype))
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def random_conditioning(width: int = 1024, tokens: int = 77, seed: int = 1):
@@ -76,8 +90,9 @@ def ksample(model, positive, negative, steps: int, size: int, seed: int = 0, sam
 
     with torch.inference_mode():
         latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
-        return nodes.common_ksampler(model, seed, steps, 7.5, sampler, "normal", positive, negative, latent,
-                                     disable_noise=False)[0]["samples"]
+        return nodes.common_ksampler(
+            model, seed, steps, 7.5, sampler, "normal", positive, negative, latent, disable_noise=False
+        )[0]["samples"]
 
 
 def _reset_peak() -> None:
@@ -100,8 +115,21 @@ def _peak_bytes() -> int:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def held_bytes() -> int:
@@ -137,9 +165,11 @@ def compare(results: dict, baseline: str, candidate: str) -> dict:
     """Median time ratio and max peak memory ratio of candidate over baseline."""
     base, cand = results[baseline], results[candidate]
     return {
-        "baseline_s": statistics.median(base["seconds"]), "candidate_s": statistics.median(cand["seconds"]),
+        "baseline_s": statistics.median(base["seconds"]),
+        "candidate_s": statistics.median(cand["seconds"]),
         "time_ratio": statistics.median(cand["seconds"]) / statistics.median(base["seconds"]),
-        "baseline_peak_mb": max(base["peak"]) / 2**20, "candidate_peak_mb": max(cand["peak"]) / 2**20,
+        "baseline_peak_mb": max(base["peak"]) / 2**20,
+        "candidate_peak_mb": max(cand["peak"]) / 2**20,
         "memory_ratio": max(cand["peak"]) / max(base["peak"]),
     }
 

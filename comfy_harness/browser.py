@@ -23,8 +23,16 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 CHROMIUM = os.environ.get("CONCEPTSPLIT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 VIEWPORT = {"width": 1600, "height": 900}
 APP_READY_MS = 45_000
 # Settings of a user who has seen the first-run template browser; the minimap would cover part of a screenshot.
@@ -36,8 +44,10 @@ LOCAL_SCHEMES = ("data:", "blob:", "about:")
 # File extensions frontend 1.49 treats as model files when it looks for missing models (its isModelFileName).
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".onnx", ".gguf")
 
-_APP_READY_JS = ("() => !!(window.app && window.app.graph && window.LiteGraph && window.app.vueAppReady !== false"
-                 " && Object.keys(window.LiteGraph.registered_node_types).length > 50)")
+_APP_READY_JS = (
+    "() => !!(window.app && window.app.graph && window.LiteGraph && window.app.vueAppReady !== false"
+    " && Object.keys(window.LiteGraph.registered_node_types).length > 50)"
+)
 _LOAD_TEMPLATE_JS = """async ([module, name]) => {
     const response = await window.app.api.fetchApi(`/workflow_templates/${module}/${name}.json`);
     if (!response.ok) throw new Error(`template ${module}/${name}: HTTP ${response.status}`);
@@ -144,8 +154,11 @@ class LoadReport:
         """The `missing_values` that name a model file (by its extension, the rule frontend 1.49 uses)."""
         found = {}
         for node, widgets in self.missing_values.items():
-            files = {name: value for name, value in widgets.items()
-                     if isinstance(value, str) and value.lower().endswith(MODEL_FILE_SUFFIXES)}
+            files = {
+                name: value
+                for name, value in widgets.items()
+                if isinstance(value, str) and value.lower().endswith(MODEL_FILE_SUFFIXES)
+            }
             if files:
                 found[node] = files
         return found
@@ -161,8 +174,11 @@ class LoadReport:
         """Why the workflow does not open cleanly in this frontend (empty when it does); missing files are not a
         problem (a test machine has no weights)."""
         found = [f"node type unknown to the frontend: {t}" for t in self.unregistered]
-        found += [f"node the frontend could not create: {n}" for n in self.broken_nodes
-                  if n.split(":", 1)[1] not in self.unregistered]
+        found += [
+            f"node the frontend could not create: {n}"
+            for n in self.broken_nodes
+            if n.split(":", 1)[1] not in self.unregistered
+        ]
         found += [f"node marked with an error: {n}" for n in self.unexplained_errors]
         return found
 
@@ -232,8 +248,12 @@ def set_frontend_settings(server_url: str, settings: dict = FRONTEND_SETTINGS) -
     """POST /settings on the server, so the app starts without the first-run template dialog."""
     import urllib.request
 
-    request = urllib.request.Request(server_url.rstrip("/") + "/settings", data=json.dumps(settings).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server_url.rstrip("/") + "/settings",
+        data=json.dumps(settings).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         response.read()
 
@@ -268,8 +288,9 @@ def to_thumbnail(image: Image.Image, width: int) -> Image.Image:
     return image.convert("RGB").resize((width, height), Image.LANCZOS)
 
 
-def render_thumbnails(workflows_dir: Path, names: list[str], width: int, readme_image: Path | None,
-                      readme_name: str) -> list[Path]:
+def render_thumbnails(
+    workflows_dir: Path, names: list[str], width: int, readme_image: Path | None, readme_name: str
+) -> list[Path]:
     """Screenshot each workflow in the real frontend: `<name>.jpg` (`width` px wide) beside its JSON, and the
     full-size README picture of `readme_name`. Starts its own ComfyUI server (COMFYUI_PATH) with this pack.
 

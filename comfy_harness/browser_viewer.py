@@ -88,8 +88,9 @@ def viewer_status(page, node_id: int) -> dict | None:
 
 
 def wait_for_status(page, node_id: int, status: str, timeout_ms: int = READY_MS) -> dict:
-    page.page.wait_for_function(f"(id) => ({_STATUS_JS})(id)?.status === {json.dumps(status)}", arg=node_id,
-                                timeout=timeout_ms)
+    page.page.wait_for_function(
+        f"(id) => ({_STATUS_JS})(id)?.status === {json.dumps(status)}", arg=node_id, timeout=timeout_ms
+    )
     return viewer_status(page, node_id)
 
 
@@ -109,8 +110,12 @@ def latest_viewer_output(server_url: str, node_id: int) -> dict:
     """The newest history entry's UI output of the viewer node `node_id` (from ComfyUI's /history)."""
     with urllib.request.urlopen(server_url.rstrip("/") + "/history", timeout=30) as response:
         history = json.loads(response.read())
-    entries = [e for e in history.values() if viewer_payload.VIEWER_KEY in e.get("outputs", {}).get(str(node_id), {})
-               and e["prompt"][2].get(str(node_id), {}).get("class_type") == VIEWER_TYPE]
+    entries = [
+        e
+        for e in history.values()
+        if viewer_payload.VIEWER_KEY in e.get("outputs", {}).get(str(node_id), {})
+        and e["prompt"][2].get(str(node_id), {}).get("class_type") == VIEWER_TYPE
+    ]
     if not entries:
         raise AssertionError(f"no finished run in the history has viewer output for node {node_id}")
     return max(entries, key=lambda e: e["prompt"][0])["outputs"][str(node_id)]
@@ -130,14 +135,15 @@ def decoded_step_maps(payload: dict, b: int) -> torch.Tensor:
     return viewer_reference.decode_f32(payload["maps"][b], (len(payload["steps"]), len(payload["labels"]), h, w))
 
 
-def expected_overlay(payload: dict, image: np.ndarray | None, b: int, word: int, first: int, last: int,
-                     alpha: float, colormap: str) -> np.ndarray:
+def expected_overlay(
+    payload: dict, image: np.ndarray | None, b: int, word: int, first: int, last: int, alpha: float, colormap: str
+) -> np.ndarray:
     """What the widget must draw, rendered by map_render from the server's maps: (H, W, 3) float64 in 0..255."""
     mean = viewer_reference.range_mean(decoded_step_maps(payload, b), payload["step_weights"], first, last)  # (K, h, w)
     if image is None:
         raise NotImplementedError("the browser test always connects the image")
     H, W = image.shape[:2]
-    mask = maps_to_masks(mean[word:word + 1].float(), H, W)  # (1, H, W): min-max normalised, bilinear, clamped
+    mask = maps_to_masks(mean[word : word + 1].float(), H, W)  # (1, H, W): min-max normalised, bilinear, clamped
     heat = apply_colormap(mask, colormap)[0]  # (H, W, 3)
     return overlay_heatmap(torch.from_numpy(image), heat, alpha).double().numpy() * 255.0
 

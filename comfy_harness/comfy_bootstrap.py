@@ -5,6 +5,7 @@ must be enabled before any ``comfy`` module is imported. The repo has its own ``
 repo root must never sit ahead of ComfyUI's root, or ``import nodes`` would find the pack instead of
 ComfyUI's ``nodes.py``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -127,18 +128,23 @@ def load_builtin_extra_nodes() -> None:
         failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)) or []
     finally:
         root.removeFilter(held)
-    needs_server = {Path(record.getMessage().split(" in ", 1)[1].split(":", 1)[0]).name for record in held.records
-                    if _NO_SERVER in record.getMessage() and " in " in record.getMessage()}
+    needs_server = {
+        Path(record.getMessage().split(" in ", 1)[1].split(":", 1)[0]).name
+        for record in held.records
+        if _NO_SERVER in record.getMessage() and " in " in record.getMessage()
+    }
     expected = bool(failed) and set(failed) <= needs_server
-    summary = next((i for i, r in enumerate(held.records) if r.getMessage().startswith(_FAILURE_SUMMARY)),
-                   len(held.records))
+    summary = next(
+        (i for i, r in enumerate(held.records) if r.getMessage().startswith(_FAILURE_SUMMARY)), len(held.records)
+    )
     for index, record in enumerate(held.records):
         if expected and (index >= summary or _NO_SERVER in record.getMessage()):
             continue  # the report of failures that only a process without a server has
         root.handle(record)
     if expected:
-        logging.debug("comfy_extras %s register with the running server; not loaded in this process",
-                      ", ".join(sorted(failed)))
+        logging.debug(
+            "comfy_extras %s register with the running server; not loaded in this process", ", ".join(sorted(failed))
+        )
     _extras_loaded = True
 
 

@@ -4,6 +4,7 @@ The server lives in a temp ``--base-directory`` whose ``custom_nodes/`` holds sy
 ``ComfyUI-ConceptSplit``) and to the test helper pack. Only the standard library and Pillow are used; every wait
 is bounded, and failures carry the tail of the server log, which is where ComfyUI reports import errors.
 """
+
 from __future__ import annotations
 
 import io
@@ -64,8 +65,14 @@ def _format_validation_error(body: dict) -> str:
 class ComfyServer:
     """A ComfyUI subprocess on a free localhost port; use as a context manager or call start()/stop()."""
 
-    def __init__(self, comfyui_root: Path | str, models: dict[str, list[Path]] | None = None,
-                 startup_timeout: float = 60.0, keep_base_dir: bool = False, cpu: bool = True):
+    def __init__(
+        self,
+        comfyui_root: Path | str,
+        models: dict[str, list[Path]] | None = None,
+        startup_timeout: float = 60.0,
+        keep_base_dir: bool = False,
+        cpu: bool = True,
+    ):
         self.comfyui_root = Path(comfyui_root).resolve()
         self.cpu = cpu  # False: let ComfyUI use the GPU (the demo on a real checkpoint)
         self.models = models or {}
@@ -118,20 +125,37 @@ class ComfyServer:
                 self.add_model(folder, f)
         self.port = _free_port()
         cmd = [
-            sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port",
+            sys.executable,
+            "main.py",
+            *(["--cpu"] if self.cpu else []),
+            "--listen",
+            "127.0.0.1",
+            "--port",
             str(self.port),
-            "--base-directory", str(self.base_dir), "--disable-auto-launch",
-            "--database-url", "sqlite:///:memory:",
+            "--base-directory",
+            str(self.base_dir),
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
             # Ignore any other packs a user's extra_model_paths.yaml might add.
-            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER, HELPER_FOLDER,
+            "--disable-all-custom-nodes",
+            "--whitelist-custom-nodes",
+            PACK_FOLDER,
+            HELPER_FOLDER,
         ]
         env = dict(os.environ, CONCEPTSPLIT_REPO=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         # main.py's own folder is sys.path[0]; a PYTHONPATH holding the repo root would shadow ComfyUI's `nodes`.
         env.pop("PYTHONPATH", None)
         self._log_file = open(self.base_dir / "server.log", "wb")
         logger.info("starting ComfyUI on port %s, base dir %s", self.port, self.base_dir)
-        self._proc = subprocess.Popen(cmd, cwd=self.comfyui_root, env=env, stdout=self._log_file,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=self.comfyui_root,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + self.startup_timeout
         while True:
             code = self._proc.poll()
@@ -183,8 +207,9 @@ class ComfyServer:
     # -- HTTP ----------------------------------------------------------------------------------------
     def _request(self, method: str, route: str, body: dict | None = None, timeout: float = 30) -> bytes:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + route, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        req = urllib.request.Request(
+            self.url + route, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read()
 
@@ -212,8 +237,12 @@ class ComfyServer:
             if err.code != 400:
                 raise ComfyServerError(f"POST /prompt failed: HTTP {err.code}", self.log_tail()) from err
             body = json.loads(err.read() or b"{}")
-            raise ComfyServerError(_format_validation_error(body), self.log_tail(),
-                                   node_errors=body.get("node_errors", {}), validation=True) from err
+            raise ComfyServerError(
+                _format_validation_error(body),
+                self.log_tail(),
+                node_errors=body.get("node_errors", {}),
+                validation=True,
+            ) from err
         return json.loads(raw)["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 120) -> dict:

@@ -27,14 +27,22 @@ def tiny_adapter_layers(model_patcher, seed: int, rank: int = TINY_RANK, magnitu
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for layer in layout.layers:
-        lora_a = torch.randn(rank, layer.in_features, generator=g) / layer.in_features ** 0.5
+        lora_a = torch.randn(rank, layer.in_features, generator=g) / layer.in_features**0.5
         lora_b = torch.randn(layer.out_features, rank, generator=g) * magnitude
         layers[layer.path] = (lora_a, lora_b)
     return layout, layers
 
 
-def write_tiny_adapter(path: Path | str, model_patcher, word: str, seed: int, *, role: str = "object",
-                       official: bool = False, rank: int = TINY_RANK) -> Path:
+def write_tiny_adapter(
+    path: Path | str,
+    model_patcher,
+    word: str,
+    seed: int,
+    *,
+    role: str = "object",
+    official: bool = False,
+    rank: int = TINY_RANK,
+) -> Path:
     """Write a random adapter for `model_patcher` in the native (default) or the official format."""
     path = Path(path)
     layout, layers = tiny_adapter_layers(model_patcher, seed, rank)
@@ -47,7 +55,14 @@ def write_tiny_adapter(path: Path | str, model_patcher, word: str, seed: int, *,
         return path
     adapter_file = _pack_module("conceptsplit_core.adapter_file")
     base = layout.family + ("-v" if layout.family == "sd2.1" and layout.prediction == "v" else "")
-    meta = adapter_file.AdapterMetadata(base_model=base, text_width=layout.text_width, rank=rank, alpha=rank,
-                                        identifier_word=word, role=role, prediction=layout.prediction,
-                                        layers=len(layers))
+    meta = adapter_file.AdapterMetadata(
+        base_model=base,
+        text_width=layout.text_width,
+        rank=rank,
+        alpha=rank,
+        identifier_word=word,
+        role=role,
+        prediction=layout.prediction,
+        layers=len(layers),
+    )
     return adapter_file.write_adapter_file(path, layers, meta, overwrite=True)

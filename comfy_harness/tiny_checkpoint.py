@@ -10,6 +10,7 @@ Measured on CPU (ComfyUI 0.3.64, torch 2.14): the default file is 289 MB in fp16
 ``load_checkpoint_guess_config`` loads it in ~0.1 s (``full_vae=True``: 451 MB, ~3 s, ~0.5 s). Weights are
 random (seeded), so images are noise.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,16 +21,37 @@ import torch
 from .tiny_models import seeded_value
 
 _UNET_CONFIG = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
-    transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
-    use_spatial_transformer=True, legacy=False, use_checkpoint=False, use_temporal_attention=False,
-    use_temporal_resblock=False, use_linear_in_transformer=False, adm_in_channels=None,
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[1],
+    channel_mult=[1],
+    transformer_depth=[1],
+    transformer_depth_output=[1, 1],
+    transformer_depth_middle=-2,
+    context_dim=768,
+    use_spatial_transformer=True,
+    legacy=False,
+    use_checkpoint=False,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
 )
 # SD1.x latents are scaled by 0.18215 before the VAE sees them; TAESD undoes it with vae_scale.
 _TAESD_SCALE = 0.18215
 _FULL_VAE_CONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 
 

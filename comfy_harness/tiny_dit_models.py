@@ -5,6 +5,7 @@ attention calls (text tokens first, post-RoPE q and k), while a build plus a few
 second on CPU. Requires ``comfy_bootstrap.bootstrap_comfyui`` first. Which families exist depends on the installed
 ComfyUI: ``available_dit_families()`` detects them by class, never by version string.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,15 +15,21 @@ import torch
 FLUX_HIDDEN, FLUX_HEADS = 64, 2
 FLUX_T5_WIDTH, FLUX_CLIP_WIDTH = 48, 32
 FLUX_CONFIG = {  # the keys FluxParams needs; real Flux.1-dev values in comments
-    "image_model": "flux", "in_channels": 16, "out_channels": 16,
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
     "vec_in_dim": FLUX_CLIP_WIDTH,  # 768: CLIP-L pooled
     "context_in_dim": FLUX_T5_WIDTH,  # 4096: T5-XXL d_model
     "hidden_size": FLUX_HIDDEN,  # 3072
     "mlp_ratio": 2.0,  # 4.0
     "num_heads": FLUX_HEADS,  # 24
-    "depth": 2, "depth_single_blocks": 1,  # 19 / 38
+    "depth": 2,
+    "depth_single_blocks": 1,  # 19 / 38
     "axes_dim": [8, 12, 12],  # [16, 56, 56]; sum = hidden / heads
-    "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": True,
     "txt_ids_dims": [],
 }
 
@@ -86,21 +93,36 @@ def build_tiny_flux(seed: int = 0):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     _init_module(model.diffusion_model, gen)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                               offload_device=torch.device("cpu"))
-    clip = _build_clip(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip(), {
-        "t5xxl_model_config": {"d_model": FLUX_T5_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 3, "num_layers": 1},
-        "clip_l_model_config": {"hidden_size": FLUX_CLIP_WIDTH, "intermediate_size": 64, "num_attention_heads": 2,
-                                "num_hidden_layers": 2, "projection_dim": FLUX_CLIP_WIDTH},
-    }, gen)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    clip = _build_clip(
+        comfy.text_encoders.flux.FluxTokenizer,
+        comfy.text_encoders.flux.flux_clip(),
+        {
+            "t5xxl_model_config": {"d_model": FLUX_T5_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 3, "num_layers": 1},
+            "clip_l_model_config": {
+                "hidden_size": FLUX_CLIP_WIDTH,
+                "intermediate_size": 64,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 2,
+                "projection_dim": FLUX_CLIP_WIDTH,
+            },
+        },
+        gen,
+    )
     return patcher, clip
 
 
 QWEN_TE_WIDTH = 32
 QWEN_CONFIG = {  # real Qwen-Image values in comments
-    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,  # 16 ch × 2×2 packed
+    "image_model": "qwen_image",
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,  # 16 ch × 2×2 packed
     "num_layers": 2,  # 60
-    "attention_head_dim": 32, "num_attention_heads": 2,  # 128 × 24
+    "attention_head_dim": 32,
+    "num_attention_heads": 2,  # 128 × 24
     "joint_attention_dim": QWEN_TE_WIDTH,  # 3584 (Qwen2.5-VL-7B hidden)
     "axes_dims_rope": (8, 12, 12),  # (16, 56, 56); sum = head dim
 }
@@ -121,12 +143,24 @@ def build_tiny_qwenimage(seed: int = 0):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     _init_module(model.diffusion_model, gen)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                               offload_device=torch.device("cpu"))
-    clip = _build_clip(comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te(), {
-        "qwen25_7b_model_config": {"hidden_size": QWEN_TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 3,
-                                   "num_attention_heads": 2, "num_key_value_heads": 1},
-    }, gen, skip=(".visual.",))
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    clip = _build_clip(
+        comfy.text_encoders.qwen_image.QwenImageTokenizer,
+        comfy.text_encoders.qwen_image.te(),
+        {
+            "qwen25_7b_model_config": {
+                "hidden_size": QWEN_TE_WIDTH,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+        },
+        gen,
+        skip=(".visual.",),
+    )
     return patcher, clip
 
 

@@ -13,8 +13,20 @@ import torch
 from safetensors.torch import save_file
 
 FORMATS = ("lora", "loha", "lokr")
-LINEAR_PARTS = (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.", ".attn1.to_out.0.", ".attn2.to_q.", ".attn2.to_k.",
-                ".attn2.to_v.", ".attn2.to_out.0.", ".ff.net.0.proj.", ".ff.net.2.", ".proj_in.", ".proj_out.")
+LINEAR_PARTS = (
+    ".attn1.to_q.",
+    ".attn1.to_k.",
+    ".attn1.to_v.",
+    ".attn1.to_out.0.",
+    ".attn2.to_q.",
+    ".attn2.to_k.",
+    ".attn2.to_v.",
+    ".attn2.to_out.0.",
+    ".ff.net.0.proj.",
+    ".ff.net.2.",
+    ".proj_in.",
+    ".proj_out.",
+)
 CONV_PARTS = (".conv1.", ".conv2.")
 
 
@@ -28,7 +40,7 @@ def _targets(model_patcher, kind: str):
     for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(base.model_config.unet_config).items():
         if not diffusers_key.endswith(".weight"):
             continue
-        name = diffusers_key[:-len(".weight")]
+        name = diffusers_key[: -len(".weight")]
         dotted = f".{name}."
         linear = any(part in dotted for part in LINEAR_PARTS) and "transformer_blocks" in dotted
         conv = any(part in dotted for part in CONV_PARTS) and "resnets" in dotted
@@ -38,12 +50,19 @@ def _targets(model_patcher, kind: str):
         weight = weights[ldm_key]
         if kind != "lora" and weight.dim() != 2:  # LoHa/LoKr here: linear layers only
             continue
-        found.append((f"lora_unet_{name.replace('.', '_')}", ldm_key[:-len(".weight")], weight))
+        found.append((f"lora_unet_{name.replace('.', '_')}", ldm_key[: -len(".weight")], weight))
     return sorted(found)
 
 
-def write_tiny_lora(path: Path | str, model_patcher, seed: int, kind: str = "lora", rank: int = 4,
-                    magnitude: float = 1.0, extra: dict | None = None) -> dict[str, torch.Tensor]:
+def write_tiny_lora(
+    path: Path | str,
+    model_patcher,
+    seed: int,
+    kind: str = "lora",
+    rank: int = 4,
+    magnitude: float = 1.0,
+    extra: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """Write a random LoRA of `kind` for this tiny model; return {ldm module path: ΔW (float64, strength 1)}.
 
     `extra` tensors are added to the file as they are (e.g. text-encoder keys). ΔW has the weight's shape.
@@ -53,7 +72,7 @@ def write_tiny_lora(path: Path | str, model_patcher, seed: int, kind: str = "lor
     for name, module_path, weight in _targets(model_patcher, kind):
         out_features = weight.shape[0]
         in_features = weight[0].numel()
-        scale = magnitude / in_features ** 0.5
+        scale = magnitude / in_features**0.5
         if kind == "lora":
             down = torch.randn(rank, *weight.shape[1:], generator=g) * scale  # (r, in[, kh, kw])
             up_shape = (out_features, rank) + (1, 1) * (weight.dim() == 4)

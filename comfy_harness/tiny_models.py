@@ -4,6 +4,7 @@ Real ComfyUI classes and key names with tiny widths, so hooks see the true layer
 few sampling steps take well under a second on CPU. Context widths: sd15 32 (clip_l), sd21 64 (clip_h),
 sdxl 96 (clip_l 32 + clip_g 64, pooled 64). Requires ``comfy_bootstrap.bootstrap_comfyui`` first.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,16 @@ _VAE_CONFIG = {
     "params": {
         "embed_dim": 4,
         "ddconfig": {
-            "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 64,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 1, 1, 1],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
         },
     }
 }
@@ -30,11 +39,23 @@ _VAE_CONFIG = {
 
 def _unet_config(arch: str) -> dict:
     cfg = dict(
-        image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1],
-        channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
-        transformer_depth_middle=1, context_dim=CONTEXT_WIDTHS[arch], use_spatial_transformer=True,
-        legacy=False, use_checkpoint=False, use_temporal_attention=False, use_temporal_resblock=False,
-        use_linear_in_transformer=arch != "sd15", adm_in_channels=None,
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=64,
+        num_res_blocks=[1, 1],
+        channel_mult=[1, 2],
+        transformer_depth=[1, 1],
+        transformer_depth_output=[1, 1, 1, 1],
+        transformer_depth_middle=1,
+        context_dim=CONTEXT_WIDTHS[arch],
+        use_spatial_transformer=True,
+        legacy=False,
+        use_checkpoint=False,
+        use_temporal_attention=False,
+        use_temporal_resblock=False,
+        use_linear_in_transformer=arch != "sd15",
+        adm_in_channels=None,
     )
     if arch == "sdxl":
         # pooled clip_g width + 6 size embeddings of 256 (comfy.model_base.SDXL.encode_adm)
@@ -85,7 +106,10 @@ def _build_clip(arch: str, gen: torch.Generator):
         width = _CLIP_WIDTHS[name]
         # SDClipModel merges "<name>_model_config" into its JSON config, which shrinks the encoder.
         options[f"{name}_model_config"] = {
-            "hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2, "num_hidden_layers": 3,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 3,
         }
     clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model), model_options=options)
     _init_module(clip.cond_stage_model, gen)
@@ -95,6 +119,7 @@ def _build_clip(arch: str, gen: torch.Generator):
 @contextlib.contextmanager
 def _quiet_missing_vae_keys():
     """comfy.sd.VAE logs every key of an empty state dict as missing; we initialise them right after."""
+
     def drop(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Missing VAE keys")
 
@@ -129,8 +154,11 @@ def build_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float3
     import comfy.supported_models
 
     gen = torch.Generator().manual_seed(seed)
-    config_cls = {"sd15": comfy.supported_models.SD15, "sd21": comfy.supported_models.SD20,
-                  "sdxl": comfy.supported_models.SDXL}[arch]
+    config_cls = {
+        "sd15": comfy.supported_models.SD15,
+        "sd21": comfy.supported_models.SD20,
+        "sdxl": comfy.supported_models.SDXL,
+    }[arch]
     mc = config_cls(_unet_config(arch))
     # __init__ forces the full-size head layout from unet_extra_config; shrink it back.
     if arch == "sd15":
@@ -142,8 +170,9 @@ def build_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float3
     base_cls = comfy.model_base.SDXL if arch == "sdxl" else comfy.model_base.BaseModel
     base = base_cls(mc, model_type=model_type)
     _init_module(base.diffusion_model, gen)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
+    model = comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
     clip = _build_clip(arch, gen)
     with _quiet_missing_vae_keys():
         vae = comfy.sd.VAE(sd={}, config=_VAE_CONFIG)

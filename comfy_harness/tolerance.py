@@ -14,6 +14,7 @@ Rules the tests follow (every tolerance is derived, never tuned to one run's num
   attention kernel): no useful a-priori bound exists (rounding is amplified through every layer and step), so compare
   against the size of the effect the test checks: `effect_tolerance`.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,5 +65,6 @@ def effect_tolerance(with_effect, without_effect, fraction: float = 0.05) -> flo
     moves the result by the order of the effect itself, so 5 % of it still catches those, while float32 rounding of
     the same maths stays far smaller; the caller says which error the comparison exists to catch.
     """
-    return fraction * max_abs(torch.as_tensor(with_effect, dtype=torch.float64)
-                              - torch.as_tensor(without_effect, dtype=torch.float64))
+    return fraction * max_abs(
+        torch.as_tensor(with_effect, dtype=torch.float64) - torch.as_tensor(without_effect, dtype=torch.float64)
+    )

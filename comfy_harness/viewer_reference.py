@@ -18,5 +18,5 @@ def decode_f32(text: str, shape: Sequence[int]) -> torch.Tensor:
 def range_mean(step_maps: torch.Tensor, weights: Sequence[int], first: int, last: int) -> torch.Tensor:
     """The maps the viewer shows for slider entries first..last (inclusive): the weighted mean of those steps,
     as the browser computes it (in float64). Shapes: step_maps (S_rec, K, h, w) -> (K, h, w) float64."""
-    w = torch.tensor(list(weights[first:last + 1]), dtype=torch.float64)  # (n,)
-    return (step_maps[first:last + 1].double() * w[:, None, None, None]).sum(0) / w.sum()
+    w = torch.tensor(list(weights[first : last + 1]), dtype=torch.float64)  # (n,)
+    return (step_maps[first : last + 1].double() * w[:, None, None, None]).sum(0) / w.sum()

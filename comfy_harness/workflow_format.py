@@ -108,8 +108,14 @@ class _UiGraph:
         links = {}
         for link in workflow.get("links", []):
             if isinstance(link, dict):
-                link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
-                        link.get("type", "*")]
+                link = [
+                    link["id"],
+                    link["origin_id"],
+                    link["origin_slot"],
+                    link["target_id"],
+                    link["target_slot"],
+                    link.get("type", "*"),
+                ]
             links[link[0]] = tuple(link[1:6])
         return cls({node["id"]: node for node in workflow.get("nodes", [])}, links)
 
@@ -145,8 +151,11 @@ class _UiGraph:
         output_type = outputs[slot]["type"] if slot < len(outputs) else "*"
         if target_type in ("*", ""):
             return slot if len(inputs) > slot else 0
-        if slot < len(inputs) and types_match(inputs[slot]["type"], output_type) \
-                and types_match(inputs[slot]["type"], target_type):
+        if (
+            slot < len(inputs)
+            and types_match(inputs[slot]["type"], output_type)
+            and types_match(inputs[slot]["type"], target_type)
+        ):
             return slot
         for i, inp in enumerate(inputs):
             if inp["type"] == target_type:
@@ -172,8 +181,10 @@ def widget_inputs_from_values(node: dict, node_def: dict) -> dict:
     expected = sum(1 + len(spec.helper_widget_values()) for spec in widgets)
     if len(values) != expected:
         names = [spec.name for spec in widgets]
-        raise WorkflowFormatError(f"node {node['id']} ({node['type']}): {len(values)} widget values, but the node "
-                                  f"has {expected} widget slots for {names}; the workflow is out of date")
+        raise WorkflowFormatError(
+            f"node {node['id']} ({node['type']}): {len(values)} widget values, but the node "
+            f"has {expected} widget slots for {names}; the workflow is out of date"
+        )
     out, i = {}, 0
     for spec in widgets:
         out[spec.name] = values[i]
@@ -248,8 +259,9 @@ def _is_link(value: Any) -> bool:
 
 
 def _node_size(specs: list[InputSpec], api_inputs: dict, n_outputs: int, width: float) -> list[float]:
-    sockets = sum(1 for s in specs if not s.is_widget) + sum(1 for s in specs if s.is_widget and
-                                                              _is_link(api_inputs.get(s.name)))
+    sockets = sum(1 for s in specs if not s.is_widget) + sum(
+        1 for s in specs if s.is_widget and _is_link(api_inputs.get(s.name))
+    )
     height = TITLE_HEIGHT + SLOT_HEIGHT * max(sockets, n_outputs) + 8
     for spec in (s for s in specs if s.is_widget):
         multiline = spec.type == "STRING" and spec.options.get("multiline")
@@ -277,8 +289,9 @@ def _depths(api_graph: dict) -> dict[str, int]:
     return depths
 
 
-def api_to_ui(api_graph: dict, object_info: dict, layout: Layout | None = None, notes: list[Note] = (),
-              extra: dict | None = None) -> dict:
+def api_to_ui(
+    api_graph: dict, object_info: dict, layout: Layout | None = None, notes: list[Note] = (), extra: dict | None = None
+) -> dict:
     """A frontend-loadable UI workflow (schema 0.4) for an API-format graph whose node ids are integers.
 
     Widget inputs the graph leaves out get their defaults; `_meta.title` becomes the node title. `extra` is merged
@@ -303,15 +316,25 @@ def api_to_ui(api_graph: dict, object_info: dict, layout: Layout | None = None, 
     ui_nodes: dict[str, dict] = {}
     for nid in order:
         node, node_def = api_graph[nid], object_info[api_graph[nid]["class_type"]]
-        outputs = [{"name": name, "type": kind, "links": [], "slot_index": i}
-                   for i, (kind, name) in enumerate(zip(node_def.get("output", []),
-                                                        node_def.get("output_name") or node_def.get("output", [])))]
+        outputs = [
+            {"name": name, "type": kind, "links": [], "slot_index": i}
+            for i, (kind, name) in enumerate(
+                zip(node_def.get("output", []), node_def.get("output_name") or node_def.get("output", []))
+            )
+        ]
         width = layout.wide_types.get(node["class_type"], layout.node_width)
         ui_nodes[nid] = {
-            "id": int(nid), "type": node["class_type"], "pos": [0.0, 0.0],
+            "id": int(nid),
+            "type": node["class_type"],
+            "pos": [0.0, 0.0],
             "size": _node_size(specs[nid], node["inputs"], len(outputs), width),
-            "flags": {}, "order": 0, "mode": MODE_ALWAYS, "inputs": [], "outputs": outputs,
-            "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": [],
+            "flags": {},
+            "order": 0,
+            "mode": MODE_ALWAYS,
+            "inputs": [],
+            "outputs": outputs,
+            "properties": {"Node name for S&R": node["class_type"]},
+            "widgets_values": [],
         }
         title = (node.get("_meta") or {}).get("title")
         if title and title != node_def.get("display_name", node["class_type"]):
@@ -324,11 +347,13 @@ def api_to_ui(api_graph: dict, object_info: dict, layout: Layout | None = None, 
         for spec in specs[nid]:
             value = node["inputs"].get(spec.name)
             if spec.is_widget:
-                ui["widgets_values"].extend([spec.default if value is None or _is_link(value) else value,
-                                             *spec.helper_widget_values()])
+                ui["widgets_values"].extend(
+                    [spec.default if value is None or _is_link(value) else value, *spec.helper_widget_values()]
+                )
                 if _is_link(value):
-                    widget_sockets.append({"name": spec.name, "type": spec.type, "widget": {"name": spec.name},
-                                           "link": value})
+                    widget_sockets.append(
+                        {"name": spec.name, "type": spec.type, "widget": {"name": spec.name}, "link": value}
+                    )
             else:
                 socket_inputs.append({"name": spec.name, "type": spec.type, "link": value if _is_link(value) else None})
         ui["inputs"] = socket_inputs + widget_sockets
@@ -338,8 +363,9 @@ def api_to_ui(api_graph: dict, object_info: dict, layout: Layout | None = None, 
             src_id, src_slot = slot["link"]
             source = ui_nodes.get(src_id)
             if source is None or src_slot >= len(source["outputs"]):
-                raise WorkflowFormatError(f"node {nid} input {slot['name']!r} links to a missing output "
-                                          f"{src_id}:{src_slot}")
+                raise WorkflowFormatError(
+                    f"node {nid} input {slot['name']!r} links to a missing output {src_id}:{src_slot}"
+                )
             link_id = len(links) + 1
             links.append([link_id, int(src_id), src_slot, int(nid), slot_index, source["outputs"][src_slot]["type"]])
             source["outputs"][src_slot]["links"].append(link_id)
@@ -365,19 +391,33 @@ def api_to_ui(api_graph: dict, object_info: dict, layout: Layout | None = None, 
 def _note_nodes(notes: list[Note], first_id: int) -> list[dict]:
     out = []
     for i, note in enumerate(notes):
-        height = note.height or TITLE_HEIGHT + 20 + 18 * sum(max(1, math.ceil(len(line) / 52))
-                                                             for line in note.text.splitlines() or [""])
-        out.append({
-            "id": first_id + i, "type": "MarkdownNote" if note.markdown else "Note",
-            "pos": list(note.pos) if note.pos else None, "size": [note.width, height], "flags": {}, "order": 0,
-            "mode": MODE_ALWAYS, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note.text],
-            "title": note.title, "color": "#432", "bgcolor": "#653",
-        })
+        height = note.height or TITLE_HEIGHT + 20 + 18 * sum(
+            max(1, math.ceil(len(line) / 52)) for line in note.text.splitlines() or [""]
+        )
+        out.append(
+            {
+                "id": first_id + i,
+                "type": "MarkdownNote" if note.markdown else "Note",
+                "pos": list(note.pos) if note.pos else None,
+                "size": [note.width, height],
+                "flags": {},
+                "order": 0,
+                "mode": MODE_ALWAYS,
+                "inputs": [],
+                "outputs": [],
+                "properties": {},
+                "widgets_values": [note.text],
+                "title": note.title,
+                "color": "#432",
+                "bgcolor": "#653",
+            }
+        )
     return out
 
 
-def _place(order: list[str], depths: dict[str, int], ui_nodes: dict[str, dict], note_nodes: list[dict],
-           layout: Layout) -> tuple[float, float, float, float]:
+def _place(
+    order: list[str], depths: dict[str, int], ui_nodes: dict[str, dict], note_nodes: list[dict], layout: Layout
+) -> tuple[float, float, float, float]:
     """Set every node's `pos`; return the bounding box (x0, y0, x1, y1)."""
     x0, y0 = layout.origin
     columns: dict[int, list[str]] = {}
@@ -391,8 +431,10 @@ def _place(order: list[str], depths: dict[str, int], ui_nodes: dict[str, dict], 
             for note in free_notes:
                 note["pos"] = [x, y]
                 y += note["size"][1] + layout.row_gap
-        width = max([ui_nodes[n]["size"][0] for n in columns[depth]]
-                    + ([n["size"][0] for n in free_notes] if depth == 0 else []))
+        width = max(
+            [ui_nodes[n]["size"][0] for n in columns[depth]]
+            + ([n["size"][0] for n in free_notes] if depth == 0 else [])
+        )
         for nid in columns[depth]:
             ui_nodes[nid]["pos"] = [x, y]
             y += ui_nodes[nid]["size"][1] + layout.row_gap
@@ -401,8 +443,12 @@ def _place(order: list[str], depths: dict[str, int], ui_nodes: dict[str, dict], 
     boxes = [(n["pos"], n["size"]) for n in [*ui_nodes.values(), *note_nodes]]
     if not boxes:
         return (x0, y0, x0, y0)
-    return (min(p[0] for p, _ in boxes), min(p[1] for p, _ in boxes) - TITLE_HEIGHT,
-            max(p[0] + s[0] for p, s in boxes), max(p[1] + s[1] for p, s in boxes))
+    return (
+        min(p[0] for p, _ in boxes),
+        min(p[1] for p, _ in boxes) - TITLE_HEIGHT,
+        max(p[0] + s[0] for p, s in boxes),
+        max(p[1] + s[1] for p, s in boxes),
+    )
 
 
 def _fit_view(bounds: tuple[float, float, float, float], viewport: tuple[float, float]) -> dict:

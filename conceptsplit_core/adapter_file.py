@@ -37,8 +37,21 @@ FORMAT_OFFICIAL = "official"
 _NATIVE_KEY = re.compile(r"^tova\.(?P<path>.+)\.attn2\.to_v\.lora_(?P<part>[AB])\.weight$")
 _OFFICIAL_KEY = re.compile(r"^unet\.(?P<path>.+)\.attn2\.to_v\.original_linear\.lora_(?P<part>[AB])\.weight$")
 # Fragments that only ordinary LoRA / LyCORIS files use (kohya, diffusers, PEFT, ComfyUI's own trainer).
-_REGULAR_LORA_MARKERS = ("lora_up", "lora_down", "lora_unet_", "lora_te", ".alpha", "lora_A", "lora_B",
-                         "hada_w", "lokr_w", ".diff", "lora.up", "lora.down", "lora_linear_layer")
+_REGULAR_LORA_MARKERS = (
+    "lora_up",
+    "lora_down",
+    "lora_unet_",
+    "lora_te",
+    ".alpha",
+    "lora_A",
+    "lora_B",
+    "hada_w",
+    "lokr_w",
+    ".diff",
+    "lora.up",
+    "lora.down",
+    "lora_linear_layer",
+)
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _LOADER_HINT = 'Load it with ComfyUI\'s "Load LoRA" node (LoraLoader) instead'
@@ -137,7 +150,8 @@ def read_adapter_file(path: str | Path) -> AdapterWeights:
     if not path.is_file():
         raise ConceptSplitError.build(
             f'Adapter file "{path}" does not exist',
-            seen="no file at that path", expected="a .safetensors ToVA adapter",
+            seen="no file at that path",
+            expected="a .safetensors ToVA adapter",
             fix='put the file in ComfyUI/models/tova and press "Refresh" (R) in the UI',
         )
     tensors, raw_meta = _read_tensors(path)
@@ -149,8 +163,16 @@ def read_adapter_file(path: str | Path) -> AdapterWeights:
         _check_metadata_against_tensors(name, metadata, rank, text_width, len(layers))
     alpha = metadata.alpha if metadata is not None else float(rank)  # official: alpha = r, scale 1 (method §2.5)
     norms = _check_delta_sizes(name, layers, alpha / rank)
-    return AdapterWeights(name=name, file_format=file_format, layers=layers, rank=rank, text_width=text_width,
-                          alpha=alpha, metadata=metadata, delta_norms=norms)
+    return AdapterWeights(
+        name=name,
+        file_format=file_format,
+        layers=layers,
+        rank=rank,
+        text_width=text_width,
+        alpha=alpha,
+        metadata=metadata,
+        delta_norms=norms,
+    )
 
 
 def delta_frobenius_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
@@ -165,9 +187,14 @@ def delta_frobenius_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:
     return math.sqrt(max(squared, 0.0))  # rounding can leave a tiny negative sum for a zero delta
 
 
-def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                       metadata: AdapterMetadata, *, dtype: torch.dtype = torch.float32,
-                       overwrite: bool = False) -> Path:
+def write_adapter_file(
+    path: str | Path,
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    metadata: AdapterMetadata,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
     """Write the native format atomically (temp file in the folder, then rename); never a partial file.
 
     Shapes: layers maps diffusers path -> (A (r, d), B (C, r)). dtype: torch.float32 (default) or torch.float16.
@@ -175,14 +202,20 @@ def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor
     from safetensors.torch import save
 
     if dtype not in (torch.float32, torch.float16):
-        raise ConceptSplitError.build("Unsupported adapter precision", seen=str(dtype),
-                                      expected="torch.float32 or torch.float16", fix="choose fp32 or fp16")
+        raise ConceptSplitError.build(
+            "Unsupported adapter precision",
+            seen=str(dtype),
+            expected="torch.float32 or torch.float16",
+            fix="choose fp32 or fp16",
+        )
     rank, width = _check_shapes(Path(path).name, layers)
     if (metadata.rank, metadata.text_width) != (rank, width):
         raise ConceptSplitError.build(
             "Adapter metadata does not match the tensors being saved",
             seen=f"metadata rank {metadata.rank}, text width {metadata.text_width}; tensors rank {rank}, width {width}",
-            expected="the same numbers", fix="build the metadata from the trained tensors")
+            expected="the same numbers",
+            fix="build the metadata from the trained tensors",
+        )
     metadata = replace(metadata, layers=len(layers))
     tensors = {}
     for layer_path, (lora_a, lora_b) in sorted(layers.items()):
@@ -193,6 +226,7 @@ def write_adapter_file(path: str | Path, layers: Mapping[str, tuple[torch.Tensor
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
+
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     suffix = path.suffix.lower()
@@ -210,7 +244,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         except Exception as err:  # safetensors raises several types for truncated/garbled headers and data
             raise ConceptSplitError.build(
                 f'Adapter file "{path.name}" is truncated or corrupt',
-                seen=f"{type(err).__name__}: {err}", expected="a complete safetensors file",
+                seen=f"{type(err).__name__}: {err}",
+                expected="a complete safetensors file",
                 fix="download or train the adapter again",
             ) from err
     if suffix in _PICKLE_SUFFIXES:
@@ -223,8 +258,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 seen=f"PyTorch's safe loader (weights_only=True) refused it ({_unpickler_detail(err)})",
                 expected="plain tensors: a .safetensors file, or a .pt/.ckpt/.bin holding only tensors",
                 fix="do not load it with weights_only=False or any other pickle loader unless you made the file "
-                    "yourself: that is exactly how a malicious file runs its code. Ask its author for a "
-                    ".safetensors version",
+                "yourself: that is exactly how a malicious file runs its code. Ask its author for a "
+                ".safetensors version",
             ) from err
         except Exception as err:  # RuntimeError for truncated or garbled zip archives
             raise ConceptSplitError.build(
@@ -236,13 +271,15 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ConceptSplitError.build(
                 f'Adapter file "{path.name}" is not a flat tensor dictionary',
-                seen=type(loaded).__name__, expected="a dict of name -> tensor",
+                seen=type(loaded).__name__,
+                expected="a dict of name -> tensor",
                 fix="save the adapter as a safetensors state dict",
             )
         return dict(loaded), {}
     raise ConceptSplitError.build(
         f'"{path.name}" has an unsupported file type',
-        seen=suffix or "no extension", expected=".safetensors or .sft (or .pt/.ckpt/.bin holding plain tensors)",
+        seen=suffix or "no extension",
+        expected=".safetensors or .sft (or .pt/.ckpt/.bin holding plain tensors)",
         fix="use a .safetensors ToVA adapter",
     )
 
@@ -252,19 +289,24 @@ def _unpickler_detail(err: Exception) -> str:
     with weights_only=False, which is the one thing not to do with a file from a stranger."""
     text = str(err)
     marker = "WeightsUnpickler error:"
-    detail = text[text.index(marker) + len(marker):] if marker in text else ""
+    detail = text[text.index(marker) + len(marker) :] if marker in text else ""
     detail = " ".join(detail.split("Check the documentation")[0].split())
     detail = detail.split(". ")[0].rstrip(".")[:200]  # the first sentence: later ones say how to allow the object
     return detail or type(err).__name__
 
 
-def _classify_keys(name: str, tensors: Mapping[str, torch.Tensor | None]
-                   ) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+def _classify_keys(
+    name: str, tensors: Mapping[str, torch.Tensor | None]
+) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """Return the format and {path: {"A": tensor, "B": tensor}}; refuse anything that is not a ToVA adapter."""
     keys = list(tensors)
     if not keys:
-        raise ConceptSplitError.build(f'Adapter file "{name}" holds no tensors', seen="0 tensors",
-                                      expected="lora_A/lora_B pairs for attn2.to_v", fix="train or download it again")
+        raise ConceptSplitError.build(
+            f'Adapter file "{name}" holds no tensors',
+            seen="0 tensors",
+            expected="lora_A/lora_B pairs for attn2.to_v",
+            fix="train or download it again",
+        )
     native = [k for k in keys if k.startswith("tova.")]
     official = [k for k in keys if ".original_linear." in k]
     if native:
@@ -277,12 +319,13 @@ def _classify_keys(name: str, tensors: Mapping[str, torch.Tensor | None]
             f'"{name}" is a regular LoRA, not a token-wise ToVA adapter',
             seen=f'keys like "{sample}" ({len(keys)} tensors), which a LoRA loader applies to every token',
             expected='keys "tova.<block>.attn2.to_v.lora_A.weight" (this pack) or '
-                     '"unet.<block>.attn2.to_v.original_linear.lora_A.weight" (official ConceptSplit)',
+            '"unet.<block>.attn2.to_v.original_linear.lora_A.weight" (official ConceptSplit)',
             fix=_LOADER_HINT,
         )
     else:
         raise ConceptSplitError.build(
-            f'"{name}" is not a ToVA adapter', seen=f'keys like "{keys[0]}"',
+            f'"{name}" is not a ToVA adapter',
+            seen=f'keys like "{keys[0]}"',
             expected="tova.* keys (this pack) or *.original_linear.* keys (official ConceptSplit)",
             fix="choose a ToVA adapter file",
         )
@@ -313,32 +356,48 @@ def _parse_metadata(name: str, raw: Mapping[str, str]) -> AdapterMetadata:
         return value
 
     if get("format") != NATIVE_FORMAT_NAME:
-        raise ConceptSplitError.build(f'Adapter "{name}" has tova.* keys but another format tag',
-                                      seen=f"{META}format = {raw.get(META + 'format')!r}",
-                                      expected=f"{NATIVE_FORMAT_NAME!r}", fix="re-save the adapter with this pack")
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" has tova.* keys but another format tag',
+            seen=f"{META}format = {raw.get(META + 'format')!r}",
+            expected=f"{NATIVE_FORMAT_NAME!r}",
+            fix="re-save the adapter with this pack",
+        )
     version = get("format_version")
     if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= NATIVE_FORMAT_VERSION:
         raise ConceptSplitError.build(
-            f'Adapter "{name}" uses format version {version}', seen=f"version {version}",
+            f'Adapter "{name}" uses format version {version}',
+            seen=f"version {version}",
             expected=f"a version from 1 to {NATIVE_FORMAT_VERSION}",
             fix="update ComfyUI-ConceptSplit (a newer version), or train the adapter again (a damaged one)",
         )
     prediction = get("prediction")
     role = get("role")
     if prediction not in (PREDICTION_EPS, PREDICTION_V) or role not in ROLES:
-        raise ConceptSplitError.build(f'Adapter "{name}" has invalid metadata',
-                                      seen=f"prediction={prediction!r}, role={role!r}",
-                                      expected=f"prediction eps|v, role {'|'.join(ROLES)}",
-                                      fix="re-save the adapter with this pack")
-    training = {key[len(META):]: value for key, value in raw.items()
-                if key.startswith(META + "train") or key == META + "templates"}
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" has invalid metadata',
+            seen=f"prediction={prediction!r}, role={role!r}",
+            expected=f"prediction eps|v, role {'|'.join(ROLES)}",
+            fix="re-save the adapter with this pack",
+        )
+    training = {
+        key[len(META) :]: value
+        for key, value in raw.items()
+        if key.startswith(META + "train") or key == META + "templates"
+    }
     try:
-        numbers = {"text_width": int(get("text_width")), "rank": int(get("rank")), "layers": int(get("layers")),
-                   "alpha": float(get("alpha"))}
+        numbers = {
+            "text_width": int(get("text_width")),
+            "rank": int(get("rank")),
+            "layers": int(get("layers")),
+            "alpha": float(get("alpha")),
+        }
     except ValueError as err:
-        raise ConceptSplitError.build(f'Adapter "{name}" has non-numeric metadata', seen=str(err),
-                                      expected="integers for text_width, rank, layers; a number for alpha",
-                                      fix="re-save the adapter with this pack") from err
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" has non-numeric metadata',
+            seen=str(err),
+            expected="integers for text_width, rank, layers; a number for alpha",
+            fix="re-save the adapter with this pack",
+        ) from err
     damaged = "the file was edited or damaged: train the adapter again or re-save it with this pack"
     for key in ("text_width", "rank", "layers"):
         check_number(f'Adapter "{name}" metadata {META}{key}', numbers[key], 1, integer=True, fix=damaged)
@@ -347,12 +406,20 @@ def _parse_metadata(name: str, raw: Mapping[str, str]) -> AdapterMetadata:
         raise ConceptSplitError.build(
             f'Adapter "{name}" has an invalid alpha in its metadata',
             seen=f"{META}alpha = {get('alpha')!r}, so the scale alpha / rank would be "
-                 f"{numbers['alpha'] / numbers['rank']!r}",
-            expected="a finite positive number (the rank itself for a scale of 1, as the paper)", fix=damaged)
+            f"{numbers['alpha'] / numbers['rank']!r}",
+            expected="a finite positive number (the rank itself for a scale of 1, as the paper)",
+            fix=damaged,
+        )
     _check_training_record(name, training, damaged)
     return AdapterMetadata(
-        base_model=get("base_model"), text_width=numbers["text_width"], rank=numbers["rank"], alpha=numbers["alpha"],
-        identifier_word=get("identifier_word"), role=role, prediction=prediction, layers=numbers["layers"],
+        base_model=get("base_model"),
+        text_width=numbers["text_width"],
+        rank=numbers["rank"],
+        alpha=numbers["alpha"],
+        identifier_word=get("identifier_word"),
+        role=role,
+        prediction=prediction,
+        layers=numbers["layers"],
         training=training,
     )
 
@@ -370,22 +437,27 @@ def _check_training_record(name: str, training: Mapping[str, str], fix: str) -> 
         check_number(f'Adapter "{name}" metadata {META}{key}', value, 0, integer=integer, fix=fix)
 
 
-def _pair_layers(name: str, parts: Mapping[str, Mapping[str, torch.Tensor]]
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pair_layers(
+    name: str, parts: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     layers = {}
     for layer_path, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
-            raise ConceptSplitError.build(f'Adapter "{name}" is missing {missing} for layer {layer_path}',
-                                          seen=f"only {', '.join('lora_' + p for p in pair)}",
-                                          expected="lora_A and lora_B for every layer",
-                                          fix="the file is incomplete; train or download it again")
+            raise ConceptSplitError.build(
+                f'Adapter "{name}" is missing {missing} for layer {layer_path}',
+                seen=f"only {', '.join('lora_' + p for p in pair)}",
+                expected="lora_A and lora_B for every layer",
+                fix="the file is incomplete; train or download it again",
+            )
         for part in ("A", "B"):
             if not pair[part].is_floating_point():
                 raise ConceptSplitError.build(
                     f'Adapter "{name}" stores lora_{part} of layer {layer_path} as {pair[part].dtype}',
-                    seen=f"dtype {pair[part].dtype}", expected="floating-point weights (float32, float16 or bfloat16)",
-                    fix="the file is damaged or is not a ToVA adapter; train or download it again")
+                    seen=f"dtype {pair[part].dtype}",
+                    expected="floating-point weights (float32, float16 or bfloat16)",
+                    fix="the file is damaged or is not a ToVA adapter; train or download it again",
+                )
         layers[layer_path] = (pair["A"].to(torch.float32), pair["B"].to(torch.float32))
     return layers
 
@@ -398,13 +470,16 @@ def _check_shapes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tens
             raise ConceptSplitError.build(
                 f'Adapter "{name}" has mis-shaped tensors at {layer_path}',
                 seen=f"lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)}",
-                expected="lora_A (r, d) and lora_B (C, r) with the same r", fix="train or download the adapter again")
+                expected="lora_A (r, d) and lora_B (C, r) with the same r",
+                fix="train or download the adapter again",
+            )
         if min(*lora_a.shape, *lora_b.shape) < 1:
             raise ConceptSplitError.build(
                 f'Adapter "{name}" has an empty layer at {layer_path} (rank 0, or a zero text or channel width)',
                 seen=f"lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)}",
                 expected="lora_A (r, d) and lora_B (C, r) with r, d and C of at least 1 (the paper's rank is 64)",
-                fix="the file is damaged or was saved from an empty adapter; train or download it again")
+                fix="the file is damaged or was saved from an empty adapter; train or download it again",
+            )
         ranks.add(lora_a.shape[0])
         widths.add(lora_a.shape[1])
         for part, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
@@ -413,16 +488,22 @@ def _check_shapes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tens
                 raise ConceptSplitError.build(
                     f'Adapter "{name}" contains NaN or Inf values',
                     seen=f"{bad} non-finite values in {part} of {layer_path}",
-                    expected="finite weights", fix="the training diverged or the file is damaged; retrain it")
+                    expected="finite weights",
+                    fix="the training diverged or the file is damaged; retrain it",
+                )
     if len(ranks) != 1 or len(widths) != 1:
-        raise ConceptSplitError.build(f'Adapter "{name}" mixes ranks or text widths across layers',
-                                      seen=f"ranks {sorted(ranks)}, text widths {sorted(widths)}",
-                                      expected="one rank and one text width", fix="train or download the adapter again")
+        raise ConceptSplitError.build(
+            f'Adapter "{name}" mixes ranks or text widths across layers',
+            seen=f"ranks {sorted(ranks)}, text widths {sorted(widths)}",
+            expected="one rank and one text width",
+            fix="train or download the adapter again",
+        )
     return ranks.pop(), widths.pop()
 
 
-def _check_delta_sizes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                       scale: float) -> dict[str, float]:
+def _check_delta_sizes(
+    name: str, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float
+) -> dict[str, float]:
     """||B·A||_F per layer; refuse a file whose scaled delta is not finite in float32. Returns path -> ||B·A||_F.
 
     Finite A and B can still multiply to Inf (weights ×1e30 give entries ~1e60), and a huge alpha can overflow the
@@ -438,11 +519,12 @@ def _check_delta_sizes(name: str, layers: Mapping[str, tuple[torch.Tensor, torch
                 f'Adapter "{name}" has weights too large to compute with: its delta overflows float32 '
                 f"at layer {layer_path}",
                 seen=f"scale alpha/rank = {scale:.4g}, ||lora_B·lora_A|| = {norm:.4g}, so ||scale·B·A|| = "
-                     f"{scaled:.4g} (largest |lora_A| {float(lora_a.abs().max()):.3g}, "
-                     f"|lora_B| {float(lora_b.abs().max()):.3g})",
+                f"{scaled:.4g} (largest |lora_A| {float(lora_a.abs().max()):.3g}, "
+                f"|lora_B| {float(lora_b.abs().max()):.3g})",
                 expected=f"a delta that float32 can hold (below {FLOAT32_MAX:.3g}; a trained adapter's stays "
-                         "within about 20 times the model layer's own weight)",
-                fix="the file was damaged or saved with a wrong scale; train or download it again")
+                "within about 20 times the model layer's own weight)",
+                fix="the file was damaged or saved with a wrong scale; train or download it again",
+            )
         norms[layer_path] = norm
     return norms
 
@@ -454,7 +536,9 @@ def _check_metadata_against_tensors(name: str, meta: AdapterMetadata, rank: int,
         raise ConceptSplitError.build(
             f'Adapter "{name}" ({FAMILY_DISPLAY[family]}) has metadata that does not match its tensors',
             seen=f"{seen}; tensors rank {rank}, text width {width}, layers {n_layers}",
-            expected="the same numbers", fix="the file was edited or damaged; re-save it with this pack")
+            expected="the same numbers",
+            fix="the file was edited or damaged; re-save it with this pack",
+        )
 
 
 def _number_text(value: float) -> str:

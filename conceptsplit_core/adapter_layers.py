@@ -19,8 +19,9 @@ def family_for_text_width(width: int) -> str | None:
     return next((family for family, w in FAMILY_TEXT_WIDTH.items() if w == width), None)
 
 
-def bind_adapter_layers(adapter: AdapterWeights, layout: ModelLayout
-                        ) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]:
+def bind_adapter_layers(
+    adapter: AdapterWeights, layout: ModelLayout
+) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]]:
     """Map the adapter's layers onto the host's attn2 layers; every layer present and shaped (method §2.7 "Loading").
 
     Shapes: returns {replace key: (A (r, d), B (C, r))} for every host cross-attention layer.
@@ -71,7 +72,8 @@ def _check_family(adapter: AdapterWeights, layout: ModelLayout) -> None:
         raise ConceptSplitError.build(
             f'Adapter "{adapter.name}" expects text features of width {adapter.text_width} '
             f"but the model's are {layout.text_width} wide",
-            seen=f"lora_A input width {adapter.text_width}", expected=f"{layout.text_width} ({model_name})",
+            seen=f"lora_A input width {adapter.text_width}",
+            expected=f"{layout.text_width} ({model_name})",
             fix=f"use an adapter trained for this {model_name} checkpoint",
         )
 

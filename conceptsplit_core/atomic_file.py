@@ -132,10 +132,10 @@ def check_name_length(folder: str | os.PathLike, file_name: str, save_name: str 
     allowed = limit - (_name_bytes(temp) - _name_bytes(typed))
     raise ConceptSplitError.build(
         f'{"File" if save_name is None else "Save"} name "{_shown(typed)}" is too long for the file system',
-        seen=f"{_name_bytes(typed)} bytes; the file \"{_shown(file_name)}\" is written through a temp file whose "
-             f"name is {_name_bytes(temp)} bytes",
+        seen=f'{_name_bytes(typed)} bytes; the file "{_shown(file_name)}" is written through a temp file whose '
+        f"name is {_name_bytes(temp)} bytes",
         expected=f"file names of at most {limit} bytes in {Path(folder)}, so a save name of at most "
-                 f"{max(allowed, 0)} bytes (letters outside ASCII take 2-4 bytes each)",
+        f"{max(allowed, 0)} bytes (letters outside ASCII take 2-4 bytes each)",
         fix=f"shorten the save name to {max(allowed, 0)} bytes or less",
     )
 
@@ -157,7 +157,7 @@ def _odd_character(text: str) -> str | None:
         if char in _BIDI_CONTROLS:
             return f"it contains an invisible text-direction character ({ascii(char)})"
         if char in _WINDOWS_INVALID:
-            return f"it contains {char!r}, which Windows does not allow in file names (<>:\"|?*)"
+            return f'it contains {char!r}, which Windows does not allow in file names (<>:"|?*)'
     return None
 
 
@@ -167,8 +167,9 @@ def _reserved_device(file_name: str) -> str | None:
     return base if base in _WINDOWS_RESERVED else None
 
 
-def safe_save_name(folder: str | os.PathLike, name: str, suffix: str = ".safetensors",
-                   sibling_suffixes: Sequence[str] = ()) -> Path:
+def safe_save_name(
+    folder: str | os.PathLike, name: str, suffix: str = ".safetensors", sibling_suffixes: Sequence[str] = ()
+) -> Path:
     """Resolve a user-typed save name to a file directly inside `folder`, or refuse it before anything is written.
 
     The name is a bare, portable file name: not empty, no folders, no `..`, not absolute; no control or
@@ -182,14 +183,13 @@ def safe_save_name(folder: str | os.PathLike, name: str, suffix: str = ".safeten
         ConceptSplitError: naming the rule the name breaks, the name seen, and how to fix it.
     """
 
-    def reject(reason: str, fix: str = "type a plain file name without folders, slashes or '..'"
-               ) -> ConceptSplitError:
+    def reject(reason: str, fix: str = "type a plain file name without folders, slashes or '..'") -> ConceptSplitError:
         return ConceptSplitError.build(
             f'Save name "{_shown(name)}" is not allowed: {reason}',
             seen=f'"{_shown(name, 80)}" ({len(name)} characters)',
             expected=f'a plain file name such as "my_dog{suffix}" that stays inside the output folder and opens on '
-                     "every system (no control characters, none of <>:\"/\\|?*, no leading dot or space, no "
-                     "trailing dot or space, not a Windows device name)",
+            'every system (no control characters, none of <>:"/\\|?*, no leading dot or space, no '
+            "trailing dot or space, not a Windows device name)",
             fix=fix,
         )
 
@@ -205,17 +205,23 @@ def safe_save_name(folder: str | os.PathLike, name: str, suffix: str = ".safeten
     if odd is not None:
         raise reject(odd, "retype the name with letters, digits, spaces, - or _ (a newline often comes from pasting)")
     if name.startswith("."):
-        raise reject("it starts with a dot, which makes a hidden file that file browsers do not show",
-                     "remove the leading dot")
+        raise reject(
+            "it starts with a dot, which makes a hidden file that file browsers do not show", "remove the leading dot"
+        )
     if name != name.strip(" "):
-        raise reject("it starts or ends with a space (easy to mistype, and Windows drops trailing spaces)",
-                     "remove the spaces at the start and end")
+        raise reject(
+            "it starts or ends with a space (easy to mistype, and Windows drops trailing spaces)",
+            "remove the spaces at the start and end",
+        )
     if name.endswith("."):
         raise reject("it ends with a dot, which Windows drops", "remove the trailing dot")
     device = _reserved_device(name)
     if device is not None:
-        raise reject(f'"{device}" is a device name on Windows (con, prn, aux, nul, com1-9, lpt1-9), also with an '
-                     "extension; such a file cannot be opened there", f'add a word, e.g. "my_{device}"')
+        raise reject(
+            f'"{device}" is a device name on Windows (con, prn, aux, nul, com1-9, lpt1-9), also with an '
+            "extension; such a file cannot be opened there",
+            f'add a word, e.g. "my_{device}"',
+        )
     file_name = name if name.endswith(suffix) else name + suffix
     stem = file_name[: -len(suffix)]
     names = [file_name] + [stem + sibling for sibling in sibling_suffixes]

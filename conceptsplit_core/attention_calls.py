@@ -103,8 +103,9 @@ class AttentionObserver(Protocol):
         """Called after the layer's output is computed; may raise to end a truncated forward pass."""
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
+def attention_probabilities(
+    q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(Q Kᵀ / √D + bias) over all T keys, SOT included, in fp32 (method §3.1).
 
     Shapes:

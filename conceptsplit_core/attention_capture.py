@@ -115,15 +115,21 @@ def select_layers(levels: Mapping[LayerKey, int], choice: str, blocks: str = "")
     match = re.fullmatch(r"latent(?:/(\d+))?", choice)
     factor = int(match.group(1) or 1) if match else 0
     if factor < 1 or factor & (factor - 1):
-        raise ConceptSplitError.build("Unknown layer choice", seen=repr(choice), expected=", ".join(LAYER_CHOICES),
-                                      fix="pick a choice from the list")
-    keys = frozenset(key for key, level in levels.items() if 2 ** level == factor)
+        raise ConceptSplitError.build(
+            "Unknown layer choice",
+            seen=repr(choice),
+            expected=", ".join(LAYER_CHOICES),
+            fix="pick a choice from the list",
+        )
+    keys = frozenset(key for key, level in levels.items() if 2**level == factor)
     if not keys:
         have = ", ".join(_level_name(level) for level in sorted(set(levels.values())))
         raise ConceptSplitError.build(
             f"This model has no cross-attention layer at {choice}",
-            seen=f"attn2 layers at {have}", expected=f"one of: all, {have}, or blocks",
-            fix=f"pick one of {have}, or all")
+            seen=f"attn2 layers at {have}",
+            expected=f"one of: all, {have}, or blocks",
+            fix=f"pick one of {have}, or all",
+        )
     return keys
 
 
@@ -136,7 +142,7 @@ def select_layout_layers(layout: ModelLayout, choice: str, blocks: str = "") -> 
 
 
 def _level_name(level: int) -> str:
-    return "latent" if level == 0 else f"latent/{2 ** level}"
+    return "latent" if level == 0 else f"latent/{2**level}"
 
 
 def _parse_blocks(levels: Mapping[LayerKey, int], blocks: str) -> frozenset:
@@ -148,18 +154,22 @@ def _parse_blocks(levels: Mapping[LayerKey, int], blocks: str) -> frozenset:
         chosen = set()
         if match:
             name, number, depth = match.group(1), int(match.group(2) or 0), match.group(3)
-            chosen = {key for key in levels
-                      if key[:2] == (name, number) and (depth is None or key[2] == int(depth))}
+            chosen = {key for key in levels if key[:2] == (name, number) and (depth is None or key[2] == int(depth))}
         if not chosen:
             raise ConceptSplitError.build(
-                f'This model has no cross-attention block "{item}"', seen=f"its attn2 blocks: {_blocks_text(levels)}",
+                f'This model has no cross-attention block "{item}"',
+                seen=f"its attn2 blocks: {_blocks_text(levels)}",
                 expected='comma-separated names like "input 7, middle, output 3" (".d" picks depth d)',
-                fix="type blocks from that list, or pick a latent level")
+                fix="type blocks from that list, or pick a latent level",
+            )
         keys |= chosen
     if not keys:
         raise ConceptSplitError.build(
-            'Layer choice "blocks" needs block names', seen="an empty blocks field",
-            expected=f"some of: {_blocks_text(levels)}", fix='type e.g. "input 7, output 3", or pick a latent level')
+            'Layer choice "blocks" needs block names',
+            seen="an empty blocks field",
+            expected=f"some of: {_blocks_text(levels)}",
+            fix='type e.g. "input 7, output 3", or pick a latent level',
+        )
     return frozenset(keys)
 
 
@@ -193,8 +203,10 @@ def word_columns(request: CaptureRequest, context_length: int, own_length: int |
     if rest or copies == 0:
         raise ConceptSplitError.build(
             "The sampled prompt is not the one Capture Attention located the words in",
-            seen=f"a text context of {T} tokens", expected=f"a multiple of {stride} tokens",
-            fix="connect the same positive conditioning to Capture Attention and to the sampler")
+            seen=f"a text context of {T} tokens",
+            expected=f"a multiple of {stride} tokens",
+            fix="connect the same positive conditioning to Capture Attention and to the sampler",
+        )
     assign = torch.zeros(T, len(request.labels))  # (T, K)
     for k, positions in enumerate(request.token_positions):
         for position in positions:
@@ -202,8 +214,13 @@ def word_columns(request: CaptureRequest, context_length: int, own_length: int |
     return assign
 
 
-def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: CaptureRequest,
-                      columns: torch.Tensor | None = None, chunks: tuple | None = None) -> torch.Tensor:
+def call_concept_maps(
+    probs: torch.Tensor,
+    call: AttentionCall,
+    request: CaptureRequest,
+    columns: torch.Tensor | None = None,
+    chunks: tuple | None = None,
+) -> torch.Tensor:
     """One attn2 call's per-word maps: rows of the positive chunks holding the prompt (at least one; other positive
     prompts of the batch are skipped), heads averaged, word columns (and LCM copies) summed.
 
@@ -219,7 +236,7 @@ def call_concept_maps(probs: torch.Tensor, call: AttentionCall, request: Capture
     if columns is None:
         columns = word_columns(request, T, own_length).to(probs.device)
     per = call.rows_per_chunk
-    cond = [probs[i * per:(i + 1) * per] for i in indices]  # views, no copy
+    cond = [probs[i * per : (i + 1) * per] for i in indices]  # views, no copy
     per_word = torch.stack(cond) @ columns.to(probs.dtype)  # (C, B_img, H, N, T) x (T, K) -> (C, B_img, H, N, K)
     per_word = rearrange(per_word.mean(dim=2), "c b (h w) k -> c b k h w", h=h, w=w)  # heads averaged
     return per_word.mean(dim=0)  # (B_img, K, h, w), positive chunks averaged
@@ -264,9 +281,16 @@ class _RunSums:
         maps = (sum(totals) / sum(weights)).float().cpu()  # (B_img, K, h, w): the mean over every added map
         per_step = [(total / count).float().cpu() for total, count in zip(totals, weights)]
         layers = tuple(sorted(self.layers))  # by name, id, depth (for a UNet: input, middle, output)
-        return ConceptMaps(labels=labels, maps=maps, steps=steps, layers=layers,
-                           step_maps=torch.stack(per_step, dim=1), step_weights=tuple(weights),  # (B, S_rec, K, h, w)
-                           total_steps=int(self.sample_sigmas.shape[0]) - 1, prompt=prompt)
+        return ConceptMaps(
+            labels=labels,
+            maps=maps,
+            steps=steps,
+            layers=layers,
+            step_maps=torch.stack(per_step, dim=1),
+            step_weights=tuple(weights),  # (B, S_rec, K, h, w)
+            total_steps=int(self.sample_sigmas.shape[0]) - 1,
+            prompt=prompt,
+        )
 
 
 def _upsampled_total(sums: Mapping[tuple[int, int], torch.Tensor], target: tuple[int, int]) -> torch.Tensor:
@@ -324,7 +348,8 @@ class AttentionCapture:
                 "Capture Attention's step range is outside the sampling run",
                 seen=f"steps {first} to {self.request.last_step} for a run of {steps} steps (0 to {steps - 1})",
                 expected=f"first_step and last_step between 0 and {steps - 1} (last_step -1 = the last step)",
-                fix="lower the step range, or raise the sampler's steps")
+                fix="lower the step range, or raise the sampler's steps",
+            )
         self._run = _RunSums(sample_sigmas.detach().float().cpu(), first, last)
 
     def finish_run(self, output: torch.Tensor) -> None:
@@ -332,8 +357,9 @@ class AttentionCapture:
         run, self._run = self._run, None
         if run is None:
             return
-        self._finished.append((output.detach().float().cpu().clone(),
-                               run.result(self.request.labels, self.request.prompt_text)))
+        self._finished.append(
+            (output.detach().float().cpu().clone(), run.result(self.request.labels, self.request.prompt_text))
+        )
         del self._finished[: -self.kept_runs]
 
     def abort_run(self) -> None:
@@ -395,30 +421,35 @@ class AttentionCapture:
         """
         if not self._finished:
             raise ConceptSplitError.build(
-                "No attention was captured yet", seen="no finished sampling run with Capture Attention's model",
+                "No attention was captured yet",
+                seen="no finished sampling run with Capture Attention's model",
                 expected="the viewer to run after a sampler that uses the MODEL output of Capture Attention",
-                fix="connect that sampler's LATENT (or the decoded IMAGE) to the viewer")
+                fix="connect that sampler's LATENT (or the decoded IMAGE) to the viewer",
+            )
         if samples is None:
             _, maps = self._finished[-1]
         else:
             wanted = samples.detach().float().cpu()
-            matches = [maps for output, maps in self._finished
-                       if output.shape == wanted.shape and torch.equal(output, wanted)]
+            matches = [
+                maps for output, maps in self._finished if output.shape == wanted.shape and torch.equal(output, wanted)
+            ]
             if not matches:
                 raise ConceptSplitError.build(
                     "The LATENT was not sampled with this Capture Attention's model",
                     seen=f"a latent of shape {tuple(wanted.shape)} that none of the last {len(self._finished)} "
-                         "captured runs produced",
+                    "captured runs produced",
                     expected="the LATENT output of the sampler that uses Capture Attention's MODEL",
-                    fix="connect that sampler's LATENT directly (not an upscaled or edited one), or the IMAGE only")
+                    fix="connect that sampler's LATENT directly (not an upscaled or edited one), or the IMAGE only",
+                )
             maps = matches[-1]
         if maps is None:
             raise ConceptSplitError.build(
                 "The sampling run recorded no attention for the chosen steps and layers",
                 seen=f"steps {self.request.first_step} to {self.request.last_step}, "
-                     f"{len(self.request.layer_keys)} layer(s), no positive-prompt call among them",
+                f"{len(self.request.layer_keys)} layer(s), no positive-prompt call among them",
                 expected="at least one model call with the positive prompt in the step range",
-                fix="widen the step range or the layers")
+                fix="widen the step range or the layers",
+            )
         return maps
 
 

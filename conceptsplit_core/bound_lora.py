@@ -79,14 +79,18 @@ def check_bound_words(words: Sequence[str]) -> None:
         key = word.strip().lower()
         if not key:
             raise ConceptSplitError.build(
-                "A bound LoRA has no concept word", seen=f"binding {index + 1} with an empty word",
+                "A bound LoRA has no concept word",
+                seen=f"binding {index + 1} with an empty word",
                 expected="the subject's class word or trigger word, as written in the prompt",
-                fix="type the concept word into Bind LoRA to Concept")
+                fix="type the concept word into Bind LoRA to Concept",
+            )
         if key in seen:
             raise ConceptSplitError.build(
-                f'The concept word "{word}" is bound twice', seen=f"bindings {seen[key] + 1} and {index + 1}",
-                expected="one LoRA per concept word", fix="remove one of the two Bind LoRA to Concept nodes, or "
-                                                          "bind the second LoRA to another word")
+                f'The concept word "{word}" is bound twice',
+                seen=f"bindings {seen[key] + 1} and {index + 1}",
+                expected="one LoRA per concept word",
+                fix="remove one of the two Bind LoRA to Concept nodes, or bind the second LoRA to another word",
+            )
         seen[key] = index
 
 
@@ -114,7 +118,9 @@ def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     raise ConceptSplitError.build(
         "A bound LoRA patches a layer whose positions do not match the latent's grid",
         seen=f"{tokens} positions for a {latent_hw[0]}×{latent_hw[1]} latent",
-        expected="a layer at latent/1, /2, /4, /8 or /16", fix="report this model; bind LoRAs on SD1.5/SD2.x/SDXL")
+        expected="a layer at latent/1, /2, /4, /8 or /16",
+        fix="report this model; bind LoRAs on SD1.5/SD2.x/SDXL",
+    )
 
 
 def image_position_mask(regions: torch.Tensor, grid: tuple[int, int], batch: int) -> torch.Tensor:
@@ -128,8 +134,9 @@ def image_position_mask(regions: torch.Tensor, grid: tuple[int, int], batch: int
     return at_layer[rows]  # (B, h·w)
 
 
-def token_row_mask(chunks: Sequence[Optional[int]], rows_per_chunk: int, position: int,
-                   context_length: int, device) -> torch.Tensor:
+def token_row_mask(
+    chunks: Sequence[Optional[int]], rows_per_chunk: int, position: int, context_length: int, device
+) -> torch.Tensor:
     """(B, T) bool: the rows of token s_k (and its LCM copies) in the chunks that hold the prompt.
 
     `chunks`: per CFG chunk, the conditioning length of the prompt when the chunk holds it, else None.

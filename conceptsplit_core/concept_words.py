@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .errors import ConceptSplitError
-from .prompt_tokens import (IdentifierRequest, PromptTokens, locate_identifier_positions, locate_words_in_pieces,
-                            located_table)
+from .prompt_tokens import (
+    IdentifierRequest,
+    PromptTokens,
+    locate_identifier_positions,
+    locate_words_in_pieces,
+    located_table,
+)
 
 TOKEN_FIRST = "first token"
 TOKEN_ALL = "all tokens"
@@ -52,8 +57,10 @@ class ConceptWords:
 
 # --- LODA: the object concepts to separate ---------------------------------------------------------------------
 
-def loda_words(words: Sequence[str], prompts: Sequence[PromptTokens], concepts: Sequence,
-               word_ids: WordIds) -> ConceptWords:
+
+def loda_words(
+    words: Sequence[str], prompts: Sequence[PromptTokens], concepts: Sequence, word_ids: WordIds
+) -> ConceptWords:
     """LODA's concepts: the typed `words`, located in the first positive prompt holding them all (several after
     ConditioningCombine), or, without typed words, the object concepts of the ToVA-patched model (`concepts`,
     concepts.LocatedConcept), whose prompt must be among the recorded positives `prompts` when there are any.
@@ -72,22 +79,30 @@ def loda_words(words: Sequence[str], prompts: Sequence[PromptTokens], concepts: 
             "LODA cannot find the concept words: the positive prompt carries no token record",
             seen=f"concept words {', '.join(words)} with a positive from a plain CLIP Text Encode",
             expected="a positive from Apply ToVA to Model or ConceptSplit Text Encode",
-            fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)")
+            fix="encode the positive prompt with ConceptSplit Text Encode (or use Apply ToVA's positive output)",
+        )
     requests = None
     first_error = None
     for prompt in prompts:  # several positives (ConditioningCombine): the first one holding every word
         try:
             if prompt.pieces:  # a DiT prompt: by its decoded pieces, with the bound tokens as a table
                 rows = locate_words_in_pieces(prompt, words)
-                return ConceptWords(tuple(words), rows, len(prompt.token_ids), tuple(prompt.token_ids), prompt.text,
-                                    located_table(prompt, words, rows))
+                return ConceptWords(
+                    tuple(words),
+                    rows,
+                    len(prompt.token_ids),
+                    tuple(prompt.token_ids),
+                    prompt.text,
+                    located_table(prompt, words, rows),
+                )
             requests = requests or word_requests(words, word_ids)
             positions = locate_identifier_positions(prompt, requests)
         except ConceptSplitError as error:
             first_error = first_error or error
             continue
-        return ConceptWords(tuple(words), tuple((p,) for p in positions), len(prompt.token_ids),
-                            tuple(prompt.token_ids), prompt.text)
+        return ConceptWords(
+            tuple(words), tuple((p,) for p in positions), len(prompt.token_ids), tuple(prompt.token_ids), prompt.text
+        )
     raise first_error
 
 
@@ -107,7 +122,8 @@ def _check_tova_prompt(objects, prompts: tuple[PromptTokens, ...]) -> None:
         seen=f'a positive encoded from "{prompt.text[:80]}" ({len(prompt.token_ids)} tokens)',
         expected=f"the prompt of that Apply ToVA ({concept.prompt_length} tokens)",
         fix="connect Apply ToVA's positive output to the sampler, or write the concept words into "
-            "concept_words so LODA finds them in this prompt")
+        "concept_words so LODA finds them in this prompt",
+    )
 
 
 def _located_in(concept, prompt: PromptTokens) -> bool:
@@ -119,8 +135,10 @@ def _located_in(concept, prompt: PromptTokens) -> bool:
 
 # --- Capture Attention: the words to record --------------------------------------------------------------------
 
-def capture_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence, word_ids: WordIds,
-                  token_mode: str) -> ConceptWords:
+
+def capture_words(
+    words_text: str, prompt: PromptTokens | None, concepts: Sequence, word_ids: WordIds, token_mode: str
+) -> ConceptWords:
     """Which words Capture Attention records and where they are (`plan_words`), with the prompt they were located
     in: the positive's, or, without it, the ToVA concepts' prompt."""
     labels, positions, length = plan_words(words_text, prompt, concepts, word_ids, token_mode)
@@ -130,9 +148,13 @@ def capture_words(words_text: str, prompt: PromptTokens | None, concepts: Sequen
     return ConceptWords(labels, positions, length, ids, "")
 
 
-def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
-               word_ids: Callable[[str], tuple[int, ...]], token_mode: str
-               ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], int]:
+def plan_words(
+    words_text: str,
+    prompt: PromptTokens | None,
+    concepts: Sequence,
+    word_ids: Callable[[str], tuple[int, ...]],
+    token_mode: str,
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], int]:
     """Which words to capture and where they are: (labels, token positions per word, prompt length T).
 
     Typed words (comma-separated) are located in the positive prompt's tokens; without typed words the ToVA
@@ -144,9 +166,11 @@ def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
     words = typed or tuple(concept.word for concept in concepts)
     if not words:
         raise ConceptSplitError.build(
-            "Capture Attention got no words", seen=f"words {words_text!r} and no ToVA concepts on the model",
+            "Capture Attention got no words",
+            seen=f"words {words_text!r} and no ToVA concepts on the model",
             expected='one or more comma-separated words of the prompt, e.g. "dog, cat"',
-            fix="type the words to inspect, or apply ToVA adapters before this node")
+            fix="type the words to inspect, or apply ToVA adapters before this node",
+        )
     if prompt is not None:
         return words, locate_words(prompt, words, word_ids, token_mode), len(prompt.token_ids)
     by_word = {concept.word.lower(): concept for concept in concepts}
@@ -156,7 +180,8 @@ def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
             f'Capture Attention cannot find "{missing[0]}" without the prompt\'s tokens',
             seen="no token record on the positive input" + (f", ToVA concepts {', '.join(by_word)}" if by_word else ""),
             expected="the positive CONDITIONING of ConceptSplit Text Encode or Apply ToVA, or only ToVA words",
-            fix="connect that conditioning to Capture Attention's positive input")
+            fix="connect that conditioning to Capture Attention's positive input",
+        )
     positions = []
     for word in words:
         start = by_word[word.lower()].position
@@ -165,8 +190,9 @@ def plan_words(words_text: str, prompt: PromptTokens | None, concepts: Sequence,
     return words, tuple(positions), by_word[words[0].lower()].prompt_length
 
 
-def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[[str], tuple[int, ...]],
-                 token_mode: str) -> tuple[tuple[int, ...], ...]:
+def locate_words(
+    prompt: PromptTokens, words: Sequence[str], word_ids: Callable[[str], tuple[int, ...]], token_mode: str
+) -> tuple[tuple[int, ...], ...]:
     """Token positions of each word in the prompt, by ToVA's rule (method §2.4: first free occurrence starting a word).
 
     Returns per word its first token's position, or all its BPE tokens' positions (token_mode "all tokens").
@@ -185,7 +211,8 @@ def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[
                 f'Word "{word}" is not in the prompt' + (f" {wanted} times" if found else ""),
                 seen=f'{found} occurrence(s) as a separate word in "{_short(prompt.text)}"',
                 expected=f'"{word}" written in the positive prompt ("{word}s" or "hot{word}" do not match)',
-                fix=f'add "{word}" to the prompt or remove it from the words')
+                fix=f'add "{word}" to the prompt or remove it from the words',
+            )
     requests = [IdentifierRequest(label=word, word=word, word_ids=ids_of[word]) for word in words]
     starts = locate_identifier_positions(prompt, requests)
     if token_mode == TOKEN_ALL:
@@ -196,10 +223,8 @@ def locate_words(prompt: PromptTokens, words: Sequence[str], word_ids: Callable[
 def _count_occurrences(prompt: PromptTokens, ids: tuple[int, ...]) -> int:
     n = len(ids)
     slots = range(len(prompt.token_ids) - n + 1) if n else ()
-    return sum(1 for p in slots if prompt.word_starts[p] and tuple(prompt.token_ids[p:p + n]) == ids)
+    return sum(1 for p in slots if prompt.word_starts[p] and tuple(prompt.token_ids[p : p + n]) == ids)
 
 
 def _short(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-

@@ -58,16 +58,22 @@ class LocatedConcept:
     prompt_ids: tuple[int, ...] | None = None  # token ids of that prompt, so LODA can check it is the one sampled
 
 
-def located(bound: Sequence[BoundConcept], prompt_length: int,
-            prompt_ids: Sequence[int] | None = None) -> tuple[LocatedConcept, ...]:
+def located(
+    bound: Sequence[BoundConcept], prompt_length: int, prompt_ids: Sequence[int] | None = None
+) -> tuple[LocatedConcept, ...]:
     """The tensor-free record of bound concepts, in concept order."""
     ids = None if prompt_ids is None else tuple(prompt_ids)
-    return tuple(LocatedConcept(b.concept.identifier_word, b.position, b.concept.role, prompt_length,
-                                b.concept.weights.name, ids) for b in bound)
+    return tuple(
+        LocatedConcept(
+            b.concept.identifier_word, b.position, b.concept.role, prompt_length, b.concept.weights.name, ids
+        )
+        for b in bound
+    )
 
 
-def make_concept(weights: AdapterWeights, identifier_word: str, strength: float, role: str,
-                 token_index: int = TOKEN_INDEX_AUTO) -> ConceptAdapter:
+def make_concept(
+    weights: AdapterWeights, identifier_word: str, strength: float, role: str, token_index: int = TOKEN_INDEX_AUTO
+) -> ConceptAdapter:
     """Resolve the identifier word and role (node input first, then the file's metadata) and validate them."""
     word = identifier_word.strip()
     if not word and weights.metadata is not None:
@@ -82,24 +88,34 @@ def make_concept(weights: AdapterWeights, identifier_word: str, strength: float,
     if role == ROLE_FROM_FILE:
         role = weights.metadata.role if weights.metadata is not None else "object"
     if role not in ROLES:
-        raise ConceptSplitError.build("Unknown concept role", seen=repr(role), expected=" or ".join(ROLES),
-                                      fix="pick object or background")
+        raise ConceptSplitError.build(
+            "Unknown concept role", seen=repr(role), expected=" or ".join(ROLES), fix="pick object or background"
+        )
     explicit = None if token_index == TOKEN_INDEX_AUTO else int(token_index)
-    return ConceptAdapter(weights=weights, identifier_word=word, strength=float(strength), role=role,
-                          token_index=explicit)
+    return ConceptAdapter(
+        weights=weights, identifier_word=word, strength=float(strength), role=role, token_index=explicit
+    )
 
 
-def bind_concepts(concepts: Sequence[ConceptAdapter], layout: ModelLayout, prompt: PromptTokens,
-                  word_ids: Callable[[str], tuple[int, ...]],
-                  value_weight_norms: Mapping[LayerKey, float] | None = None) -> list[BoundConcept]:
+def bind_concepts(
+    concepts: Sequence[ConceptAdapter],
+    layout: ModelLayout,
+    prompt: PromptTokens,
+    word_ids: Callable[[str], tuple[int, ...]],
+    value_weight_norms: Mapping[LayerKey, float] | None = None,
+) -> list[BoundConcept]:
     """Check every adapter against the model, then find every identifier in the prompt (method §2.4, §2.7, §2.8).
 
     `value_weight_norms` ({attn2 replace key: ||W_v||_F} of the host) adds the delta-size check (check_delta_sizes).
     All checks run before anything is patched. Raises: ConceptSplitError (family, layers, size, word, occurrence).
     """
     if not concepts:
-        raise ConceptSplitError.build("No ToVA adapters given", seen="an empty adapter list",
-                                      expected="at least one adapter", fix="connect a Load ToVA Adapter node")
+        raise ConceptSplitError.build(
+            "No ToVA adapters given",
+            seen="an empty adapter list",
+            expected="at least one adapter",
+            fix="connect a Load ToVA Adapter node",
+        )
     layers = [bind_adapter_layers(concept.weights, layout) for concept in concepts]
     if value_weight_norms is not None:
         for concept in concepts:
@@ -110,16 +126,25 @@ def bind_concepts(concepts: Sequence[ConceptAdapter], layout: ModelLayout, promp
         if concept.token_index is None and not ids:
             raise ConceptSplitError.build(
                 f'Identifier word "{concept.identifier_word}" of "{concept.weights.name}" has no tokens',
-                seen="the tokenizer returned nothing for it", expected="a word, e.g. dog",
-                fix="type a real word into identifier_word")
-        requests.append(IdentifierRequest(label=concept.weights.name, word=concept.identifier_word,
-                                          word_ids=ids, explicit_position=concept.token_index))
+                seen="the tokenizer returned nothing for it",
+                expected="a word, e.g. dog",
+                fix="type a real word into identifier_word",
+            )
+        requests.append(
+            IdentifierRequest(
+                label=concept.weights.name,
+                word=concept.identifier_word,
+                word_ids=ids,
+                explicit_position=concept.token_index,
+            )
+        )
     positions = locate_identifier_positions(prompt, requests)
     return [BoundConcept(concept, position, bound) for concept, position, bound in zip(concepts, positions, layers)]
 
 
-def check_delta_sizes(concept: ConceptAdapter, layout: ModelLayout, value_weight_norms: Mapping[LayerKey, float]
-                      ) -> None:
+def check_delta_sizes(
+    concept: ConceptAdapter, layout: ModelLayout, value_weight_norms: Mapping[LayerKey, float]
+) -> None:
     """Refuse a concept whose delta dwarfs the layer it adapts: ||λ · alpha/r · B·A||_F <= 1000 · ||W_v||_F.
 
     Why Frobenius norms: for text features c in general position E||M c||² = ||M||_F² ||c||² / d, so the ratio is
@@ -151,17 +176,18 @@ def check_delta_sizes(concept: ConceptAdapter, layout: ModelLayout, value_weight
             raise ConceptSplitError.build(
                 f'Adapter "{weights.name}" changes layer {layer.path} by {ratio:.3g} times the layer\'s own weight',
                 seen=f"||strength · alpha/rank · lora_B·lora_A|| = {concept.strength:g} · {weights.scale:.4g} · "
-                     f"{weights.delta_norm(layer.path):.4g} = {size:.4g}, the model's ||to_v weight|| = "
-                     f"{reference:.4g}",
+                f"{weights.delta_norm(layer.path):.4g} = {size:.4g}, the model's ||to_v weight|| = "
+                f"{reference:.4g}",
                 expected=f"at most {MAX_DELTA_TO_WEIGHT:g} times the weight (a trained ToVA adapter stays below "
-                         "about 20 times at strength 1)",
+                "about 20 times at strength 1)",
                 fix="the file is damaged or was saved with a wrong alpha: train or download it again. If it is "
-                    "right, lower its strength",
+                "right, lower its strength",
             )
 
 
-def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int,
-                      prompt_ids: tuple | None = None) -> dict[LayerKey, tuple[TokenDelta, ...]]:
+def plan_token_deltas(
+    bound: Sequence[BoundConcept], prompt_length: int, prompt_ids: tuple | None = None
+) -> dict[LayerKey, tuple[TokenDelta, ...]]:
     """Per attn2 block, the deltas of every concept, in concept order (method §2.1: scale = strength · alpha / r).
 
     `prompt_ids` (the prompt's token ids) lets the sampler tell this prompt's conditioning from others in a batch.
@@ -170,8 +196,9 @@ def plan_token_deltas(bound: Sequence[BoundConcept], prompt_length: int,
     for item in bound:
         scale = item.concept.strength * item.concept.weights.scale
         for key, (lora_a, lora_b) in item.layers.items():
-            plan.setdefault(key, []).append(TokenDelta(lora_a, lora_b, scale, item.position, prompt_length,
-                                                       item.concept.label, prompt_ids))
+            plan.setdefault(key, []).append(
+                TokenDelta(lora_a, lora_b, scale, item.position, prompt_length, item.concept.label, prompt_ids)
+            )
     return {key: tuple(deltas) for key, deltas in plan.items()}
 
 
@@ -181,9 +208,11 @@ def describe_bindings(bound: Sequence[BoundConcept], prompt: PromptTokens) -> st
     window = prompt.window_length
     for item in bound:
         c = item.concept
-        lines.append(f'{c.weights.name}: "{c.identifier_word}" -> token {item.position} '
-                     f"(window {item.position // window}, index {item.position % window}), role {c.role}, "
-                     f"strength {c.strength:g}, rank {c.weights.rank}, {c.weights.file_format} format")
+        lines.append(
+            f'{c.weights.name}: "{c.identifier_word}" -> token {item.position} '
+            f"(window {item.position // window}, index {item.position % window}), role {c.role}, "
+            f"strength {c.strength:g}, rank {c.weights.rank}, {c.weights.file_format} format"
+        )
     return "\n".join(lines)
 
 
@@ -197,14 +226,22 @@ class ToVAPlan:
     label: str  # the adapters' labels, for messages
 
 
-def plan_tova(concepts: Sequence[ConceptAdapter], layout: ModelLayout, prompt: PromptTokens,
-              word_ids: Callable[[str], tuple[int, ...]],
-              value_weight_norms: Mapping[LayerKey, float] | None = None) -> ToVAPlan:
+def plan_tova(
+    concepts: Sequence[ConceptAdapter],
+    layout: ModelLayout,
+    prompt: PromptTokens,
+    word_ids: Callable[[str], tuple[int, ...]],
+    value_weight_norms: Mapping[LayerKey, float] | None = None,
+) -> ToVAPlan:
     """Bind the concepts to the model and the prompt (bind_concepts), and plan their deltas (method §2.1, §2.4).
 
     Raises: ConceptSplitError as bind_concepts.
     """
     bound = bind_concepts(concepts, layout, prompt, word_ids, value_weight_norms)
     length, ids = len(prompt.token_ids), prompt.token_ids
-    return ToVAPlan(plan_token_deltas(bound, length, ids), located(bound, length, ids),
-                    describe_bindings(bound, prompt), ", ".join(c.label for c in concepts))
+    return ToVAPlan(
+        plan_token_deltas(bound, length, ids),
+        located(bound, length, ids),
+        describe_bindings(bound, prompt),
+        ", ".join(c.label for c in concepts),
+    )

@@ -15,8 +15,15 @@ import math
 import torch
 
 
-def joint_text_probabilities(q: torch.Tensor, k: torch.Tensor, image_start: int, image_tokens: int, text_tokens: int,
-                             mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def joint_text_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    image_start: int,
+    image_tokens: int,
+    text_tokens: int,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q kᵀ/√D + mask + bias) over all L keys, for the image-query rows, sliced to the text-key columns.
 
     The text tokens are the first `text_tokens` keys; the image queries are rows image_start .. image_start + N.
@@ -54,7 +61,7 @@ def joint_bias_mask(bias: torch.Tensor, length: int, image_start: int, dtype: to
     """
     b, n, t = bias.shape
     mask = torch.zeros(b, 1, length, length, dtype=dtype, device=bias.device)
-    mask[:, 0, image_start:image_start + n, :t] = bias.to(dtype)
+    mask[:, 0, image_start : image_start + n, :t] = bias.to(dtype)
     return mask
 
 
@@ -64,7 +71,8 @@ def add_masks(existing: torch.Tensor | None, added: torch.Tensor) -> torch.Tenso
         return added
     if existing.dtype == torch.bool:
         existing = torch.zeros(existing.shape, dtype=added.dtype, device=added.device).masked_fill(
-            ~existing, -torch.finfo(added.dtype).max)
+            ~existing, -torch.finfo(added.dtype).max
+        )
     while existing.dim() < 4:
         existing = existing.unsqueeze(0)
     return existing.to(added.dtype) + added

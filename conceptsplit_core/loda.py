@@ -65,7 +65,7 @@ class LodaConcepts:
                 seen=f"{len(self.positions)} object concept(s): {', '.join(self.labels) or 'none'}",
                 expected="2 or more concept words, or 2 or more object adapters on the model",
                 fix="write two or more comma-separated concept words (e.g. 'dog, cat'), or connect a second "
-                    "object adapter to Apply ToVA",
+                "object adapter to Apply ToVA",
             )
 
     def columns(self, context_length: int, own_length: Optional[int] = None) -> list[list[int]]:
@@ -82,8 +82,11 @@ class LodaConcepts:
         other positive prompts in the batch are left out (attention_calls.chunk_holds_prompt), and so is a
         conditioning too short to have every s_k (a one-window negative beside a two-window prompt)."""
         last = max(self.positions)
-        return tuple((index, length) for index, length in call.prompt_chunks(branches, self.prompt_ids,
-                                                                             self.prompt_length) if last < length)
+        return tuple(
+            (index, length)
+            for index, length in call.prompt_chunks(branches, self.prompt_ids, self.prompt_length)
+            if last < length
+        )
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,9 @@ def select_map_layers(layout: ModelLayout, latent_hw: tuple[int, int], fixing_la
         raise ConceptSplitError.build(
             "This model has no cross-attention layers at the level LODA reads its maps from",
             seen=f"{len(layout.layers)} text-attention layers of this {layout.display_name} model, "
-                 f"{len(at_level)} at the map level, {len(loss_keys)} of them usable for the loss",
+            f"{len(at_level)} at the map level, {len(loss_keys)} of them usable for the loss",
             expected="a model whose family has text-attention layers at its map level (SD UNets: latent/4 in the "
-                     "down blocks)",
+            "down blocks)",
             fix="use LODA with a supported checkpoint (SD1.5, SD2.1, SDXL)",
         )
     levels = {site.level for site in at_level}
@@ -122,14 +125,17 @@ def select_map_layers(layout: ModelLayout, latent_hw: tuple[int, int], fixing_la
     grid = min(grids)
     if len(grids) > 1:
         raise ConceptSplitError.build(
-            "The model's map layers have different grids", seen=f"grids {sorted(grids)}",
-            expected="one grid for every map layer", fix="report this model to the pack's authors")
+            "The model's map layers have different grids",
+            seen=f"grids {sorted(grids)}",
+            expected="one grid for every map layer",
+            fix="report this model to the pack's authors",
+        )
     if min(grid) < AE_KERNEL_SIZE:
         level = max(levels)
-        side = AE_KERNEL_SIZE * layout.latent_scale * 2 ** level
+        side = AE_KERNEL_SIZE * layout.latent_scale * 2**level
         raise ConceptSplitError.build(
             "Unsupported resolution: the LODA attention maps are smaller than the smoothing kernel",
-            seen=f"latent {latent_hw[0]}×{latent_hw[1]} gives {grid[0]}×{grid[1]} maps at latent/{2 ** level}",
+            seen=f"latent {latent_hw[0]}×{latent_hw[1]} gives {grid[0]}×{grid[1]} maps at latent/{2**level}",
             expected=f"maps of at least {AE_KERNEL_SIZE}×{AE_KERNEL_SIZE} (24×24 at 768 px for SD2.1)",
             fix=f"use an image of at least {side}×{side} px",
         )
@@ -163,8 +169,9 @@ def loda_stage1_steps(config: LodaConfig, total_steps: int) -> int:
     return config.loda_steps_for(total_steps)
 
 
-def plan_loda_run(config: LodaConfig, layout: ModelLayout, words, latent_hw: tuple[int, int], total_steps: int,
-                  stage1_steps: int) -> LodaPlan:
+def plan_loda_run(
+    config: LodaConfig, layout: ModelLayout, words, latent_hw: tuple[int, int], total_steps: int, stage1_steps: int
+) -> LodaPlan:
     """Resolve concepts, layers and whether fixing runs (method §3.1, §4), from the located concept words `words`
     (concept_words.ConceptWords) and the model's layout.
 
@@ -199,8 +206,9 @@ class MapCollector:
     def __deepcopy__(self, memo):  # run state: ComfyUI must never copy it (integration §1.1)
         return self
 
-    def start(self, keys: Sequence[LayerKey], branches: Sequence[int], truncate: bool = False,
-              first_call: bool = False) -> None:
+    def start(
+        self, keys: Sequence[LayerKey], branches: Sequence[int], truncate: bool = False, first_call: bool = False
+    ) -> None:
         """Collect from `keys` on chunks of `branches`.
 
         With `truncate`, end the pass after the last key. With `first_call`, keep only the first model call that
@@ -226,9 +234,10 @@ class MapCollector:
             raise ConceptSplitError.build(
                 "LODA found no attention of its prompt at the map level",
                 seen=f"no model call with the positive prompt of {', '.join(self.concepts.labels)} on the whole "
-                     f"{self.layers.grid[0]}×{self.layers.grid[1]} map grid",
+                f"{self.layers.grid[0]}×{self.layers.grid[1]} map grid",
                 expected="the positive prompt holding the concept words, conditioning the whole image",
-                fix="remove area or mask conditioning from that prompt (other prompts may keep theirs)")
+                fix="remove area or mask conditioning from that prompt (other prompts may keep theirs)",
+            )
         h, w = self.layers.grid
         return (self._sums / self._count).unflatten(-1, (h, w))  # (B_img, K, h, w)
 
@@ -258,7 +267,7 @@ class MapCollector:
         per, heads = call.rows_per_chunk, call.heads
         for chunk, own_length in self._collected_chunks(call):
             columns = self._concept_columns(call.context_length, own_length, probs.device)  # (K, copies)
-            rows = probs[chunk * per:(chunk + 1) * per]  # (B_img, H, N, T)
+            rows = probs[chunk * per : (chunk + 1) * per]  # (B_img, H, N, T)
             picked = rows[..., columns.flatten()].unflatten(-1, columns.shape)  # (B_img, H, N, K, copies)
             summed = picked.sum(dim=(-1, 1)).transpose(1, 2)  # (B_img, K, N): copies and heads summed
             self._sums = summed if self._sums is None else self._sums + summed
@@ -309,8 +318,11 @@ class FixingBias:
         per_image = []
         for image_masks in self.masks.to(device):  # (K, h0, w0)
             at_layer = resize_masks_nearest(image_masks, h, w).flatten(1)  # (K, N)
-            per_image.append(build_fixing_bias(at_layer, columns, call.context_length, self.config.boost,
-                                               self.config.suppression, dtype))  # (N, T)
+            per_image.append(
+                build_fixing_bias(
+                    at_layer, columns, call.context_length, self.config.boost, self.config.suppression, dtype
+                )
+            )  # (N, T)
         images = torch.stack(per_image)  # (B_img, N, T)
         return images[torch.arange(call.rows_per_chunk, device=device) % images.shape[0]]  # rows of a chunk: images
 
@@ -319,8 +331,15 @@ class FixingBias:
         for index in range(len(call.cond_or_uncond)):
             own_length = biased.get(index)
             if own_length is None:  # a branch left unbiased, or another positive prompt of the batch
-                chunks.append(torch.zeros(call.rows_per_chunk, call.grid[0] * call.grid[1], call.context_length,
-                                          dtype=dtype, device=device))
+                chunks.append(
+                    torch.zeros(
+                        call.rows_per_chunk,
+                        call.grid[0] * call.grid[1],
+                        call.context_length,
+                        dtype=dtype,
+                        device=device,
+                    )
+                )
             else:
                 chunks.append(self._chunk_bias(call, own_length, dtype, device))
         return torch.cat(chunks)  # (B, N, T)
@@ -331,8 +350,15 @@ class FixingBias:
         biased = dict(self.concepts.chunks(call, self.branches))  # {chunk index: own length}
         if not biased:
             return None
-        key = (call.grid, call.context_length, q.dtype, q.device, call.cond_or_uncond, call.rows_per_chunk,
-               tuple(sorted(biased.items())))
+        key = (
+            call.grid,
+            call.context_length,
+            q.dtype,
+            q.device,
+            call.cond_or_uncond,
+            call.rows_per_chunk,
+            tuple(sorted(biased.items())),
+        )
         bias = self._cache.get(key)
         if bias is None:
             bias = self._cache[key] = self._call_bias(call, biased, q.dtype, q.device)
@@ -369,27 +395,39 @@ class StepRecord:
     outcome: str  # "updated", "loss 0, no update", "skipped: non-finite gradient", "skipped: non-finite latent"
 
 
-def format_report(records: Sequence[StepRecord], concepts: LodaConcepts, stage1_steps: int, total_steps: int,
-                  masks: Optional[torch.Tensor], fixing: bool) -> str:
+def format_report(
+    records: Sequence[StepRecord],
+    concepts: LodaConcepts,
+    stage1_steps: int,
+    total_steps: int,
+    masks: Optional[torch.Tensor],
+    fixing: bool,
+) -> str:
     """The node's text output: per-step HM and loss, skipped updates, and the mask sizes (method §3, §4)."""
     named = ", ".join(f"{label} (token {p})" for label, p in zip(concepts.labels, concepts.positions))
     if total_steps == 0:
         return f"LODA: concepts {named}; no sampling steps (denoise 0): the latent is returned unchanged, no masks"
     stage1 = "stage 1 off"
     if stage1_steps:  # the sampler runs step by step there, so multistep history restarts (integration §4.3)
-        stage1 = (f"stage 1 on steps 0..{stage1_steps - 1} of {total_steps}, one sampler step at a time "
-                  "(multistep samplers run first-order on those steps)")
+        stage1 = (
+            f"stage 1 on steps 0..{stage1_steps - 1} of {total_steps}, one sampler step at a time "
+            "(multistep samplers run first-order on those steps)"
+        )
     lines = [f"LODA: concepts {named}; {stage1}"]
     for r in records:
-        lines.append(f"step {r.step} image {r.image} iter {r.iteration}: HM {r.harmonic_mean:.4f} loss "
-                     f"{r.loss:.4f} eta {r.eta:.2f}: {r.outcome}")
+        lines.append(
+            f"step {r.step} image {r.image} iter {r.iteration}: HM {r.harmonic_mean:.4f} loss "
+            f"{r.loss:.4f} eta {r.eta:.2f}: {r.outcome}"
+        )
     skipped = sum(r.outcome.startswith("skipped") for r in records)
     if skipped:
         lines.append(f"{skipped} update(s) skipped because of non-finite values")
     if fixing and masks is not None:
         sizes = masks.flatten(2).sum(-1).tolist()  # (B_img, K) pixels per mask
-        lines.append(f"attention fixing from step {stage1_steps}: mask pixels per image and concept {sizes} "
-                     f"of {masks.shape[-2]}×{masks.shape[-1]}")
+        lines.append(
+            f"attention fixing from step {stage1_steps}: mask pixels per image and concept {sizes} "
+            f"of {masks.shape[-2]}×{masks.shape[-1]}"
+        )
     else:
         lines.append("attention fixing off (p = m = 0, or no steps left after stage 1)")
     return "\n".join(lines)

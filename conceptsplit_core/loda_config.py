@@ -35,15 +35,22 @@ UI_OPTIONS: dict[str, tuple[str, ...]] = {
 # than the recommended range on purpose (ablations); `LodaConfig.validate` enforces only what is mathematically
 # required. `loda_steps`: -1 = auto, 0 = stage 1 off, >= 1 = N.
 UI_RANGES: dict[str, WidgetRange] = {
-    "loda_steps": WidgetRange(AUTO_LODA_STEPS, 1000, 1, "-1 = auto, round(0.2·steps): 10 at 50 steps as in the paper; "
-                              "5 to 15 at 50 steps; 0 = stage 1 off (attention fixing only)"),
+    "loda_steps": WidgetRange(
+        AUTO_LODA_STEPS,
+        1000,
+        1,
+        "-1 = auto, round(0.2·steps): 10 at 50 steps as in the paper; "
+        "5 to 15 at 50 steps; 0 = stage 1 off (attention fixing only)",
+    ),
     "inner_iterations": WidgetRange(1, 20, 1, "1 as in the paper; the official pipeline uses 10"),
-    "kl_threshold": WidgetRange(0.0, 10.0, 0.05,
-                                "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"),
+    "kl_threshold": WidgetRange(
+        0.0, 10.0, 0.05, "0.5 to 3; 1.0 is the paper (τ); higher pushes concepts further apart"
+    ),
     "step_scale": WidgetRange(0.0, 200.0, 0.5, "20 to 40; 40 is the paper's η at step 0, 20 the official code's"),
     "smoothing_sigma": WidgetRange(0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the paper (the official pipeline uses 1.0)"),
-    "mask_percentile": WidgetRange(0.5, 0.999, 0.005,
-                                   "0.80 to 0.99; 0.90 is the paper (γ); lower masks over-remove overlap"),
+    "mask_percentile": WidgetRange(
+        0.5, 0.999, 0.005, "0.80 to 0.99; 0.90 is the paper (γ); lower masks over-remove overlap"
+    ),
     "mask_sigma": WidgetRange(0.1, 5.0, 0.05, "1.0 to 2.0; 1.5 is the official code"),
     "boost": WidgetRange(0.0, 20.0, 0.5, "0 to 10; +5 is the paper (p)"),
     "suppression": WidgetRange(-1e8, 0.0, 1.0, "-1e8 (the paper's m) removes the other concepts' tokens; 0 disables"),
@@ -53,8 +60,8 @@ UI_RANGES: dict[str, WidgetRange] = {
 # field and refuse a field without a meaning).
 MEANINGS: dict[str, str] = {
     "loda_steps": "N: sampling steps 0..N-1 get a latent update (stage 1); attention fixing runs from step N. "
-                  "Stage 1 runs the sampler one step at a time, so multistep samplers (dpmpp_2m, deis, ipndm, ...) "
-                  "run first-order on those steps; uni_pc cannot, use it with 0.",
+    "Stage 1 runs the sampler one step at a time, so multistep samplers (dpmpp_2m, deis, ipndm, ...) "
+    "run first-order on those steps; uni_pc cannot, use it with 0.",
     "inner_iterations": "Gradient steps per stage-1 sampling step.",
     "kl_threshold": "τ: updates stop once the harmonic mean of the concepts' pairwise KL reaches it.",
     "step_scale": "η at step 0; the step size falls linearly to half of it over the steps (paper schedule).",
@@ -131,8 +138,12 @@ class LodaConfig:
         for field in fields(self):
             value = getattr(self, field.name)
             if field.name not in UI_OPTIONS:  # every number field: NaN would pass the range checks below
-                check_number(f"LODA setting {field.name}", value, integer=isinstance(field.default, int),
-                             fix=f"enter a finite value for {field.name}")
+                check_number(
+                    f"LODA setting {field.name}",
+                    value,
+                    integer=isinstance(field.default, int),
+                    fix=f"enter a finite value for {field.name}",
+                )
         self._check(
             isinstance(self.loda_steps, int) and self.loda_steps >= AUTO_LODA_STEPS,
             "loda_steps",

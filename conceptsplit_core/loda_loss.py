@@ -270,4 +270,3 @@ def flow_latent_update(x: torch.Tensor, grad_x: torch.Tensor, eta: float) -> tor
     Shapes: x, grad_x: any equal shape; returns x's shape and dtype.
     """
     return x - eta * grad_x.to(x.dtype)
-

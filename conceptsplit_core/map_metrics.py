@@ -142,10 +142,14 @@ def loda_harmonic_mean(maps: torch.Tensor) -> torch.Tensor:
 def _harmonic_mean_line(maps: torch.Tensor) -> str:
     _, h, w = maps.shape
     if h >= AE_KERNEL_SIZE and w >= AE_KERNEL_SIZE:
-        return (f"LODA harmonic mean of KL a->b (a < b), maps smoothed as LODA's loss: "
-                f"{loda_harmonic_mean(maps).item():.5f}")
-    return (f"KL harmonic mean (a < b), unsmoothed, NOT LODA's number ({h}x{w} maps are smaller than LODA's "
-            f"{AE_KERNEL_SIZE}x{AE_KERNEL_SIZE} smoothing kernel): {harmonic_mean_kl(maps).item():.5f}")
+        return (
+            f"LODA harmonic mean of KL a->b (a < b), maps smoothed as LODA's loss: "
+            f"{loda_harmonic_mean(maps).item():.5f}"
+        )
+    return (
+        f"KL harmonic mean (a < b), unsmoothed, NOT LODA's number ({h}x{w} maps are smaller than LODA's "
+        f"{AE_KERNEL_SIZE}x{AE_KERNEL_SIZE} smoothing kernel): {harmonic_mean_kl(maps).item():.5f}"
+    )
 
 
 def _cell(word: str, width: int) -> str:
@@ -262,8 +266,10 @@ def format_mask_share_report(labels: list[str], maps: torch.Tensor, masks: torch
     check_report_maps(labels, maps)
     share, area = (values.tolist() for values in mask_attention_share(maps, masks))
     width = min(_WORD_WIDTH, max(len(label) for label in labels))
-    lines = ["Attention inside each word's own mask (concept_masks, word k -> mask k):",
-             f"{'word':<{width}}  {'share':>9}  {'mask area':>9}"]
+    lines = [
+        "Attention inside each word's own mask (concept_masks, word k -> mask k):",
+        f"{'word':<{width}}  {'share':>9}  {'mask area':>9}",
+    ]
     lines += [f"{_cell(label, width):<{width}}  {share[k]:9.5f}  {area[k]:9.5f}" for k, label in enumerate(labels)]
     lines.append("share: the part of the word's attention inside its mask; mask area: what a flat map would give.")
     return "\n".join(lines)

@@ -13,12 +13,21 @@ import numbers
 
 from .errors import ConceptSplitError
 
-WIDGET_FIX = ("enter a value in that range; NaN, Inf or out-of-range values come from a workflow edited by hand, "
-              "an API-format prompt or a node linked to this input")
+WIDGET_FIX = (
+    "enter a value in that range; NaN, Inf or out-of-range values come from a workflow edited by hand, "
+    "an API-format prompt or a node linked to this input"
+)
 
 
-def check_number(label: str, value, minimum: float | None = None, maximum: float | None = None, *,
-                 integer: bool = False, fix: str | None = None) -> float | int:
+def check_number(
+    label: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    integer: bool = False,
+    fix: str | None = None,
+) -> float | int:
     """Return `value` if it is a finite number (an integer when `integer`) in [minimum, maximum]; else raise.
 
     Args:
@@ -34,11 +43,13 @@ def check_number(label: str, value, minimum: float | None = None, maximum: float
     wanted = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, wanted):
         kind = "an integer" if integer else "a number"
-        raise ConceptSplitError.build(f"{label} is not {kind}", seen=f"{value!r} ({type(value).__name__})",
-                                      expected=expected, fix=fix)
+        raise ConceptSplitError.build(
+            f"{label} is not {kind}", seen=f"{value!r} ({type(value).__name__})", expected=expected, fix=fix
+        )
     if not integer and not math.isfinite(float(value)):
-        raise ConceptSplitError.build(f"{label} is not a finite number", seen=repr(float(value)),
-                                      expected=expected, fix=fix)
+        raise ConceptSplitError.build(
+            f"{label} is not a finite number", seen=repr(float(value)), expected=expected, fix=fix
+        )
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ConceptSplitError.build(f"{label} is out of range", seen=repr(value), expected=expected, fix=fix)
     return value

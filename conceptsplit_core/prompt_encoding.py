@@ -87,12 +87,13 @@ def same_encoding(candidate: torch.Tensor, encoding: PromptEncoding) -> torch.Te
         return None
     reference, row_scale = encoding.reference_on(candidate.device)  # (1, L, d), (L, 1)
     eps = rounding_eps(candidate.dtype, encoding.context.dtype, compute_eps=encoding.compute_eps)
-    difference = (candidate[:, :encoding.length].detach().to(torch.float32) - reference).abs()  # (n, L, d)
+    difference = (candidate[:, : encoding.length].detach().to(torch.float32) - reference).abs()  # (n, L, d)
     return (difference <= ENCODING_ULPS * eps * row_scale).all()
 
 
-def identify_conditionings(candidates: Sequence[torch.Tensor | None],
-                           encodings: Sequence[PromptEncoding]) -> list[tuple | None]:
+def identify_conditionings(
+    candidates: Sequence[torch.Tensor | None], encodings: Sequence[PromptEncoding]
+) -> list[tuple | None]:
     """For each candidate (text features (n, L, d), or None), the token ids of the first encoding it matches, or None.
 
     All comparisons are read back to the host together: one sync per call on an accelerator, none on the CPU.

@@ -72,7 +72,7 @@ def _occurrences(prompt: PromptTokens, word_ids: tuple[int, ...]) -> list[int]:
         return []
     n = len(word_ids)
     ids = prompt.token_ids
-    return [p for p in range(len(ids) - n + 1) if prompt.word_starts[p] and tuple(ids[p:p + n]) == word_ids]
+    return [p for p in range(len(ids) - n + 1) if prompt.word_starts[p] and tuple(ids[p : p + n]) == word_ids]
 
 
 def _check_explicit(prompt: PromptTokens, request: IdentifierRequest, claimed: set[int]) -> None:
@@ -82,14 +82,16 @@ def _check_explicit(prompt: PromptTokens, request: IdentifierRequest, claimed: s
         raise ConceptSplitError.build(
             f'Token index {position} of "{request.label}" is outside the prompt\'s text tokens',
             seen=f"{len(prompt.token_ids)} token slots ({len(prompt.token_ids) // window} window(s) of {window}; "
-                 f"index 0 of each window is the start token)",
+            f"index 0 of each window is the start token)",
             expected=f"an index between 1 and {len(prompt.token_ids) - 1}, not a multiple of {window}",
             fix="set token_index to -1 to find the identifier word automatically",
         )
     if position in claimed:
         raise ConceptSplitError.build(
-            f'Two concepts use token index {position}', seen=f'"{request.label}" and an earlier concept',
-            expected="one concept per token position", fix="give each adapter its own token_index or word",
+            f"Two concepts use token index {position}",
+            seen=f'"{request.label}" and an earlier concept',
+            expected="one concept per token position",
+            fix="give each adapter its own token_index or word",
         )
 
 
@@ -100,13 +102,13 @@ def _not_found_error(prompt: PromptTokens, request: IdentifierRequest, taken: bo
             seen=f'every "{request.word}" in "{_short(prompt.text)}" is already used by an earlier concept',
             expected="one occurrence of the word per concept that uses it",
             fix=f'write "{request.word}" once more in the prompt (e.g. "a {request.word} and a {request.word}") '
-                "or remove one of the adapters",
+            "or remove one of the adapters",
         )
     return ConceptSplitError.build(
         f'Identifier word "{request.word}" of "{request.label}" is not in the prompt',
         seen=f'prompt "{_short(prompt.text)}"',
         expected=f'"{request.word}" as a separate word (any case; "{request.word}s" or "hot{request.word}" '
-                 "do not match)",
+        "do not match)",
         fix=f'add "{request.word}" to the prompt or remove its adapter',
     )
 
@@ -115,8 +117,9 @@ def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def locate_words_in_pieces(prompt: PromptTokens, words: Sequence[str], all_tokens: bool = False
-                           ) -> tuple[tuple[int, ...], ...]:
+def locate_words_in_pieces(
+    prompt: PromptTokens, words: Sequence[str], all_tokens: bool = False
+) -> tuple[tuple[int, ...], ...]:
     """Token rows of each word in a prompt with decoded pieces (DiT text encoders: T5, Qwen), ToVA's rule:
     words in order, each takes its first free occurrence as a whole word (case-insensitive, punctuation ends a word).
 
@@ -135,8 +138,9 @@ def locate_words_in_pieces(prompt: PromptTokens, words: Sequence[str], all_token
                 f'Word "{word}" is not in the prompt' + (" often enough" if taken else ""),
                 seen=f'the tokens of "{_short(prompt.text)}": {token_table_text(prompt)}',
                 expected=f'"{word}" as a separate word of the prompt, once per concept that uses it ("{word}s" or '
-                         f'"hot{word}" do not match)',
-                fix=f'add "{word}" to the prompt or remove it from the words')
+                f'"hot{word}" do not match)',
+                fix=f'add "{word}" to the prompt or remove it from the words',
+            )
         claimed.update(rows)
         found.append(tuple(rows) if all_tokens else (rows[0],))
     return tuple(found)
@@ -171,7 +175,8 @@ def located_table(prompt: PromptTokens, labels: Sequence[str], rows: Sequence[Se
     """The bound tokens as a table, one line per word: 'word -> row r (piece 'cat')'."""
     lines = ["word -> token row (piece)"]
     for label, word_rows in zip(labels, rows):
-        pieces = ", ".join(f"row {r} ({prompt.pieces[r]!r})" if r < len(prompt.pieces) else f"row {r}"
-                           for r in word_rows)
+        pieces = ", ".join(
+            f"row {r} ({prompt.pieces[r]!r})" if r < len(prompt.pieces) else f"row {r}" for r in word_rows
+        )
         lines.append(f"{label} -> {pieces}")
     return "\n".join(lines)

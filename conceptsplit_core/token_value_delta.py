@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass(frozen=True)
 class TokenDelta:
     """One concept's adapter at one cross-attention layer, bound to its token position."""
@@ -40,8 +39,13 @@ def identifier_rows(position: int, chunk_length: int, context_length: int) -> sl
     return slice(position, context_length, stride)
 
 
-def apply_token_value_delta(value: torch.Tensor, context: torch.Tensor, delta: TokenDelta,
-                            row_mask: torch.Tensor, token_rows: slice | None = None) -> torch.Tensor:
+def apply_token_value_delta(
+    value: torch.Tensor,
+    context: torch.Tensor,
+    delta: TokenDelta,
+    row_mask: torch.Tensor,
+    token_rows: slice | None = None,
+) -> torch.Tensor:
     """Add the ToVA delta δ_kᵀ A_{C_k}(c_k) to the identifier rows of V (method §2.1), returning a new tensor.
 
     Shapes:
@@ -54,8 +58,9 @@ def apply_token_value_delta(value: torch.Tensor, context: torch.Tensor, delta: T
     The delta is computed in fp32 and added in fp32 before casting back. The token rows are a strided slice
     (s_k, s_k + L, ...) and the batch rows a mask, so nothing here waits for the GPU.
     """
-    rows = token_rows if token_rows is not None else identifier_rows(delta.position, delta.prompt_length,
-                                                                     value.shape[1])
+    rows = (
+        token_rows if token_rows is not None else identifier_rows(delta.position, delta.prompt_length, value.shape[1])
+    )
     if rows is None:
         return value
     base = value[:, rows].to(torch.float32)  # (B, P, C)

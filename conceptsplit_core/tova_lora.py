@@ -257,9 +257,11 @@ def load_training_checkpoint(path: str | Path) -> TrainingState:
 
 def _damaged_checkpoint(source: Path, seen: str) -> ConceptSplitError:
     return ConceptSplitError.build(
-        f'The training checkpoint "{source.name}" is damaged', seen=seen,
+        f'The training checkpoint "{source.name}" is damaged',
+        seen=seen,
         expected="a checkpoint written by ConceptSplit training, with finite weights, optimizer state and losses",
-        fix="turn resume off to start the run again (or delete the checkpoint)")
+        fix="turn resume off to start the run again (or delete the checkpoint)",
+    )
 
 
 def _check_checkpoint_numbers(source: Path, state: TrainingState) -> None:
@@ -268,8 +270,12 @@ def _check_checkpoint_numbers(source: Path, state: TrainingState) -> None:
     if state.step < 0:
         raise _damaged_checkpoint(source, f"step {state.step}")
     named = [(f"lora {key} {part}", tensor) for key, pair in state.lora.items() for part, tensor in zip("AB", pair)]
-    named += [(f"optimizer state {index} {name}", value) for index, entry in state.optimizer["state"].items()
-              for name, value in entry.items() if isinstance(value, torch.Tensor)]
+    named += [
+        (f"optimizer state {index} {name}", value)
+        for index, entry in state.optimizer["state"].items()
+        for name, value in entry.items()
+        if isinstance(value, torch.Tensor)
+    ]
     for label, tensor in named:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise _damaged_checkpoint(source, f"non-finite values in {label}")

@@ -51,9 +51,12 @@ class NoiseSchedule:
             return sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
         if self.prediction == PREDICTION_EPS:
             return sigma
-        raise ConceptSplitError.build("ToVA training supports v- and ε-prediction models only",
-                                      seen=f"prediction {self.prediction!r}", expected='"v" or "eps"',
-                                      fix="train on an SD1.5, SD2.1 or SDXL checkpoint")
+        raise ConceptSplitError.build(
+            "ToVA training supports v- and ε-prediction models only",
+            seen=f"prediction {self.prediction!r}",
+            expected='"v" or "eps"',
+            fix="train on an SD1.5, SD2.1 or SDXL checkpoint",
+        )
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ def check_rank(rank: int, layer_shapes: Mapping[str, tuple[int, int]]) -> None:
             f"Rank {rank} is larger than this model's layers allow",
             seen=f"layer {narrow} has to_v of (C, d) = {tuple(reversed(layer_shapes[narrow]))}",
             expected=f"a rank of at most {limit} (min of d and C over all layers)",
-            fix=f"set rank to {min(64, limit)} (64 is the paper's value)")
+            fix=f"set rank to {min(64, limit)} (64 is the paper's value)",
+        )
 
 
 def template_prompts(templates: Sequence[str], word: str) -> list[str]:
@@ -129,8 +133,11 @@ def identifier_positions(prompts: Sequence[PromptTokens], word: str, word_ids: t
     """s for every prompt by the inference rule (method §2.4 unified rule): the word's first BPE token."""
     if not word_ids:
         raise ConceptSplitError.build(
-            f'The class word "{word}" gives no tokens', seen="the tokenizer returned nothing for it",
-            expected='a plain class word such as "dog" or "teddy bear"', fix="type the concept's class word")
+            f'The class word "{word}" gives no tokens',
+            seen="the tokenizer returned nothing for it",
+            expected='a plain class word such as "dog" or "teddy bear"',
+            fix="type the concept's class word",
+        )
     positions = []
     for prompt in prompts:
         request = IdentifierRequest(label="training template", word=word, word_ids=word_ids)
@@ -165,20 +172,28 @@ def draw_step(data: TrainingData, schedule: NoiseSchedule, pair: tuple[int, int]
 
 def step_deltas(lora: ToVALoraSet, position: int, prompt_length: int, label: str) -> dict[str, TokenDelta]:
     """The live (trainable) adapter bound to one prompt's identifier row s, per diffusers path."""
-    return {key: TokenDelta(lora_a, lora_b, lora.scale, position, prompt_length, label)
-            for key, (lora_a, lora_b) in lora.pairs().items()}
+    return {
+        key: TokenDelta(lora_a, lora_b, lora.scale, position, prompt_length, label)
+        for key, (lora_a, lora_b) in lora.pairs().items()
+    }
 
 
-def step_loss(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, denoise: Denoiser,
-              sample: StepSample, autocast_dtype: torch.dtype | None = None, label: str = "") -> torch.Tensor:
+def step_loss(
+    lora: ToVALoraSet,
+    data: TrainingData,
+    schedule: NoiseSchedule,
+    denoise: Denoiser,
+    sample: StepSample,
+    autocast_dtype: torch.dtype | None = None,
+    label: str = "",
+) -> torch.Tensor:
     """MSE of the raw model output against its target (method §2.6), differentiable in A and B (needs grad mode on).
 
     Shapes: x = x0 + σ·ε (1, 4, h, w); returns a scalar fp32 loss, mean over all elements.
     """
     x = sample.x0 + sample.sigma.view(-1, 1, 1, 1) * sample.noise  # (1, 4, h, w)
     deltas = step_deltas(lora, data.positions[sample.template_index], data.prompt_length, label)
-    autocast = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else nullcontext())
+    autocast = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     with autocast:
         denoised = denoise(x, sample.sigma, sample.template_index, deltas)  # (1, 4, h, w)
     c_out = schedule.output_scale(sample.sigma).view(-1, 1, 1, 1)  # (1, 1, 1, 1)
@@ -187,14 +202,28 @@ def step_loss(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, de
 
 def make_optimizer(lora: ToVALoraSet, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW on the fp32 master A, B only (method §2.6: β (0.9, 0.999), weight decay 1e-2, ε 1e-8, constant lr)."""
-    return torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas),
-                             weight_decay=config.weight_decay, eps=config.adam_eps)
+    return torch.optim.AdamW(
+        lora.parameters(),
+        lr=config.learning_rate,
+        betas=tuple(config.adam_betas),
+        weight_decay=config.weight_decay,
+        eps=config.adam_eps,
+    )
 
 
-def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, denoise: Denoiser,
-               config: TrainConfig, *, run_record: Mapping[str, Any], checkpoint: CheckpointPlan | None = None,
-               on_step: StepCallback | None = None, autocast_dtype: torch.dtype | None = None,
-               label: str = "") -> TrainingResult:
+def train_tova(
+    lora: ToVALoraSet,
+    data: TrainingData,
+    schedule: NoiseSchedule,
+    denoise: Denoiser,
+    config: TrainConfig,
+    *,
+    run_record: Mapping[str, Any],
+    checkpoint: CheckpointPlan | None = None,
+    on_step: StepCallback | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    label: str = "",
+) -> TrainingResult:
     """Run method §2.6's loop for `config.steps` steps, batch 1, updating `lora` in place (needs grad mode on).
 
     Args:
@@ -207,8 +236,12 @@ def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, d
         checkpoint is kept), or a checkpoint from another run.
     """
     if config.batch_size != 1:
-        raise ConceptSplitError.build("ToVA training runs with batch size 1", seen=f"batch_size {config.batch_size}",
-                                      expected="1 (the paper's recipe)", fix="set batch_size to 1")
+        raise ConceptSplitError.build(
+            "ToVA training runs with batch size 1",
+            seen=f"batch_size {config.batch_size}",
+            expected="1 (the paper's recipe)",
+            fix="set batch_size to 1",
+        )
     params = list(lora.parameters())
     optimizer = make_optimizer(lora, config)
     result = TrainingResult()
@@ -220,7 +253,8 @@ def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, d
                 f'The training checkpoint "{checkpoint.path.name}" is past the end of this run',
                 seen=f"checkpoint at step {state.step}, steps = {config.steps}",
                 expected=f"steps of at least {state.step} to resume it",
-                fix=f"set steps to {state.step} or more, or turn resume off to start again")
+                fix=f"set steps to {state.step} or more, or turn resume off to start again",
+            )
         lora.load_pairs(state.lora)
         optimizer.load_state_dict(state.optimizer)
         result.losses, result.resumed_from = list(state.loss_history), state.step
@@ -241,8 +275,13 @@ def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, d
         result.losses.append(value)
         done = step + 1
         if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0 and done < config.steps:
-            state = TrainingState(step=done, lora=lora.state_for_saving(), optimizer=optimizer.state_dict(),
-                                  loss_history=list(result.losses), extra=dict(run_record))
+            state = TrainingState(
+                step=done,
+                lora=lora.state_for_saving(),
+                optimizer=optimizer.state_dict(),
+                loss_history=list(result.losses),
+                extra=dict(run_record),
+            )
             save_training_checkpoint(checkpoint.path, state)
         if on_step is not None:
             on_step(done, config.steps, value)
@@ -250,19 +289,29 @@ def train_tova(lora: ToVALoraSet, data: TrainingData, schedule: NoiseSchedule, d
 
 
 def _diverged(step: int, seen: str, checkpoint: CheckpointPlan | None) -> ConceptSplitError:
-    kept = (f'the last good checkpoint "{checkpoint.path.name}" is kept; resume from it with a lower learning rate'
-            if checkpoint is not None and checkpoint.path.is_file() else "lower the learning rate and train again")
-    return ConceptSplitError.build(f"ToVA training diverged at step {step}: the loss is not finite", seen=seen,
-                                   expected="a finite loss and gradient", fix=kept)
+    kept = (
+        f'the last good checkpoint "{checkpoint.path.name}" is kept; resume from it with a lower learning rate'
+        if checkpoint is not None and checkpoint.path.is_file()
+        else "lower the learning rate and train again"
+    )
+    return ConceptSplitError.build(
+        f"ToVA training diverged at step {step}: the loss is not finite",
+        seen=seen,
+        expected="a finite loss and gradient",
+        fix=kept,
+    )
 
 
 def _check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
     # steps may grow on resume: the schedule of a longer run starts with the shorter run's items.
-    differing = sorted(key for key in set(saved) | set(current)
-                       if key != "steps" and saved.get(key) != current.get(key))
+    differing = sorted(
+        key for key in set(saved) | set(current) if key != "steps" and saved.get(key) != current.get(key)
+    )
     if differing:
         shown = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differing[:4])
         raise ConceptSplitError.build(
-            f'The training checkpoint "{path.name}" belongs to a different run', seen=shown,
+            f'The training checkpoint "{path.name}" belongs to a different run',
+            seen=shown,
             expected="the same images, class word, model and settings as the stopped run (only steps may change)",
-            fix="restore the original settings, or turn resume off to start a new run")
+            fix="restore the original settings, or turn resume off to start a new run",
+        )

@@ -128,8 +128,11 @@ class TrainConfig:
         """
         for name in ("learning_rate", "alpha", "grad_clip", "weight_decay", "adam_eps"):  # NaN passes `> 0`
             if getattr(self, name) is not None:
-                check_number(f"Training setting {name}", getattr(self, name),
-                             fix=f"set {name} to the default {_PAPER_DEFAULTS[name]!r} or another finite value")
+                check_number(
+                    f"Training setting {name}",
+                    getattr(self, name),
+                    fix=f"set {name} to the default {_PAPER_DEFAULTS[name]!r} or another finite value",
+                )
         for beta in self.adam_betas:
             check_number("Training setting adam_betas", beta, fix="set adam_betas to the default (0.9, 0.999)")
         checks = [
@@ -300,8 +303,9 @@ class CropViews:
     def crops(self, index: int) -> torch.Tensor:
         """The distinct crops of image `index`: (v, 3, R, R) in [-1, 1], v <= k (a square image has one)."""
         R = self.resolution
-        return torch.stack([self.resized[index][:, top : top + R, left : left + R]
-                            for top, left in self.offsets[index]])
+        return torch.stack(
+            [self.resized[index][:, top : top + R, left : left + R] for top, left in self.offsets[index]]
+        )
 
 
 def crop_views(images: torch.Tensor | Sequence[torch.Tensor], resolution: int, views: int, seed: int) -> CropViews:
@@ -314,16 +318,23 @@ def crop_views(images: torch.Tensor | Sequence[torch.Tensor], resolution: int, v
     image_list = _to_image_list(images)
     if not image_list:
         raise ConceptSplitError.build(
-            "No training images were given", seen="0 images",
+            "No training images were given",
+            seen="0 images",
             expected="at least 1 image of the concept (the paper uses 3-5)",
-            fix="connect a batch of images of the concept")
+            fix="connect a batch of images of the concept",
+        )
     generator = torch.Generator().manual_seed(_derived_seed("crops", seed))
     resized, offsets, choices = [], [], []
     for index, image in enumerate(image_list):
         pixels = _resized(image, index, resolution)[0]  # (3, new_h, new_w) in 0..1
         new_h, new_w = pixels.shape[-2:]
-        drawn = [(int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator)),
-                  int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))) for _ in range(views)]
+        drawn = [
+            (
+                int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator)),
+                int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator)),
+            )
+            for _ in range(views)
+        ]
         distinct = list(dict.fromkeys(drawn))
         resized.append((pixels * 2 - 1).clamp(-1, 1))  # bilinear is convex; clamp guards rounding at the ends
         offsets.append(tuple(distinct))

@@ -20,8 +20,12 @@ from .widgets import WidgetRange
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Widget limits of the loader's square size; the trainer resizes again to its own resolution R (method §2.6).
-PHOTO_RESOLUTION = WidgetRange(64, 4096, 8, "1024: at least the training resolution (768 SD2.1, 1024 SDXL, "
-                                            "512 SD1.5), so the trainer only scales down")
+PHOTO_RESOLUTION = WidgetRange(
+    64,
+    4096,
+    8,
+    "1024: at least the training resolution (768 SD2.1, 1024 SDXL, 512 SD1.5), so the trainer only scales down",
+)
 PHOTO_RESOLUTION_DEFAULT = 1024
 
 
@@ -36,14 +40,19 @@ def resolve_photo_folder(root: str | os.PathLike, folder: str) -> Path:
     base = Path(root).resolve()
     if not folder.strip() or "\x00" in folder:
         raise ConceptSplitError.build(
-            "No photo folder was chosen", seen=repr(folder), expected=f"the name of a folder inside {base}",
-            fix="put the photos in a folder under ComfyUI's input folder and pick it in the folder list")
+            "No photo folder was chosen",
+            seen=repr(folder),
+            expected=f"the name of a folder inside {base}",
+            fix="put the photos in a folder under ComfyUI's input folder and pick it in the folder list",
+        )
     target = (base / folder).resolve()
     if os.path.isabs(folder) or not target.is_relative_to(base):
         raise ConceptSplitError.build(
             f'The photo folder "{folder}" is outside ComfyUI\'s input folder',
-            seen=f"{folder!r} resolves to {target}", expected=f"a folder inside {base}",
-            fix="move or copy the photos into a folder under ComfyUI's input folder and pick that folder")
+            seen=f"{folder!r} resolves to {target}",
+            expected=f"a folder inside {base}",
+            fix="move or copy the photos into a folder under ComfyUI's input folder and pick that folder",
+        )
     return target
 
 
@@ -56,19 +65,26 @@ def photo_files(folder: Path) -> list[Path]:
     """
     if not folder.is_dir():
         raise ConceptSplitError.build(
-            f'The photo folder "{folder.name}" does not exist', seen=str(folder), expected="a folder of photos",
-            fix="check the folder name, or create it and copy the photos into it")
+            f'The photo folder "{folder.name}" does not exist',
+            seen=str(folder),
+            expected="a folder of photos",
+            fix="check the folder name, or create it and copy the photos into it",
+        )
     entries = sorted(folder.iterdir(), key=lambda path: path.name)
-    files = [path for path in entries
-             if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()]
+    files = [
+        path
+        for path in entries
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    ]
     if not files:
         others = [path.name for path in entries][:5]
         raise ConceptSplitError.build(
             f'The photo folder "{folder.name}" holds no photos',
-            seen=f"{len(entries)} entries" + (f" ({', '.join(others)}{', …' if len(entries) > 5 else ''})"
-                                              if others else ""),
+            seen=f"{len(entries)} entries"
+            + (f" ({', '.join(others)}{', …' if len(entries) > 5 else ''})" if others else ""),
             expected=f"image files ({', '.join(IMAGE_SUFFIXES)}) directly in {folder}",
-            fix="copy 3-20 photos of the concept into that folder (sub-folders are not read)")
+            fix="copy 3-20 photos of the concept into that folder (sub-folders are not read)",
+        )
     return files
 
 
@@ -88,9 +104,11 @@ def read_photo(path: Path) -> torch.Tensor:
         raise
     except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ConceptSplitError.build(
-            f'The photo "{path.name}" cannot be read', seen=f"{type(err).__name__}: {err}",
+            f'The photo "{path.name}" cannot be read',
+            seen=f"{type(err).__name__}: {err}",
             expected="a complete PNG, JPEG, WebP or BMP file",
-            fix=f"open {path} in an image viewer; re-export or remove it") from err
+            fix=f"open {path} in an image viewer; re-export or remove it",
+        ) from err
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)  # (H_img, W_img, 3)
 
 
@@ -113,9 +131,11 @@ def load_square_photos(folder: Path, resolution: int) -> torch.Tensor:
     """
     if resolution < 1:
         raise ConceptSplitError.build(
-            "The photo resolution must be positive", seen=f"resolution = {resolution}",
+            "The photo resolution must be positive",
+            seen=f"resolution = {resolution}",
             expected=f"{int(PHOTO_RESOLUTION.min)}..{int(PHOTO_RESOLUTION.max)} pixels",
-            fix=f"set resolution to {PHOTO_RESOLUTION_DEFAULT}")
+            fix=f"set resolution to {PHOTO_RESOLUTION_DEFAULT}",
+        )
     squares = []
     for path in photo_files(folder):
         square = preprocess_images(read_photo(path)[None], resolution, crop="center")  # (1, 3, R, R) in [-1, 1]

@@ -76,9 +76,11 @@ def viewer_payload(record: ConceptMaps, images: Sequence[dict] | None, alpha: fl
         "stage1_steps": record.stage1_steps,
         "mask_step": record.mask_step,
         "maps": [encode_f32(per_step[b]) for b in range(B)],
-        "masks": None if record.masks is None else [
-            base64.b64encode(record.masks[b].to(torch.uint8).contiguous().numpy().tobytes()).decode()
-            for b in range(B)],
+        "masks": None
+        if record.masks is None
+        else [
+            base64.b64encode(record.masks[b].to(torch.uint8).contiguous().numpy().tobytes()).decode() for b in range(B)
+        ],
         "images": list(images) if images is not None else [None] * B,
         "luts": {name: encode_f32(colormap_lut(name)) for name in COLORMAPS},
         "alpha": float(alpha),

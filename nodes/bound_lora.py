@@ -46,20 +46,34 @@ class BindLoraToConcept(io.ComfyNode):
             display_name="Bind LoRA to Concept",
             category="ConceptSplit",
             description="Bind an ordinary LoRA (kohya, diffusers, PEFT, LyCORIS LoHa/LoKr) to one concept word of "
-                        "the prompt, so it acts only on that subject (inside its LODA mask).",
+            "the prompt, so it acts only on that subject (inside its LODA mask).",
             inputs=[
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="LoRA file from ComfyUI/models/loras, any format Load LoRA reads."),
-                io.String.Input("concept_word", default="",
-                                tooltip="The subject's class or trigger word as written in the prompt (e.g. dog). "
-                                        "It must be one of the LODA sampler's concept words."),
-                number_input("strength", 1.0, BOUND_STRENGTH_RANGE,
-                             "LoRA strength (as strength_model of Load LoRA); 0 leaves the concept alone."),
-                BoundLorasType.Input("bound_loras", optional=True,
-                                     tooltip="Bindings made so far; this node appends its binding."),
+                io.Combo.Input(
+                    "lora_name",
+                    options=folder_paths.get_filename_list("loras"),
+                    tooltip="LoRA file from ComfyUI/models/loras, any format Load LoRA reads.",
+                ),
+                io.String.Input(
+                    "concept_word",
+                    default="",
+                    tooltip="The subject's class or trigger word as written in the prompt (e.g. dog). "
+                    "It must be one of the LODA sampler's concept words.",
+                ),
+                number_input(
+                    "strength",
+                    1.0,
+                    BOUND_STRENGTH_RANGE,
+                    "LoRA strength (as strength_model of Load LoRA); 0 leaves the concept alone.",
+                ),
+                BoundLorasType.Input(
+                    "bound_loras", optional=True, tooltip="Bindings made so far; this node appends its binding."
+                ),
             ],
-            outputs=[BoundLorasType.Output(display_name="bound_loras",
-                                           tooltip="Connect to Apply Bound LoRAs or another Bind LoRA to Concept.")],
+            outputs=[
+                BoundLorasType.Output(
+                    display_name="bound_loras", tooltip="Connect to Apply Bound LoRAs or another Bind LoRA to Concept."
+                )
+            ],
         )
 
     @classmethod
@@ -84,44 +98,68 @@ class ApplyBoundLoras(io.ComfyNode):
             display_name="Apply Bound LoRAs",
             category="ConceptSplit",
             description="Patch the model (a clone) so each bound LoRA acts only inside its concept's LODA mask, "
-                        "unmerged, in one model pass per step. Sample it with the LODA Sampler.",
+            "unmerged, in one model pass per step. Sample it with the LODA Sampler.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5, SD2.x or SDXL model (fine-tunes too). Cloned, never changed."),
                 BoundLorasType.Input("bound_loras", tooltip="Bindings from Bind LoRA to Concept."),
-                io.Conditioning.Input("positive",
-                                      tooltip="The positive prompt from ConceptSplit Text Encode or Apply ToVA (the "
-                                              "one the sampler gets), holding every bound word."),
-                io.Combo.Input("stage1", options=list(STAGE1_POLICIES), default=STAGE1_DEFAULT, optional=True,
-                               tooltip="Before LODA's masks exist (stage 1): text_rows = only the concept's own "
-                                       "token rows of cross-attention keys/values; off = nothing; unmasked = the "
-                                       "whole LoRA everywhere (leaks)."),
-                io.Combo.Input("text_inputs", options=[TEXT_ROWS, TEXT_OFF], default=TEXT_ROWS, optional=True,
-                               tooltip="Cross-attention key/value parts of each LoRA: on its concept's own token "
-                                       "rows only, or off."),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="The positive prompt from ConceptSplit Text Encode or Apply ToVA (the "
+                    "one the sampler gets), holding every bound word.",
+                ),
+                io.Combo.Input(
+                    "stage1",
+                    options=list(STAGE1_POLICIES),
+                    default=STAGE1_DEFAULT,
+                    optional=True,
+                    tooltip="Before LODA's masks exist (stage 1): text_rows = only the concept's own "
+                    "token rows of cross-attention keys/values; off = nothing; unmasked = the "
+                    "whole LoRA everywhere (leaks).",
+                ),
+                io.Combo.Input(
+                    "text_inputs",
+                    options=[TEXT_ROWS, TEXT_OFF],
+                    default=TEXT_ROWS,
+                    optional=True,
+                    tooltip="Cross-attention key/value parts of each LoRA: on its concept's own token "
+                    "rows only, or off.",
+                ),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The patched clone; sample with LODA."),
-                     io.String.Output(display_name="info", tooltip="What each LoRA patches and where.")],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The patched clone; sample with LODA."),
+                io.String.Output(display_name="info", tooltip="What each LoRA patches and where."),
+            ],
         )
 
     @classmethod
-    def execute(cls, model, bound_loras, positive, stage1: str = STAGE1_DEFAULT,
-                text_inputs: str = TEXT_ROWS) -> io.NodeOutput:
+    def execute(
+        cls, model, bound_loras, positive, stage1: str = STAGE1_DEFAULT, text_inputs: str = TEXT_ROWS
+    ) -> io.NodeOutput:
         bindings = tuple(bound_loras or ())
         check_bound_words([b.word for b in bindings])
         for binding in bindings:
             if not math.isfinite(binding.strength):
-                raise ConceptSplitError.build(f'The strength of the LoRA bound to "{binding.word}" is not a number',
-                                              seen=str(binding.strength), expected="a finite number",
-                                              fix="type a strength such as 1.0")
+                raise ConceptSplitError.build(
+                    f'The strength of the LoRA bound to "{binding.word}" is not a number',
+                    seen=str(binding.strength),
+                    expected="a finite number",
+                    fix="type a strength such as 1.0",
+                )
         if stage1 not in STAGE1_POLICIES:
-            raise ConceptSplitError.build("Unknown stage1 policy", seen=repr(stage1),
-                                          expected=", ".join(STAGE1_POLICIES), fix="pick one from the list")
+            raise ConceptSplitError.build(
+                "Unknown stage1 policy",
+                seen=repr(stage1),
+                expected=", ".join(STAGE1_POLICIES),
+                fix="pick one from the list",
+            )
         family = model_family(model)
         if family.layout(model).joint:
             raise ConceptSplitError.build(
                 f"Bound LoRAs are applied on UNet layers; {family.display} is not supported yet",
-                seen=f"a {family.display} model", expected="an SD1.5, SD2.x or SDXL model (fine-tunes too)",
-                fix="use Load LoRA on this model, or bind the LoRAs on an SD1.5/SD2.x/SDXL checkpoint")
+                seen=f"a {family.display} model",
+                expected="an SD1.5, SD2.x or SDXL model (fine-tunes too)",
+                fix="use Load LoRA on this model, or bind the LoRAs on an SD1.5/SD2.x/SDXL checkpoint",
+            )
         active = tuple(b for b in bindings if b.strength != 0)
         patched = model.clone()
         if not active:
@@ -132,24 +170,31 @@ class ApplyBoundLoras(io.ComfyNode):
                 "Apply Bound LoRAs cannot find the concept words: the positive prompt carries no token record",
                 seen="a positive from a plain CLIP Text Encode",
                 expected="a positive from ConceptSplit Text Encode or Apply ToVA",
-                fix="encode the positive prompt with ConceptSplit Text Encode")
+                fix="encode the positive prompt with ConceptSplit Text Encode",
+            )
         requests = [IdentifierRequest(b.word, b.word, comfy_text.default_word_token_ids(b.word)) for b in active]
         positions = locate_identifier_positions(prompt, requests)
         concepts = tuple(BoundConcept(b.word, p, b.strength, b.lora_name) for b, p in zip(active, positions))
-        loras = [(comfy_lora.read_lora(comfy_lora.lora_file_path(b.lora_name), b.lora_name, model), b.strength)
-                 for b in active]
+        loras = [
+            (comfy_lora.read_lora(comfy_lora.lora_file_path(b.lora_name), b.lora_name, model), b.strength)
+            for b in active
+        ]
         layers, skipped = comfy_lora.bound_layers(model, loras)
-        wrapper = comfy_lora.BoundLoras(layers, concepts, tuple(prompt.token_ids), len(prompt.token_ids), stage1,
-                                        text_inputs == TEXT_ROWS)
+        wrapper = comfy_lora.BoundLoras(
+            layers, concepts, tuple(prompt.token_ids), len(prompt.token_ids), stage1, text_inputs == TEXT_ROWS
+        )
         comfy_lora.install_bound_loras(patched, wrapper, positive)
         lines = []
         for index, (concept, (lora, _)) in enumerate(zip(concepts, loras)):
             own = [layer for layer in layers if layer.concept == index]
             text = sum(layer.kind == "text" for layer in own)
-            lines.append(f'{lora.name} -> "{concept.word}" (token {concept.position}, strength {concept.strength}): '
-                         f"{len(own) - text} image-side and {text} text-side patches"
-                         + (f"; {lora.text_encoder_keys} text-encoder keys not applied" if lora.text_encoder_keys
-                            else ""))
-        lines.append(f"{family.display}; stage 1: {stage1}; cross-attention keys/values: {text_inputs}"
-                     + (f"; {skipped} patches on the timestep embedding left out" if skipped else ""))
+            lines.append(
+                f'{lora.name} -> "{concept.word}" (token {concept.position}, strength {concept.strength}): '
+                f"{len(own) - text} image-side and {text} text-side patches"
+                + (f"; {lora.text_encoder_keys} text-encoder keys not applied" if lora.text_encoder_keys else "")
+            )
+        lines.append(
+            f"{family.display}; stage 1: {stage1}; cross-attention keys/values: {text_inputs}"
+            + (f"; {skipped} patches on the timestep embedding left out" if skipped else "")
+        )
         return io.NodeOutput(patched, "\n".join(lines))

@@ -57,7 +57,8 @@ class ConceptSplitAttention:
             "Another pack tried to add its attention patch on top of ConceptSplit's",
             seen="an IPAdapter-style node applied after Apply ToVA / LODA on the same model",
             expected="other attention patches applied first; ConceptSplit wraps them",
-            fix="move the IPAdapter (or similar) node before Apply ToVA in the model chain")
+            fix="move the IPAdapter (or similar) node before Apply ToVA in the model chain",
+        )
 
     def clear_device_cache(self) -> None:
         """Drop the adapter copies made for the GPU; called when ComfyUI cleans the model up after sampling."""
@@ -67,8 +68,10 @@ class ConceptSplitAttention:
         if self.deltas and apply_to_uncond != self.apply_to_uncond:
             raise ConceptSplitError.build(
                 "Two Apply ToVA nodes on one model disagree on apply_to_uncond",
-                seen=f"{self.apply_to_uncond} before, {apply_to_uncond} now", expected="the same setting",
-                fix="use one setting, or put all adapters into one Apply ToVA node")
+                seen=f"{self.apply_to_uncond} before, {apply_to_uncond} now",
+                expected="the same setting",
+                fix="use one setting, or put all adapters into one Apply ToVA node",
+            )
         return ConceptSplitAttention(self.deltas + deltas, apply_to_uncond, self.wrapped)
 
     def _deltas_on(self, device: torch.device) -> tuple[TokenDelta, ...]:
@@ -118,15 +121,18 @@ class ConceptSplitAttention:
                     "Attention fixing cannot pass a bias through another pack's attention patch",
                     seen=f"a foreign attn2 replace ({type(self.wrapped).__name__}) at block {extra_options['block']}",
                     expected="no other attn2 replace on layers that get the LODA bias",
-                    fix="set fixing off (p = m = 0) or remove the other attention patch from this model")
+                    fix="set fixing off (p = m = 0) or remove the other attention patch from this model",
+                )
             return self.wrapped(q, k, v, extra_options)
         heads = extra_options["n_heads"]
         precision = extra_options.get("attn_precision")
         if bias is None:
-            return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
-                                                       transformer_options=extra_options)
-        return comfy_attention.optimized_attention(q, k, v, heads, mask=bias.to(q.dtype), attn_precision=precision,
-                                                   transformer_options=extra_options)
+            return comfy_attention.optimized_attention(
+                q, k, v, heads, attn_precision=precision, transformer_options=extra_options
+            )
+        return comfy_attention.optimized_attention(
+            q, k, v, heads, mask=bias.to(q.dtype), attn_precision=precision, transformer_options=extra_options
+        )
 
     def _add_value_deltas(self, v, extra_options):
         context = extra_options.get(VALUE_INPUT_KEY)
@@ -134,8 +140,10 @@ class ConceptSplitAttention:
             raise ConceptSplitError.build(
                 "Another attention patch changed the text conditioning after ToVA read it",
                 seen=f"values of {tuple(v.shape[:2])} rows but a stashed conditioning of "
-                     f"{None if context is None else tuple(context.shape[:2])}",
-                expected="ToVA's attn2_patch to run last", fix="apply the other patch node before Apply ToVA")
+                f"{None if context is None else tuple(context.shape[:2])}",
+                expected="ToVA's attn2_patch to run last",
+                fix="apply the other patch node before Apply ToVA",
+            )
         chunks = tuple(extra_options["cond_or_uncond"])
         uuids = extra_options.get("uuids") or [None] * len(chunks)
         table = extra_options.get(CHUNKS_KEY) or {}
@@ -170,12 +178,16 @@ def attention_call(extra_options, q, k) -> AttentionCall:
     table = extra_options.get(CHUNKS_KEY) or {}
     uuids = extra_options.get("uuids") or ()
     chunk_prompts = tuple(table.get(uuid) for uuid in uuids) if table else ()
-    return AttentionCall(key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))), grid=grid,
-                         heads=int(extra_options["n_heads"]),
-                         cond_or_uncond=tuple(int(c) for c in extra_options["cond_or_uncond"]),
-                         batch=int(q.shape[0]), context_length=int(k.shape[1]), sigmas=extra_options.get("sigmas"),
-                         chunk_prompts=chunk_prompts)
-
+    return AttentionCall(
+        key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))),
+        grid=grid,
+        heads=int(extra_options["n_heads"]),
+        cond_or_uncond=tuple(int(c) for c in extra_options["cond_or_uncond"]),
+        batch=int(q.shape[0]),
+        context_length=int(k.shape[1]),
+        sigmas=extra_options.get("sigmas"),
+        chunk_prompts=chunk_prompts,
+    )
 
 
 def with_observer_list(model_options: dict, observers: tuple) -> dict:

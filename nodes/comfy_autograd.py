@@ -19,7 +19,6 @@ import torch
 import torch.utils.checkpoint
 
 
-
 class AutogradWeights:
     """Context manager: inference-tensor parameters and buffers of `modules` become autograd-usable views of the
     same memory inside the block; the original tensor objects are put back on exit.

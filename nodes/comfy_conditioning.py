@@ -53,8 +53,9 @@ def chunk_table(conds, encodings=(), default_length: int = 0) -> dict:
             ids = recorded_prompt_ids(cond)
             if ids is None:
                 ids = identified.get(id(cond))
-            table[cond["uuid"]] = ChunkPrompt(int(cross.shape[1]) if cross is not None else default_length, ids,
-                                              area=cond.get("area") is not None)
+            table[cond["uuid"]] = ChunkPrompt(
+                int(cross.shape[1]) if cross is not None else default_length, ids, area=cond.get("area") is not None
+            )
     return table
 
 
@@ -110,12 +111,22 @@ def record_chunk_prompts(executor, model, conds, x_in, timestep, model_options):
 
 
 TOVA_SOURCE = "Apply ToVA's positive output"
-TOVA_FIX = ("connect Apply ToVA's positive output to the sampler, or give Apply ToVA the prompt you sample (the same "
-            "text and prompt weights)")
+TOVA_FIX = (
+    "connect Apply ToVA's positive output to the sampler, or give Apply ToVA the prompt you sample (the same "
+    "text and prompt weights)"
+)
 
 
-def check_prompt_sampled(conds, table: dict, prompt_ids: tuple, prompt_length: int, prompt_text: str,
-                         problem: str, source: str = TOVA_SOURCE, fix: str = TOVA_FIX) -> None:
+def check_prompt_sampled(
+    conds,
+    table: dict,
+    prompt_ids: tuple,
+    prompt_length: int,
+    prompt_text: str,
+    problem: str,
+    source: str = TOVA_SOURCE,
+    fix: str = TOVA_FIX,
+) -> None:
     """Raise `problem` unless one positive conditioning of this model call holds the located prompt (chunk_holds_prompt
     on `table`, from call_chunk_table); a call without positives passes.
 
@@ -131,13 +142,17 @@ def check_prompt_sampled(conds, table: dict, prompt_ids: tuple, prompt_length: i
     if recorded:
         parts.append(f"{len(recorded)} encoded by the pack from another prompt")
     if len(recorded) < len(positives):
-        parts.append(f"{len(positives) - len(recorded)} with text features other than those of "
-                     f"\"{prompt_text[:80]}\" (another text, other prompt weights or another CLIP)")
+        parts.append(
+            f"{len(positives) - len(recorded)} with text features other than those of "
+            f'"{prompt_text[:80]}" (another text, other prompt weights or another CLIP)'
+        )
     raise ConceptSplitError.build(
-        problem, seen=", ".join(parts),
-        expected=f"the conditioning of \"{prompt_text[:80]}\" ({prompt_length} tokens): {source}, or that same "
-                 "text encoded with the same CLIP by any text encode node",
-        fix=fix)
+        problem,
+        seen=", ".join(parts),
+        expected=f'the conditioning of "{prompt_text[:80]}" ({prompt_length} tokens): {source}, or that same '
+        "text encoded with the same CLIP by any text encode node",
+        fix=fix,
+    )
 
 
 def conditioning_encodings(conditioning) -> tuple[PromptEncoding, ...]:
@@ -202,5 +217,3 @@ def with_located_concepts(model_options: dict, concepts: tuple) -> dict:
 def located_concepts(model_patcher) -> tuple:
     """The LocatedConcepts recorded on a MODEL by Apply ToVA nodes, in concept order (empty when none)."""
     return tuple(model_patcher.model_options.get("transformer_options", {}).get(CONCEPTS_KEY, ()))
-
-

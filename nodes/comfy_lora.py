@@ -31,8 +31,15 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..conceptsplit_core.attention_calls import chunk_holds_prompt
-from ..conceptsplit_core.bound_lora import (BoundConcept, ConceptRegions, add_masked, exclusive_masks,
-                                            image_position_mask, layer_grid, token_row_mask)
+from ..conceptsplit_core.bound_lora import (
+    BoundConcept,
+    ConceptRegions,
+    add_masked,
+    exclusive_masks,
+    image_position_mask,
+    layer_grid,
+    token_row_mask,
+)
 from ..conceptsplit_core.errors import ConceptSplitError
 from . import comfy_conditioning
 from .families import model_family
@@ -58,6 +65,7 @@ def with_concept_regions(model_options: dict, regions: ConceptRegions) -> dict:
 
 # --- reading ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LoraPatches:
     """The UNet patches of one LoRA file, as comfy.lora.load_lora made them."""
@@ -77,11 +85,18 @@ def read_lora(path: str, name: str, model_patcher) -> LoraPatches:
         state = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as error:  # safetensors / torch raise many types for damaged files
         raise ConceptSplitError.build(
-            f'The LoRA file "{name}" cannot be read', seen=f"{type(error).__name__}: {str(error)[:120]}",
-            expected="a .safetensors (or weights-only .pt) LoRA file", fix="download the file again") from None
+            f'The LoRA file "{name}" cannot be read',
+            seen=f"{type(error).__name__}: {str(error)[:120]}",
+            expected="a .safetensors (or weights-only .pt) LoRA file",
+            fix="download the file again",
+        ) from None
     if not isinstance(state, dict) or not state:
-        raise ConceptSplitError.build(f'The LoRA file "{name}" holds no tensors', seen="an empty file",
-                                      expected="a LoRA file", fix="download the file again")
+        raise ConceptSplitError.build(
+            f'The LoRA file "{name}" holds no tensors',
+            seen="an empty file",
+            expected="a LoRA file",
+            fix="download the file again",
+        )
     text_keys = sum(1 for key in state if key.lower().startswith(TEXT_ENCODER_PREFIXES))
     state = comfy.lora_convert.convert_lora(state)
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
@@ -94,7 +109,8 @@ def read_lora(path: str, name: str, model_patcher) -> LoraPatches:
             f'The LoRA "{name}" matches no layer of this {family.display} model',
             seen=f"{len(state)} keys ({text_keys} for text encoders), e.g. {sample}",
             expected=f"a LoRA trained for {family.display} (kohya, diffusers, PEFT or LyCORIS keys of its UNet)",
-            fix="use a LoRA made for this base model (SDXL fine-tunes take SDXL LoRAs), or another checkpoint")
+            fix="use a LoRA made for this base model (SDXL fine-tunes take SDXL LoRAs), or another checkpoint",
+        )
     _check_shapes(name, patches, model_patcher)
     return LoraPatches(name, patches, text_keys)
 
@@ -109,17 +125,20 @@ def _check_shapes(name: str, patches: dict, model_patcher) -> None:
         expected = None if weight is None else (int(weight.shape[0]), int(weight[0].numel()) if weight.dim() else 1)
         found = _delta_shape(patch)
         if weight is not None and found is not None and found != expected:
-            wrong.append(f"{key[len(MODEL_PREFIX):]}: {found[0]}×{found[1]} for {expected[0]}×{expected[1]}")
+            wrong.append(f"{key[len(MODEL_PREFIX) :]}: {found[0]}×{found[1]} for {expected[0]}×{expected[1]}")
     if wrong:
         family = model_family(model_patcher)
         raise ConceptSplitError.build(
-            f'The LoRA "{name}" does not fit this {family.display} model', seen=f"{len(wrong)} of {len(patches)} "
-            f"layers with other shapes, e.g. {wrong[0]}",
-            expected=f"a LoRA trained for {family.display}", fix="use a LoRA made for this base model")
+            f'The LoRA "{name}" does not fit this {family.display} model',
+            seen=f"{len(wrong)} of {len(patches)} layers with other shapes, e.g. {wrong[0]}",
+            expected=f"a LoRA trained for {family.display}",
+            fix="use a LoRA made for this base model",
+        )
 
 
 def _delta_shape(patch) -> Optional[tuple[int, int]]:
     """(out, in·kernel) of a patch's ΔW from its factors, or None where the type is not known here."""
+
     def numel(t):
         return int(t[0].numel()) if t.dim() > 1 else 1
 
@@ -142,14 +161,15 @@ def _delta_shape(patch) -> Optional[tuple[int, int]]:
 
 # --- residuals ----------------------------------------------------------------------------------------------
 
+
 def _module_path(key: str) -> tuple[str, str]:
-    """"diffusion_model.input_blocks.1.1.proj_in.weight" -> ("input_blocks.1.1.proj_in", "weight")."""
-    path, _, part = key[len(MODEL_PREFIX):].rpartition(".")
+    """ "diffusion_model.input_blocks.1.1.proj_in.weight" -> ("input_blocks.1.1.proj_in", "weight")."""
+    path, _, part = key[len(MODEL_PREFIX) :].rpartition(".")
     return path, part
 
 
 def layer_kind(path: str) -> str:
-    """"text" for cross-attention key/value projections (their input is the prompt's tokens), "global" for layers
+    """ "text" for cross-attention key/value projections (their input is the prompt's tokens), "global" for layers
     on the timestep/label embedding (no positions to mask: not applied), else "image"."""
     if path.endswith(("attn2.to_k", "attn2.to_v")):
         return "text"
@@ -196,14 +216,16 @@ class PatchResidual:
 
         adapter = copy.copy(self.patch)
         BypassForwardHook(self.module, adapter, multiplier=self.strength)  # sets the module info h() reads
-        adapter.weights = tuple(w.to(device=device, dtype=dtype).clone() if torch.is_tensor(w) else w
-                                for w in adapter.weights)
+        adapter.weights = tuple(
+            w.to(device=device, dtype=dtype).clone() if torch.is_tensor(w) else w for w in adapter.weights
+        )
         return adapter
 
     def _delta_on(self, device, dtype) -> torch.Tensor:
         base = getattr(self.module, self.part).detach().to(device=device, dtype=torch.float32).clone()
-        patched = comfy.lora.calculate_weight([(self.strength, self.patch, 1.0, None, None)], base.clone(),
-                                              self.key, intermediate_dtype=torch.float32)
+        patched = comfy.lora.calculate_weight(
+            [(self.strength, self.patch, 1.0, None, None)], base.clone(), self.key, intermediate_dtype=torch.float32
+        )
         return (patched - base).to(dtype)  # ΔW (C_out, C_in[, kh, kw]) or Δb (C_out,)
 
 
@@ -224,6 +246,7 @@ def _additive(patch) -> bool:
 
 # --- the wrapper ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BoundLayer:
     path: str
@@ -235,8 +258,15 @@ class BoundLayer:
 class BoundLoras:
     """DIFFUSION_MODEL wrapper: the bound LoRAs of one Apply Bound LoRAs node, hooked in for each model call."""
 
-    def __init__(self, layers: tuple[BoundLayer, ...], concepts: tuple[BoundConcept, ...], prompt_ids: tuple,
-                 prompt_length: int, stage1: str, text_rows: bool):
+    def __init__(
+        self,
+        layers: tuple[BoundLayer, ...],
+        concepts: tuple[BoundConcept, ...],
+        prompt_ids: tuple,
+        prompt_length: int,
+        stage1: str,
+        text_rows: bool,
+    ):
         self.layers, self.concepts = layers, concepts
         self.prompt_ids, self.prompt_length = prompt_ids, prompt_length
         self.stage1, self.text_rows = stage1, text_rows
@@ -258,7 +288,8 @@ class BoundLoras:
                     f'The bound concept "{concept.word}" is not one of the concepts LODA separates',
                     seen=f"LODA concepts {', '.join(regions.labels)}",
                     expected="every bound word among the LODA sampler's concept words",
-                    fix=f'add "{concept.word}" to the concept_words of the LODA sampler')
+                    fix=f'add "{concept.word}" to the concept_words of the LODA sampler',
+                )
             index = labels.index(concept.word.lower())
             other_prompt = regions.prompt_ids is not None and tuple(regions.prompt_ids) != tuple(self.prompt_ids)
             if regions.positions[index] != concept.position or other_prompt:
@@ -266,7 +297,8 @@ class BoundLoras:
                     f'The bound concept "{concept.word}" was located in another prompt than the one LODA samples',
                     seen=f"token {concept.position} in Apply Bound LoRAs, token {regions.positions[index]} in LODA",
                     expected="Apply Bound LoRAs given the positive prompt the sampler gets",
-                    fix="connect the same positive CONDITIONING to Apply Bound LoRAs and to the sampler")
+                    fix="connect the same positive CONDITIONING to Apply Bound LoRAs and to the sampler",
+                )
             indices.append(index)
         return indices
 
@@ -277,7 +309,8 @@ class BoundLoras:
                 "Bound LoRAs need the LODA masks, but this model is sampled without a LODA sampler",
                 seen="a model from Apply Bound LoRAs in KSampler / SamplerCustom without LODA",
                 expected="the LODA Sampler, or ConceptSplit LODA SAMPLER into SamplerCustom",
-                fix="sample this model with the LODA Sampler (its concept_words naming the bound words)")
+                fix="sample this model with the LODA Sampler (its concept_words naming the bound words)",
+            )
         indices = self._concept_indices(regions)
         masks = regions.masks
         if masks is None and not regions.masks_coming:
@@ -285,7 +318,8 @@ class BoundLoras:
                 "Bound LoRAs need LODA's masks, but this LODA run never makes them",
                 seen="loda_steps 0 with boost = suppression = 0, or loda_steps equal to the number of steps",
                 expected="a LODA run with masks for its later steps (stage 1 on, or attention fixing on)",
-                fix="set loda_steps to -1 (auto) or a number below steps, or a non-zero boost/suppression")
+                fix="set loda_steps to -1 (auto) or a number below steps, or a non-zero boost/suppression",
+            )
         if masks is None and self.stage1 == "off":
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         if masks is None and self.stage1 != "unmasked" and torch.is_grad_enabled() and regions.checkpointing:
@@ -293,7 +327,8 @@ class BoundLoras:
                 "Bound LoRAs cannot act in LODA stage 1 with gradient checkpointing",
                 seen="gradient_checkpointing on and stage1 = text_rows",
                 expected="gradient checkpointing off, or bound LoRAs off in stage 1",
-                fix="turn gradient_checkpointing off in the LODA sampler, or set stage1 to off in Apply Bound LoRAs")
+                fix="turn gradient_checkpointing off in the LODA sampler, or set stage1 to off in Apply Bound LoRAs",
+            )
         state = _CallState(self, regions, indices, x, transformer_options)
         unet = executor.class_obj  # the UNetModel (a class executor around its _forward)
         handles = []
@@ -341,8 +376,9 @@ class _CallState:
         key = ("text", concept, context_length, batch)
         if key not in self._masks:
             position = self.owner.concepts[concept].position
-            self._masks[key] = token_row_mask(self.chunks, batch // max(len(self.chunks), 1), position,
-                                              context_length, self.device)  # (B, T)
+            self._masks[key] = token_row_mask(
+                self.chunks, batch // max(len(self.chunks), 1), position, context_length, self.device
+            )  # (B, T)
         return self._masks[key]
 
     def hook(self, layer: BoundLayer):
@@ -381,12 +417,15 @@ def install_bound_loras(model_patcher, wrapper: BoundLoras, positive) -> None:
     """Install the wrapper on `model_patcher` (a clone), with the chunk table the text rows need (prompt of each
     CFG chunk, recorded or recognised by content) and a cleanup that frees device copies."""
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
-                                       comfy_conditioning.record_chunk_prompts)
-    model_patcher.model_options = comfy_conditioning.with_prompt_encodings(model_patcher.model_options,
-                                                                    comfy_conditioning.conditioning_encodings(positive))
-    model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY,
-                                        lambda patcher: wrapper.clear_device_caches())
+    model_patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, comfy_conditioning.record_chunk_prompts
+    )
+    model_patcher.model_options = comfy_conditioning.with_prompt_encodings(
+        model_patcher.model_options, comfy_conditioning.conditioning_encodings(positive)
+    )
+    model_patcher.add_callback_with_key(
+        comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: wrapper.clear_device_caches()
+    )
 
 
 def lora_file_path(name: str) -> str:
@@ -395,6 +434,9 @@ def lora_file_path(name: str) -> str:
     path = folder_paths.get_full_path("loras", name)
     if path is None or not os.path.isfile(path):
         raise ConceptSplitError.build(
-            f'LoRA file "{name}" was not found', seen="no such file in models/loras",
-            expected="a LoRA file in ComfyUI/models/loras", fix='copy it there and press "Refresh" (R) in the UI')
+            f'LoRA file "{name}" was not found',
+            seen="no such file in models/loras",
+            expected="a LoRA file in ComfyUI/models/loras",
+            fix='copy it there and press "Refresh" (R) in the UI',
+        )
     return path

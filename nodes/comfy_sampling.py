@@ -20,8 +20,15 @@ import latent_preview
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.model_layout import ModelLayout
 from ..conceptsplit_core.prompt_tokens import PromptTokens
-from .comfy_conditioning import (call_chunk_table, check_prompt_sampled, distinct_prompts, encoding_text,
-                                 recorded_prompt_ids, with_chunk_table, with_prompt_encodings)
+from .comfy_conditioning import (
+    call_chunk_table,
+    check_prompt_sampled,
+    distinct_prompts,
+    encoding_text,
+    recorded_prompt_ids,
+    with_chunk_table,
+    with_prompt_encodings,
+)
 
 
 def check_steps_one_slice(inner) -> None:
@@ -34,13 +41,15 @@ def check_steps_one_slice(inner) -> None:
         raise ConceptSplitError.build(
             "LODA stage 1 cannot run with the uni_pc samplers",
             seen=f"sampler {getattr(function, '__name__', function)} (UniPC has order 0 on a one-step slice, "
-                 "so it would not denoise the stage-1 steps)",
+            "so it would not denoise the stage-1 steps)",
             expected="a sampler that can step one sigma at a time (euler, ddim, dpmpp_2m, heun, ...)",
-            fix="pick another sampler, or set loda_steps to 0 to turn stage 1 off (attention fixing still works)")
+            fix="pick another sampler, or set loda_steps to 0 to turn stage 1 off (attention fixing still works)",
+        )
 
 
-def inpaint_model_input(model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_mask, model_options: dict,
-                        image: int) -> torch.Tensor:
+def inpaint_model_input(
+    model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_mask, model_options: dict, image: int
+) -> torch.Tensor:
     """KSamplerX0Inpaint's blend of image `image` before a model call: x · mask + known · (1 − mask) (integration §4.1).
 
     Differentiable w.r.t. x; the known part does not depend on x, so ∇_x is zero where the mask is 0.
@@ -51,12 +60,16 @@ def inpaint_model_input(model_k, x: torch.Tensor, sigma: torch.Tensor, denoise_m
     sigma = sigma.reshape(-1)[:1]  # (1,)
     if "denoise_mask_function" in model_options:
         denoise_mask = model_options["denoise_mask_function"](
-            sigma, denoise_mask, extra_options={"model": model_k.inner_model, "sigmas": model_k.sigmas})
+            sigma, denoise_mask, extra_options={"model": model_k.inner_model, "sigmas": model_k.sigmas}
+        )
     pick = slice(image, image + 1) if denoise_mask.shape[0] > 1 else slice(0, 1)
     mask = denoise_mask[pick].to(x).clone()  # (1, c, h, w); a normal tensor, saved for backward
     known = model_k.inner_model.inner_model.scale_latent_inpaint(
-        x=x, sigma=sigma.to(x), noise=model_k.noise[image:image + 1].to(x),
-        latent_image=model_k.latent_image[image:image + 1].to(x))
+        x=x,
+        sigma=sigma.to(x),
+        noise=model_k.noise[image : image + 1].to(x),
+        latent_image=model_k.latent_image[image : image + 1].to(x),
+    )
     return x * mask + known * (1.0 - mask)
 
 
@@ -90,8 +103,14 @@ def with_run_model_options(extra_args: dict, model_options: dict) -> dict:
     return {**extra_args, "model_options": model_options}
 
 
-def cond_forward(model_k, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, negative: bool = False,
-                 prompt_ids: tuple | None = None):
+def cond_forward(
+    model_k,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    model_options: dict,
+    negative: bool = False,
+    prompt_ids: tuple | None = None,
+):
     """One cond-only model forward through ComfyUI's own batching (SDXL `y`, areas, ToVA; integration §4.3 step 2).
 
     Differentiable w.r.t. x when grad mode is on; the model input scaling is part of the graph (method §3.4).
@@ -139,17 +158,20 @@ def run_inner_sampler(inner, model_k, x, sigmas, extra_args, callback, disable, 
     options = dict(inner.extra_options)
     if noise_sampler is not None:
         options["noise_sampler"] = noise_sampler
-    return inner.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=shifted, disable=disable,
-                                  **options)
+    return inner.sampler_function(
+        model_k, x, sigmas, extra_args=extra_args, callback=shifted, disable=disable, **options
+    )
 
 
 def wrapping_ksampler(function, inner, options: dict):
     """A SAMPLER for SamplerCustom(Advanced) that calls `function(model_k, x, sigmas, ..., **options)`."""
     if not isinstance(inner, comfy.samplers.KSAMPLER):
         raise ConceptSplitError.build(
-            "LODA can only wrap k-diffusion samplers", seen=f"a {type(inner).__name__} sampler",
+            "LODA can only wrap k-diffusion samplers",
+            seen=f"a {type(inner).__name__} sampler",
             expected="a SAMPLER from KSamplerSelect (euler, dpmpp_2m, heun, ...)",
-            fix="connect KSamplerSelect's output to the LODA node")
+            fix="connect KSamplerSelect's output to the LODA node",
+        )
     return comfy.samplers.KSAMPLER(function, extra_options=options, inpaint_options=dict(inner.inpaint_options))
 
 
@@ -163,21 +185,39 @@ def throw_if_interrupted() -> None:
 
 def ksampler_sigmas(model_patcher, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
     """The sigmas the KSampler node would use (denoise < 1 keeps the last steps; integration §4.1)."""
-    sampler = comfy.samplers.KSampler(model_patcher, steps=steps, device=model_patcher.load_device,
-                                      sampler=sampler_name, scheduler=scheduler, denoise=denoise,
-                                      model_options=model_patcher.model_options)
+    sampler = comfy.samplers.KSampler(
+        model_patcher,
+        steps=steps,
+        device=model_patcher.load_device,
+        sampler=sampler_name,
+        scheduler=scheduler,
+        denoise=denoise,
+        model_options=model_patcher.model_options,
+    )
     return sampler.sigmas
 
 
-def sample_latent_with_sampler(model_patcher, seed: int, cfg: float, sampler, sigmas, positive, negative,
-                               latent: dict) -> dict:
+def sample_latent_with_sampler(
+    model_patcher, seed: int, cfg: float, sampler, sigmas, positive, negative, latent: dict
+) -> dict:
     """KSampler's sampling (noise, mask, preview callback) with a custom SAMPLER and sigmas; returns a LATENT."""
     latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     callback = latent_preview.prepare_callback(model_patcher, len(sigmas) - 1)
-    samples = comfy.sample.sample_custom(model_patcher, noise, cfg, sampler, sigmas, positive, negative,
-                                         latent_image, noise_mask=latent.get("noise_mask"), callback=callback,
-                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    samples = comfy.sample.sample_custom(
+        model_patcher,
+        noise,
+        cfg,
+        sampler,
+        sigmas,
+        positive,
+        negative,
+        latent_image,
+        noise_mask=latent.get("noise_mask"),
+        callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+        seed=seed,
+    )
     out = latent.copy()
     out["samples"] = samples
     return out
@@ -212,10 +252,12 @@ def install_attention_capture(model_patcher, family, layout: ModelLayout, captur
     """
     options = family.install_observers(model_patcher.model_options, layout, (capture,))
     model_patcher.model_options = with_prompt_encodings(options, encodings)
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
-                                       _capture_run_wrapper(capture))
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CAPTURE_WRAPPER_KEY,
-                                       _capture_call_wrapper(capture))
+    model_patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY, _capture_run_wrapper(capture)
+    )
+    model_patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CAPTURE_WRAPPER_KEY, _capture_call_wrapper(capture)
+    )
 
 
 def _capture_run_wrapper(capture):
@@ -243,10 +285,16 @@ def _capture_call_wrapper(capture):
             table = call_chunk_table(conds, model_options)
             text = request.prompt_text or encoding_text(model_options, request.prompt_ids)
             check_prompt_sampled(
-                conds, table, request.prompt_ids, request.prompt_length, text,
+                conds,
+                table,
+                request.prompt_ids,
+                request.prompt_length,
+                text,
                 f'The positive prompt being sampled is not the prompt Capture Attention located "{request.labels[0]}" '
-                "in", source="the positive connected to Capture Attention (for ToVA words: Apply ToVA's positive)",
-                fix="connect the same positive conditioning to Capture Attention and to the sampler")
+                "in",
+                source="the positive connected to Capture Attention (for ToVA words: Apply ToVA's positive)",
+                fix="connect the same positive conditioning to Capture Attention and to the sampler",
+            )
             model_options = with_chunk_table(model_options, table)
         if capture.running and not auxiliary and not torch.is_grad_enabled():
             sigma = float(timestep.reshape(-1)[0])  # timestep (B,) sigmas: the one host sync of this model call

@@ -22,9 +22,12 @@ def _position_tokenizer(clip) -> tuple[str, object]:
         inner = getattr(tokenizer, f"clip_{key}", None)
         if inner is not None:
             return key, inner
-    raise ConceptSplitError.build("This CLIP has no CLIP-L/H/G tokenizer", seen=type(tokenizer).__name__,
-                                  expected="the text encoder of an SD1.5, SD2.x or SDXL checkpoint",
-                                  fix="connect the CLIP output of the same checkpoint loader as the MODEL")
+    raise ConceptSplitError.build(
+        "This CLIP has no CLIP-L/H/G tokenizer",
+        seen=type(tokenizer).__name__,
+        expected="the text encoder of an SD1.5, SD2.x or SDXL checkpoint",
+        fix="connect the CLIP output of the same checkpoint loader as the MODEL",
+    )
 
 
 def prompt_tokens(clip, text: str) -> PromptTokens:
@@ -56,8 +59,9 @@ def prompt_tokens(clip, text: str) -> PromptTokens:
                 ids.append(None)
                 starts.append(False)
                 previous_ends_word = True
-    return PromptTokens(text=text, token_ids=tuple(ids), word_starts=tuple(starts),
-                        window_length=len(windows[0]) if windows else 77)
+    return PromptTokens(
+        text=text, token_ids=tuple(ids), word_starts=tuple(starts), window_length=len(windows[0]) if windows else 77
+    )
 
 
 def word_token_ids(clip, word: str) -> tuple[int, ...]:
@@ -77,15 +81,25 @@ def encode_prompt(clip, text: str, layout: ModelLayout | None = None):
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     tokens = prompt_tokens(clip, text)
     eps = _encoder_eps(clip)
-    conditioning = [[cond, {**extras, PROMPT_TOKENS_KEY: tokens,
-                            PROMPT_ENCODING_KEY: PromptEncoding(tuple(tokens.token_ids), text, cond, eps)}]
-                    for cond, extras in conditioning]
+    conditioning = [
+        [
+            cond,
+            {
+                **extras,
+                PROMPT_TOKENS_KEY: tokens,
+                PROMPT_ENCODING_KEY: PromptEncoding(tuple(tokens.token_ids), text, cond, eps),
+            },
+        ]
+        for cond, extras in conditioning
+    ]
     width = conditioning[0][0].shape[-1]
     if layout is not None and width != layout.text_width:
         raise ConceptSplitError.build(
             "The CLIP does not belong to this model",
-            seen=f"text features of width {width}", expected=f"width {layout.text_width} for this model",
-            fix="connect the CLIP output of the same checkpoint loader as the MODEL")
+            seen=f"text features of width {width}",
+            expected=f"width {layout.text_width} for this model",
+            fix="connect the CLIP output of the same checkpoint loader as the MODEL",
+        )
     return conditioning
 
 

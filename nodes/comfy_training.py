@@ -47,8 +47,14 @@ def encode_latent_posterior(vae, model_patcher, pixels: torch.Tensor) -> tuple[t
 
 def training_conditioning(clip, text: str, resolution: int) -> list:
     """CONDITIONING of one training prompt; SDXL's size conditioning says "an R×R image, uncropped" (method §2.6)."""
-    size = {"width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
-            "target_width": resolution, "target_height": resolution}
+    size = {
+        "width": resolution,
+        "height": resolution,
+        "crop_w": 0,
+        "crop_h": 0,
+        "target_width": resolution,
+        "target_height": resolution,
+    }
     return clip.encode_from_tokens_scheduled(clip.tokenize(text), add_dict=size, show_pbar=False)
 
 
@@ -77,8 +83,9 @@ class _TrainingSampler(comfy.samplers.Sampler):
         self.gradient_checkpointing = gradient_checkpointing
         self.result = None
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
+    def sample(
+        self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
+    ):
         base = model_wrap.inner_model
         conds = model_wrap.conds["positive"]  # one processed cond per training prompt, in order
         options = extra_args["model_options"]
@@ -86,8 +93,9 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
         def denoise(x, sigma, template_index, deltas):
             # x (1, 4, h, w), sigma (1,) -> denoised x0 (1, 4, h, w); cond-only forward, our processor adds deltas
-            run_options = self.family.with_deltas(options, self.layout,
-                                                  {keys[path]: (d,) for path, d in deltas.items()})
+            run_options = self.family.with_deltas(
+                options, self.layout, {keys[path]: (d,) for path, d in deltas.items()}
+            )
             return comfy.samplers.calc_cond_batch(base, [[conds[template_index]]], x, sigma, run_options)[0]
 
         patcher = model_wrap.model_patcher
@@ -96,8 +104,15 @@ class _TrainingSampler(comfy.samplers.Sampler):
         return torch.zeros_like(latent_image)
 
 
-def run_training(model_patcher, family, layout: ModelLayout, conditionings: list, latent_shape: tuple[int, ...],
-                 body, gradient_checkpointing: bool = False):
+def run_training(
+    model_patcher,
+    family,
+    layout: ModelLayout,
+    conditionings: list,
+    latent_shape: tuple[int, ...],
+    body,
+    gradient_checkpointing: bool = False,
+):
     """Run `body(denoise)` inside ComfyUI's sampling machinery with autograd on; returns what body returns.
 
     `model_patcher` must be a clone (ComfyUI patches it while loading); `conditionings` holds one CONDITIONING per
@@ -109,8 +124,11 @@ def run_training(model_patcher, family, layout: ModelLayout, conditionings: list
         for conditioning in conditionings:
             if len(conditioning) != 1:
                 raise ConceptSplitError.build(
-                    "A training prompt encoded to several conditionings", seen=f"{len(conditioning)} entries",
-                    expected="one conditioning per prompt", fix="remove scheduled CLIP hooks from the CLIP input")
+                    "A training prompt encoded to several conditionings",
+                    seen=f"{len(conditioning)} entries",
+                    expected="one conditioning per prompt",
+                    fix="remove scheduled CLIP hooks from the CLIP input",
+                )
             positives.append(_clone_conditioning(conditioning[0]))
         guider = comfy.samplers.CFGGuider(model_patcher)
         guider.set_conds(positives, [])

@@ -17,7 +17,6 @@ from .training_photos import LoadTrainingPhotos
 from .viewer import AttentionMapViewer, CaptureAttention
 
 
-
 def register_tova_folder() -> None:
     """Add models/tova (first) without dropping paths the user set in extra_model_paths.yaml (integration §5)."""
     folder_paths.add_model_folder_path(TOVA_FOLDER, os.path.join(folder_paths.models_dir, TOVA_FOLDER), is_default=True)
@@ -29,6 +28,17 @@ class ConceptSplitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.64 never calls on_load, so the folder is registered here, before any node runs.
         register_tova_folder()
-        return [LoadToVAAdapter, ApplyToVA, ConceptSplitTextEncode, LodaSampler, LodaSamplerSelect, LodaResults,
-                CaptureAttention, AttentionMapViewer, LoadTrainingPhotos, TrainToVAAdapter, BindLoraToConcept,
-                ApplyBoundLoras]
+        return [
+            LoadToVAAdapter,
+            ApplyToVA,
+            ConceptSplitTextEncode,
+            LodaSampler,
+            LodaSamplerSelect,
+            LodaResults,
+            CaptureAttention,
+            AttentionMapViewer,
+            LoadTrainingPhotos,
+            TrainToVAAdapter,
+            BindLoraToConcept,
+            ApplyBoundLoras,
+        ]

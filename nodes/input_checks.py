@@ -20,8 +20,11 @@ def _number_limits(node_cls) -> tuple[str, tuple[tuple[str, object, object, bool
     """(display name, ((input id, min, max, integer), ...)) of a node's number widgets, read once per class."""
     if node_cls not in _LIMITS:
         schema = node_cls.define_schema()
-        limits = tuple((spec.id, spec.min, spec.max, isinstance(spec, io.Int.Input)) for spec in schema.inputs
-                       if isinstance(spec, (io.Int.Input, io.Float.Input)))
+        limits = tuple(
+            (spec.id, spec.min, spec.max, isinstance(spec, io.Int.Input))
+            for spec in schema.inputs
+            if isinstance(spec, (io.Int.Input, io.Float.Input))
+        )
         _LIMITS[node_cls] = (schema.display_name or schema.node_id, limits)
     return _LIMITS[node_cls]
 

@@ -15,9 +15,19 @@ from ..conceptsplit_core.bound_lora import ConceptRegions
 from ..conceptsplit_core.concept_words import loda_words
 from ..conceptsplit_core.config import PREDICTION_FLOW
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.loda import (COND, UNCOND, FixingBias, LodaPlan, MapCollector, StepRecord,
-                                      build_concept_masks, format_report, loda_stage1_steps, plan_loda_run,
-                                      run_truncated)
+from ..conceptsplit_core.loda import (
+    COND,
+    UNCOND,
+    FixingBias,
+    LodaPlan,
+    MapCollector,
+    StepRecord,
+    build_concept_masks,
+    format_report,
+    loda_stage1_steps,
+    plan_loda_run,
+    run_truncated,
+)
 from ..conceptsplit_core.loda_config import LodaConfig
 from ..conceptsplit_core.loda_loss import flow_latent_update, kdiffusion_latent_update, separation_loss, step_size
 from ..conceptsplit_core.prompt_tokens import PromptTokens
@@ -54,8 +64,14 @@ class LodaResult:
         return self
 
 
-def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[int, int], request: LodaRequest,
-              total_steps: int, inner=None) -> LodaPlan:
+def plan_loda(
+    model_patcher,
+    prompts: Sequence[PromptTokens],
+    latent_hw: tuple[int, int],
+    request: LodaRequest,
+    total_steps: int,
+    inner=None,
+) -> LodaPlan:
     """Check every input and resolve concepts, layers and N before any sampling step (method §5); once per
     run (the LODA Sampler node plans before sampling and hands the plan to the sampler).
 
@@ -78,10 +94,12 @@ def plan_loda(model_patcher, prompts: Sequence[PromptTokens], latent_hw: tuple[i
             f"Gradient checkpointing is not available for {family.display} yet",
             seen=f"gradient_checkpointing on with a {family.display} model",
             expected="gradient_checkpointing off (the stage-1 pass already stops after the last map layer)",
-            fix="turn gradient_checkpointing off")
+            fix="turn gradient_checkpointing off",
+        )
     layout = family.layout(model_patcher)
-    words = loda_words(request.words, tuple(prompts), comfy_conditioning.located_concepts(model_patcher),
-                       family.default_word_token_ids)
+    words = loda_words(
+        request.words, tuple(prompts), comfy_conditioning.located_concepts(model_patcher), family.default_word_token_ids
+    )
     plan = plan_loda_run(config, layout, words, latent_hw, total_steps, stage1_steps)
     if plan.fixing:
         family.check_fixing_patches(model_patcher.model_options, layout, plan.layers.fixing_keys)
@@ -97,8 +115,9 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     patcher = comfy_sampling.sampling_model(model_k)
     plan = options.get(PLAN_KEY)
     if plan is None:
-        plan = plan_loda(patcher, comfy_sampling.sampled_prompts(model_k), tuple(x.shape[-2:]), request,
-                         len(sigmas) - 1, inner)
+        plan = plan_loda(
+            patcher, comfy_sampling.sampled_prompts(model_k), tuple(x.shape[-2:]), request, len(sigmas) - 1, inner
+        )
     if plan.total_steps == 0:
         _record(request.result, plan, [], None, None, x.shape[0])
         return x
@@ -124,26 +143,44 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     for i in range(n):
         comfy_sampling.throw_if_interrupted()
         with family.differentiable(patcher, positives, request.gradient_checkpointing, plan.layers.loss_keys):
-            x = _stage1_update(model_k, x, sigmas, i, plan, config, collector, gradient_options,
-                               extra_args.get("denoise_mask"), updates)
+            x = _stage1_update(
+                model_k,
+                x,
+                sigmas,
+                i,
+                plan,
+                config,
+                collector,
+                gradient_options,
+                extra_args.get("denoise_mask"),
+                updates,
+            )
         if i == n - 1:  # masks from the first (main CFG) forward of step N − 1, on the updated latent (method §4.1)
             collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
-        x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[i:i + 2], extra_args, callback, disable, i,
-                                             noise_sampler)
+        x = comfy_sampling.run_inner_sampler(
+            inner, model_k, x, sigmas[i : i + 2], extra_args, callback, disable, i, noise_sampler
+        )
         if i == n - 1:
             maps = collector.maps().detach()
             collector.stop()
     if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (method §4.1)
         collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         with torch.no_grad():
-            comfy_sampling.cond_forward(model_k, x, sigmas[0], comfy_sampling.mark_auxiliary_pass(options_with),
-                                        negative=UNCOND in mask_branches, prompt_ids=plan.concepts.prompt_ids)
+            comfy_sampling.cond_forward(
+                model_k,
+                x,
+                sigmas[0],
+                comfy_sampling.mark_auxiliary_pass(options_with),
+                negative=UNCOND in mask_branches,
+                prompt_ids=plan.concepts.prompt_ids,
+            )
         maps = collector.maps().detach()
         collector.stop()
     masks = None if maps is None else build_concept_masks(maps, config)
     if masks is not None:  # bound LoRAs: stage 2 sees the masks (nodes/comfy_lora.py)
         extra_args = comfy_sampling.with_run_model_options(
-            extra_args, _publish_regions(options_with, plan, masks, request.gradient_checkpointing))
+            extra_args, _publish_regions(options_with, plan, masks, request.gradient_checkpointing)
+        )
     if plan.fixing and masks is not None:
         fixer.activate(masks)
     x = comfy_sampling.run_inner_sampler(inner, model_k, x, sigmas[n:], extra_args, callback, disable, n, noise_sampler)
@@ -157,8 +194,9 @@ def _publish_regions(model_options: dict, plan: LodaPlan, masks, checkpointing: 
     model options of each call; a copy per run, so no run sees another's masks."""
     concepts = plan.concepts
     coming = plan.stage1_steps < plan.total_steps and (plan.stage1_steps > 0 or plan.fixing)
-    regions = ConceptRegions(concepts.labels, concepts.positions, concepts.prompt_length, concepts.prompt_ids, masks,
-                             checkpointing, coming)
+    regions = ConceptRegions(
+        concepts.labels, concepts.positions, concepts.prompt_length, concepts.prompt_ids, masks, checkpointing, coming
+    )
     return comfy_lora.with_concept_regions(model_options, regions)
 
 
@@ -180,13 +218,28 @@ class _Update:
         outcome = self.outcome
         if not outcome:
             gradient_ok, latent_ok = self.finite.tolist()
-            outcome = ("updated" if gradient_ok and latent_ok else
-                       "skipped: non-finite gradient" if not gradient_ok else "skipped: non-finite latent")
+            outcome = (
+                "updated"
+                if gradient_ok and latent_ok
+                else "skipped: non-finite gradient"
+                if not gradient_ok
+                else "skipped: non-finite latent"
+            )
         return StepRecord(self.step, self.image, self.iteration, self.harmonic_mean, self.loss, self.eta, outcome)
 
 
-def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, collector: MapCollector,
-                   model_options, denoise_mask, updates: list) -> torch.Tensor:
+def _stage1_update(
+    model_k,
+    x,
+    sigmas,
+    i,
+    plan: LodaPlan,
+    config: LodaConfig,
+    collector: MapCollector,
+    model_options,
+    denoise_mask,
+    updates: list,
+) -> torch.Tensor:
     """Stage 1 at step i: per image, a truncated cond-only forward with gradients, the loss, and the k-diffusion
     update x ← x − η_i (1 + σ_i²) ∇_x L (flow matching: x ← x − η_i ∇_x L) replacing the sampler's state (method §3.3,
     §3.4). With an inpainting mask the pass sees the blended input the sampler's model call sees, so the update is
@@ -195,11 +248,12 @@ def _stage1_update(model_k, x, sigmas, i, plan: LodaPlan, config: LodaConfig, co
     images = []
     sigma = sigmas[i].detach().clone()  # () normal tensor (called inside _gradient_scope)
     for b in range(x.shape[0]):
-        x_b = x[b:b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
+        x_b = x[b : b + 1].detach().clone()  # (1, 4, h, w), batch 1 per image
         for iteration in range(config.inner_iterations):
             comfy_sampling.throw_if_interrupted()
-            x_b, update = _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config,
-                                      plan.layout.prediction)
+            x_b, update = _one_update(
+                model_k, x_b, sigma, eta, collector, model_options, denoise_mask, b, config, plan.layout.prediction
+            )
             updates.append(_Update(i, b, iteration, *update))
         images.append(x_b.detach())
     return torch.cat(images).to(x.dtype)
@@ -210,8 +264,11 @@ def _one_update(model_k, x_b, sigma, eta, collector, model_options, denoise_mask
     model_input = comfy_sampling.inpaint_model_input(model_k, x_grad, sigma, denoise_mask, model_options, image)
     collector.start(collector.layers.loss_keys, (COND,), truncate=True)
     try:
-        run_truncated(lambda: comfy_sampling.cond_forward(model_k, model_input, sigma, model_options,
-                                                          prompt_ids=collector.concepts.prompt_ids))
+        run_truncated(
+            lambda: comfy_sampling.cond_forward(
+                model_k, model_input, sigma, model_options, prompt_ids=collector.concepts.prompt_ids
+            )
+        )
         concept_maps = collector.maps()[0]  # (K, h, w) in the graph
     finally:
         collector.stop()
@@ -236,11 +293,14 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
     k = len(plan.concepts.labels)
     result.masks = masks.cpu() if masks is not None else torch.zeros(batch, k, h, w, dtype=torch.bool)
     # For the viewer's step marks: stage 1 on steps 0 .. N − 1; masks from step N − 1 (or the initial latent, step 0).
-    result.maps = ConceptMaps(plan.concepts.labels,
-                              maps.float().cpu() if maps is not None else torch.zeros(batch, k, h, w),
-                              total_steps=plan.total_steps, stage1_steps=plan.stage1_steps,
-                              mask_step=None if masks is None else max(plan.stage1_steps - 1, 0),
-                              masks=None if masks is None else result.masks)
+    result.maps = ConceptMaps(
+        plan.concepts.labels,
+        maps.float().cpu() if maps is not None else torch.zeros(batch, k, h, w),
+        total_steps=plan.total_steps,
+        stage1_steps=plan.stage1_steps,
+        mask_step=None if masks is None else max(plan.stage1_steps - 1, 0),
+        masks=None if masks is None else result.masks,
+    )
     records = [update.record() for update in updates]
     result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
     if plan.token_table:

@@ -1,4 +1,4 @@
-""""ConceptSplit Text Encode": CLIPTextEncode that also records the prompt's tokens, so LODA and the attention viewer
+""" "ConceptSplit Text Encode": CLIPTextEncode that also records the prompt's tokens, so LODA and the attention viewer
 can find concept words in it on models without ToVA (ConceptSplit, Lim et al., ICCV 2025)."""
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ class ConceptSplitTextEncode(io.ComfyNode):
             display_name="ConceptSplit Text Encode",
             category="ConceptSplit",
             description="Encode a prompt like CLIP Text Encode, and remember its tokens so LODA and the attention "
-                        "viewer can locate concept words. ConceptSplit, Lim et al., ICCV 2025.",
+            "viewer can locate concept words. ConceptSplit, Lim et al., ICCV 2025.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the checkpoint."),
-                io.String.Input("text", multiline=True, dynamic_prompts=True,
-                                tooltip="The prompt, containing the concept words (e.g. 'a dog and a cat')."),
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    tooltip="The prompt, containing the concept words (e.g. 'a dog and a cat').",
+                ),
             ],
-            outputs=[io.Conditioning.Output(display_name="conditioning",
-                                            tooltip="Same as CLIP Text Encode's output, plus the token record.")],
+            outputs=[
+                io.Conditioning.Output(
+                    display_name="conditioning", tooltip="Same as CLIP Text Encode's output, plus the token record."
+                )
+            ],
         )
 
     @classmethod

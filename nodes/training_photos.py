@@ -1,4 +1,4 @@
-""""Load Training Photos": a folder of photos under ComfyUI's input folder as one square IMAGE batch for Train ToVA
+""" "Load Training Photos": a folder of photos under ComfyUI's input folder as one square IMAGE batch for Train ToVA
 Adapter. The pack's own loader, so the training workflow opens on every supported ComfyUI (0.33 removed the core
 LoadImageSetFromFolderNode; its LoadImageDataSetFromFolder gives a list, which the trainer also takes).
 """
@@ -9,8 +9,14 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.training_photos import (IMAGE_SUFFIXES, PHOTO_RESOLUTION, PHOTO_RESOLUTION_DEFAULT,
-                                                 folder_fingerprint, load_square_photos, resolve_photo_folder)
+from ..conceptsplit_core.training_photos import (
+    IMAGE_SUFFIXES,
+    PHOTO_RESOLUTION,
+    PHOTO_RESOLUTION_DEFAULT,
+    folder_fingerprint,
+    load_square_photos,
+    resolve_photo_folder,
+)
 from .input_checks import check_number_inputs
 from .widgets import number_input
 
@@ -23,19 +29,31 @@ class LoadTrainingPhotos(io.ComfyNode):
             display_name="Load Training Photos",
             category="ConceptSplit/training",
             description="Load every photo of a folder under ComfyUI/input as one IMAGE batch for Train ToVA Adapter: "
-                        "upright (EXIF), RGB, shorter side resized and centre-cropped square.",
+            "upright (EXIF), RGB, shorter side resized and centre-cropped square.",
             inputs=[
                 # The folder list is read each time the node list is (as ComfyUI's own dataset loaders do).
-                io.Combo.Input("folder", options=folder_paths.get_input_subfolders(),
-                               tooltip="A folder under ComfyUI/input holding 3-20 photos of the concept "
-                                       f"({', '.join(IMAGE_SUFFIXES)}); sub-folders and hidden files are not "
-                                       "read. Press R after adding a folder."),
-                number_input("resolution", PHOTO_RESOLUTION_DEFAULT, PHOTO_RESOLUTION, "Square size in pixels: each "
-                             "photo's shorter side is resized to it, then the centre is cropped.", integer=True),
+                io.Combo.Input(
+                    "folder",
+                    options=folder_paths.get_input_subfolders(),
+                    tooltip="A folder under ComfyUI/input holding 3-20 photos of the concept "
+                    f"({', '.join(IMAGE_SUFFIXES)}); sub-folders and hidden files are not "
+                    "read. Press R after adding a folder.",
+                ),
+                number_input(
+                    "resolution",
+                    PHOTO_RESOLUTION_DEFAULT,
+                    PHOTO_RESOLUTION,
+                    "Square size in pixels: each photo's shorter side is resized to it, then the centre is cropped.",
+                    integer=True,
+                ),
             ],
-            outputs=[io.Image.Output(display_name="images",
-                                     tooltip="The photos as one batch (n, resolution, resolution), sorted by file "
-                                             "name: connect to Train ToVA Adapter's images.")],
+            outputs=[
+                io.Image.Output(
+                    display_name="images",
+                    tooltip="The photos as one batch (n, resolution, resolution), sorted by file "
+                    "name: connect to Train ToVA Adapter's images.",
+                )
+            ],
         )
 
     @classmethod

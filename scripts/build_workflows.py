@@ -53,9 +53,11 @@ WORKFLOWS: dict[str, WorkflowDef] = {}
 
 def workflow(name: str, family: str, title: str, note: str):
     """Register a function returning an API graph as the workflow `workflows/<name>.json`."""
+
     def register(build: Callable[[], dict]) -> Callable[[], dict]:
         WORKFLOWS[name] = WorkflowDef(name, family, title, note, build)
         return build
+
     return register
 
 
@@ -71,8 +73,12 @@ def adapters(first_id: int, words: list[str], family: str) -> dict:
     """A chain of Load ToVA Adapter nodes, one per word; the last one's output holds every adapter."""
     graph = {}
     for i, word in enumerate(words):
-        inputs = {"adapter_name": f"{word}_{family}.safetensors", "identifier_word": "", "strength": 1.0,
-                  "role": "from file"}
+        inputs = {
+            "adapter_name": f"{word}_{family}.safetensors",
+            "identifier_word": "",
+            "strength": 1.0,
+            "role": "from file",
+        }
         if i:
             inputs["adapters"] = [str(first_id + i - 1), 0]
         graph[str(first_id + i)] = node("ConceptSplitLoadAdapter", title=f"Load ToVA Adapter ({word})", **inputs)
@@ -80,44 +86,60 @@ def adapters(first_id: int, words: list[str], family: str) -> dict:
 
 
 def decode_and_save(latent: list, vae: list, first_id: int, prefix: str) -> dict:
-    return {str(first_id): node("VAEDecode", samples=latent, vae=vae),
-            str(first_id + 1): node("SaveImage", images=[str(first_id), 0], filename_prefix=prefix)}
+    return {
+        str(first_id): node("VAEDecode", samples=latent, vae=vae),
+        str(first_id + 1): node("SaveImage", images=[str(first_id), 0], filename_prefix=prefix),
+    }
 
 
 V_PREDICTION = {"sampling": "v_prediction", "zsnr": False}
-SAMPLING_50 = {"seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
-               "denoise": 1.0}
+SAMPLING_50 = {"seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
 
 
 # -- the workflows --------------------------------------------------------------------------------------------
-@workflow("two_concepts_tova_sd21", family="sd21", title="Two personal concepts in one image (ToVA, SD2.1)", note=(
-    "Two personal concepts in one image with ToVA (ConceptSplit, ICCV 2025).\n\n"
-    "Set:\n"
-    "1. Load Checkpoint: Stable Diffusion 2.1 (768-v).\n"
-    "2. Each Load ToVA Adapter: an adapter file from models/tova (trained with Train ToVA Adapter or "
-    "scripts/train_tova.py). 'from file' uses the identifier word and role stored in the file.\n"
-    "3. Apply ToVA to Model, text: the prompt. It must contain each adapter's identifier word (here: dog, cat).\n\n"
-    "ModelSamplingDiscrete = v_prediction, because ComfyUI may detect SD2.1-768 as eps. "
-    "Paper settings: 768x768, DDIM, 50 steps, CFG 7.5."))
+@workflow(
+    "two_concepts_tova_sd21",
+    family="sd21",
+    title="Two personal concepts in one image (ToVA, SD2.1)",
+    note=(
+        "Two personal concepts in one image with ToVA (ConceptSplit, ICCV 2025).\n\n"
+        "Set:\n"
+        "1. Load Checkpoint: Stable Diffusion 2.1 (768-v).\n"
+        "2. Each Load ToVA Adapter: an adapter file from models/tova (trained with Train ToVA Adapter or "
+        "scripts/train_tova.py). 'from file' uses the identifier word and role stored in the file.\n"
+        "3. Apply ToVA to Model, text: the prompt. It must contain each adapter's identifier word (here: dog, cat).\n\n"
+        "ModelSamplingDiscrete = v_prediction, because ComfyUI may detect SD2.1-768 as eps. "
+        "Paper settings: 768x768, DDIM, 50 steps, CFG 7.5."
+    ),
+)
 def two_concepts_tova_sd21() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
         "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
         **adapters(3, ["dog", "cat"], "sd21"),
-        "5": node("ConceptSplitApplyToVA", model=["2", 0], adapters=["4", 0], clip=["1", 1],
-                  text="a photo of a dog and a cat sitting on a sofa", apply_to_uncond=True),
+        "5": node(
+            "ConceptSplitApplyToVA",
+            model=["2", 0],
+            adapters=["4", 0],
+            clip=["1", 1],
+            text="a photo of a dog and a cat sitting on a sofa",
+            apply_to_uncond=True,
+        ),
         "6": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
         "7": node("EmptyLatentImage", width=768, height=768, batch_size=1),
-        "8": node("KSampler", model=["5", 0], positive=["5", 1], negative=["6", 0], latent_image=["7", 0],
-                  **SAMPLING_50),
+        "8": node(
+            "KSampler", model=["5", 0], positive=["5", 1], negative=["6", 0], latent_image=["7", 0], **SAMPLING_50
+        ),
     }
     graph.update(decode_and_save(["8", 0], ["1", 2], 9, "conceptsplit/two_concepts"))
     return graph
 
 
-LODA_NOTE = ("LODA Sampler: a KSampler that also separates the concepts' attention in the first steps (LODA). "
-             "concept_words: the words to separate (empty = the identifier words of the ToVA adapters). "
-             "The masks output shows where each concept was placed.")
+LODA_NOTE = (
+    "LODA Sampler: a KSampler that also separates the concepts' attention in the first steps (LODA). "
+    "concept_words: the words to separate (empty = the identifier words of the ToVA adapters). "
+    "The masks output shows where each concept was placed."
+)
 
 
 def tova_loda(family: str, checkpoint: str, size: int) -> dict:
@@ -128,52 +150,92 @@ def tova_loda(family: str, checkpoint: str, size: int) -> dict:
         graph["2"] = node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION)
         model = ["2", 0]
     graph.update(adapters(3, ["dog", "cat"], family))
-    graph.update({
-        "5": node("ConceptSplitApplyToVA", model=model, adapters=["4", 0], clip=["1", 1],
-                  text="a photo of a dog and a cat playing in the snow", apply_to_uncond=True),
-        "6": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
-        "7": node("EmptyLatentImage", width=size, height=size, batch_size=1),
-        "8": node("ConceptSplitLodaSampler", model=["5", 0], positive=["5", 1], negative=["6", 0],
-                  latent_image=["7", 0], concept_words="", **SAMPLING_50),
-        "11": node("MaskToImage", mask=["8", 1]),
-        "12": node("PreviewImage", title="Concept masks", images=["11", 0]),
-    })
+    graph.update(
+        {
+            "5": node(
+                "ConceptSplitApplyToVA",
+                model=model,
+                adapters=["4", 0],
+                clip=["1", 1],
+                text="a photo of a dog and a cat playing in the snow",
+                apply_to_uncond=True,
+            ),
+            "6": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
+            "7": node("EmptyLatentImage", width=size, height=size, batch_size=1),
+            "8": node(
+                "ConceptSplitLodaSampler",
+                model=["5", 0],
+                positive=["5", 1],
+                negative=["6", 0],
+                latent_image=["7", 0],
+                concept_words="",
+                **SAMPLING_50,
+            ),
+            "11": node("MaskToImage", mask=["8", 1]),
+            "12": node("PreviewImage", title="Concept masks", images=["11", 0]),
+        }
+    )
     graph.update(decode_and_save(["8", 0], ["1", 2], 9, f"conceptsplit/tova_loda_{family}"))
     return graph
 
 
-@workflow("tova_loda_sd21", family="sd21", title="ToVA + LODA, two concepts (SD2.1)", note=(
-    "ToVA + LODA: the full ConceptSplit pipeline on Stable Diffusion 2.1 (768-v).\n\n"
-    "Set:\n1. Load Checkpoint: SD2.1 768-v (ModelSamplingDiscrete = v_prediction).\n"
-    "2. Each Load ToVA Adapter: your adapter file (models/tova).\n"
-    "3. Apply ToVA to Model, text: a prompt with each identifier word (dog, cat).\n\n" + LODA_NOTE))
+@workflow(
+    "tova_loda_sd21",
+    family="sd21",
+    title="ToVA + LODA, two concepts (SD2.1)",
+    note=(
+        "ToVA + LODA: the full ConceptSplit pipeline on Stable Diffusion 2.1 (768-v).\n\n"
+        "Set:\n1. Load Checkpoint: SD2.1 768-v (ModelSamplingDiscrete = v_prediction).\n"
+        "2. Each Load ToVA Adapter: your adapter file (models/tova).\n"
+        "3. Apply ToVA to Model, text: a prompt with each identifier word (dog, cat).\n\n" + LODA_NOTE
+    ),
+)
 def tova_loda_sd21() -> dict:
     return tova_loda("sd21", SD21_CHECKPOINT, 768)
 
 
-@workflow("tova_loda_sdxl", family="sdxl", title="ToVA + LODA, two concepts (SDXL)", note=(
-    "ToVA + LODA on SDXL.\n\n"
-    "Set:\n1. Load Checkpoint: SDXL base 1.0.\n"
-    "2. Each Load ToVA Adapter: an adapter trained on SDXL (models/tova).\n"
-    "3. Apply ToVA to Model, text: a prompt with each identifier word (dog, cat).\n\n" + LODA_NOTE))
+@workflow(
+    "tova_loda_sdxl",
+    family="sdxl",
+    title="ToVA + LODA, two concepts (SDXL)",
+    note=(
+        "ToVA + LODA on SDXL.\n\n"
+        "Set:\n1. Load Checkpoint: SDXL base 1.0.\n"
+        "2. Each Load ToVA Adapter: an adapter trained on SDXL (models/tova).\n"
+        "3. Apply ToVA to Model, text: a prompt with each identifier word (dog, cat).\n\n" + LODA_NOTE
+    ),
+)
 def tova_loda_sdxl() -> dict:
     return tova_loda("sdxl", SDXL_CHECKPOINT, 1024)
 
 
-@workflow("loda_plain_sd15", family="sd15", title="LODA alone on a plain model (SD1.5)", note=(
-    "LODA without adapters: keeps two subjects of a plain model apart (less mixing of a dog and a cat).\n\n"
-    "Set:\n1. Load Checkpoint: any SD1.5 model.\n"
-    "2. ConceptSplit Text Encode: the prompt.\n"
-    "3. LODA Sampler, concept_words: the words to separate, comma-separated (at least 2), all in the prompt.\n\n"
-    "ConceptSplit Text Encode (not CLIP Text Encode) is needed: it keeps the token positions LODA looks up."))
+@workflow(
+    "loda_plain_sd15",
+    family="sd15",
+    title="LODA alone on a plain model (SD1.5)",
+    note=(
+        "LODA without adapters: keeps two subjects of a plain model apart (less mixing of a dog and a cat).\n\n"
+        "Set:\n1. Load Checkpoint: any SD1.5 model.\n"
+        "2. ConceptSplit Text Encode: the prompt.\n"
+        "3. LODA Sampler, concept_words: the words to separate, comma-separated (at least 2), all in the prompt.\n\n"
+        "ConceptSplit Text Encode (not CLIP Text Encode) is needed: it keeps the token positions LODA looks up."
+    ),
+)
 def loda_plain_sd15() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT),
         "2": node("ConceptSplitTextEncode", clip=["1", 1], text="a photo of a dog and a cat on a wooden floor"),
         "3": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
         "4": node("EmptyLatentImage", width=512, height=512, batch_size=1),
-        "5": node("ConceptSplitLodaSampler", model=["1", 0], positive=["2", 0], negative=["3", 0],
-                  latent_image=["4", 0], concept_words="dog, cat", **SAMPLING_50),
+        "5": node(
+            "ConceptSplitLodaSampler",
+            model=["1", 0],
+            positive=["2", 0],
+            negative=["3", 0],
+            latent_image=["4", 0],
+            concept_words="dog, cat",
+            **SAMPLING_50,
+        ),
         "8": node("MaskToImage", mask=["5", 1]),
         "9": node("PreviewImage", title="Concept masks", images=["8", 0]),
     }
@@ -181,31 +243,54 @@ def loda_plain_sd15() -> dict:
     return graph
 
 
-@workflow("bound_loras_sdxl", family="sdxl", title="Two character LoRAs, each on its own subject (SDXL)", note=(
-    "Bound LoRAs: two ordinary LoRA files, each bound to one concept word, so each acts only on its own subject "
-    "(inside the mask LODA finds for it), unmerged, in one model pass per step.\n\n"
-    "Set:\n1. Load Checkpoint: SDXL base 1.0 (or a fine-tune).\n"
-    "2. ConceptSplit Text Encode: the prompt, holding each bound word (here dog, cat).\n"
-    "3. Each Bind LoRA to Concept: a LoRA file from models/loras (kohya, diffusers, PEFT, LyCORIS: whatever Load "
-    "LoRA reads), concept_word = its subject's word in the prompt, strength as Load LoRA's strength_model.\n"
-    "4. LODA Sampler, concept_words: every bound word (here dog, cat).\n\n"
-    "Apply Bound LoRAs needs a LODA sampler (it stops with an error otherwise). stage1 = off: the LoRAs act once "
-    "LODA's masks exist. The info text lists what each LoRA patches."))
+@workflow(
+    "bound_loras_sdxl",
+    family="sdxl",
+    title="Two character LoRAs, each on its own subject (SDXL)",
+    note=(
+        "Bound LoRAs: two ordinary LoRA files, each bound to one concept word, so each acts only on its own subject "
+        "(inside the mask LODA finds for it), unmerged, in one model pass per step.\n\n"
+        "Set:\n1. Load Checkpoint: SDXL base 1.0 (or a fine-tune).\n"
+        "2. ConceptSplit Text Encode: the prompt, holding each bound word (here dog, cat).\n"
+        "3. Each Bind LoRA to Concept: a LoRA file from models/loras (kohya, diffusers, PEFT, LyCORIS: whatever Load "
+        "LoRA reads), concept_word = its subject's word in the prompt, strength as Load LoRA's strength_model.\n"
+        "4. LODA Sampler, concept_words: every bound word (here dog, cat).\n\n"
+        "Apply Bound LoRAs needs a LODA sampler (it stops with an error otherwise). stage1 = off: the LoRAs act once "
+        "LODA's masks exist. The info text lists what each LoRA patches."
+    ),
+)
 def bound_loras_sdxl() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", ckpt_name=SDXL_CHECKPOINT),
         "2": node("ConceptSplitTextEncode", clip=["1", 1], text="a photo of a dog and a cat playing in a garden"),
         "3": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
-        "4": node("ConceptSplitBindLora", title="Bind LoRA to Concept (dog)",
-                  lora_name="dog_character_sdxl.safetensors", concept_word="dog", strength=1.0),
-        "5": node("ConceptSplitBindLora", title="Bind LoRA to Concept (cat)",
-                  lora_name="cat_character_sdxl.safetensors", concept_word="cat", strength=1.0,
-                  bound_loras=["4", 0]),
+        "4": node(
+            "ConceptSplitBindLora",
+            title="Bind LoRA to Concept (dog)",
+            lora_name="dog_character_sdxl.safetensors",
+            concept_word="dog",
+            strength=1.0,
+        ),
+        "5": node(
+            "ConceptSplitBindLora",
+            title="Bind LoRA to Concept (cat)",
+            lora_name="cat_character_sdxl.safetensors",
+            concept_word="cat",
+            strength=1.0,
+            bound_loras=["4", 0],
+        ),
         "6": node("ConceptSplitApplyBoundLoras", model=["1", 0], bound_loras=["5", 0], positive=["2", 0]),
         "7": node("PreviewAny", title="Bound LoRA info", source=["6", 1]),
         "8": node("EmptyLatentImage", width=1024, height=1024, batch_size=1),
-        "9": node("ConceptSplitLodaSampler", model=["6", 0], positive=["2", 0], negative=["3", 0],
-                  latent_image=["8", 0], concept_words="dog, cat", **SAMPLING_50),
+        "9": node(
+            "ConceptSplitLodaSampler",
+            model=["6", 0],
+            positive=["2", 0],
+            negative=["3", 0],
+            latent_image=["8", 0],
+            concept_words="dog, cat",
+            **SAMPLING_50,
+        ),
         "12": node("MaskToImage", mask=["9", 1]),
         "13": node("PreviewImage", title="Concept masks", images=["12", 0]),
     }
@@ -213,25 +298,38 @@ def bound_loras_sdxl() -> dict:
     return graph
 
 
-@workflow("attention_maps_sd21", family="sd21", title="Attention maps of each concept (SD2.1)", note=(
-    "See where each concept's word attends while sampling (the picture of concept mixing in the paper).\n\n"
-    "Set:\n1. Load Checkpoint: SD2.1 768-v; the adapters as in the ToVA workflow.\n"
-    "2. Capture Attention, words: the words to show, comma-separated (here dog, cat).\n"
-    "3. Attention Map Viewer shows one heatmap per word over the image; its masks output is one mask per word.\n\n"
-    "Capture Attention goes between the model and the sampler; the viewer takes the sampler's LATENT so it runs "
-    "after sampling."))
+@workflow(
+    "attention_maps_sd21",
+    family="sd21",
+    title="Attention maps of each concept (SD2.1)",
+    note=(
+        "See where each concept's word attends while sampling (the picture of concept mixing in the paper).\n\n"
+        "Set:\n1. Load Checkpoint: SD2.1 768-v; the adapters as in the ToVA workflow.\n"
+        "2. Capture Attention, words: the words to show, comma-separated (here dog, cat).\n"
+        "3. Attention Map Viewer shows one heatmap per word over the image; its masks output is one mask per word.\n\n"
+        "Capture Attention goes between the model and the sampler; the viewer takes the sampler's LATENT so it runs "
+        "after sampling."
+    ),
+)
 def attention_maps_sd21() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
         "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
         **adapters(3, ["dog", "cat"], "sd21"),
-        "5": node("ConceptSplitApplyToVA", model=["2", 0], adapters=["4", 0], clip=["1", 1],
-                  text="a photo of a dog and a cat sitting on a sofa", apply_to_uncond=True),
+        "5": node(
+            "ConceptSplitApplyToVA",
+            model=["2", 0],
+            adapters=["4", 0],
+            clip=["1", 1],
+            text="a photo of a dog and a cat sitting on a sofa",
+            apply_to_uncond=True,
+        ),
         "6": node("ConceptSplitCaptureAttention", model=["5", 0], words="dog, cat", positive=["5", 1]),
         "7": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
         "8": node("EmptyLatentImage", width=768, height=768, batch_size=1),
-        "9": node("KSampler", model=["6", 0], positive=["5", 1], negative=["7", 0], latent_image=["8", 0],
-                  **SAMPLING_50),
+        "9": node(
+            "KSampler", model=["6", 0], positive=["5", 1], negative=["7", 0], latent_image=["8", 0], **SAMPLING_50
+        ),
         "12": node("ConceptSplitAttentionViewer", capture=["6", 1], samples=["9", 0], image=["10", 0]),
         "13": node("PreviewImage", title="Attention maps", images=["12", 0]),
     }
@@ -239,28 +337,49 @@ def attention_maps_sd21() -> dict:
     return graph
 
 
-@workflow("train_tova_adapter_sd21", family="sd21", title="Train a ToVA adapter from photos (SD2.1)", note=(
-    "Train a ToVA adapter for one concept from 3-20 photos, then try it.\n\n"
-    "Set:\n1. Put the photos in a folder under ComfyUI/input (here input/my_dog), press R and pick it in "
-    "Load Training Photos (any sizes; each is cropped square at resolution, 768 for SD2.1).\n"
-    "2. Train ToVA Adapter: identifier_word = the plain class word (dog, cat, ...), save_name = the file name "
-    "in models/tova. The paper trains 300 steps at lr 1e-4, rank 64 (about an hour on a GPU).\n"
-    "3. The lower branch generates a test image with the new adapter; afterwards load it with Load ToVA Adapter.\n\n"
-    "The loss curve preview shows how training went."))
+@workflow(
+    "train_tova_adapter_sd21",
+    family="sd21",
+    title="Train a ToVA adapter from photos (SD2.1)",
+    note=(
+        "Train a ToVA adapter for one concept from 3-20 photos, then try it.\n\n"
+        "Set:\n1. Put the photos in a folder under ComfyUI/input (here input/my_dog), press R and pick it in "
+        "Load Training Photos (any sizes; each is cropped square at resolution, 768 for SD2.1).\n"
+        "2. Train ToVA Adapter: identifier_word = the plain class word (dog, cat, ...), save_name = the file name "
+        "in models/tova. The paper trains 300 steps at lr 1e-4, rank 64 (about an hour on a GPU).\n"
+        "3. The lower branch generates a test image with the new adapter; afterwards load it with Load ToVA "
+        "Adapter.\n\n"
+        "The loss curve preview shows how training went."
+    ),
+)
 def train_tova_adapter_sd21() -> dict:
     graph = {
         "1": node("CheckpointLoaderSimple", ckpt_name=SD21_CHECKPOINT),
         "2": node("ModelSamplingDiscrete", model=["1", 0], **V_PREDICTION),
         "3": node("ConceptSplitLoadTrainingImages", folder="my_dog", resolution=768),
-        "4": node("ConceptSplitTrainToVA", model=["2", 0], clip=["1", 1], vae=["1", 2], images=["3", 0],
-                  identifier_word="dog", save_name="my_dog"),
+        "4": node(
+            "ConceptSplitTrainToVA",
+            model=["2", 0],
+            clip=["1", 1],
+            vae=["1", 2],
+            images=["3", 0],
+            identifier_word="dog",
+            save_name="my_dog",
+        ),
         "5": node("PreviewImage", title="Loss curve", images=["4", 1]),
-        "6": node("ConceptSplitApplyToVA", model=["2", 0], adapters=["4", 0], clip=["1", 1],
-                  text="a photo of a dog on the beach", apply_to_uncond=True),
+        "6": node(
+            "ConceptSplitApplyToVA",
+            model=["2", 0],
+            adapters=["4", 0],
+            clip=["1", 1],
+            text="a photo of a dog on the beach",
+            apply_to_uncond=True,
+        ),
         "7": node("CLIPTextEncode", title="Negative prompt", clip=["1", 1], text=NEGATIVE),
         "8": node("EmptyLatentImage", width=768, height=768, batch_size=1),
-        "9": node("KSampler", model=["6", 0], positive=["6", 1], negative=["7", 0], latent_image=["8", 0],
-                  **SAMPLING_50),
+        "9": node(
+            "KSampler", model=["6", 0], positive=["6", 1], negative=["7", 0], latent_image=["8", 0], **SAMPLING_50
+        ),
     }
     graph.update(decode_and_save(["9", 0], ["1", 2], 10, "conceptsplit/trained_adapter"))
     return graph
@@ -270,12 +389,20 @@ def train_tova_adapter_sd21() -> dict:
 def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
     from comfy_harness.workflow_format import Layout, Note, api_to_ui
 
-    wide = {"ConceptSplitApplyToVA": 380, "CLIPTextEncode": 380, "ConceptSplitTextEncode": 380,
-            "ConceptSplitLodaSampler": 340}
+    wide = {
+        "ConceptSplitApplyToVA": 380,
+        "CLIPTextEncode": 380,
+        "ConceptSplitTextEncode": 380,
+        "ConceptSplitLodaSampler": 340,
+    }
     layout = Layout(node_width=300, column_gap=50, wide_types=wide)
-    return api_to_ui(definition.build(), object_info, layout=layout,
-                     notes=[Note(definition.note, title=definition.title)],
-                     extra={"conceptsplit": {"family": definition.family, "title": definition.title}})
+    return api_to_ui(
+        definition.build(),
+        object_info,
+        layout=layout,
+        notes=[Note(definition.note, title=definition.title)],
+        extra={"conceptsplit": {"family": definition.family, "title": definition.title}},
+    )
 
 
 def write_workflow(definition: WorkflowDef, object_info: dict, out_dir: Path) -> Path:
@@ -326,8 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.thumbnails:
         from comfy_harness.browser import render_thumbnails
 
-        done = render_thumbnails(args.out, [n for n in names if n not in failed], THUMBNAIL_WIDTH,
-                                 README_SCREENSHOT if README_WORKFLOW in names else None, README_WORKFLOW)
+        done = render_thumbnails(
+            args.out,
+            [n for n in names if n not in failed],
+            THUMBNAIL_WIDTH,
+            README_SCREENSHOT if README_WORKFLOW in names else None,
+            README_WORKFLOW,
+        )
         for path in done:
             logger.info("wrote %s", path)
     return 1 if failed else 0

@@ -23,35 +23,53 @@ sys.path.append(str(REPO))  # appended: ComfyUI's root must stay ahead of the re
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, help="your SD1.5/SD2.1/SDXL .safetensors checkpoint")
-    parser.add_argument("--v-prediction", action="store_true",
-                        help="the checkpoint is SD2.x 768-v (ComfyUI detects SD2 as eps from weights alone)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="FILE=WORD",
-                        help="a ToVA adapter and its identifier word; give two or more")
+    parser.add_argument(
+        "--v-prediction",
+        action="store_true",
+        help="the checkpoint is SD2.x 768-v (ComfyUI detects SD2 as eps from weights alone)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="FILE=WORD",
+        help="a ToVA adapter and its identifier word; give two or more",
+    )
     parser.add_argument("--prompt", default="a photo of a dog and a cat", help="prompt with every identifier word")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--size", type=int, default=None, help="image side (default 64 tiny, 768 real)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 tiny, 30 real)")
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arch", choices=("sd15", "sd21", "sdxl"), nargs="*", default=["sd15", "sd21", "sdxl"],
-                        help="tiny families to run when no --checkpoint is given (with sd21 also the LODA part)")
-    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even with a GPU (tiny models"
-                        " always use the CPU)")
+    parser.add_argument(
+        "--arch",
+        choices=("sd15", "sd21", "sdxl"),
+        nargs="*",
+        default=["sd15", "sd21", "sdxl"],
+        help="tiny families to run when no --checkpoint is given (with sd21 also the LODA part)",
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="run ComfyUI on the CPU even with a GPU (tiny models always use the CPU)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo", help="folder for the images")
     return parser.parse_args()
 
 
 def graph(loader: dict, adapters: list[tuple[str, str]], args, tova: bool, prefix: str) -> dict:
     """API-format graph: loader -> (Load ToVA Adapter xN -> Apply ToVA) -> KSampler -> VAEDecode -> SaveImage."""
-    g = {"1": loader,
-         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": args.negative}},
-         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": args.size, "height": args.size, "batch_size": 1}},
-         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
-         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}}}
+    g = {
+        "1": loader,
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": args.negative}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": args.size, "height": args.size, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }
     model, positive = ["1", 0], None
     if getattr(args, "v_prediction", False):  # SD2.x 768-v: ComfyUI's loader may detect it as eps
-        g["2"] = {"class_type": "ModelSamplingDiscrete",
-                  "inputs": {"model": model, "sampling": "v_prediction", "zsnr": False}}
+        g["2"] = {
+            "class_type": "ModelSamplingDiscrete",
+            "inputs": {"model": model, "sampling": "v_prediction", "zsnr": False},
+        }
         model = ["2", 0]
     if tova:
         previous = None
@@ -62,15 +80,29 @@ def graph(loader: dict, adapters: list[tuple[str, str]], args, tova: bool, prefi
                 inputs["adapters"] = [previous, 0]
             g[node] = {"class_type": "ConceptSplitLoadAdapter", "inputs": inputs}
             previous = node
-        g["4"] = {"class_type": "ConceptSplitApplyToVA",
-                  "inputs": {"model": model, "adapters": [previous, 0], "clip": ["1", 1], "text": args.prompt}}
+        g["4"] = {
+            "class_type": "ConceptSplitApplyToVA",
+            "inputs": {"model": model, "adapters": [previous, 0], "clip": ["1", 1], "text": args.prompt},
+        }
         model, positive = ["4", 0], ["4", 1]
     else:
         g["3"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": args.prompt}}
         positive = ["3", 0]
-    g["7"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "positive": positive, "negative": ["5", 0], "latent_image": ["6", 0], "seed": args.seed,
-        "steps": args.steps, "cfg": args.cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    g["7"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "positive": positive,
+            "negative": ["5", 0],
+            "latent_image": ["6", 0],
+            "seed": args.seed,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+        },
+    }
     return g
 
 
@@ -122,26 +154,54 @@ def loda_graph(args) -> dict:
     defaults."""
     from comfy_harness.tiny_models import SHARPEN_FACTORS
 
-    g = {"1": {"class_type": "ConceptSplitTestTinyModelLoader",
-               "inputs": {"arch": LODA_ARCH, "seed": 0, "attn2_qk_scale": SHARPEN_FACTORS[LODA_ARCH]}},
-         "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": args.prompt}},
-         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": args.negative}},
-         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": LODA_SIZE, "height": LODA_SIZE,
-                                                              "batch_size": 1}},
-         "5": {"class_type": "ConceptSplitCaptureAttention", "inputs": {
-             "model": ["1", 0], "words": ", ".join(LODA_WORDS), "positive": ["2", 0], "token_mode": "first token",
-             "first_step": LODA_N, "last_step": -1, "layers": LODA_LAYERS}}}
+    g = {
+        "1": {
+            "class_type": "ConceptSplitTestTinyModelLoader",
+            "inputs": {"arch": LODA_ARCH, "seed": 0, "attn2_qk_scale": SHARPEN_FACTORS[LODA_ARCH]},
+        },
+        "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": args.prompt}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": args.negative}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": LODA_SIZE, "height": LODA_SIZE, "batch_size": 1}},
+        "5": {
+            "class_type": "ConceptSplitCaptureAttention",
+            "inputs": {
+                "model": ["1", 0],
+                "words": ", ".join(LODA_WORDS),
+                "positive": ["2", 0],
+                "token_mode": "first token",
+                "first_step": LODA_N,
+                "last_step": -1,
+                "layers": LODA_LAYERS,
+            },
+        },
+    }
     for name, (step_scale, boost, suppression) in LODA_RUNS.items():
-        g[f"{name}_loda"] = {"class_type": "ConceptSplitLodaSampler", "inputs": {
-            "model": ["5", 0], "seed": args.seed, "steps": LODA_STEPS, "cfg": args.cfg, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "denoise": 1.0, "concept_words": ", ".join(LODA_WORDS), "loda_steps": LODA_N, "step_scale": step_scale,
-            "boost": boost, "suppression": suppression}}
+        g[f"{name}_loda"] = {
+            "class_type": "ConceptSplitLodaSampler",
+            "inputs": {
+                "model": ["5", 0],
+                "seed": args.seed,
+                "steps": LODA_STEPS,
+                "cfg": args.cfg,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+                "concept_words": ", ".join(LODA_WORDS),
+                "loda_steps": LODA_N,
+                "step_scale": step_scale,
+                "boost": boost,
+                "suppression": suppression,
+            },
+        }
         if name != "stage1":  # its maps at step N are those of "with": fixing starts after them
-            g[f"{name}_step_n"] = {"class_type": "ConceptSplitAttentionViewer", "inputs": {
-                "maps": [f"{name}_loda", 2]}}
-        g[f"{name}_stage2"] = {"class_type": "ConceptSplitAttentionViewer", "inputs": {
-            "capture": ["5", 1], "samples": [f"{name}_loda", 0], "concept_masks": [f"{name}_loda", 1]}}
+            g[f"{name}_step_n"] = {"class_type": "ConceptSplitAttentionViewer", "inputs": {"maps": [f"{name}_loda", 2]}}
+        g[f"{name}_stage2"] = {
+            "class_type": "ConceptSplitAttentionViewer",
+            "inputs": {"capture": ["5", 1], "samples": [f"{name}_loda", 0], "concept_masks": [f"{name}_loda", 1]},
+        }
     return g
 
 
@@ -183,8 +243,11 @@ def run_loda_case(server, args) -> list[Path]:
 
     graph = complete_api_graph(loda_graph(args), server.object_info())
     entry = server.run(graph, timeout=3600)
-    metrics = {node: entry["outputs"][node]["text"][0] for node in graph
-               if graph[node]["class_type"] == "ConceptSplitAttentionViewer"}
+    metrics = {
+        node: entry["outputs"][node]["text"][0]
+        for node in graph
+        if graph[node]["class_type"] == "ConceptSplitAttentionViewer"
+    }
     hm = {name: read_harmonic_mean(metrics[f"{name}_step_n"]) for name in ("without", "with")}
     shares = {name: read_mask_shares(metrics[f"{name}_stage2"]) for name in ("stage1", "with")}
     written = []
@@ -195,13 +258,19 @@ def run_loda_case(server, args) -> list[Path]:
         written.append(path)
     from comfy_harness.tiny_models import SHARPEN_FACTORS
 
-    print(f"LODA on the tiny SD2.1 model (random weights, cross-attention q/k ×{SHARPEN_FACTORS[LODA_ARCH]:g}), "
-          f"{LODA_SIZE} px, {LODA_STEPS} euler steps:\nstage 1 on steps 0-{LODA_N - 1}, attention fixing from step "
-          f"{LODA_N}. Measured by the Attention Map Viewer:")
-    print(f"  harmonic-mean KL at step N={LODA_N} (LODA's concept_maps): without stage 1 {hm['without']:.5f}, "
-          f"with stage 1 {hm['with']:.5f}")
-    print(f"  attention share inside its own mask, steps {LODA_N}-{LODA_STEPS - 1} (Capture Attention with LODA's "
-          "concept_masks;\n  a flat map would give the mask area):")
+    print(
+        f"LODA on the tiny SD2.1 model (random weights, cross-attention q/k ×{SHARPEN_FACTORS[LODA_ARCH]:g}), "
+        f"{LODA_SIZE} px, {LODA_STEPS} euler steps:\nstage 1 on steps 0-{LODA_N - 1}, attention fixing from step "
+        f"{LODA_N}. Measured by the Attention Map Viewer:"
+    )
+    print(
+        f"  harmonic-mean KL at step N={LODA_N} (LODA's concept_maps): without stage 1 {hm['without']:.5f}, "
+        f"with stage 1 {hm['with']:.5f}"
+    )
+    print(
+        f"  attention share inside its own mask, steps {LODA_N}-{LODA_STEPS - 1} (Capture Attention with LODA's "
+        "concept_masks;\n  a flat map would give the mask area):"
+    )
     for word in LODA_WORDS:
         (without, area), (fixed, fixed_area) = shares["stage1"][word], shares["with"][word]
         area_text = f"{area:.5f}" if area == fixed_area else f"{area:.5f} / {fixed_area:.5f}"
@@ -246,8 +315,10 @@ def main() -> None:
             for spec in args.adapter:
                 file, _, word = spec.partition("=")
                 adapters.append((server.add_model("tova", Path(file)), word))
-            loader = {"class_type": "CheckpointLoaderSimple",
-                      "inputs": {"ckpt_name": server.add_model("checkpoints", args.checkpoint)}}
+            loader = {
+                "class_type": "CheckpointLoaderSimple",
+                "inputs": {"ckpt_name": server.add_model("checkpoints", args.checkpoint)},
+            }
             written += run_case(server, loader, adapters, args, args.checkpoint.stem)
     for path in written:
         print(f"wrote {path}")

@@ -71,23 +71,44 @@ class ConceptArgument:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="CLIP-T and DINO scores of generated images, as defined by ConceptSplit's dino.py (method §7).")
-    parser.add_argument("--clip", type=Path, required=True,
-                        help="local folder of a transformers CLIPModel with safetensors weights "
-                             "(paper: openai/clip-vit-large-patch14)")
-    parser.add_argument("--dino", type=Path, required=True,
-                        help="local folder of a transformers ViTModel with safetensors weights "
-                             "(paper: DINO ViT-B/16, facebook/dino-vitb16)")
-    parser.add_argument("--generated", type=Path, nargs="+", required=True,
-                        help="generated images: files and/or folders (searched recursively, sorted by path)")
+        description="CLIP-T and DINO scores of generated images, as defined by ConceptSplit's dino.py (method §7)."
+    )
+    parser.add_argument(
+        "--clip",
+        type=Path,
+        required=True,
+        help="local folder of a transformers CLIPModel with safetensors weights (paper: openai/clip-vit-large-patch14)",
+    )
+    parser.add_argument(
+        "--dino",
+        type=Path,
+        required=True,
+        help="local folder of a transformers ViTModel with safetensors weights "
+        "(paper: DINO ViT-B/16, facebook/dino-vitb16)",
+    )
+    parser.add_argument(
+        "--generated",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="generated images: files and/or folders (searched recursively, sorted by path)",
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt of every generated image")
-    prompt.add_argument("--prompts", type=Path,
-                        help="text file, one prompt per line: one line for all images, or one line per generated "
-                             "image in the sorted order the table prints")
-    parser.add_argument("--concept", action="append", default=[], metavar="NAME=PHOTO_DIR[:background]",
-                        help="a concept and the folder of its photos; repeat per concept. Background concepts are "
-                             "left out of DINO (method §7)")
+    prompt.add_argument(
+        "--prompts",
+        type=Path,
+        help="text file, one prompt per line: one line for all images, or one line per generated "
+        "image in the sorted order the table prints",
+    )
+    parser.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="NAME=PHOTO_DIR[:background]",
+        help="a concept and the folder of its photos; repeat per concept. Background concepts are "
+        "left out of DINO (method §7)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model call")
@@ -107,7 +128,7 @@ def parse_concept(text: str) -> ConceptArgument:
             f'Cannot read the concept "{text}"',
             seen=f'--concept "{text}"',
             expected="NAME=PHOTO_DIR or NAME=PHOTO_DIR:background",
-            fix='write it like --concept dog=photos/dog or --concept beach=photos/beach:background',
+            fix="write it like --concept dog=photos/dog or --concept beach=photos/beach:background",
         )
     return ConceptArgument(name=name.strip(), folder=Path(rest), role=role)
 
@@ -117,8 +138,12 @@ def find_images(paths: list[Path], what: str) -> list[Path]:
     found: set[Path] = set()
     for path in paths:
         if path.is_dir():
-            found.update(Path(root) / name for root, _, names in os.walk(path) for name in names
-                         if name.lower().endswith(IMAGE_SUFFIXES))
+            found.update(
+                Path(root) / name
+                for root, _, names in os.walk(path)
+                for name in names
+                if name.lower().endswith(IMAGE_SUFFIXES)
+            )
         elif path.is_file():
             found.add(path)
         else:
@@ -203,11 +228,14 @@ def _import_transformers():
 
 def check_model_folder(folder: Path, flag: str, model_types: tuple[str, ...], paper_model: str) -> None:
     """Refuse a folder that is missing, has no config, no safetensors weights or another model type."""
-    fix = (f"pass {flag} a local folder saved with save_pretrained (config.json + *.safetensors), "
-           f"e.g. a copy of {paper_model}")
+    fix = (
+        f"pass {flag} a local folder saved with save_pretrained (config.json + *.safetensors), "
+        f"e.g. a copy of {paper_model}"
+    )
     if not folder.is_dir():
-        raise ConceptSplitError.build(f"The {flag} model folder does not exist", seen=f'"{folder}"',
-                                      expected="a local model folder", fix=fix)
+        raise ConceptSplitError.build(
+            f"The {flag} model folder does not exist", seen=f'"{folder}"', expected="a local model folder", fix=fix
+        )
     config_file = folder / "config.json"
     weights = sorted(p.name for p in folder.glob("*.safetensors"))
     if not config_file.is_file() or not weights:
@@ -221,8 +249,12 @@ def check_model_folder(folder: Path, flag: str, model_types: tuple[str, ...], pa
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as err:
-        raise ConceptSplitError.build(f'The {flag} folder\'s config.json cannot be read', seen=str(err),
-                                      expected="a JSON config saved by transformers", fix=fix) from err
+        raise ConceptSplitError.build(
+            f"The {flag} folder's config.json cannot be read",
+            seen=str(err),
+            expected="a JSON config saved by transformers",
+            fix=fix,
+        ) from err
     if model_type not in model_types:
         raise ConceptSplitError.build(
             f"The {flag} folder holds the wrong kind of model",
@@ -235,11 +267,13 @@ def check_model_folder(folder: Path, flag: str, model_types: tuple[str, ...], pa
 def _load_pretrained(model_class, folder: Path, flag: str, **kwargs):
     """`from_pretrained` offline from safetensors only; refuse weights the folder lacks instead of random-filling."""
     try:
-        model, info = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                  output_loading_info=True, **kwargs)
+        model, info = model_class.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, output_loading_info=True, **kwargs
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ConceptSplitError.build(
-            f"transformers could not load the {flag} model", seen=f"{type(err).__name__}: {err}",
+            f"transformers could not load the {flag} model",
+            seen=f"{type(err).__name__}: {err}",
             expected=f"a {model_class.__name__} folder with complete safetensors weights",
             fix="re-save the model with save_pretrained(safe_serialization=True)",
         ) from err
@@ -261,7 +295,8 @@ def load_clip(folder: Path, device: str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
         raise ConceptSplitError.build(
-            "The --clip folder has no usable tokenizer", seen=f"{type(err).__name__}: {err}",
+            "The --clip folder has no usable tokenizer",
+            seen=f"{type(err).__name__}: {err}",
             expected="the CLIP tokenizer files next to the weights (vocab.json + merges.txt, or tokenizer.json)",
             fix="save the tokenizer into the same folder (CLIPTokenizer.save_pretrained)",
         ) from err
@@ -279,7 +314,7 @@ def embed_images(files: list[Path], encode, spec: Preprocessing, device: str, ba
     """Raw features `(M, C)` fp32 on the CPU of `files`, `batch_size` images per `encode` call."""
     features = []
     for start in range(0, len(files), batch_size):
-        batch = torch.stack([preprocess(load_rgb(f), spec) for f in files[start:start + batch_size]])  # (b, 3, S, S)
+        batch = torch.stack([preprocess(load_rgb(f), spec) for f in files[start : start + batch_size]])  # (b, 3, S, S)
         features.append(encode(batch.to(device)).float().cpu())
     return torch.cat(features)
 
@@ -319,9 +354,12 @@ def read_prompts(args: argparse.Namespace, count: int) -> list[str]:
         prompts = [args.prompt]
     else:
         if not args.prompts.is_file():
-            raise ConceptSplitError.build("The prompts file does not exist", seen=f'"{args.prompts}"',
-                                          expected="a text file with one prompt per line",
-                                          fix="check the --prompts path")
+            raise ConceptSplitError.build(
+                "The prompts file does not exist",
+                seen=f'"{args.prompts}"',
+                expected="a text file with one prompt per line",
+                fix="check the --prompts path",
+            )
         prompts = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(prompts) not in (1, count):
             raise ConceptSplitError.build(
@@ -331,8 +369,9 @@ def read_prompts(args: argparse.Namespace, count: int) -> list[str]:
                 fix="add or remove lines, or use --prompt for one shared prompt",
             )
     if any(not p.strip() for p in prompts):
-        raise ConceptSplitError.build("The prompt is empty", seen='""', expected="the text the images were made from",
-                                      fix="pass --prompt TEXT")
+        raise ConceptSplitError.build(
+            "The prompt is empty", seen='""', expected="the text the images were made from", fix="pass --prompt TEXT"
+        )
     return prompts * count if len(prompts) == 1 else prompts
 
 
@@ -340,8 +379,12 @@ def check_concepts(concepts: list[ConceptArgument]) -> None:
     names = [c.name for c in concepts]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConceptSplitError.build("A concept is given twice", seen=", ".join(duplicates),
-                                      expected="each concept name once", fix="merge the --concept arguments")
+        raise ConceptSplitError.build(
+            "A concept is given twice",
+            seen=", ".join(duplicates),
+            expected="each concept name once",
+            fix="merge the --concept arguments",
+        )
     if not any(c.role == OBJECT_ROLE for c in concepts):
         raise ConceptSplitError.build(
             "DINO needs at least one object concept; background concepts are left out of it (method §7)",
@@ -354,11 +397,19 @@ def check_concepts(concepts: list[ConceptArgument]) -> None:
 def evaluate(args: argparse.Namespace) -> dict:
     """Compute every score; returns the JSON-ready results."""
     if args.batch_size < 1:
-        raise ConceptSplitError.build("The batch size must be positive", seen=str(args.batch_size),
-                                      expected="--batch-size 1 or more", fix="pass --batch-size 16")
+        raise ConceptSplitError.build(
+            "The batch size must be positive",
+            seen=str(args.batch_size),
+            expected="--batch-size 1 or more",
+            fix="pass --batch-size 16",
+        )
     if args.out is not None and not args.out.parent.is_dir():
-        raise ConceptSplitError.build("The folder for --out does not exist", seen=f'"{args.out.parent}"',
-                                      expected="an existing folder", fix="create the folder or change --out")
+        raise ConceptSplitError.build(
+            "The folder for --out does not exist",
+            seen=f'"{args.out.parent}"',
+            expected="an existing folder",
+            fix="create the folder or change --out",
+        )
     concepts = [parse_concept(text) for text in args.concept]
     check_concepts(concepts)
     generated = find_images(args.generated, "generated images")
@@ -370,8 +421,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     clip_model, tokenizer = load_clip(args.clip, args.device)
     dino_model = load_dino(args.dino, args.device)
 
-    clip_spec = Preprocessing(resize=clip_model.config.vision_config.image_size,
-                              crop=clip_model.config.vision_config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
+    clip_spec = Preprocessing(
+        resize=clip_model.config.vision_config.image_size,
+        crop=clip_model.config.vision_config.image_size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    )
     unique_prompts = sorted(set(prompts))
     text_features = embed_prompts(unique_prompts, clip_model, tokenizer, args.device)  # (P, C)
     per_image_text = text_features[[unique_prompts.index(p) for p in prompts]]  # (M, C)
@@ -381,8 +436,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     dino_encode = dino_image_encoder(dino_model)
     dino_generated = embed_images(generated, dino_encode, DINO_PREPROCESSING, args.device, args.batch_size)
     references = [
-        ConceptReference(c.name, c.role, build_concept_reference(
-            embed_images(photos[c.name], dino_encode, DINO_PREPROCESSING, args.device, args.batch_size)))
+        ConceptReference(
+            c.name,
+            c.role,
+            build_concept_reference(
+                embed_images(photos[c.name], dino_encode, DINO_PREPROCESSING, args.device, args.batch_size)
+            ),
+        )
         for c in concepts
     ]
     dino = dino_scores(dino_generated, references)  # (M,)
@@ -391,16 +451,35 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     return {
         "definitions": "method §7 / official dino.py: CLIP-T = cosine(CLIP image, prompt text), mean over images; "
-                       "DINO = normalised image feature · mean of object concepts' renormalised references "
-                       "(not renormalised), mean over images; background concepts excluded",
+        "DINO = normalised image feature · mean of object concepts' renormalised references "
+        "(not renormalised), mean over images; background concepts excluded",
         "models": {"clip": str(args.clip), "dino": str(args.dino)},
-        "concepts": [{"name": c.name, "role": c.role, "folder": str(c.folder), "photos": len(photos[c.name]),
-                      "in_dino": c.role == OBJECT_ROLE} for c in concepts],
-        "images": [{"file": str(f), "prompt": prompts[i], "clip_t": float(clip_t[i]), "dino": float(dino[i]),
-                    "dino_per_concept": {name: float(s[i]) for name, s in per_concept.items()}}
-                   for i, f in enumerate(generated)],
-        "summary": {"images": len(generated), "clip_t": float(clip_t.mean()), "dino": float(dino.mean()),
-                    "dino_per_concept": {name: float(s.mean()) for name, s in per_concept.items()}},
+        "concepts": [
+            {
+                "name": c.name,
+                "role": c.role,
+                "folder": str(c.folder),
+                "photos": len(photos[c.name]),
+                "in_dino": c.role == OBJECT_ROLE,
+            }
+            for c in concepts
+        ],
+        "images": [
+            {
+                "file": str(f),
+                "prompt": prompts[i],
+                "clip_t": float(clip_t[i]),
+                "dino": float(dino[i]),
+                "dino_per_concept": {name: float(s[i]) for name, s in per_concept.items()},
+            }
+            for i, f in enumerate(generated)
+        ],
+        "summary": {
+            "images": len(generated),
+            "clip_t": float(clip_t.mean()),
+            "dino": float(dino.mean()),
+            "dino_per_concept": {name: float(s.mean()) for name, s in per_concept.items()},
+        },
     }
 
 
@@ -414,8 +493,9 @@ def format_table(results: dict) -> str:
     lines.insert(-1, "-" * len(lines[0]))
     used = [c["name"] for c in results["concepts"] if c["in_dino"]]
     skipped = [c["name"] for c in results["concepts"] if not c["in_dino"]]
-    lines.append(f"DINO concepts: {', '.join(used)}" + (f" (background, excluded: {', '.join(skipped)})"
-                                                        if skipped else ""))
+    lines.append(
+        f"DINO concepts: {', '.join(used)}" + (f" (background, excluded: {', '.join(skipped)})" if skipped else "")
+    )
     return "\n".join(lines)
 
 

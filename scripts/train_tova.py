@@ -23,8 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="SD2.1-768 / SD1.5 / SDXL checkpoint file")
     source.add_argument("--tiny", choices=("sd15", "sd21", "sdxl"), help="tiny random model (tests, demos)")
-    parser.add_argument("--v-prediction", action="store_true", help="force v-prediction (SD2.x 768-v checkpoints "
-                                                                     "ComfyUI detects as eps)")
+    parser.add_argument(
+        "--v-prediction",
+        action="store_true",
+        help="force v-prediction (SD2.x 768-v checkpoints ComfyUI detects as eps)",
+    )
     parser.add_argument("--images", type=Path, required=True, help="folder of photos of the concept")
     parser.add_argument("--word", required=True, help="the plain class word, e.g. dog")
     parser.add_argument("--name", required=True, help="adapter file name (.safetensors is added)")
@@ -38,10 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute UNet block activations in backward: less memory, slower, same adapter")
-    parser.add_argument("--crop-views", type=int, default=4,
-                        help="random crops encoded per photo; each step uses one (method §2.6 random crop)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet block activations in backward: less memory, slower, same adapter",
+    )
+    parser.add_argument(
+        "--crop-views",
+        type=int,
+        default=4,
+        help="random crops encoded per photo; each step uses one (method §2.6 random crop)",
+    )
     return parser.parse_args(argv)
 
 
@@ -74,20 +84,37 @@ def main(argv=None) -> int:
         import folder_paths
 
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(args.checkpoint), output_vae=True, output_clip=True,
-            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+            str(args.checkpoint),
+            output_vae=True,
+            output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        )
     if args.v_prediction:
         from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
         model = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
-    config = data.TrainConfig(steps=args.steps, learning_rate=args.lr, rank=args.rank, seed=args.seed,
-                              resolution=args.resolution or None, checkpoint_every=args.checkpoint_every,
-                              crop_views=args.crop_views)
+    config = data.TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        rank=args.rank,
+        seed=args.seed,
+        resolution=args.resolution or None,
+        checkpoint_every=args.checkpoint_every,
+        crop_views=args.crop_views,
+    )
     templates = data.load_prompt_templates(args.templates) if args.templates else None
-    request = training.TrainingRequest(args.word, config, args.name, args.overwrite, args.resume, templates=templates,
-                                       gradient_checkpointing=args.gradient_checkpointing)
+    request = training.TrainingRequest(
+        args.word,
+        config,
+        args.name,
+        args.overwrite,
+        args.resume,
+        templates=templates,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     folder = args.output_dir or training.tova_folder()
     with tqdm.tqdm(total=args.steps, desc=f"ToVA {args.word}", unit="step") as bar:
+
         def on_step(done: int, total: int, loss: float) -> None:
             bar.n = done
             bar.set_postfix(loss=f"{loss:.4f}")

@@ -5,6 +5,7 @@ ComfyUI is imported inside fixtures. Integration tests skip with a message namin
 unset; under CI=true such a skip is turned into a failure, because a CI run that skipped the integration
 suite proves nothing.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ ComfyUI imports this folder as ``custom_nodes.<folder>`` without the repo on ``s
 module is loaded by file path: from env CONCEPTSPLIT_REPO (set by ``comfy_harness.comfy_server``), else two levels
 above this file's real path. V1 API on purpose: it is not shipped, and it keeps this file self-contained.
 """
+
 import importlib.util
 import os
 from pathlib import Path
@@ -37,8 +38,10 @@ class ConceptSplitTestTinyModelLoader:
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = "ConceptSplit/testing"
-    DESCRIPTION = ("Test only: random tiny SD1.5 / SD2.1 (v-pred) / SDXL models with real layer names; "
-                   "attn2_qk_scale multiplies the cross-attention q and k weights (sharper attention).")
+    DESCRIPTION = (
+        "Test only: random tiny SD1.5 / SD2.1 (v-pred) / SDXL models with real layer names; "
+        "attn2_qk_scale multiplies the cross-attention q and k weights (sharper attention)."
+    )
 
     def load(self, arch, seed, attn2_qk_scale=1.0):
         model, clip, vae = tiny_models.build_tiny_model(arch, seed)

@@ -13,8 +13,7 @@ from .unet import SD15, SD21, SDXL
 # subclass family such as Flux.2, whose config subclasses Flux.1's, goes before its base).
 FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15, FLUX, QWEN_IMAGE)
 
-__all__ = ["FAMILIES", "FamilyBase", "ModelFamily", "clip_family", "family_of_layout", "model_family",
-           "tova_family"]
+__all__ = ["FAMILIES", "FamilyBase", "ModelFamily", "clip_family", "family_of_layout", "model_family", "tova_family"]
 
 
 def model_family(model_patcher) -> ModelFamily:
@@ -30,7 +29,9 @@ def model_family(model_patcher) -> ModelFamily:
     raise ConceptSplitError.build(
         f"ConceptSplit supports {names} models only",
         seen=f"a {type(config if config is not None else model_patcher).__name__} model",
-        expected=f"a {names} checkpoint", fix=f"load a {names} checkpoint")
+        expected=f"a {names} checkpoint",
+        fix=f"load a {names} checkpoint",
+    )
 
 
 def family_of_layout(layout) -> ModelFamily:
@@ -55,7 +56,8 @@ def tova_family(model_patcher) -> ModelFamily:
             f"ToVA adapters are defined on UNet cross-attention; {family.display} is not supported yet",
             seen=f"a {family.display} model",
             expected=_listed([f.display for f in FAMILIES if f.supports_tova]) + " for ToVA",
-            fix=f"use a {_listed([f.display for f in FAMILIES if f.supports_tova])} checkpoint for ToVA")
+            fix=f"use a {_listed([f.display for f in FAMILIES if f.supports_tova])} checkpoint for ToVA",
+        )
     return family
 
 

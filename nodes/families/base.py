@@ -57,8 +57,9 @@ class ModelFamily(Protocol):
     def gradient_pass_options(self, model_options: dict, conds) -> dict:
         """model_options for a gradient pass w.r.t. the latent (patches autograd needs), else the same dict."""
 
-    def differentiable(self, model_patcher, conds=None, checkpointing: bool = False,
-                       keep_layers: Iterable[LayerKey] = ()) -> ContextManager:
+    def differentiable(
+        self, model_patcher, conds=None, checkpointing: bool = False, keep_layers: Iterable[LayerKey] = ()
+    ) -> ContextManager:
         """What makes a gradient pass through the model work inside ComfyUI's inference-mode sampling; with
         `checkpointing`, the model's blocks are recomputed in backward, except those holding `keep_layers`."""
 

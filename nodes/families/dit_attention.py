@@ -65,18 +65,32 @@ class DitFamily(FamilyBase):
     supports_tova = False
     supports_checkpointing = False  # LODA's pass already stops after the last map block
 
-    def sites(self, keys: Iterable[LayerKey], map_keys: Iterable[LayerKey], patch: int, heads: int,
-              width: int) -> tuple[AttentionSite, ...]:
+    def sites(
+        self, keys: Iterable[LayerKey], map_keys: Iterable[LayerKey], patch: int, heads: int, width: int
+    ) -> tuple[AttentionSite, ...]:
         """AttentionSites of the joint blocks `keys` (execution order): the patch grid's level, `width` (the joint
         stream's width: text and image features are projected to it), map and loss flags on `map_keys`."""
         level = int(math.log2(patch))
-        if 2 ** level != patch:
+        if 2**level != patch:
             raise ConceptSplitError.build(
-                f"This {self.display} model's patch size is not a power of 2", seen=f"patch size {patch}",
-                expected="2 (every released model)", fix=f"load a standard {self.display} checkpoint")
+                f"This {self.display} model's patch size is not a power of 2",
+                seen=f"patch size {patch}",
+                expected="2 (every released model)",
+                fix=f"load a standard {self.display} checkpoint",
+            )
         chosen = frozenset(map_keys)
-        return tuple(AttentionSite(key=key, level=level, out_features=width, in_features=width, heads=heads,
-                                   map=key in chosen, loss=key in chosen) for key in keys)
+        return tuple(
+            AttentionSite(
+                key=key,
+                level=level,
+                out_features=width,
+                in_features=width,
+                heads=heads,
+                map=key in chosen,
+                loss=key in chosen,
+            )
+            for key in keys
+        )
 
     def default_map_layers(self, layout: ModelLayout, latent_hw) -> frozenset:
         """The family's default map blocks (marked in its layout)."""
@@ -110,12 +124,17 @@ class DitFamily(FamilyBase):
         return model_options
 
     @contextlib.contextmanager
-    def differentiable(self, model_patcher, conds=None, checkpointing: bool = False,
-                       keep_layers: Iterable[LayerKey] = ()):
+    def differentiable(
+        self, model_patcher, conds=None, checkpointing: bool = False, keep_layers: Iterable[LayerKey] = ()
+    ):
         """Autograd on inside ComfyUI's inference mode: the model's weights as autograd-usable views and the
         family's own fixes (`gradient_fixes`); no checkpointing (`supports_checkpointing` is False)."""
-        with torch.inference_mode(False), torch.enable_grad(), \
-                AutogradWeights([model_patcher.model.diffusion_model]), self.gradient_fixes(model_patcher):
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            AutogradWeights([model_patcher.model.diffusion_model]),
+            self.gradient_fixes(model_patcher),
+        ):
             yield
 
     def gradient_fixes(self, model_patcher):
@@ -158,8 +177,12 @@ class DitAttentionHook:
         observers = options.get(OBSERVERS_KEY, ())
         geometry = self._stack[-1] if self._stack else None
         qh, kh = _heads_layout(q, k, heads, kwargs.get("skip_reshape", False))  # (B, H, L, D) views
-        if not observers or geometry is None or qh is None or \
-                qh.shape[2] < geometry.image_start + geometry.image_tokens:
+        if (
+            not observers
+            or geometry is None
+            or qh is None
+            or qh.shape[2] < geometry.image_start + geometry.image_tokens
+        ):
             return self._attend(func, q, k, v, heads, args, kwargs)  # not a joint call of a recorded forward
         if args:  # Lumina / Qwen pass the mask positionally: optimized_attention(q, k, v, heads, mask, ...)
             kwargs = {**kwargs, "mask": args[0]}
@@ -173,8 +196,9 @@ class DitAttentionHook:
         if bias is not None and not bool(torch.count_nonzero(bias)):
             bias = None  # a zero bias changes nothing: keep the call (and its kernel choice) as it was
         if any(observer.needs_probabilities(call) for observer in observers):
-            probs = joint_text_probabilities(qh, kh, geometry.image_start, geometry.image_tokens, geometry.text_tokens,
-                                             kwargs.get("mask"), bias)  # (B, H, N, T) fp32
+            probs = joint_text_probabilities(
+                qh, kh, geometry.image_start, geometry.image_tokens, geometry.text_tokens, kwargs.get("mask"), bias
+            )  # (B, H, N, T) fp32
             for observer in observers:
                 observer.observe_probabilities(call, probs)
         if bias is not None:
@@ -192,8 +216,10 @@ def _heads_layout(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshape: bo
         return q, k
     if not skip_reshape and q.dim() == 3 and q.shape[-1] % heads == 0:
         b, length, inner = q.shape
-        return (q.reshape(b, length, heads, inner // heads).transpose(1, 2),
-                k.reshape(b, k.shape[1], heads, inner // heads).transpose(1, 2))
+        return (
+            q.reshape(b, length, heads, inner // heads).transpose(1, 2),
+            k.reshape(b, k.shape[1], heads, inner // heads).transpose(1, 2),
+        )
     return None, None
 
 
@@ -201,9 +227,16 @@ def _attention_call(key, geometry, options: dict, q: torch.Tensor) -> AttentionC
     table = options.get(CHUNKS_KEY) or {}
     uuids = options.get("uuids") or ()
     chunks = tuple(int(c) for c in options.get("cond_or_uncond") or (0,))
-    return AttentionCall(key=key, grid=geometry.grid, heads=int(q.shape[1]), cond_or_uncond=chunks,
-                         batch=int(q.shape[0]), context_length=geometry.text_tokens, sigmas=options.get("sigmas"),
-                         chunk_prompts=tuple(table.get(uuid) for uuid in uuids) if table else ())
+    return AttentionCall(
+        key=key,
+        grid=geometry.grid,
+        heads=int(q.shape[1]),
+        cond_or_uncond=chunks,
+        batch=int(q.shape[0]),
+        context_length=geometry.text_tokens,
+        sigmas=options.get("sigmas"),
+        chunk_prompts=tuple(table.get(uuid) for uuid in uuids) if table else (),
+    )
 
 
 def with_dit_observers(model_options: dict, family, layout: ModelLayout, observers: tuple) -> dict:
@@ -218,8 +251,9 @@ def with_dit_observers(model_options: dict, family, layout: ModelLayout, observe
     transformer_options[OVERRIDE_KEY] = hook
     wrappers = dict(transformer_options.get("wrappers", {}))
     for call_type, key, wrapper in (
-            (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CHUNKS_WRAPPER_KEY, record_chunk_prompts),
-            (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GEOMETRY_WRAPPER_KEY, hook.diffusion_model_wrapper)):
+        (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, CHUNKS_WRAPPER_KEY, record_chunk_prompts),
+        (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GEOMETRY_WRAPPER_KEY, hook.diffusion_model_wrapper),
+    ):
         by_key = dict(wrappers.get(call_type, {}))
         if wrapper not in by_key.get(key, []):
             by_key[key] = [*by_key.get(key, []), wrapper]

@@ -40,20 +40,28 @@ class FluxFamily(DitFamily):
     def matches_clip(self, clip) -> bool:
         """Flux's CLIP (T5-XXL + CLIP-L; the context rows are T5's)."""
         tokenizer = getattr(clip, "tokenizer", None)
-        return hasattr(tokenizer, "t5xxl") and hasattr(tokenizer, "clip_l") and type(tokenizer).__name__ == \
-            "FluxTokenizer"
+        return (
+            hasattr(tokenizer, "t5xxl") and hasattr(tokenizer, "clip_l") and type(tokenizer).__name__ == "FluxTokenizer"
+        )
 
     def layout(self, model_patcher) -> ModelLayout:
         dm = model_patcher.model.diffusion_model
         params = dm.params
         heads = int(params.num_heads)
         patch = int(getattr(dm, "patch_size", 2))
-        keys = tuple(("double", i, 0) for i in range(len(dm.double_blocks))) + \
-            tuple(("single", i, 0) for i in range(len(dm.single_blocks)))
+        keys = tuple(("double", i, 0) for i in range(len(dm.double_blocks))) + tuple(
+            ("single", i, 0) for i in range(len(dm.single_blocks))
+        )
         maps = tuple(key for key in keys if key[0] == "double")  # text keeps its own stream in the double blocks
         sites = self.sites(keys, maps, patch, heads, int(dm.txt_in.weight.shape[0]))
-        return ModelLayout(family=self.name, display=self.display, prediction=PREDICTION_FLOW,
-                           text_width=int(params.context_in_dim), joint=True, layers=sites)
+        return ModelLayout(
+            family=self.name,
+            display=self.display,
+            prediction=PREDICTION_FLOW,
+            text_width=int(params.context_in_dim),
+            joint=True,
+            layers=sites,
+        )
 
     def geometry(self, layout: ModelLayout, x: torch.Tensor, context: torch.Tensor) -> JointGeometry:
         """x (B, C, h, w) the latent, context (B, T, d): text rows first, then the image tokens."""
@@ -88,8 +96,11 @@ class FluxFamily(DitFamily):
 def sentencepiece_prompt(inner, text: str, entries) -> PromptTokens:
     """PromptTokens of a sentencepiece (T5) tokenization: `entries` are (id, weight, word id) per context row."""
     ids, starts, pieces = [], [], []
-    specials = {getattr(inner, "end_token", None), getattr(inner, "pad_token", None),
-                getattr(inner, "start_token", None)}
+    specials = {
+        getattr(inner, "end_token", None),
+        getattr(inner, "pad_token", None),
+        getattr(inner, "start_token", None),
+    }
     for entry in entries:
         token = entry[0]
         if not isinstance(token, int):  # an embedding slot
@@ -101,8 +112,9 @@ def sentencepiece_prompt(inner, text: str, entries) -> PromptTokens:
         ids.append(token)
         starts.append(piece.startswith("▁") or (bool(piece) and (not pieces or not pieces[-1])))
         pieces.append(piece.replace("▁", ""))
-    return PromptTokens(text=text, token_ids=tuple(ids), word_starts=tuple(starts), window_length=len(ids) or 1,
-                        pieces=tuple(pieces))
+    return PromptTokens(
+        text=text, token_ids=tuple(ids), word_starts=tuple(starts), window_length=len(ids) or 1, pieces=tuple(pieces)
+    )
 
 
 @contextlib.contextmanager

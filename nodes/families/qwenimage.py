@@ -49,8 +49,14 @@ class QwenImageFamily(DitFamily):
         patch = int(getattr(dm, "patch_size", 2))
         keys = tuple(("double", i, 0) for i in range(len(dm.transformer_blocks)))
         sites = self.sites(keys, keys, patch, heads, int(dm.txt_in.weight.shape[0]))  # every block holds maps
-        return ModelLayout(family=self.name, display=self.display, prediction=PREDICTION_FLOW,
-                           text_width=int(dm.txt_in.weight.shape[1]), joint=True, layers=sites)
+        return ModelLayout(
+            family=self.name,
+            display=self.display,
+            prediction=PREDICTION_FLOW,
+            text_width=int(dm.txt_in.weight.shape[1]),
+            joint=True,
+            layers=sites,
+        )
 
     def geometry(self, layout: ModelLayout, x: torch.Tensor, context: torch.Tensor) -> JointGeometry:
         """x (B, C, T, h, w) or (B, C, h, w), context (B, T_txt, d): text rows first, then the image tokens."""
@@ -106,12 +112,12 @@ def bpe_prompt(tokenizer, text: str, entries) -> PromptTokens:
             continue
         decoded = tokenizer.decode([token])
         ids.append(token)
-        starts.append(not previous or decoded[:1].isspace() or previous[-1:].isspace() or
-                      not previous[-1:].isalnum())
+        starts.append(not previous or decoded[:1].isspace() or previous[-1:].isspace() or not previous[-1:].isalnum())
         pieces.append(decoded.strip())
         previous = decoded
-    return PromptTokens(text=text, token_ids=tuple(ids), word_starts=tuple(starts), window_length=len(ids) or 1,
-                        pieces=tuple(pieces))
+    return PromptTokens(
+        text=text, token_ids=tuple(ids), word_starts=tuple(starts), window_length=len(ids) or 1, pieces=tuple(pieces)
+    )
 
 
 QWEN_IMAGE = QwenImageFamily()

@@ -23,8 +23,14 @@ import comfy.utils
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-from ...conceptsplit_core.config import (FAMILY_DISPLAY, FAMILY_SD15, FAMILY_SD21, FAMILY_SDXL, PREDICTION_EPS,
-                                         PREDICTION_V)
+from ...conceptsplit_core.config import (
+    FAMILY_DISPLAY,
+    FAMILY_SD15,
+    FAMILY_SD21,
+    FAMILY_SDXL,
+    PREDICTION_EPS,
+    PREDICTION_V,
+)
 from ...conceptsplit_core.errors import ConceptSplitError
 from ...conceptsplit_core.model_layout import AttentionSite, LayerKey, ModelLayout, map_grid
 from ...conceptsplit_core.prompt_tokens import PromptTokens
@@ -32,8 +38,14 @@ from ...conceptsplit_core.token_value_delta import TokenDelta
 from .. import comfy_text
 from ..comfy_attention import ConceptSplitAttention, stash_value_input, with_observer_list
 from ..comfy_autograd import AutogradWeights, FrozenWeights, GradientCheckpointing
-from ..comfy_conditioning import (call_chunk_table, check_prompt_sampled, conditioning_encodings, with_chunk_table,
-                                  with_located_concepts, with_prompt_encodings)
+from ..comfy_conditioning import (
+    call_chunk_table,
+    check_prompt_sampled,
+    conditioning_encodings,
+    with_chunk_table,
+    with_located_concepts,
+    with_prompt_encodings,
+)
 from .base import FamilyBase
 
 MAP_LEVEL = 2  # LODA's maps are at latent/4: two downsamplings (method §3.1)
@@ -80,10 +92,25 @@ class UNetFamily(FamilyBase):
         for (key, level), (_, _, path, out_features, in_features, heads) in zip(keys_levels, found):
             at_map = level == map_level
             loss = at_map and (not self.loss_in_down_blocks_only or key[0] == "input")
-            sites.append(AttentionSite(key=key, level=level, out_features=out_features, in_features=in_features,
-                                       path=path, heads=heads, map=at_map, loss=loss))
-        return ModelLayout(family=self.name, prediction=prediction, text_width=int(config.unet_config["context_dim"]),
-                           layers=tuple(sites), display=self.display)
+            sites.append(
+                AttentionSite(
+                    key=key,
+                    level=level,
+                    out_features=out_features,
+                    in_features=in_features,
+                    path=path,
+                    heads=heads,
+                    map=at_map,
+                    loss=loss,
+                )
+            )
+        return ModelLayout(
+            family=self.name,
+            prediction=prediction,
+            text_width=int(config.unet_config["context_dim"]),
+            layers=tuple(sites),
+            display=self.display,
+        )
 
     def default_map_layers(self, layout: ModelLayout, latent_hw: tuple[int, int]) -> frozenset:
         """The attn2 layers at latent/4 (the deepest level of a shallower UNet)."""
@@ -132,14 +159,23 @@ class UNetFamily(FamilyBase):
         """A new model_options whose attn2 processors report to `observers` (appended after any already there)."""
         return with_observer_list(with_processors(model_options, layout), observers)
 
-    def with_deltas(self, model_options: dict, layout: ModelLayout,
-                    deltas_by_key: Mapping[LayerKey, tuple[TokenDelta, ...]]) -> dict:
+    def with_deltas(
+        self, model_options: dict, layout: ModelLayout, deltas_by_key: Mapping[LayerKey, tuple[TokenDelta, ...]]
+    ) -> dict:
         """A new model_options whose processors add `deltas_by_key` (training's per-step deltas)."""
         return with_processors(model_options, layout, deltas_by_key)
 
-    def install_tova(self, model_patcher, layout: ModelLayout,
-                     deltas_by_key: Mapping[LayerKey, tuple[TokenDelta, ...]], apply_to_uncond: bool,
-                     prompt: PromptTokens | None = None, label: str = "", positive=None, concepts: tuple = ()) -> None:
+    def install_tova(
+        self,
+        model_patcher,
+        layout: ModelLayout,
+        deltas_by_key: Mapping[LayerKey, tuple[TokenDelta, ...]],
+        apply_to_uncond: bool,
+        prompt: PromptTokens | None = None,
+        label: str = "",
+        positive=None,
+        concepts: tuple = (),
+    ) -> None:
         """Install ToVA on `model_patcher` (already a clone): processors on every attn2 block, deltas where given,
         and the located concepts recorded for LODA and the viewer.
 
@@ -148,19 +184,26 @@ class UNetFamily(FamilyBase):
         (integration §2, variant 1), and checks that the positive prompt being sampled is this prompt. `positive` is the
         CONDITIONING encode_prompt made of it: its encoding is what an unrecorded positive is recognised by.
         """
-        model_patcher.model_options = with_processors(model_patcher.model_options, layout, deltas_by_key,
-                                                      apply_to_uncond)
+        model_patcher.model_options = with_processors(
+            model_patcher.model_options, layout, deltas_by_key, apply_to_uncond
+        )
         if positive is not None:
-            model_patcher.model_options = with_prompt_encodings(model_patcher.model_options,
-                                                                conditioning_encodings(positive))
+            model_patcher.model_options = with_prompt_encodings(
+                model_patcher.model_options, conditioning_encodings(positive)
+            )
         if prompt is not None:
-            model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TOVA_WRAPPER_KEY,
-                                               _chunk_table_wrapper(prompt, label))
+            model_patcher.add_wrapper_with_key(
+                comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
+                TOVA_WRAPPER_KEY,
+                _chunk_table_wrapper(prompt, label),
+            )
         cleanups = model_patcher.callbacks.get(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, {}).get(
-            TOVA_WRAPPER_KEY, [])
+            TOVA_WRAPPER_KEY, []
+        )
         if _clear_device_caches not in cleanups:
-            model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, TOVA_WRAPPER_KEY,
-                                                _clear_device_caches)
+            model_patcher.add_callback_with_key(
+                comfy.patcher_extension.CallbacksMP.ON_CLEANUP, TOVA_WRAPPER_KEY, _clear_device_caches
+            )
         if concepts:
             model_patcher.model_options = with_located_concepts(model_patcher.model_options, concepts)
 
@@ -183,11 +226,12 @@ class UNetFamily(FamilyBase):
             raise ConceptSplitError.build(
                 "Attention fixing cannot pass a bias through another pack's attention patch",
                 seen=f"foreign attn2 replaces on {len(foreign)} biased layer(s), e.g. {foreign[0][1]} at "
-                     f"{foreign[0][0]}",
+                f"{foreign[0][0]}",
                 expected="no other attn2 replace (IPAdapter, attention couple, ...) on the layers that get the LODA "
-                         "bias",
+                "bias",
                 fix="set boost and suppression to 0 (fixing off), set fixing_layers to map_level if the other patch "
-                    "avoids those layers, or remove the other attention patch from this model")
+                "avoids those layers, or remove the other attention patch from this model",
+            )
 
     # --- gradients ----------------------------------------------------------------------------------------------
 
@@ -200,23 +244,27 @@ class UNetFamily(FamilyBase):
         options = dict(model_options)
         transformer_options = dict(options.get("transformer_options", {}))
         patches = dict(transformer_options.get("patches", {}))
-        patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []),
-                                                   _clone_after_skip]
+        patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []), _clone_after_skip]
         transformer_options["patches"] = patches
         options["transformer_options"] = transformer_options
         return options
 
     @contextlib.contextmanager
-    def differentiable(self, model_patcher, conds=None, checkpointing: bool = False,
-                       keep_layers: Iterable[LayerKey] = ()):
+    def differentiable(
+        self, model_patcher, conds=None, checkpointing: bool = False, keep_layers: Iterable[LayerKey] = ()
+    ):
         """Autograd on for one gradient pass inside ComfyUI's inference mode: the UNet's and ControlNets' weights as
         autograd-usable views and, with `checkpointing`, the UNet's blocks checkpointed except those holding
         `keep_layers` (LODA's loss layers); all restored on exit, also after an interrupt (comfy_autograd)."""
         modules = gradient_modules(model_patcher, conds)
         keep = {key[:2] for key in keep_layers}
         unet = model_patcher.model.diffusion_model
-        with torch.inference_mode(False), torch.enable_grad(), AutogradWeights(modules), \
-                GradientCheckpointing(checkpoint_modules(unet, keep) if checkpointing else ()):
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            AutogradWeights(modules),
+            GradientCheckpointing(checkpoint_modules(unet, keep) if checkpointing else ()),
+        ):
             yield
 
     @contextlib.contextmanager
@@ -241,9 +289,10 @@ class UNetFamily(FamilyBase):
         if prediction is None or sigmas is None or sigmas.numel() != 1000:
             raise ConceptSplitError.build(
                 "ToVA training needs a discrete 1000-step v- or ε-prediction model",
-                seen=f"model sampling {type(sampling).__name__}", expected="SD1.5, SD2.1 or SDXL sampling (discrete)",
-                fix="remove ModelSampling nodes other than ModelSamplingDiscrete (eps or v_prediction) before "
-                    "training")
+                seen=f"model sampling {type(sampling).__name__}",
+                expected="SD1.5, SD2.1 or SDXL sampling (discrete)",
+                fix="remove ModelSampling nodes other than ModelSamplingDiscrete (eps or v_prediction) before training",
+            )
         return sigmas.detach().to("cpu", torch.float32).clone(), prediction, float(sampling.sigma_data)
 
 
@@ -254,6 +303,7 @@ SD15 = UNetFamily(FAMILY_SD15, comfy.supported_models.SD15)
 
 # --- the model's attn2 layers -----------------------------------------------------------------------------------
 
+
 def _value_projections(model_patcher):
     """(diffusers path of the transformer block, ldm key of to_v.weight, the to_v module, heads) of every attn2."""
     base = model_patcher.model
@@ -262,8 +312,12 @@ def _value_projections(model_patcher):
     for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(base.model_config.unet_config).items():
         if diffusers_key.endswith(suffix):
             attention = modules.get(ldm_key[: -len(".to_v.weight")])
-            yield (diffusers_key[: -len(suffix)], ldm_key, modules[ldm_key[: -len(".weight")]],
-                   int(getattr(attention, "heads", 0) or 0))
+            yield (
+                diffusers_key[: -len(suffix)],
+                ldm_key,
+                modules[ldm_key[: -len(".weight")]],
+                int(getattr(attention, "heads", 0) or 0),
+            )
 
 
 def _block_of(ldm_key: str) -> tuple[str, int]:
@@ -304,9 +358,13 @@ def _block_levels(unet_config: dict) -> dict[UNetBlock, int]:
 
 # --- the attn2 processor on the model ---------------------------------------------------------------------------
 
-def with_processors(model_options: dict, layout: ModelLayout,
-                    deltas_by_key: Mapping[LayerKey, tuple[TokenDelta, ...]] | None = None,
-                    apply_to_uncond: bool = True) -> dict:
+
+def with_processors(
+    model_options: dict,
+    layout: ModelLayout,
+    deltas_by_key: Mapping[LayerKey, tuple[TokenDelta, ...]] | None = None,
+    apply_to_uncond: bool = True,
+) -> dict:
     """Return model_options with a ConceptSplit processor on every cross-attention block of `layout`.
 
     Chains with what is there: an earlier ConceptSplit processor is extended, a foreign attn2 replace is wrapped,
@@ -344,16 +402,24 @@ def check_patch_order(model_options: dict) -> None:
         raise ConceptSplitError.build(
             "An attention patch was added after Apply ToVA and changes the text it reads",
             seen=f"attn2 patches after ToVA's: {[getattr(p, '__qualname__', type(p).__name__) for p in attn2_patches]}",
-            expected="ToVA's attn2 patch last", fix="apply the other patch node before Apply ToVA")
+            expected="ToVA's attn2 patch last",
+            fix="apply the other patch node before Apply ToVA",
+        )
     replaces = transformer_options.get("patches_replace", {}).get("attn2", {})
-    shadowed = [key for key, patch in replaces.items() if len(key) == 2 and not isinstance(patch, ConceptSplitAttention)
-                and any(len(k) == 3 and k[:2] == key for k in replaces)]
+    shadowed = [
+        key
+        for key, patch in replaces.items()
+        if len(key) == 2
+        and not isinstance(patch, ConceptSplitAttention)
+        and any(len(k) == 3 and k[:2] == key for k in replaces)
+    ]
     if shadowed:
         raise ConceptSplitError.build(
             "Another pack's attention patch was applied after ConceptSplit and would be ignored",
             seen=f"foreign attn2 replaces at blocks {shadowed[:3]} next to ConceptSplit's",
             expected="other attention patches applied before Apply ToVA, so ConceptSplit wraps them",
-            fix="move that node before Apply ToVA in the model chain")
+            fix="move that node before Apply ToVA in the model chain",
+        )
 
 
 def _clear_device_caches(model_patcher) -> None:
@@ -364,22 +430,27 @@ def _clear_device_caches(model_patcher) -> None:
             processor.clear_device_cache()
 
 
-
 def _chunk_table_wrapper(prompt: PromptTokens, label: str):
     prompt_ids, prompt_length = tuple(prompt.token_ids), len(prompt.token_ids)
 
     def wrapper(executor, model, conds, x_in, timestep, model_options):
         check_patch_order(model_options)
         table = call_chunk_table(conds, model_options, prompt_length)
-        check_prompt_sampled(conds, table, prompt_ids, prompt_length, prompt.text,
-                             f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in")
+        check_prompt_sampled(
+            conds,
+            table,
+            prompt_ids,
+            prompt_length,
+            prompt.text,
+            f"The positive prompt being sampled is not the prompt Apply ToVA located {label} in",
+        )
         return executor(model, conds, x_in, timestep, with_chunk_table(model_options, table))
 
     return wrapper
 
 
-
 # --- gradients --------------------------------------------------------------------------------------------------
+
 
 def _clone_after_skip(h: torch.Tensor, transformer_options) -> torch.Tensor:
     return h.clone()  # the skip list keeps the original (changed in place later), the next block gets the copy
@@ -400,13 +471,18 @@ def gradient_modules(model_patcher, conds=None) -> list[torch.nn.Module]:
     return list(found.values())
 
 
-def checkpoint_modules(diffusion_model: torch.nn.Module, keep_blocks: Iterable[UNetBlock] = ()
-                       ) -> list[torch.nn.Module]:
+def checkpoint_modules(
+    diffusion_model: torch.nn.Module, keep_blocks: Iterable[UNetBlock] = ()
+) -> list[torch.nn.Module]:
     """The ResBlock and SpatialTransformer modules of the UNet to checkpoint: all but the SpatialTransformers of
     `keep_blocks`. LODA keeps its loss layers' blocks: their attention observers record maps and end the pass,
     which a recompute in backward must not repeat."""
-    kept = {id(m) for block in keep_blocks for m in _block_module(diffusion_model, block).modules()
-            if isinstance(m, SpatialTransformer)}
+    kept = {
+        id(m)
+        for block in keep_blocks
+        for m in _block_module(diffusion_model, block).modules()
+        if isinstance(m, SpatialTransformer)
+    }
     return [m for m in diffusion_model.modules() if isinstance(m, (ResBlock, SpatialTransformer)) and id(m) not in kept]
 
 

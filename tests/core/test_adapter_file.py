@@ -21,8 +21,11 @@ from conceptsplit_core.adapter_file import (
 from conceptsplit_core.errors import ConceptSplitError
 
 # A small SD2.1-shaped layer set: (diffusers path, C) with d = 16.
-LAYERS = [("down_blocks.0.attentions.0.transformer_blocks.0", 8), ("mid_block.attentions.0.transformer_blocks.0", 12),
-          ("up_blocks.1.attentions.2.transformer_blocks.0", 8)]
+LAYERS = [
+    ("down_blocks.0.attentions.0.transformer_blocks.0", 8),
+    ("mid_block.attentions.0.transformer_blocks.0", 12),
+    ("up_blocks.1.attentions.2.transformer_blocks.0", 8),
+]
 WIDTH, RANK = 16, 4
 
 
@@ -32,17 +35,26 @@ def make_layers(seed=0, rank=RANK):
 
 
 def make_metadata(**overrides):
-    values = dict(base_model="sd2.1-v", text_width=WIDTH, rank=RANK, alpha=RANK, identifier_word="dog",
-                  role="object", prediction="v", layers=len(LAYERS),
-                  training={"train_steps": "300", "train_lr": "0.0001"})
+    values = dict(
+        base_model="sd2.1-v",
+        text_width=WIDTH,
+        rank=RANK,
+        alpha=RANK,
+        identifier_word="dog",
+        role="object",
+        prediction="v",
+        layers=len(LAYERS),
+        training={"train_steps": "300", "train_lr": "0.0001"},
+    )
     values.update(overrides)
     return AdapterMetadata(**values)
 
 
 def raw_native_file(path, layers, metadata):
     """A native-format file written without the validating writer (to build damaged files on purpose)."""
-    tensors = {f"tova.{p}.attn2.to_v.lora_{part}.weight": t for p, (a, b) in layers.items()
-               for part, t in (("A", a), ("B", b))}
+    tensors = {
+        f"tova.{p}.attn2.to_v.lora_{part}.weight": t for p, (a, b) in layers.items() for part, t in (("A", a), ("B", b))
+    }
     save_file(tensors, str(path), metadata=metadata.to_strings())
     return path
 
@@ -129,18 +141,29 @@ def test_pickle_with_objects_is_refused(tmp_path):
     assert "do not load it with weights_only=False" in message and "run any code the file contains" in message
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight": (4, 16)},
-     "regular LoRA, not a token-wise ToVA adapter.*Load LoRA"),
-    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.lora_A.weight": (4, 16)},
-     "regular LoRA"),  # PEFT / diffusers keys without original_linear
-    ({"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.lora_up.weight": (8, 4)}, "regular LoRA"),
-    ({"tova.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 16)},
-     "more than the cross-attention value projection"),
-    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v.original_linear.lora_A.weight": (4, 16)},
-     "more than the cross-attention value projection"),
-    ({"model.weight": (4, 4)}, "is not a ToVA adapter"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (
+            {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight": (4, 16)},
+            "regular LoRA, not a token-wise ToVA adapter.*Load LoRA",
+        ),
+        (
+            {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.lora_A.weight": (4, 16)},
+            "regular LoRA",
+        ),  # PEFT / diffusers keys without original_linear
+        ({"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.lora_up.weight": (8, 4)}, "regular LoRA"),
+        (
+            {"tova.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 16)},
+            "more than the cross-attention value projection",
+        ),
+        (
+            {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v.original_linear.lora_A.weight": (4, 16)},
+            "more than the cross-attention value projection",
+        ),
+        ({"model.weight": (4, 4)}, "is not a ToVA adapter"),
+    ],
+)
 def test_non_tova_files_are_refused(tmp_path, keys, message):
     save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ConceptSplitError, match=message):
@@ -197,8 +220,11 @@ def test_mixed_ranks_missing_half_and_bad_metadata(tmp_path):
 
 
 def test_native_without_metadata_is_refused(tmp_path):
-    tensors = {f"tova.{p}.attn2.to_v.lora_{part}.weight": t for p, (a, b) in make_layers().items()
-               for part, t in (("A", a), ("B", b))}
+    tensors = {
+        f"tova.{p}.attn2.to_v.lora_{part}.weight": t
+        for p, (a, b) in make_layers().items()
+        for part, t in (("A", a), ("B", b))
+    }
     save_file(tensors, str(tmp_path / "bare.safetensors"))
     with pytest.raises(ConceptSplitError, match="lacks metadata field conceptsplit.format"):
         read_adapter_file(tmp_path / "bare.safetensors")
@@ -219,11 +245,15 @@ def test_sft_extension_is_read_as_safetensors(tmp_path):
 
 # --- damaged numbers (issue 11, items 1-2): metadata, shapes, and a delta float32 cannot hold ----------------------
 
+
 def raw_native_strings(path, tensor_layers, **fields):
     """A native file whose conceptsplit.* metadata strings are overridden as given (field=text), unvalidated."""
     meta = make_metadata().to_strings() | {f"conceptsplit.{key}": text for key, text in fields.items()}
-    tensors = {f"tova.{p}.attn2.to_v.lora_{part}.weight": t for p, (a, b) in tensor_layers.items()
-               for part, t in (("A", a), ("B", b))}
+    tensors = {
+        f"tova.{p}.attn2.to_v.lora_{part}.weight": t
+        for p, (a, b) in tensor_layers.items()
+        for part, t in (("A", a), ("B", b))
+    }
     save_file(tensors, str(path), metadata=meta)
     return path
 
@@ -240,8 +270,11 @@ def test_huge_alpha_is_refused_because_the_scaled_delta_overflows_float32(tmp_pa
     smallest = min(delta_frobenius_norm(a, b) for a, b in layers.values())
     assert 1e38 / RANK * smallest > FLOAT32_MAX  # the premise: every layer's scaled delta is past float32's range
     path = raw_native_strings(tmp_path / "a.safetensors", layers, alpha="1e38")
-    with pytest.raises(ConceptSplitError, match=r"too large to compute with: its delta overflows float32.*"
-                                                r"scale alpha/rank = 2\.5e\+37"):
+    with pytest.raises(
+        ConceptSplitError,
+        match=r"too large to compute with: its delta overflows float32.*"
+        r"scale alpha/rank = 2\.5e\+37",
+    ):
         read_adapter_file(path)
 
 
@@ -273,7 +306,7 @@ def test_delta_norm_is_the_frobenius_norm_of_b_times_a():
     # norm is off by at most 40·eps·sum|G∘H|, the norm by half that relative to it (plus the final sqrt's half ulp).
     gram_terms = float(((b.T @ b) * (a @ a.T)).abs().sum())
     eps = torch.finfo(torch.float64).eps
-    bound = (40 * eps * gram_terms / exact ** 2 / 2 + eps) * exact
+    bound = (40 * eps * gram_terms / exact**2 / 2 + eps) * exact
     assert abs(delta_frobenius_norm(a, b) - exact) <= bound
     assert delta_frobenius_norm(a, torch.zeros(8, 4)) == 0.0
 
@@ -304,8 +337,9 @@ def test_rank_zero_tensors_with_a_positive_metadata_rank_are_refused(tmp_path):
         read_adapter_file(tmp_path / "r0.safetensors")
 
 
-@pytest.mark.parametrize("shapes", [((4, WIDTH), (8, 3)), ((4, WIDTH, 1), (8, 4)), ((4,), (8, 4)),
-                                    ((4, WIDTH), (8, 4, 1))])
+@pytest.mark.parametrize(
+    "shapes", [((4, WIDTH), (8, 3)), ((4, WIDTH, 1), (8, 4)), ((4,), (8, 4)), ((4, WIDTH), (8, 4, 1))]
+)
 def test_mismatched_or_wrong_dimensional_tensors_are_refused(tmp_path, shapes):
     layers = make_layers()
     layers[LAYERS[0][0]] = (torch.ones(shapes[0]), torch.ones(shapes[1]))
@@ -323,16 +357,19 @@ def test_integer_tensors_are_refused(tmp_path):
         read_adapter_file(tmp_path / "int.safetensors")
 
 
-@pytest.mark.parametrize("field, text, message", [
-    ("text_width", "-16", "metadata conceptsplit.text_width is out of range"),
-    ("layers", "0", "metadata conceptsplit.layers is out of range"),
-    ("rank", "four", "non-numeric metadata"),
-    ("format_version", "0", "uses format version 0"),
-    ("format_version", "\u00b2", "uses format version"),  # a digit to str.isdigit, not to int()
-    ("train_lr", "nan", "metadata conceptsplit.train_lr is not a finite number"),
-    ("train_steps", "-3", "metadata conceptsplit.train_steps is out of range"),
-    ("train_steps", "many", "metadata conceptsplit.train_steps is not an integer"),
-])
+@pytest.mark.parametrize(
+    "field, text, message",
+    [
+        ("text_width", "-16", "metadata conceptsplit.text_width is out of range"),
+        ("layers", "0", "metadata conceptsplit.layers is out of range"),
+        ("rank", "four", "non-numeric metadata"),
+        ("format_version", "0", "uses format version 0"),
+        ("format_version", "\u00b2", "uses format version"),  # a digit to str.isdigit, not to int()
+        ("train_lr", "nan", "metadata conceptsplit.train_lr is not a finite number"),
+        ("train_steps", "-3", "metadata conceptsplit.train_steps is out of range"),
+        ("train_steps", "many", "metadata conceptsplit.train_steps is not an integer"),
+    ],
+)
 def test_every_other_numeric_metadata_field_is_checked(tmp_path, field, text, message):
     path = raw_native_strings(tmp_path / "m.safetensors", make_layers(), **{field: text})
     with pytest.raises(ConceptSplitError, match=message):

@@ -53,14 +53,29 @@ def _write_tiny_clip(folder: Path) -> None:
     folder.mkdir()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer",
-                                                              "model_max_length": 77}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77})
+    )
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
+        text_config=dict(
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -69,8 +84,9 @@ def _write_tiny_clip(folder: Path) -> None:
 
 def _write_tiny_dino(folder: Path) -> None:
     """A seeded 2-layer ViTModel at the spec's 224 px crop (patch 32, so 49 patches)."""
-    config = transformers.ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=37)
+    config = transformers.ViTConfig(
+        image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
     torch.manual_seed(1)
     transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(str(folder))
 
@@ -99,9 +115,23 @@ def setup(tmp_path_factory) -> dict:
 
 
 def _args(root: Path, *extra: str) -> list[str]:
-    return ["--clip", str(root / "clip"), "--dino", str(root / "dino"), "--generated", str(root / "generated"),
-            "--concept", f"dog={root / 'photos' / 'dog'}", "--concept", f"cat={root / 'photos' / 'cat'}",
-            "--concept", f"beach={root / 'photos' / 'beach'}:background", "--device", "cpu", *extra]
+    return [
+        "--clip",
+        str(root / "clip"),
+        "--dino",
+        str(root / "dino"),
+        "--generated",
+        str(root / "generated"),
+        "--concept",
+        f"dog={root / 'photos' / 'dog'}",
+        "--concept",
+        f"cat={root / 'photos' / 'cat'}",
+        "--concept",
+        f"beach={root / 'photos' / 'beach'}:background",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _load_script():
@@ -131,12 +161,27 @@ def _expected(root: Path, prompts: list[str]) -> dict:
 
     clip = transformers.CLIPModel.from_pretrained(str(root / "clip"), local_files_only=True).float().eval()
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "clip"), local_files_only=True)
-    dino = transformers.ViTModel.from_pretrained(str(root / "dino"), local_files_only=True,
-                                                 add_pooling_layer=False).float().eval()
-    clip_tf = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
-                         T.Normalize(CLIP_MEAN, CLIP_STD)])
-    dino_tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dino = (
+        transformers.ViTModel.from_pretrained(str(root / "dino"), local_files_only=True, add_pooling_layer=False)
+        .float()
+        .eval()
+    )
+    clip_tf = T.Compose(
+        [
+            T.Resize(32, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(32),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+    dino_tf = T.Compose(
+        [
+            T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
     def images(folder: Path, transform) -> torch.Tensor:
         files = sorted(p for p in folder.iterdir())
@@ -146,10 +191,14 @@ def _expected(root: Path, prompts: list[str]) -> dict:
         hidden = dino(pixel_values=images(folder, dino_tf), output_hidden_states=True).hidden_states[-1]
         return _unit(dino.layernorm(hidden)[:, 0].double().numpy())  # CLS after the final LayerNorm
 
-    clip_images = _unit(_features(clip.get_image_features(pixel_values=images(root / "generated", clip_tf)))
-                        .double().numpy())
-    texts = _unit(np.concatenate([_features(clip.get_text_features(**tokenizer(p, return_tensors="pt")))
-                                  .double().numpy() for p in prompts]))
+    clip_images = _unit(
+        _features(clip.get_image_features(pixel_values=images(root / "generated", clip_tf))).double().numpy()
+    )
+    texts = _unit(
+        np.concatenate(
+            [_features(clip.get_text_features(**tokenizer(p, return_tensors="pt"))).double().numpy() for p in prompts]
+        )
+    )
     clip_t = (clip_images * texts).sum(axis=-1)
 
     references = {}
@@ -158,14 +207,22 @@ def _expected(root: Path, prompts: list[str]) -> dict:
         references[name] = mean / np.linalg.norm(mean)
     generated = dino_features(root / "generated")
     dino_t = generated @ ((references["dog"] + references["cat"]) / 2)  # not renormalised; beach left out
-    return {"clip_t": clip_t, "dino": dino_t,
-            "per_concept": {name: generated @ ref for name, ref in references.items()}}
+    return {
+        "clip_t": clip_t,
+        "dino": dino_t,
+        "per_concept": {name: generated @ ref for name, ref in references.items()},
+    }
 
 
 def test_script_scores_match_an_independent_computation(setup, tmp_path):
     root, out = setup["root"], tmp_path / "results.json"
-    done = subprocess.run([sys.executable, "scripts/evaluate.py", *_args(root, "--prompt", PROMPT, "--out", str(out))],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *_args(root, "--prompt", PROMPT, "--out", str(out))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "CLIP-T" in done.stdout and "mean of 3 images" in done.stdout
     assert "excluded: beach" in done.stdout
@@ -189,8 +246,9 @@ def test_script_scores_match_an_independent_computation(setup, tmp_path):
     np.testing.assert_allclose([i["clip_t"] for i in results["images"]], expected["clip_t"], atol=1e-5)
     np.testing.assert_allclose([i["dino"] for i in results["images"]], expected["dino"], atol=1e-5)
     for name in ("dog", "cat"):
-        np.testing.assert_allclose([i["dino_per_concept"][name] for i in results["images"]],
-                                   expected["per_concept"][name], atol=1e-5)
+        np.testing.assert_allclose(
+            [i["dino_per_concept"][name] for i in results["images"]], expected["per_concept"][name], atol=1e-5
+        )
     assert results["summary"]["clip_t"] == pytest.approx(float(expected["clip_t"].mean()), abs=1e-5)
     assert results["summary"]["dino"] == pytest.approx(float(expected["dino"].mean()), abs=1e-5)
     assert results["summary"]["images"] == 3
@@ -206,8 +264,9 @@ def test_prompts_file_gives_each_image_its_own_prompt(setup, tmp_path, capsys):
     assert _load_script().main(_args(root, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out))) == 0
     results = json.loads(out.read_text())
     assert [i["prompt"] for i in results["images"]] == prompts
-    np.testing.assert_allclose([i["clip_t"] for i in results["images"]], _expected(root, prompts)["clip_t"],
-                               atol=1e-5)  # as in the test above
+    np.testing.assert_allclose(
+        [i["clip_t"] for i in results["images"]], _expected(root, prompts)["clip_t"], atol=1e-5
+    )  # as in the test above
     assert "wrote" in capsys.readouterr().out
 
 
@@ -234,8 +293,11 @@ def _break_folder(root: Path, tmp_path: Path, kind: str) -> list[str]:
         (folder / "config.json").write_text((root / "dino" / "config.json").read_text())
         tensors = load_file(str(root / "dino" / "model.safetensors"))
         dropped = next(k for k in sorted(tensors) if k.endswith("layernorm.weight"))
-        save_file({k: v for k, v in tensors.items() if k != dropped}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v for k, v in tensors.items() if k != dropped},
+            str(folder / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         return args + ["--dino", str(folder)]
     if kind == "unreadable image":
         (tmp_path / "broken").mkdir()
@@ -246,15 +308,18 @@ def _break_folder(root: Path, tmp_path: Path, kind: str) -> list[str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing generated", "generated images path does not exist"),
-    ("no images", "No images found for the generated images"),
-    ("no weights", "--clip folder holds no transformers model with safetensors weights.*config.json"),
-    ("wrong model", "--dino folder holds the wrong kind of model. Seen: model_type \"clip\""),
-    ("incomplete weights", "--dino weights are incomplete.*1 missing tensors"),
-    ("unreadable image", 'Cannot read the image ".*img.png"'),
-    ("long prompt", "prompt is too long for CLIP. Seen: 82 tokens.*at most 77 tokens"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing generated", "generated images path does not exist"),
+        ("no images", "No images found for the generated images"),
+        ("no weights", "--clip folder holds no transformers model with safetensors weights.*config.json"),
+        ("wrong model", '--dino folder holds the wrong kind of model. Seen: model_type "clip"'),
+        ("incomplete weights", "--dino weights are incomplete.*1 missing tensors"),
+        ("unreadable image", 'Cannot read the image ".*img.png"'),
+        ("long prompt", "prompt is too long for CLIP. Seen: 82 tokens.*at most 77 tokens"),
+    ],
+)
 def test_bad_inputs_exit_2_with_the_message(setup, tmp_path, capsys, kind, message):
     import re
 
@@ -264,20 +329,33 @@ def test_bad_inputs_exit_2_with_the_message(setup, tmp_path, capsys, kind, messa
     assert captured.err.splitlines()[-1].startswith("error: ") and "Fix: " in captured.err
 
 
-@pytest.mark.parametrize("concepts, message", [
-    (["--concept", "beach={photos}/beach:background"], "at least one object concept.*beach \\(background\\)"),
-    ([], "at least one object concept.*no --concept"),
-    (["--concept", "dog"], 'Cannot read the concept "dog"'),
-    (["--concept", "dog={photos}/dog", "--concept", "dog={photos}/cat"], "concept is given twice. Seen: dog"),
-    (["--concept", "dog={photos}/wolf"], "concept \"dog\" photos path does not exist"),
-])
+@pytest.mark.parametrize(
+    "concepts, message",
+    [
+        (["--concept", "beach={photos}/beach:background"], "at least one object concept.*beach \\(background\\)"),
+        ([], "at least one object concept.*no --concept"),
+        (["--concept", "dog"], 'Cannot read the concept "dog"'),
+        (["--concept", "dog={photos}/dog", "--concept", "dog={photos}/cat"], "concept is given twice. Seen: dog"),
+        (["--concept", "dog={photos}/wolf"], 'concept "dog" photos path does not exist'),
+    ],
+)
 def test_bad_concepts_exit_2_before_loading_models(setup, tmp_path, capsys, concepts, message):
     import re
 
     root = setup["root"]
-    argv = ["--clip", str(tmp_path / "no_clip"), "--dino", str(tmp_path / "no_dino"),
-            "--generated", str(root / "generated"), "--prompt", PROMPT, "--device", "cpu",
-            *[c.format(photos=root / "photos") for c in concepts]]
+    argv = [
+        "--clip",
+        str(tmp_path / "no_clip"),
+        "--dino",
+        str(tmp_path / "no_dino"),
+        "--generated",
+        str(root / "generated"),
+        "--prompt",
+        PROMPT,
+        "--device",
+        "cpu",
+        *[c.format(photos=root / "photos") for c in concepts],
+    ]
     assert _load_script().main(argv) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
@@ -293,15 +371,17 @@ def test_prompt_count_mismatch_is_refused(setup, tmp_path, capsys):
 def test_concept_role_is_split_only_at_the_end():
     script = _load_script()
     assert script.parse_concept("beach=C:\\photos\\beach:background") == script.ConceptArgument(
-        "beach", Path("C:\\photos\\beach"), "background")
+        "beach", Path("C:\\photos\\beach"), "background"
+    )
     assert script.parse_concept("dog=/data/a:b/dog").role == "object"
     assert script.parse_concept("dog=/data/dog:object").folder == Path("/data/dog")
 
 
 def test_subprocess_error_exits_2(setup, tmp_path):
     args = _args(setup["root"], "--prompt", PROMPT) + ["--clip", str(tmp_path / "missing_clip")]
-    done = subprocess.run([sys.executable, "scripts/evaluate.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "error: The --clip model folder does not exist" in done.stderr
     assert "Traceback" not in done.stderr

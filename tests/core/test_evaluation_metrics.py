@@ -63,8 +63,9 @@ def test_concept_reference_is_the_renormalised_mean_of_normalised_features():
 
 def test_multi_concept_reference_is_averaged_without_renormalising():
     dog, cat = build_concept_reference(_features(3, 4)), build_concept_reference(_features(4, 6))
-    combined = combine_concept_references([ConceptReference("dog", "object", dog),
-                                           ConceptReference("cat", "object", cat)])
+    combined = combine_concept_references(
+        [ConceptReference("dog", "object", dog), ConceptReference("cat", "object", cat)]
+    )
     expected = (dog.numpy() + cat.numpy()) / 2
     np.testing.assert_allclose(combined.numpy(), expected, atol=1e-7)  # the same 2 float32 ops: ≤ 1 ulp at ≤ 1
     assert float(combined.norm()) < 0.99  # two different unit vectors: the mean is shorter, and stays so
@@ -88,8 +89,10 @@ def test_clip_t_pairs_each_image_with_its_own_prompt():
 def test_dino_score_uses_the_unrenormalised_average_and_skips_background():
     photos = {"dog": _features(9, 4), "cat": _features(10, 3), "beach": _features(11, 5)}
     generated = _features(12, 5)
-    concepts = [ConceptReference(name, "background" if name == "beach" else "object",
-                                 build_concept_reference(feats)) for name, feats in photos.items()]
+    concepts = [
+        ConceptReference(name, "background" if name == "beach" else "object", build_concept_reference(feats))
+        for name, feats in photos.items()
+    ]
     scores = dino_scores(generated, concepts)
 
     average = (_numpy_reference(photos["dog"].numpy()) + _numpy_reference(photos["cat"].numpy())) / 2
@@ -106,8 +109,9 @@ def test_dino_score_uses_the_unrenormalised_average_and_skips_background():
 def test_dino_score_of_one_concept_is_the_cosine():
     photos, generated = _features(13, 3), _features(14, 2)
     scores = dino_scores(generated, [ConceptReference("dog", "object", build_concept_reference(photos))])
-    np.testing.assert_allclose(scores.numpy(), _unit(generated.double().numpy()) @ _numpy_reference(photos.numpy()),
-                               atol=UNIT)
+    np.testing.assert_allclose(
+        scores.numpy(), _unit(generated.double().numpy()) @ _numpy_reference(photos.numpy()), atol=UNIT
+    )
 
 
 def test_image_that_is_the_reference_scores_one():
@@ -129,12 +133,15 @@ def test_unknown_role_is_refused():
         combine_concept_references([ConceptReference("dog", "subject", reference)])
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.zeros(0, 4), "non-empty \\(M, C\\)"),
-    (torch.ones(4), "non-empty \\(M, C\\)"),
-    (torch.tensor([[1.0, float("nan")]]), "NaN or infinite"),
-    (torch.tensor([[0.0, 0.0], [1.0, 0.0]]), "all zeros.*1 zero rows out of 2"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(0, 4), "non-empty \\(M, C\\)"),
+        (torch.ones(4), "non-empty \\(M, C\\)"),
+        (torch.tensor([[1.0, float("nan")]]), "NaN or infinite"),
+        (torch.tensor([[0.0, 0.0], [1.0, 0.0]]), "all zeros.*1 zero rows out of 2"),
+    ],
+)
 def test_bad_features_are_refused(bad, match):
     with pytest.raises(ConceptSplitError, match=match):
         normalize_features(bad)

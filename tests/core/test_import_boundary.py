@@ -6,8 +6,19 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"..", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "server",
-             "execution", "node_helpers", "latent_preview"}
+FORBIDDEN = {
+    "..",
+    "comfy",
+    "comfy_api",
+    "comfy_execution",
+    "comfy_extras",
+    "folder_paths",
+    "nodes",
+    "server",
+    "execution",
+    "node_helpers",
+    "latent_preview",
+}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -31,8 +42,9 @@ def test_core_imports_no_comfyui_module():
 
 def test_glue_imports_pack_modules_only_relatively():
     files = sorted((REPO / "nodes").rglob("*.py")) + [REPO / "__init__.py"]
-    offenders = {str(f.relative_to(REPO)): sorted(imported_roots(f) & {"conceptsplit_core", "comfy_harness"})
-                 for f in files}
+    offenders = {
+        str(f.relative_to(REPO)): sorted(imported_roots(f) & {"conceptsplit_core", "comfy_harness"}) for f in files
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 

@@ -25,7 +25,7 @@ def reference(q, k, start, n, t, mask=None, bias=None):
     logits = torch.einsum("bhnd,bhld->bhnl", q.double(), k.double()) / math.sqrt(q.shape[-1])
     if mask is not None:
         logits = logits + mask.double()
-    logits = logits[:, :, start:start + n]
+    logits = logits[:, :, start : start + n]
     if bias is not None:
         logits[..., :t] += bias.double()[:, None]
     return logits.softmax(-1)[..., :t]
@@ -33,8 +33,9 @@ def reference(q, k, start, n, t, mask=None, bias=None):
 
 def bound(q, k):
     b, h, length, d = q.shape
-    return float32_softmax_tolerance(q.transpose(1, 2).reshape(b, length, h * d),
-                                     k.transpose(1, 2).reshape(b, length, h * d), h)
+    return float32_softmax_tolerance(
+        q.transpose(1, 2).reshape(b, length, h * d), k.transpose(1, 2).reshape(b, length, h * d), h
+    )
 
 
 def test_probabilities_are_the_joint_softmax_sliced_to_image_rows_and_text_columns():
@@ -50,8 +51,9 @@ def test_mask_and_bias_enter_the_logits_of_their_rows_and_columns():
     mask = torch.randn(2, 1, 13, 13) * 0.5
     bias = torch.randn(2, 6, 4)
     probs = joint_text_probabilities(q, k, 4, 6, 4, mask=mask, bias=bias)
-    assert torch.allclose(probs.double(), reference(q, k, 4, 6, 4, mask, bias), rtol=0,
-                          atol=bound(q, k) + 4 * EPS32)  # + the float32 adds of mask and bias (≤ 1 ulp each, O(1))
+    assert torch.allclose(
+        probs.double(), reference(q, k, 4, 6, 4, mask, bias), rtol=0, atol=bound(q, k) + 4 * EPS32
+    )  # + the float32 adds of mask and bias (≤ 1 ulp each, O(1))
 
 
 def test_bias_mask_is_zero_outside_image_rows_and_text_columns_and_adds_to_an_existing_mask():
@@ -74,13 +76,20 @@ def test_flow_update_is_the_plain_gradient_step():
 
 
 def pieces_prompt(pieces, starts):
-    return PromptTokens(text=" ".join(p for p in pieces if p), token_ids=tuple(range(len(pieces))),
-                        word_starts=tuple(starts), window_length=len(pieces), pieces=tuple(pieces))
+    return PromptTokens(
+        text=" ".join(p for p in pieces if p),
+        token_ids=tuple(range(len(pieces))),
+        word_starts=tuple(starts),
+        window_length=len(pieces),
+        pieces=tuple(pieces),
+    )
 
 
 # T5 of "a hotdog, a Cat and a xylophonist": '▁','a','▁hot','dog',',','▁','a','▁Cat','▁and','▁','a','▁xylo','phon','ist'
-T5 = pieces_prompt(["", "a", "hot", "dog", ",", "", "a", "Cat", "and", "", "a", "xylo", "phon", "ist", ""],
-                   [True, True, True, False, False, True, True, True, True, True, True, True, False, False, False])
+T5 = pieces_prompt(
+    ["", "a", "hot", "dog", ",", "", "a", "Cat", "and", "", "a", "xylo", "phon", "ist", ""],
+    [True, True, True, False, False, True, True, True, True, True, True, True, False, False, False],
+)
 
 
 def test_words_are_found_by_their_pieces_case_insensitively_and_only_as_whole_words():

@@ -9,32 +9,60 @@ import torch
 from conceptsplit_core.attention_calls import AttentionCall
 from conceptsplit_core.attention_fixing import build_fixing_bias, build_fixing_masks
 from conceptsplit_core.errors import ConceptSplitError
-from conceptsplit_core.loda import (FixingBias, LodaConcepts, MapCollector, StepRecord, _TruncatedForward,
-                                    build_concept_masks, format_report, map_grid, run_truncated, select_map_layers)
+from conceptsplit_core.loda import (
+    FixingBias,
+    LodaConcepts,
+    MapCollector,
+    StepRecord,
+    _TruncatedForward,
+    build_concept_masks,
+    format_report,
+    map_grid,
+    run_truncated,
+    select_map_layers,
+)
 from conceptsplit_core.loda_config import LodaConfig
 from conceptsplit_core.model_layout import AttentionSite, ModelLayout
 from comfy_harness.tolerance import float32_tolerance
 
 # Full-size SD1/SD2 layout (integration §1.3): key, level. input 1,2 L0; 4,5 L1; 7,8 L2; middle L3; output 3,4,5 L2 ...
-SD2_LEVELS = ([(("input", i, 0), lv) for i, lv in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))]
-              + [(("middle", 0, 0), 3)]
-              + [(("output", i, 0), lv) for i, lv in ((3, 2), (4, 2), (5, 2), (6, 1), (7, 1), (8, 1), (9, 0),
-                                                      (10, 0), (11, 0))])
-SDXL_LEVELS = ([(("input", i, d), lv) for i, lv, depth in ((4, 1, 2), (5, 1, 2), (7, 2, 10), (8, 2, 10))
-                for d in range(depth)]
-               + [(("middle", 0, d), 2) for d in range(10)]
-               + [(("output", i, d), lv) for i, lv, depth in ((0, 2, 10), (1, 2, 10), (2, 2, 10), (3, 1, 2),
-                                                             (4, 1, 2), (5, 1, 2)) for d in range(depth)])
-TINY_LEVELS = [(("input", 1, 0), 0), (("input", 3, 0), 1), (("middle", 0, 0), 1), (("output", 0, 0), 1),
-               (("output", 1, 0), 1), (("output", 2, 0), 0), (("output", 3, 0), 0)]
+SD2_LEVELS = (
+    [(("input", i, 0), lv) for i, lv in ((1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2))]
+    + [(("middle", 0, 0), 3)]
+    + [(("output", i, 0), lv) for i, lv in ((3, 2), (4, 2), (5, 2), (6, 1), (7, 1), (8, 1), (9, 0), (10, 0), (11, 0))]
+)
+SDXL_LEVELS = (
+    [(("input", i, d), lv) for i, lv, depth in ((4, 1, 2), (5, 1, 2), (7, 2, 10), (8, 2, 10)) for d in range(depth)]
+    + [(("middle", 0, d), 2) for d in range(10)]
+    + [
+        (("output", i, d), lv)
+        for i, lv, depth in ((0, 2, 10), (1, 2, 10), (2, 2, 10), (3, 1, 2), (4, 1, 2), (5, 1, 2))
+        for d in range(depth)
+    ]
+)
+TINY_LEVELS = [
+    (("input", 1, 0), 0),
+    (("input", 3, 0), 1),
+    (("middle", 0, 0), 1),
+    (("output", 0, 0), 1),
+    (("output", 1, 0), 1),
+    (("output", 2, 0), 0),
+    (("output", 3, 0), 0),
+]
 
 
 def layout(levels, map_level: int, loss_where=lambda key: True) -> ModelLayout:
     """A layout with these (key, level) layers, the map layers at `map_level`, the loss on those `loss_where` allows
     (the UNet family's rules, written out: families/unet.py builds them from the model)."""
-    return ModelLayout("test", "eps", 8, tuple(
-        AttentionSite(key, level, 8, 8, map=level == map_level, loss=level == map_level and loss_where(key))
-        for key, level in levels))
+    return ModelLayout(
+        "test",
+        "eps",
+        8,
+        tuple(
+            AttentionSite(key, level, 8, 8, map=level == map_level, loss=level == map_level and loss_where(key))
+            for key, level in levels
+        ),
+    )
 
 
 SD2 = layout(SD2_LEVELS, 2)
@@ -45,8 +73,7 @@ TINY = layout(TINY_LEVELS, 1)  # a shallow UNet: its deepest down level
 def test_sd21_map_layers_at_768_are_input_7_8_and_output_3_4_5_at_24x24():
     layers = select_map_layers(SD2, (96, 96), "all")
     assert layers.grid == (24, 24)
-    assert layers.loss_keys == (("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0),
-                                ("output", 5, 0))
+    assert layers.loss_keys == (("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0), ("output", 5, 0))
     assert layers.mask_keys == layers.loss_keys and layers.fixing_keys is None
     assert select_map_layers(SD2, (96, 96), "map_level").fixing_keys == frozenset(layers.loss_keys)
 
@@ -80,9 +107,15 @@ def test_concepts_need_two_objects_and_repeat_columns_for_lcm_contexts():
 
 
 def _call(key, grid, heads, cond_or_uncond, per, context, sigma=1.0):
-    return AttentionCall(key=key, grid=grid, heads=heads, cond_or_uncond=cond_or_uncond,
-                         batch=per * len(cond_or_uncond), context_length=context,
-                         sigmas=torch.full((per,), sigma))
+    return AttentionCall(
+        key=key,
+        grid=grid,
+        heads=heads,
+        cond_or_uncond=cond_or_uncond,
+        batch=per * len(cond_or_uncond),
+        context_length=context,
+        sigmas=torch.full((per,), sigma),
+    )
 
 
 def test_collector_equals_numpy_mean_over_heads_and_layers_of_the_concept_columns():
@@ -106,8 +139,9 @@ def test_collector_equals_numpy_mean_over_heads_and_layers_of_the_concept_column
             ref.append(np.mean([r[h, :, s] + r[h, :, s + 8] for r in cond_rows for h in range(heads)], axis=0))
         # float32 both sides: sums of 2 layers × 2 heads × 2 copies of positive probabilities, then a mean; each side
         # within ~8 eps32 relative of the exact value
-        np.testing.assert_allclose(got[image].numpy(), np.stack(ref).reshape(2, 7, 7), rtol=float32_tolerance(1.0, 16),
-                                   atol=0)
+        np.testing.assert_allclose(
+            got[image].numpy(), np.stack(ref).reshape(2, 7, 7), rtol=float32_tolerance(1.0, 16), atol=0
+        )
 
 
 def test_collector_keeps_the_graph_and_truncates_after_the_last_key():
@@ -193,8 +227,10 @@ def test_masks_per_image_and_report():
     for image in range(2):
         assert torch.equal(masks[image], build_fixing_masks(maps[image], LodaConfig()))
     concepts = LodaConcepts(("dog", "cat", "bear"), (2, 5, 8), 77)
-    records = [StepRecord(0, 0, 0, 0.25, 0.75, 40.0, "updated"),
-               StepRecord(0, 1, 0, 0.1, 0.9, 40.0, "skipped: non-finite gradient")]
+    records = [
+        StepRecord(0, 0, 0, 0.25, 0.75, 40.0, "updated"),
+        StepRecord(0, 1, 0, 0.1, 0.9, 40.0, "skipped: non-finite gradient"),
+    ]
     text = format_report(records, concepts, 1, 4, masks, True)
     assert "HM 0.2500 loss 0.7500" in text and "1 update(s) skipped" in text and "fixing from step 1" in text
 
@@ -207,8 +243,16 @@ def test_other_positive_prompts_in_the_batch_are_neither_collected_nor_biased():
     concepts = LodaConcepts(("dog", "cat"), (2, 5), 8, ours)
     layers = select_map_layers(TINY, (14, 14), "all")  # 7×7 map level
     chunks = (ChunkPrompt(16, other), ChunkPrompt(8, ours), ChunkPrompt(16, None))  # other +, our +, negative
-    call = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=2, cond_or_uncond=(0, 0, 1), batch=3,
-                         context_length=16, sigmas=torch.ones(1), chunk_prompts=chunks)
+    call = AttentionCall(
+        key=layers.mask_keys[0],
+        grid=(7, 7),
+        heads=2,
+        cond_or_uncond=(0, 0, 1),
+        batch=3,
+        context_length=16,
+        sigmas=torch.ones(1),
+        chunk_prompts=chunks,
+    )
     assert concepts.chunks(call, (0, 1)) == ((1, 8), (2, 16))  # our chunk (LCM copies 8 apart), the negative
     probs = torch.rand(3, 2, 49, 16)  # (B, H, N, T)
     collector = MapCollector(concepts, layers)
@@ -226,14 +270,31 @@ def test_other_positive_prompts_in_the_batch_are_neither_collected_nor_biased():
     bias = fixer.attention_bias(call, q, q)  # (3, 49, 16)
     assert bias[0].abs().sum() == 0  # the other positive: untouched
     exact = dict(rtol=0, atol=0)  # the same constants placed by the same masks
-    torch.testing.assert_close(bias[1], build_fixing_bias(masks[0].flatten(1), [[2, 10], [5, 13]], 16, 5.0, -1e8),
-                               **exact)
+    torch.testing.assert_close(
+        bias[1], build_fixing_bias(masks[0].flatten(1), [[2, 10], [5, 13]], 16, 5.0, -1e8), **exact
+    )
     torch.testing.assert_close(bias[2], build_fixing_bias(masks[0].flatten(1), [[2], [5]], 16, 5.0, -1e8), **exact)
-    only_other = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=2, cond_or_uncond=(0,), batch=1,
-                               context_length=16, sigmas=torch.ones(1), chunk_prompts=chunks[:1])
+    only_other = AttentionCall(
+        key=layers.mask_keys[0],
+        grid=(7, 7),
+        heads=2,
+        cond_or_uncond=(0,),
+        batch=1,
+        context_length=16,
+        sigmas=torch.ones(1),
+        chunk_prompts=chunks[:1],
+    )
     assert fixer.attention_bias(only_other, q[:1], q[:1]) is None and not collector.needs_probabilities(only_other)
-    cropped = AttentionCall(key=layers.mask_keys[0], grid=(4, 7), heads=2, cond_or_uncond=(0,), batch=1,
-                            context_length=8, sigmas=torch.ones(1), chunk_prompts=chunks[1:2])
+    cropped = AttentionCall(
+        key=layers.mask_keys[0],
+        grid=(4, 7),
+        heads=2,
+        cond_or_uncond=(0,),
+        batch=1,
+        context_length=8,
+        sigmas=torch.ones(1),
+        chunk_prompts=chunks[1:2],
+    )
     collector.start(layers.mask_keys[:1], (0,), first_call=True)
     assert not collector.needs_probabilities(cropped)  # an area-cropped call is never the whole-image prompt's
     collector.after_attention(cropped)
@@ -247,8 +308,16 @@ def test_area_chunks_are_left_out_of_whole_image_maps_and_masks():
 
     ids = (1, 2, 3)
     chunks = (ChunkPrompt(3, ids, area=True), ChunkPrompt(3, ids), ChunkPrompt(3, None, area=True))
-    call = AttentionCall(key=("input", 1, 0), grid=(4, 4), heads=1, cond_or_uncond=(0, 0, 1), batch=3,
-                         context_length=3, sigmas=None, chunk_prompts=chunks)
+    call = AttentionCall(
+        key=("input", 1, 0),
+        grid=(4, 4),
+        heads=1,
+        cond_or_uncond=(0, 0, 1),
+        batch=3,
+        context_length=3,
+        sigmas=None,
+        chunk_prompts=chunks,
+    )
     assert call.prompt_chunks((0, 1), ids, 3) == ((1, 3),)
 
 
@@ -263,12 +332,21 @@ def test_a_negative_too_short_for_a_concept_token_is_neither_collected_nor_biase
     assert concepts.columns(154, 77) == [[2, 79], []]
     assert concepts.columns(154) == [[2], [80]]
     for position, length, total in ((2, 77, 154), (80, 154, 308), (5, 77, 231)):
-        assert list(range(total)[identifier_rows(position, length, total)]) == \
-            LodaConcepts(("a", "b"), (position, 1), length).columns(total)[0]
+        assert (
+            list(range(total)[identifier_rows(position, length, total)])
+            == LodaConcepts(("a", "b"), (position, 1), length).columns(total)[0]
+        )
     layers = select_map_layers(TINY, (14, 14), "all")
-    call = AttentionCall(key=layers.mask_keys[0], grid=(7, 7), heads=1, cond_or_uncond=(0, 1), batch=2,
-                         context_length=154, sigmas=torch.ones(1),
-                         chunk_prompts=(ChunkPrompt(154, None), ChunkPrompt(77, None)))
+    call = AttentionCall(
+        key=layers.mask_keys[0],
+        grid=(7, 7),
+        heads=1,
+        cond_or_uncond=(0, 1),
+        batch=2,
+        context_length=154,
+        sigmas=torch.ones(1),
+        chunk_prompts=(ChunkPrompt(154, None), ChunkPrompt(77, None)),
+    )
     assert concepts.chunks(call, (0, 1)) == ((0, 154),)  # the short negative is left out
     masks = torch.rand(1, 2, 7, 7) > 0.5
     fixer = FixingBias(concepts, masks, LodaConfig(), layers)
@@ -276,11 +354,13 @@ def test_a_negative_too_short_for_a_concept_token_is_neither_collected_nor_biase
     q = torch.zeros(2, 49, 8)
     bias = fixer.attention_bias(call, q, q)  # (2, 49, 154)
     assert bias[1].abs().sum() == 0  # no bias lands on the negative's token 3
-    torch.testing.assert_close(bias[0], build_fixing_bias(masks[0].flatten(1), [[2], [80]], 154, 5.0, -1e8), rtol=0,
-                               atol=0)  # the same constants placed by the same masks
+    torch.testing.assert_close(
+        bias[0], build_fixing_bias(masks[0].flatten(1), [[2], [80]], 154, 5.0, -1e8), rtol=0, atol=0
+    )  # the same constants placed by the same masks
     collector = MapCollector(concepts, layers)
     collector.start(layers.mask_keys[:1], (0, 1))
     probs = torch.rand(2, 1, 49, 154)
     collector.observe_probabilities(call, probs)
-    torch.testing.assert_close(collector.maps(), probs[0, 0][:, [2, 80]].T.reshape(1, 2, 7, 7), rtol=0,
-                               atol=0)  # one head, one call: the probabilities themselves
+    torch.testing.assert_close(
+        collector.maps(), probs[0, 0][:, [2, 80]].T.reshape(1, 2, 7, 7), rtol=0, atol=0
+    )  # one head, one call: the probabilities themselves

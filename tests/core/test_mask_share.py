@@ -7,7 +7,7 @@ import torch
 from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.map_metrics import check_share_masks, format_mask_share_report, mask_attention_share
 
-U32 = 2.0 ** -24  # float32 unit roundoff
+U32 = 2.0**-24  # float32 unit roundoff
 
 
 def _maps_and_masks(K=2, h=7, w=7, scale=16, seed=0):
@@ -48,12 +48,15 @@ def test_moving_attention_into_the_mask_raises_the_share():
     assert (after > before).all()  # a strict rise, by construction: Σ inside grows, Σ outside stays
 
 
-@pytest.mark.parametrize("masks, message", [
-    (torch.ones(3, 7, 7), r"Each word needs exactly one mask.*2 word\(s\) and masks of shape \(3, 7, 7\)"),
-    (torch.ones(2, 7), r"Each word needs exactly one mask"),
-    (torch.full((2, 7, 7), 2.0), r"The concept masks are not masks.*values from 2 to 2"),
-    (torch.full((2, 7, 7), float("nan")), r"The concept masks are not masks"),
-])
+@pytest.mark.parametrize(
+    "masks, message",
+    [
+        (torch.ones(3, 7, 7), r"Each word needs exactly one mask.*2 word\(s\) and masks of shape \(3, 7, 7\)"),
+        (torch.ones(2, 7), r"Each word needs exactly one mask"),
+        (torch.full((2, 7, 7), 2.0), r"The concept masks are not masks.*values from 2 to 2"),
+        (torch.full((2, 7, 7), float("nan")), r"The concept masks are not masks"),
+    ],
+)
 def test_bad_masks_raise_one_error(masks, message):
     maps, _, _ = _maps_and_masks()
     with pytest.raises(ConceptSplitError, match=message):

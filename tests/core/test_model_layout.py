@@ -14,13 +14,20 @@ from conceptsplit_core.prompt_tokens import PromptTokens
 
 # A joint-attention model: 3 "double" and 2 "single" blocks, every one at the patch grid (latent/2); its family puts
 # the maps on double 1, 2 and single 0 and the loss on the double ones.
-DIT = ModelLayout("madeup", "flow", 16, joint=True, display="Made-up DiT", layers=(
-    AttentionSite(("double", 0, 0), 1, 32, 16),
-    AttentionSite(("double", 1, 0), 1, 32, 16, map=True, loss=True),
-    AttentionSite(("double", 2, 0), 1, 32, 16, map=True, loss=True),
-    AttentionSite(("single", 0, 0), 1, 32, 16, map=True),
-    AttentionSite(("single", 1, 0), 1, 32, 16),
-))
+DIT = ModelLayout(
+    "madeup",
+    "flow",
+    16,
+    joint=True,
+    display="Made-up DiT",
+    layers=(
+        AttentionSite(("double", 0, 0), 1, 32, 16),
+        AttentionSite(("double", 1, 0), 1, 32, 16, map=True, loss=True),
+        AttentionSite(("double", 2, 0), 1, 32, 16, map=True, loss=True),
+        AttentionSite(("single", 0, 0), 1, 32, 16, map=True),
+        AttentionSite(("single", 1, 0), 1, 32, 16),
+    ),
+)
 
 
 def test_select_map_layers_reads_the_layout_flags_for_made_up_keys():

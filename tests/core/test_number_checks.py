@@ -12,8 +12,13 @@ import torch
 from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.loda_config import LodaConfig
 from conceptsplit_core.number_checks import check_number
-from conceptsplit_core.tova_lora import (CHECKPOINT_FORMAT, ToVALoraSet, TrainingState, load_training_checkpoint,
-                                         save_training_checkpoint)
+from conceptsplit_core.tova_lora import (
+    CHECKPOINT_FORMAT,
+    ToVALoraSet,
+    TrainingState,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from conceptsplit_core.training import CheckpointPlan, train_tova
 from conceptsplit_core.training_data import TrainConfig
 
@@ -24,8 +29,11 @@ NAN, INF = float("nan"), float("inf")
 def test_nan_and_inf_are_refused_although_they_pass_min_max_comparisons(value):
     if value != value:  # the premise of issue 11: NaN passes ComfyUI's `val < min` and `val > max` checks
         assert not (value < -4.0) and not (value > 4.0)
-    with pytest.raises(ConceptSplitError, match=r"strength is not a finite number.*Expected: a finite number from "
-                                                r"-4 to 4.*Fix: enter a value in that range"):
+    with pytest.raises(
+        ConceptSplitError,
+        match=r"strength is not a finite number.*Expected: a finite number from "
+        r"-4 to 4.*Fix: enter a value in that range",
+    ):
         check_number("Load ToVA Adapter input strength", value, -4.0, 4.0)
 
 
@@ -43,14 +51,15 @@ def test_integers_are_required_where_declared():
         with pytest.raises(ConceptSplitError, match="steps is not an integer"):
             check_number("steps", value, 1, 10000, integer=True)
     with pytest.raises(ConceptSplitError, match=r"out of range.*an integer from 1 to 18446744073709551615"):
-        check_number("seed", 0, 1, 0xffffffffffffffff, integer=True)
+        check_number("seed", 0, 1, 0xFFFFFFFFFFFFFFFF, integer=True)
     for value in ("0.5", None, [1.0], True):
         with pytest.raises(ConceptSplitError, match="alpha is not a number"):
             check_number("alpha", value, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("field", ["kl_threshold", "step_scale", "smoothing_sigma", "mask_percentile",
-                                   "mask_sigma", "boost", "suppression"])
+@pytest.mark.parametrize(
+    "field", ["kl_threshold", "step_scale", "smoothing_sigma", "mask_percentile", "mask_sigma", "boost", "suppression"]
+)
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_every_float_loda_setting_must_be_finite(field, value):
     with pytest.raises(ConceptSplitError, match=f"LODA setting {field} is not a finite number"):
@@ -80,8 +89,10 @@ def checkpoint(tmp_path, edit=None, record_edit=None):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    path = save_training_checkpoint(tmp_path / "run.tova-checkpoint", TrainingState(
-        2, lora.state_for_saving(), optimizer.state_dict(), loss_history=[0.5, 0.25]))
+    path = save_training_checkpoint(
+        tmp_path / "run.tova-checkpoint",
+        TrainingState(2, lora.state_for_saving(), optimizer.state_dict(), loss_history=[0.5, 0.25]),
+    )
     with safe_open_pt(path) as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = dict(handle.metadata())
@@ -109,20 +120,24 @@ def test_an_intact_checkpoint_loads(tmp_path):
 def _set(name, index, value):
     def edit(tensors):
         tensors[name].view(-1)[index] = value
+
     return edit
 
 
-@pytest.mark.parametrize("edit, record_edit, seen", [
-    (_set("lora.0.A", 3, NAN), None, "non-finite values in lora down.attn2.to_v A"),
-    (_set("optimizer.1.exp_avg", 0, INF), None, "non-finite values in optimizer state 1 exp_avg"),
-    (_set("optimizer.0.exp_avg_sq", 0, -1.0), None, "negative values in optimizer state 0 exp_avg_sq"),
-    (None, lambda r: r["param_groups"][0].__setitem__("lr", NAN), "optimizer setting lr = nan"),
-    (None, lambda r: r["param_groups"][0].__setitem__("betas", [0.9, INF]), r"optimizer setting betas"),
-    (None, lambda r: r.__setitem__("loss_history", [0.5, NAN]), "loss history holds nan"),
-    (None, lambda r: r.__setitem__("step", -1), "step -1"),
-    (None, lambda r: r.__setitem__("step", "two"), "ValueError"),
-    (lambda t: t.pop("lora.1.B"), None, "KeyError"),
-])
+@pytest.mark.parametrize(
+    "edit, record_edit, seen",
+    [
+        (_set("lora.0.A", 3, NAN), None, "non-finite values in lora down.attn2.to_v A"),
+        (_set("optimizer.1.exp_avg", 0, INF), None, "non-finite values in optimizer state 1 exp_avg"),
+        (_set("optimizer.0.exp_avg_sq", 0, -1.0), None, "negative values in optimizer state 0 exp_avg_sq"),
+        (None, lambda r: r["param_groups"][0].__setitem__("lr", NAN), "optimizer setting lr = nan"),
+        (None, lambda r: r["param_groups"][0].__setitem__("betas", [0.9, INF]), r"optimizer setting betas"),
+        (None, lambda r: r.__setitem__("loss_history", [0.5, NAN]), "loss history holds nan"),
+        (None, lambda r: r.__setitem__("step", -1), "step -1"),
+        (None, lambda r: r.__setitem__("step", "two"), "ValueError"),
+        (lambda t: t.pop("lora.1.B"), None, "KeyError"),
+    ],
+)
 def test_damaged_checkpoints_are_refused_before_resuming(tmp_path, edit, record_edit, seen):
     path = checkpoint(tmp_path, edit, record_edit)
     with pytest.raises(ConceptSplitError, match=f'checkpoint "run.tova-checkpoint" is damaged.*Seen: .*{seen}'):
@@ -145,13 +160,23 @@ def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):
     lora = ToVALoraSet(SHAPES, rank=2, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-4)
     record = {"word": "dog"}
-    path = save_training_checkpoint(tmp_path / "run.tova-checkpoint", TrainingState(
-        5, lora.state_for_saving(), optimizer.state_dict(), loss_history=[1.0] * 5, extra=record))
+    path = save_training_checkpoint(
+        tmp_path / "run.tova-checkpoint",
+        TrainingState(5, lora.state_for_saving(), optimizer.state_dict(), loss_history=[1.0] * 5, extra=record),
+    )
     data = TrainingData(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), (2,))
     schedule = NoiseSchedule(torch.linspace(0.03, 14.6, 1000), "eps", 1.0)
 
     def denoise(*_):
         raise AssertionError("no step may run")
+
     with pytest.raises(ConceptSplitError, match=r"past the end of this run.*step 5, steps = 3.*set steps to 5"):
-        train_tova(lora, data, schedule, denoise, TrainConfig(steps=3), run_record=record,
-                   checkpoint=CheckpointPlan(path, 0, True))
+        train_tova(
+            lora,
+            data,
+            schedule,
+            denoise,
+            TrainConfig(steps=3),
+            run_record=record,
+            checkpoint=CheckpointPlan(path, 0, True),
+        )

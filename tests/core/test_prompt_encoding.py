@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 
 from conceptsplit_core.attention_calls import ChunkPrompt, chunk_holds_prompt
-from conceptsplit_core.prompt_encoding import (ENCODING_ULPS, PromptEncoding, identify_conditionings,
-                                               rounding_eps, same_encoding)
+from conceptsplit_core.prompt_encoding import (
+    ENCODING_ULPS,
+    PromptEncoding,
+    identify_conditionings,
+    rounding_eps,
+    same_encoding,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS16 = torch.finfo(torch.float16).eps

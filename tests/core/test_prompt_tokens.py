@@ -9,8 +9,17 @@ from conceptsplit_core.prompt_tokens import IdentifierRequest, PromptTokens, loc
 
 SOT, EOT = 1000, 1001
 # A toy vocabulary: id -> (text, ends a word)
-VOCAB = {1: ("a", True), 2: ("dog", True), 3: ("cat", True), 4: ("and", True), 5: ("hot", False),
-         6: ("teddy", True), 7: ("bear", True), 8: (",", True), 9: ("dogs", True)}
+VOCAB = {
+    1: ("a", True),
+    2: ("dog", True),
+    3: ("cat", True),
+    4: ("and", True),
+    5: ("hot", False),
+    6: ("teddy", True),
+    7: ("bear", True),
+    8: (",", True),
+    9: ("dogs", True),
+}
 
 
 def prompt_of(*ids, windows=1):

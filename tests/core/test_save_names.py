@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conceptsplit_core.atomic_file import (atomic_write_bytes, name_max, safe_save_name, temp_file_name)
+from conceptsplit_core.atomic_file import atomic_write_bytes, name_max, safe_save_name, temp_file_name
 from conceptsplit_core.errors import ConceptSplitError
 
 CHECKPOINT = ".tova-checkpoint"  # nodes/training.py CHECKPOINT_SUFFIX, the training run's sibling file
@@ -16,22 +16,52 @@ CHECKPOINT_OVERHEAD = len("." + CHECKPOINT + "." + "x" * 8 + ".tmp")  # 30 bytes
 ADAPTER_OVERHEAD = len("." + ".safetensors" + "." + "x" * 8 + ".tmp")  # 26 bytes
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("my\ndog", "control character"), ("my\rdog", "control character"), ("tab\tname", "control character"),
-    ("del\x7f", "control character"), ("nel\x85", "control character"), ("line\u2028sep", "control character"),
-    ("nul\x00byte", "control character"), ("dog\u202egnp", "text-direction"), ("a\ud800", "surrogate"),
-    (".dog", "starts with a dot"), (".safetensors", "starts with a dot"), ("dog.", "ends with a dot"),
-    ("dog ", "starts or ends with a space"), (" dog", "starts or ends with a space"),
-    ("con", "device name"), ("PRN", "device name"), ("aux", "device name"), ("nul", "device name"),
-    ("Com1", "device name"), ("com9", "device name"), ("lpt1", "device name"), ("LPT9", "device name"),
-    ("con.txt", "device name"), ("nul.tar.gz", "device name"), ("com1.safetensors", "device name"),
-    ("aux .x", "device name"), ("com\u00b9", "device name"),
-    ("a<b", "Windows does not allow"), ("a>b", "Windows does not allow"), ("a:b", "Windows does not allow"),
-    ('a"b', "Windows does not allow"), ("a|b", "Windows does not allow"), ("a?b", "Windows does not allow"),
-    ("a*b", "Windows does not allow"),
-    ("../x", "path separator"), ("a/b", "path separator"), ("a\\b", "path separator"), ("/abs", "absolute"),
-    ("..", "'..'"), ("", "empty"), ("   ", "empty"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("my\ndog", "control character"),
+        ("my\rdog", "control character"),
+        ("tab\tname", "control character"),
+        ("del\x7f", "control character"),
+        ("nel\x85", "control character"),
+        ("line\u2028sep", "control character"),
+        ("nul\x00byte", "control character"),
+        ("dog\u202egnp", "text-direction"),
+        ("a\ud800", "surrogate"),
+        (".dog", "starts with a dot"),
+        (".safetensors", "starts with a dot"),
+        ("dog.", "ends with a dot"),
+        ("dog ", "starts or ends with a space"),
+        (" dog", "starts or ends with a space"),
+        ("con", "device name"),
+        ("PRN", "device name"),
+        ("aux", "device name"),
+        ("nul", "device name"),
+        ("Com1", "device name"),
+        ("com9", "device name"),
+        ("lpt1", "device name"),
+        ("LPT9", "device name"),
+        ("con.txt", "device name"),
+        ("nul.tar.gz", "device name"),
+        ("com1.safetensors", "device name"),
+        ("aux .x", "device name"),
+        ("com\u00b9", "device name"),
+        ("a<b", "Windows does not allow"),
+        ("a>b", "Windows does not allow"),
+        ("a:b", "Windows does not allow"),
+        ('a"b', "Windows does not allow"),
+        ("a|b", "Windows does not allow"),
+        ("a?b", "Windows does not allow"),
+        ("a*b", "Windows does not allow"),
+        ("../x", "path separator"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        ("/abs", "absolute"),
+        ("..", "'..'"),
+        ("", "empty"),
+        ("   ", "empty"),
+    ],
+)
 def test_odd_names_are_refused_with_the_rule_they_break(tmp_path, name, reason):
     with pytest.raises(ConceptSplitError, match="not allowed") as info:
         safe_save_name(tmp_path, name, sibling_suffixes=(CHECKPOINT,))
@@ -42,8 +72,25 @@ def test_odd_names_are_refused_with_the_rule_they_break(tmp_path, name, reason):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["dog", "my dog v2", "dog.v2", "console", "com10", "comma", "lpt", "null",
-                                  "con_dog", "auxiliary.x", "née-1", "狗", "(dog) [2]", "dog.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dog",
+        "my dog v2",
+        "dog.v2",
+        "console",
+        "com10",
+        "comma",
+        "lpt",
+        "null",
+        "con_dog",
+        "auxiliary.x",
+        "née-1",
+        "狗",
+        "(dog) [2]",
+        "dog.safetensors",
+    ],
+)
 def test_ordinary_names_pass(tmp_path, name):
     path = safe_save_name(tmp_path, name, sibling_suffixes=(CHECKPOINT,))
     assert path.parent == tmp_path.resolve() and path.name.endswith(".safetensors")

@@ -15,15 +15,16 @@ def merged_reference(context, weight, lora_a, lora_b, scale):
     (D terms), then (c·Aᵀ)·Bᵀ (D, then R terms), scaled and added, each term bounded by |c||W| + λ|c||A||B|."""
     merged = weight.double() + scale * lora_b.double() @ lora_a.double()  # (C, d)
     reference = torch.nn.functional.linear(context.double(), merged)  # (B, T, C)
-    magnitude = (torch.nn.functional.linear(context.abs(), weight.abs())
-                 + scale * torch.nn.functional.linear(context.abs() @ lora_a.abs().T, lora_b.abs()))  # (B, T, C)
+    magnitude = torch.nn.functional.linear(context.abs(), weight.abs()) + scale * torch.nn.functional.linear(
+        context.abs() @ lora_a.abs().T, lora_b.abs()
+    )  # (B, T, C)
     return reference, float32_tolerance(magnitude, D + R + 3)
 
 
 def setup(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     context = torch.randn(B, T, D, generator=g)  # (B, T, d)
-    weight = torch.randn(C, D, generator=g) / D ** 0.5  # W_v (C, d)
+    weight = torch.randn(C, D, generator=g) / D**0.5  # W_v (C, d)
     lora_a, lora_b = torch.randn(R, D, generator=g), torch.randn(C, R, generator=g)
     value = torch.nn.functional.linear(context, weight).to(dtype)  # (B, T, C)
     return context, weight, lora_a, lora_b, value
@@ -50,8 +51,10 @@ def test_two_concepts_write_their_own_rows_only():
     rows = torch.ones(B, dtype=torch.bool)
     out = apply_token_value_delta(value, context, TokenDelta(lora_a, lora_b, 1.0, 2, 77), rows)
     out = apply_token_value_delta(out, context, TokenDelta(a2, b2, 1.0, 5, 77), rows)
-    (ref2, tolerance2), (ref5, tolerance5) = (merged_reference(context, weight, lora_a, lora_b, 1.0),
-                                              merged_reference(context, weight, a2, b2, 1.0))
+    (ref2, tolerance2), (ref5, tolerance5) = (
+        merged_reference(context, weight, lora_a, lora_b, 1.0),
+        merged_reference(context, weight, a2, b2, 1.0),
+    )
     assert (out[:, 2].double() - ref2[:, 2]).abs().max() <= tolerance2
     assert (out[:, 5].double() - ref5[:, 5]).abs().max() <= tolerance5
     others = [t for t in range(T) if t not in (2, 5)]
@@ -84,8 +87,9 @@ def test_repeated_context_gets_the_delta_at_every_copy():
     diff = (out - value).abs().amax(dim=(0, 2))  # (T,)
     assert set(torch.nonzero(diff).flatten().tolist()) == {4, 81}
     # explicit rows: only the first copy (a 154-token conditioning of its own)
-    out = apply_token_value_delta(value, context, TokenDelta(lora_a, lora_b, 1.0, 4, 77), torch.ones(2, dtype=bool),
-                                  slice(4, 154, 154))
+    out = apply_token_value_delta(
+        value, context, TokenDelta(lora_a, lora_b, 1.0, 4, 77), torch.ones(2, dtype=bool), slice(4, 154, 154)
+    )
     assert set(torch.nonzero((out - value).abs().amax(dim=(0, 2))).flatten().tolist()) == {4}
 
 

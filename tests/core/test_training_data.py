@@ -205,8 +205,9 @@ def test_preprocess_random_crop_uses_generator_offsets():
     resized = F.interpolate(
         image.permute(2, 0, 1)[None], size=(40, 24), mode="bilinear", align_corners=False, antialias=True
     )
-    torch.testing.assert_close(out[0], resized[0, :, top : top + 24, left : left + 24] * 2 - 1, rtol=0,
-                               atol=1e-6)  # as above
+    torch.testing.assert_close(
+        out[0], resized[0, :, top : top + 24, left : left + 24] * 2 - 1, rtol=0, atol=1e-6
+    )  # as above
 
 
 def test_preprocess_mixed_sizes_range_and_determinism():
@@ -289,14 +290,20 @@ def test_crop_views_draw_k_seeded_crops_per_image_and_keep_each_distinct_one_onc
     assert views.n_images == 2 and len(views.choices[0]) == len(views.choices[1]) == 4
     assert views.offsets[1] == ((0, 0),) and views.choices[1] == (0, 0, 0, 0)  # a square image has one crop
     assert len(views.offsets[0]) > 1  # the wide one (32×80 after resizing) gets several
-    resized = F.interpolate(wide.permute(2, 0, 1)[None], size=(32, 80), mode="bilinear", align_corners=False,
-                            antialias=True)[0] * 2 - 1  # (3, 32, 80), the documented pipeline
+    resized = (
+        F.interpolate(wide.permute(2, 0, 1)[None], size=(32, 80), mode="bilinear", align_corners=False, antialias=True)[
+            0
+        ]
+        * 2
+        - 1
+    )  # (3, 32, 80), the documented pipeline
     crops = views.crops(0)  # (v, 3, 32, 32)
     for crop, (top, left) in zip(crops, views.offsets[0]):
         assert top == 0 and 0 <= left <= 48
-        assert torch.allclose(crop, resized[:, :, left:left + 32].clamp(-1, 1), atol=1e-6, rtol=0)  # the same ops
-    assert [views.offsets[0][c] for c in views.choices[0]] == [views.offsets[0][c] for c in
-                                                               crop_views([wide, square], 32, 4, 7).choices[0]]
+        assert torch.allclose(crop, resized[:, :, left : left + 32].clamp(-1, 1), atol=1e-6, rtol=0)  # the same ops
+    assert [views.offsets[0][c] for c in views.choices[0]] == [
+        views.offsets[0][c] for c in crop_views([wide, square], 32, 4, 7).choices[0]
+    ]
     assert crop_views([wide], 32, 4, seed=8).offsets != views.offsets[:1]  # another seed, other crops
     with pytest.raises(ConceptSplitError, match="No training images"):
         crop_views([], 32, 4, 0)

@@ -64,8 +64,12 @@ def test_loss_equals_v_mse_of_the_raw_output():
 def make_view_data():
     """Two images, five encoded crops: image 0 owns rows 0-2, image 1 rows 3-4; four crop draws each."""
     g = torch.Generator().manual_seed(3)
-    return core.TrainingData(torch.randn(5, 4, 2, 2, generator=g), torch.full((5, 4, 2, 2), 0.1), (5, 3),
-                             view_rows=((0, 1, 0, 2), (3, 4, 4, 3)))
+    return core.TrainingData(
+        torch.randn(5, 4, 2, 2, generator=g),
+        torch.full((5, 4, 2, 2), 0.1),
+        (5, 3),
+        view_rows=((0, 1, 0, 2), (3, 4, 4, 3)),
+    )
 
 
 def test_each_step_takes_one_of_its_images_crops_by_seed_and_step():
@@ -84,8 +88,16 @@ def _run(tmp_path, steps, name="run", resume=False, model=None, every=2, on_step
     lora = ToVALoraSet(SHAPES, 2, generator=torch.Generator().manual_seed(0))
     plan = core.CheckpointPlan(tmp_path / f"{name}.ckpt", every, resume)
     config = TrainConfig(steps=steps, learning_rate=1e-2, rank=2)
-    result = core.train_tova(lora, make_view_data(), core.NoiseSchedule(SIGMAS, "v"), model or FakeVModel(), config,
-                             run_record={"steps": steps, "word": "dog"}, checkpoint=plan, on_step=on_step)
+    result = core.train_tova(
+        lora,
+        make_view_data(),
+        core.NoiseSchedule(SIGMAS, "v"),
+        model or FakeVModel(),
+        config,
+        run_record={"steps": steps, "word": "dog"},
+        checkpoint=plan,
+        on_step=on_step,
+    )
     return lora, result
 
 

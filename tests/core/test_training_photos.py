@@ -11,8 +11,14 @@ import torch
 from PIL import Image
 
 from conceptsplit_core.errors import ConceptSplitError
-from conceptsplit_core.training_photos import (folder_fingerprint, load_photos, load_square_photos, photo_files,
-                                               read_photo, resolve_photo_folder)
+from conceptsplit_core.training_photos import (
+    folder_fingerprint,
+    load_photos,
+    load_square_photos,
+    photo_files,
+    read_photo,
+    resolve_photo_folder,
+)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 # Bilinear weights sum to 1 in float32, so a pixel whose whole filter support has one value comes back equal to it
@@ -38,8 +44,13 @@ def test_photos_of_any_size_and_mode_become_one_square_batch_in_name_order(tmp_p
     Image.new("RGB", (8, 8)).save(tmp_path / ".hidden.png")  # hidden files (macOS ._ copies) are skipped
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "nested.png")  # sub-folders are not read
-    assert [p.name for p in photo_files(tmp_path)] == ["a_wide_large.jpg", "b_wide.png", "c_alpha.png",
-                                                       "d_palette.png", "e_16bit.png"]
+    assert [p.name for p in photo_files(tmp_path)] == [
+        "a_wide_large.jpg",
+        "b_wide.png",
+        "c_alpha.png",
+        "d_palette.png",
+        "e_16bit.png",
+    ]
     batch = load_square_photos(tmp_path, 32)
     assert batch.shape == (5, 32, 32, 3) and batch.dtype == torch.float32
     green = torch.tensor([0.0, 1.0, 0.0])
@@ -84,8 +95,9 @@ def test_a_damaged_photo_is_named(tmp_path, damage):
     Image.new("RGB", (64, 64), GREEN).save(tmp_path / "good.png")
     stripes(300, 300).save(tmp_path / "bad.jpg")
     data = (tmp_path / "bad.jpg").read_bytes()
-    (tmp_path / "bad.jpg").write_bytes({"garbage": b"not an image at all", "truncated": data[: len(data) // 3],
-                                        "empty": b""}[damage])
+    (tmp_path / "bad.jpg").write_bytes(
+        {"garbage": b"not an image at all", "truncated": data[: len(data) // 3], "empty": b""}[damage]
+    )
     with pytest.raises(ConceptSplitError, match='The photo "bad.jpg" cannot be read') as info:
         load_square_photos(tmp_path, 32)
     assert "Seen:" in str(info.value) and "re-export or remove it" in str(info.value)

@@ -66,8 +66,19 @@ def tova_folder(pack, tmp_path):
     folder_paths.filename_list_cache.clear()
 
 
-def sample(model, clip, positive_text="a dog and a cat", negative_text="", seed=0, steps=3, cfg=7.0, batch=1,
-           positive=None, sampler="euler", size=64):
+def sample(
+    model,
+    clip,
+    positive_text="a dog and a cat",
+    negative_text="",
+    seed=0,
+    steps=3,
+    cfg=7.0,
+    batch=1,
+    positive=None,
+    sampler="euler",
+    size=64,
+):
     """KSampler exactly as the node runs it, under inference mode like ComfyUI's executor. Returns (B, 4, h, w)."""
     import nodes
 
@@ -77,4 +88,5 @@ def sample(model, clip, positive_text="a dog and a cat", negative_text="", seed=
         negative = nodes.CLIPTextEncode().encode(clip, negative_text)[0]
         latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
         return nodes.common_ksampler(model, seed, steps, cfg, sampler, "normal", positive, negative, latent)[0][
-            "samples"].clone()
+            "samples"
+        ].clone()

@@ -20,9 +20,22 @@ from comfy_harness.tolerance import float32_tolerance
 
 PROMPT = "a dog and a cat"  # dog = token 2, cat = token 5
 SIZE = 112  # 14×14 latent, 7×7 LODA maps in the tiny models
-SETTINGS = dict(loda_steps=1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
-                smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
-                suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+SETTINGS = dict(
+    loda_steps=1,
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 @pytest.fixture
@@ -71,9 +84,24 @@ def loda_sample(pack, model, clip, positive, seed=0, steps=3, size=SIZE, batch=1
     with torch.inference_mode():
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
-        return pack.glue("loda_nodes").LodaSampler.execute(model, seed, steps, 7.0, "euler", "normal", positive,
-                                                           negative, latent, 1.0, "dog, cat",
-                                                           **dict(SETTINGS, **overrides)).result
+        return (
+            pack.glue("loda_nodes")
+            .LodaSampler.execute(
+                model,
+                seed,
+                steps,
+                7.0,
+                "euler",
+                "normal",
+                positive,
+                negative,
+                latent,
+                1.0,
+                "dog, cat",
+                **dict(SETTINGS, **overrides),
+            )
+            .result
+        )
 
 
 class Spy:
@@ -95,8 +123,12 @@ class Spy:
 
         def recorder(path):
             def hook(module, args, output):
-                call["layers"][path] = (args[0].detach().clone(), output.detach().clone(),
-                                        module.forward(args[0]).detach().clone())
+                call["layers"][path] = (
+                    args[0].detach().clone(),
+                    output.detach().clone(),
+                    module.forward(args[0]).detach().clone(),
+                )
+
             return hook
 
         handles = [unet.get_submodule(path).register_forward_hook(recorder(path)) for path in self.paths]
@@ -121,8 +153,7 @@ def reference_residual(module, x, delta):
     if isinstance(module, torch.nn.Conv2d):
         args = (None, module.stride, module.padding, module.dilation, module.groups)
         weight = module.weight.detach().double()
-        return (F.conv2d(x.double(), delta, *args),
-                F.conv2d(x.double().abs(), weight.abs() + delta.abs(), *args))
+        return (F.conv2d(x.double(), delta, *args), F.conv2d(x.double().abs(), weight.abs() + delta.abs(), *args))
     weight = module.weight.detach().double()
     return x.double() @ delta.T, x.double().abs() @ (weight.abs() + delta.abs()).T
 
@@ -146,7 +177,7 @@ def _max(values) -> float:
 
 def assert_layer(module, x, output, base, regions, deltas, strengths, kind_mask):
     """regions: (B, J, N) bool per concept (image or token rows). deltas: per concept ΔW (float64) or None."""
-    changed = (output != base)
+    changed = output != base
     changed = changed.any(-1) if output.dim() == 3 else changed.any(1).flatten(1)  # (B, N)
     allowed = torch.zeros_like(changed)
     for j, delta in enumerate(deltas):
@@ -164,7 +195,7 @@ def assert_layer(module, x, output, base, regions, deltas, strengths, kind_mask)
         # subtraction W + ΔW − W (one rounding of |W|), and the final add to the base output (|base|): each term
         # and partial sum rounds by ≤ eps32 relative (comfy_harness/tolerance.py)
         tol = float32_tolerance(terms.max() + base.abs().max(), inner + 4)
-        got = (output.double() - base.double())
+        got = output.double() - base.double()
         error = (got - reference).abs()
         error = error.amax(-1) if output.dim() == 3 else error.amax(1).flatten(1)
         size = positions_of(reference)
@@ -191,10 +222,10 @@ def run_two_bound(pack, arch, kinds, folder, strengths=(1.0, 0.7)):
     return model, clip, positive, patched, spy, deltas, result, info
 
 
-@pytest.mark.parametrize("arch,kinds", [("sd15", ("lora", "lora")), ("sdxl", ("loha", "lokr")),
-                                        ("sd21", ("lora", "loha"))])
-def test_each_bound_lora_acts_only_in_its_region_and_equals_the_hand_computed_residual(pack, loras_folder, arch,
-                                                                                       kinds):
+@pytest.mark.parametrize(
+    "arch,kinds", [("sd15", ("lora", "lora")), ("sdxl", ("loha", "lokr")), ("sd21", ("lora", "loha"))]
+)
+def test_each_bound_lora_acts_only_in_its_region_and_equals_the_hand_computed_residual(pack, loras_folder, arch, kinds):
     model, clip, positive, patched, spy, deltas, result, info = run_two_bound(pack, arch, kinds, loras_folder)
     strengths = (1.0, 0.7)
     assert spy.records, "no stage-2 model call was recorded"
@@ -213,11 +244,14 @@ def test_each_bound_lora_acts_only_in_its_region_and_equals_the_hand_computed_re
                 for index, branch in enumerate(call["branches"]):
                     if branch == 0:
                         for j, position in enumerate((2, 5)):
-                            rows[index * per:(index + 1) * per, j, position::77] = True
+                            rows[index * per : (index + 1) * per, j, position::77] = True
                 regions, kind = rows, "text"
             else:
-                grid = tuple(output.shape[-2:]) if output.dim() == 4 else next(
-                    (h, w) for h, w in ((14, 14), (7, 7)) if h * w == output.shape[1])
+                grid = (
+                    tuple(output.shape[-2:])
+                    if output.dim() == 4
+                    else next((h, w) for h, w in ((14, 14), (7, 7)) if h * w == output.shape[1])
+                )
                 regions, kind = exclusive_layer_masks(masks, grid, batch), "image"
             acted[kind] += assert_layer(module, x, output, base, regions, layer_deltas, strengths, f"{arch} {path}")
     assert acted["image"] > 0 and acted["text"] > 0
@@ -232,8 +266,9 @@ def test_shared_model_is_bit_identical_after_a_bound_run_and_no_hook_stays(pack,
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     options_before = repr(model.model_options)
     plain = loda_sample(pack, model, clip, positive)[0]["samples"]
-    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)]),
-                       positive)
+    patched, _ = apply(
+        pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)]), positive
+    )
     bound = loda_sample(pack, patched, clip, positive)[0]["samples"]
     assert not torch.equal(bound, plain)
     after = model.model.state_dict()
@@ -261,8 +296,9 @@ def test_same_inputs_give_the_same_masks_and_latents_after_another_seed_and_size
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
     write_tiny_lora(loras_folder / "cat.safetensors", model, seed=2)
     positive = encode(pack, clip)
-    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)]),
-                       positive)
+    patched, _ = apply(
+        pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)]), positive
+    )
     first = loda_sample(pack, patched, clip, positive)
     loda_sample(pack, patched, clip, positive, seed=5, size=128)
     second = loda_sample(pack, patched, clip, positive)
@@ -295,19 +331,27 @@ def _write_garbage(path):
 def _write_other_model(path):
     from safetensors.torch import save_file
 
-    save_file({"lora_unet_some_block_that_is_not_here.lora_down.weight": torch.zeros(4, 8),
-               "lora_unet_some_block_that_is_not_here.lora_up.weight": torch.zeros(8, 4)}, str(path))
+    save_file(
+        {
+            "lora_unet_some_block_that_is_not_here.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_some_block_that_is_not_here.lora_up.weight": torch.zeros(8, 4),
+        },
+        str(path),
+    )
 
 
-@pytest.mark.parametrize("case,message", [
-    ("word not in prompt", "not in the prompt|not found|does not appear"),
-    ("bound twice", "bound twice"),
-    ("no key matches", "matches no layer"),
-    ("wrong shapes", "does not fit"),
-    ("corrupt file", "cannot be read"),
-    ("nan strength", "strength"),
-    ("plain positive", "no token record"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("word not in prompt", "not in the prompt|not found|does not appear"),
+        ("bound twice", "bound twice"),
+        ("no key matches", "matches no layer"),
+        ("wrong shapes", "does not fit"),
+        ("corrupt file", "cannot be read"),
+        ("nan strength", "strength"),
+        ("plain positive", "no token record"),
+    ],
+)
 def test_bad_input_is_refused_before_sampling(pack, loras_folder, case, message):
     import nodes
 
@@ -378,8 +422,11 @@ def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists(pack, loras_fol
         assert all(layer.residual.bypass == has_bypass for layer in wrappers[0].layers), kind
 
 
-@pytest.mark.parametrize("overrides", [dict(loda_steps=0, boost=0.0, suppression=0.0), dict(loda_steps=3)],
-                         ids=["stage 1 and fixing off", "no stage 2"])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(loda_steps=0, boost=0.0, suppression=0.0), dict(loda_steps=3)],
+    ids=["stage 1 and fixing off", "no stage 2"],
+)
 def test_a_loda_run_that_never_makes_masks_is_refused_with_bound_loras(pack, loras_folder, overrides):
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)

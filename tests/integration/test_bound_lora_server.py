@@ -14,9 +14,22 @@ from comfy_harness.tiny_models import build_tiny_model
 ARCHS = ("sd15", "sdxl")
 PROMPT = "a dog and a cat"
 SIZE = 112
-SETTINGS = dict(loda_steps=1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
-                smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
-                suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+SETTINGS = dict(
+    loda_steps=1,
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,37 +63,84 @@ def graph(arch: str, dog: str | None = None, tova: bool = False) -> dict:
         "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 2}},
-        "20": {"class_type": "ConceptSplitBindLora", "inputs": {
-            "lora_name": dog or f"{arch}_dog.safetensors", "concept_word": "dog", "strength": 1.0}},
-        "21": {"class_type": "ConceptSplitBindLora", "inputs": {
-            "lora_name": f"{arch}_cat.safetensors", "concept_word": "cat", "strength": 0.8,
-            "bound_loras": ["20", 0]}},
+        "20": {
+            "class_type": "ConceptSplitBindLora",
+            "inputs": {"lora_name": dog or f"{arch}_dog.safetensors", "concept_word": "dog", "strength": 1.0},
+        },
+        "21": {
+            "class_type": "ConceptSplitBindLora",
+            "inputs": {
+                "lora_name": f"{arch}_cat.safetensors",
+                "concept_word": "cat",
+                "strength": 0.8,
+                "bound_loras": ["20", 0],
+            },
+        },
     }
     model, positive = ["1", 0], ["2", 0]
     if tova:  # the dog is a ToVA adapter too; the model chain: ToVA first, then the bound LoRAs
-        g["22"] = {"class_type": "ConceptSplitLoadAdapter", "inputs": {
-            "adapter_name": "sd15_tova_dog.safetensors", "identifier_word": "", "strength": 1.0, "role": "from file"}}
-        g["23"] = {"class_type": "ConceptSplitApplyToVA", "inputs": {
-            "model": ["1", 0], "adapters": ["22", 0], "clip": ["1", 1], "text": PROMPT}}
+        g["22"] = {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {
+                "adapter_name": "sd15_tova_dog.safetensors",
+                "identifier_word": "",
+                "strength": 1.0,
+                "role": "from file",
+            },
+        }
+        g["23"] = {
+            "class_type": "ConceptSplitApplyToVA",
+            "inputs": {"model": ["1", 0], "adapters": ["22", 0], "clip": ["1", 1], "text": PROMPT},
+        }
         model, positive = ["23", 0], ["23", 1]
-    g["24"] = {"class_type": "ConceptSplitApplyBoundLoras", "inputs": {
-        "model": model, "bound_loras": ["21", 0], "positive": positive}}
-    g["5"] = {"class_type": "ConceptSplitLodaSampler", "inputs": {
-        "model": ["24", 0], "seed": 0, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-        "positive": positive, "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
-        "concept_words": "dog, cat", **SETTINGS}}
+    g["24"] = {
+        "class_type": "ConceptSplitApplyBoundLoras",
+        "inputs": {"model": model, "bound_loras": ["21", 0], "positive": positive},
+    }
+    g["5"] = {
+        "class_type": "ConceptSplitLodaSampler",
+        "inputs": {
+            "model": ["24", 0],
+            "seed": 0,
+            "steps": 3,
+            "cfg": 7.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "positive": positive,
+            "negative": ["3", 0],
+            "latent_image": ["4", 0],
+            "denoise": 1.0,
+            "concept_words": "dog, cat",
+            **SETTINGS,
+        },
+    }
     g["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
     g["7"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
     g["8"] = {"class_type": "MaskToImage", "inputs": {"mask": ["5", 1]}}
     g["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
     g["10"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}}
-    g["11"] = {"class_type": "ConceptSplitLoda", "inputs": {"sampler": ["10", 0], "concept_words": "dog, cat",
-                                                           **SETTINGS}}
-    g["12"] = {"class_type": "BasicScheduler", "inputs": {"model": ["24", 0], "scheduler": "normal", "steps": 3,
-                                                          "denoise": 1.0}}
-    g["13"] = {"class_type": "SamplerCustom", "inputs": {
-        "model": ["24", 0], "add_noise": True, "noise_seed": 0, "cfg": 7.0, "positive": positive,
-        "negative": ["3", 0], "sampler": ["11", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}}
+    g["11"] = {
+        "class_type": "ConceptSplitLoda",
+        "inputs": {"sampler": ["10", 0], "concept_words": "dog, cat", **SETTINGS},
+    }
+    g["12"] = {
+        "class_type": "BasicScheduler",
+        "inputs": {"model": ["24", 0], "scheduler": "normal", "steps": 3, "denoise": 1.0},
+    }
+    g["13"] = {
+        "class_type": "SamplerCustom",
+        "inputs": {
+            "model": ["24", 0],
+            "add_noise": True,
+            "noise_seed": 0,
+            "cfg": 7.0,
+            "positive": positive,
+            "negative": ["3", 0],
+            "sampler": ["11", 0],
+            "sigmas": ["12", 0],
+            "latent_image": ["4", 0],
+        },
+    }
     g["17"] = {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["1", 2]}}
     g["18"] = {"class_type": "PreviewImage", "inputs": {"images": ["17", 0]}}
     return g

@@ -38,10 +38,17 @@ FRONTEND_ONLY_INPUTS = {"PreviewAny": {"preview"}}
 
 def without_meta(prompt: dict) -> dict:
     """The queued prompt without `_meta` and without the frontend-only inputs above."""
-    return {nid: {"class_type": node["class_type"],
-                  "inputs": {name: value for name, value in node["inputs"].items()
-                             if name not in FRONTEND_ONLY_INPUTS.get(node["class_type"], ())}}
-            for nid, node in prompt.items()}
+    return {
+        nid: {
+            "class_type": node["class_type"],
+            "inputs": {
+                name: value
+                for name, value in node["inputs"].items()
+                if name not in FRONTEND_ONLY_INPUTS.get(node["class_type"], ())
+            },
+        }
+        for nid, node in prompt.items()
+    }
 
 
 @pytest.fixture(scope="module")

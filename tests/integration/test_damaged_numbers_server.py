@@ -16,29 +16,64 @@ from comfy_harness.tiny_models import build_tiny_model
 
 PROMPT = "a photo of a dog and a cat"
 NAN = float("nan")
-LODA_SETTINGS = dict(concept_words="dog, cat", loda_steps=1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0,
-                     step_schedule="linear", smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9,
-                     mask_sigma=1.5, boost=5.0, suppression=-1e8, fixing_layers="all", fixing_branches="both",
-                     mask_source="cond")
+LODA_SETTINGS = dict(
+    concept_words="dog, cat",
+    loda_steps=1,
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 def tova_graph(dog: str, cat: str, strength=1.0, prefix="damaged") -> dict:
     """tiny SD1.5 -> Load ToVA Adapter x2 -> Apply ToVA -> KSampler -> VAEDecode -> SaveImage, SaveLatent."""
     return {
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd15", "seed": 0}},
-        "2": {"class_type": "ConceptSplitLoadAdapter",
-              "inputs": {"adapter_name": dog, "identifier_word": "", "strength": strength, "role": "from file"}},
-        "3": {"class_type": "ConceptSplitLoadAdapter",
-              "inputs": {"adapter_name": cat, "identifier_word": "", "strength": strength, "role": "from file",
-                         "adapters": ["2", 0]}},
-        "4": {"class_type": "ConceptSplitApplyToVA",
-              "inputs": {"model": ["1", 0], "adapters": ["3", 0], "clip": ["1", 1], "text": PROMPT}},
+        "2": {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {"adapter_name": dog, "identifier_word": "", "strength": strength, "role": "from file"},
+        },
+        "3": {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {
+                "adapter_name": cat,
+                "identifier_word": "",
+                "strength": strength,
+                "role": "from file",
+                "adapters": ["2", 0],
+            },
+        },
+        "4": {
+            "class_type": "ConceptSplitApplyToVA",
+            "inputs": {"model": ["1", 0], "adapters": ["3", 0], "clip": ["1", 1], "text": PROMPT},
+        },
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {"class_type": "KSampler",
-              "inputs": {"model": ["4", 0], "positive": ["4", 1], "negative": ["5", 0], "latent_image": ["6", 0],
-                         "seed": 0, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}},
+        "7": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "positive": ["4", 1],
+                "negative": ["5", 0],
+                "latent_image": ["6", 0],
+                "seed": 0,
+                "steps": 3,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
         "10": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"latents/{prefix}"}},
@@ -60,6 +95,7 @@ def scale_all(factor):
     def edit(tensors):
         for key in tensors:
             tensors[key] = tensors[key] * factor
+
     return edit
 
 
@@ -77,24 +113,54 @@ def mismatched(tensors):
 
 # case -> (official format?, tensors edit, metadata overrides, failing node, message fragments)
 DAMAGED = {
-    "alpha nan": (False, None, {"alpha": "nan"}, "ConceptSplitLoadAdapter",
-                  ["has an invalid alpha", "conceptsplit.alpha = 'nan'", "finite positive number"]),
-    "alpha inf": (False, None, {"alpha": "inf"}, "ConceptSplitLoadAdapter",
-                  ["has an invalid alpha", "conceptsplit.alpha = 'inf'"]),
+    "alpha nan": (
+        False,
+        None,
+        {"alpha": "nan"},
+        "ConceptSplitLoadAdapter",
+        ["has an invalid alpha", "conceptsplit.alpha = 'nan'", "finite positive number"],
+    ),
+    "alpha inf": (
+        False,
+        None,
+        {"alpha": "inf"},
+        "ConceptSplitLoadAdapter",
+        ["has an invalid alpha", "conceptsplit.alpha = 'inf'"],
+    ),
     # alpha 1e38 (scale 2.5e37): scale·B·A ~ 2e38 still fits float32, so Apply ToVA refuses it by its size ...
-    "alpha 1e38": (False, None, {"alpha": "1e38"}, "ConceptSplitApplyToVA",
-                   ["times the layer's own weight", "1 · 2.5e+37 ·", "at most 1000 times"]),
+    "alpha 1e38": (
+        False,
+        None,
+        {"alpha": "1e38"},
+        "ConceptSplitApplyToVA",
+        ["times the layer's own weight", "1 · 2.5e+37 ·", "at most 1000 times"],
+    ),
     # ... and alpha 1e39 overflows float32 already when the file is read
-    "alpha 1e39": (False, None, {"alpha": "1e39"}, "ConceptSplitLoadAdapter",
-                   ["too large to compute with: its delta overflows float32", "scale alpha/rank = 2.5e+38"]),
+    "alpha 1e39": (
+        False,
+        None,
+        {"alpha": "1e39"},
+        "ConceptSplitLoadAdapter",
+        ["too large to compute with: its delta overflows float32", "scale alpha/rank = 2.5e+38"],
+    ),
     "weights x1e30": (False, scale_all(1e30), {}, "ConceptSplitLoadAdapter", ["overflows float32"]),
     "official weights x1e30": (True, scale_all(1e30), {}, "ConceptSplitLoadAdapter", ["overflows float32"]),
     # x1e6 on A and B: B·A x1e12 stays finite in float32, but dwarfs the model's own to_v weight
-    "weights x1e6": (False, scale_all(1e6), {}, "ConceptSplitApplyToVA",
-                     ["times the layer's own weight", "to_v weight", "at most 1000 times"]),
+    "weights x1e6": (
+        False,
+        scale_all(1e6),
+        {},
+        "ConceptSplitApplyToVA",
+        ["times the layer's own weight", "to_v weight", "at most 1000 times"],
+    ),
     "official rank 0": (True, rank_zero, {}, "ConceptSplitLoadAdapter", ["has an empty layer", "(0, 32)"]),
-    "native rank 0": (False, rank_zero, {"rank": "0"}, "ConceptSplitLoadAdapter",
-                      ["metadata conceptsplit.rank is out of range", "at least 1"]),
+    "native rank 0": (
+        False,
+        rank_zero,
+        {"rank": "0"},
+        "ConceptSplitLoadAdapter",
+        ["metadata conceptsplit.rank is out of range", "at least 1"],
+    ),
     "A and B mismatched": (True, mismatched, {}, "ConceptSplitLoadAdapter", ["has mis-shaped tensors"]),
 }
 
@@ -104,9 +170,12 @@ def good_adapters(comfy_server, tmp_path_factory):
     """An intact dog and cat adapter for the tiny SD1.5 the server loads (seed 0)."""
     folder = tmp_path_factory.mktemp("damaged_good")
     model, _, _ = build_tiny_model("sd15", seed=0)
-    return {word: comfy_server.add_model("tova", write_tiny_adapter(folder / f"intact_{word}.safetensors", model,
-                                                                    word, seed=seed))
-            for word, seed in (("dog", 1), ("cat", 2))}
+    return {
+        word: comfy_server.add_model(
+            "tova", write_tiny_adapter(folder / f"intact_{word}.safetensors", model, word, seed=seed)
+        )
+        for word, seed in (("dog", 1), ("cat", 2))
+    }
 
 
 def written(server) -> dict[str, int]:
@@ -149,10 +218,23 @@ def loda_graph(**overrides) -> dict:
         "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 112, "height": 112, "batch_size": 1}},
-        "5": {"class_type": "ConceptSplitLodaSampler", "inputs": {
-            "model": ["1", 0], "seed": 0, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
-            **LODA_SETTINGS, **overrides}},
+        "5": {
+            "class_type": "ConceptSplitLodaSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": 0,
+                "steps": 3,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+                **LODA_SETTINGS,
+                **overrides,
+            },
+        },
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "latents/loda_bad"}},
     }
 
@@ -162,16 +244,39 @@ def viewer_graph(alpha=0.5, first_step=0) -> dict:
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd15", "seed": 0}},
         "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "ConceptSplitCaptureAttention",
-              "inputs": {"model": ["1", 0], "words": "dog, cat", "positive": ["2", 0], "token_mode": "first token",
-                         "first_step": first_step, "last_step": -1, "layers": "all", "blocks": ""}},
+        "4": {
+            "class_type": "ConceptSplitCaptureAttention",
+            "inputs": {
+                "model": ["1", 0],
+                "words": "dog, cat",
+                "positive": ["2", 0],
+                "token_mode": "first token",
+                "first_step": first_step,
+                "last_step": -1,
+                "layers": "all",
+                "blocks": "",
+            },
+        },
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler",
-              "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
-                         "seed": 0, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}},
-        "7": {"class_type": "ConceptSplitAttentionViewer",
-              "inputs": {"capture": ["4", 1], "samples": ["6", 0], "alpha": alpha, "colormap": "inferno"}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["5", 0],
+                "seed": 0,
+                "steps": 2,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "7": {
+            "class_type": "ConceptSplitAttentionViewer",
+            "inputs": {"capture": ["4", 1], "samples": ["6", 0], "alpha": alpha, "colormap": "inferno"},
+        },
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "viewer_bad"}},
     }
 
@@ -180,10 +285,25 @@ def training_graph(learning_rate=1e-3, steps=2) -> dict:
     return {
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd21", "seed": 0}},
         "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0x806040}},
-        "3": {"class_type": "ConceptSplitTrainToVA", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "identifier_word": "dog",
-            "steps": steps, "learning_rate": learning_rate, "rank": 4, "seed": 0, "resolution": 64,
-            "save_name": "number_check", "overwrite": False, "checkpoint_every": 0, "resume": False}},
+        "3": {
+            "class_type": "ConceptSplitTrainToVA",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "images": ["2", 0],
+                "identifier_word": "dog",
+                "steps": steps,
+                "learning_rate": learning_rate,
+                "rank": 4,
+                "seed": 0,
+                "resolution": 64,
+                "save_name": "number_check",
+                "overwrite": False,
+                "checkpoint_every": 0,
+                "resume": False,
+            },
+        },
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 1], "filename_prefix": "training_bad"}},
     }
 
@@ -197,37 +317,67 @@ def linked(graph: dict, node: str, name: str, primitive: str, value) -> dict:
 
 # case -> (graph builder, failing node, message fragments)
 NUMBERS = {
-    "strength nan": (lambda good: tova_graph(good["dog"], good["cat"], strength=NAN), "ConceptSplitLoadAdapter",
-                     ["Load ToVA Adapter input strength is not a finite number", "Seen: nan",
-                      "a finite number from -4 to 4"]),
-    "strength linked 100": (lambda good: linked(tova_graph(good["dog"], good["cat"]), "2", "strength",
-                                                "PrimitiveFloat", 100.0), "ConceptSplitLoadAdapter",
-                            ["Load ToVA Adapter input strength is out of range", "Seen: 100.0"]),
+    "strength nan": (
+        lambda good: tova_graph(good["dog"], good["cat"], strength=NAN),
+        "ConceptSplitLoadAdapter",
+        ["Load ToVA Adapter input strength is not a finite number", "Seen: nan", "a finite number from -4 to 4"],
+    ),
+    "strength linked 100": (
+        lambda good: linked(tova_graph(good["dog"], good["cat"]), "2", "strength", "PrimitiveFloat", 100.0),
+        "ConceptSplitLoadAdapter",
+        ["Load ToVA Adapter input strength is out of range", "Seen: 100.0"],
+    ),
     # (an Inf typed into PrimitiveFloat is refused by ComfyUI itself: inf > its max; NaN passes and is forwarded)
-    "strength linked nan": (lambda good: linked(tova_graph(good["dog"], good["cat"]), "2", "strength",
-                                                "PrimitiveFloat", NAN), "ConceptSplitLoadAdapter",
-                            ["strength is not a finite number", "Seen: nan"]),
-    "token_index linked 100000": (lambda good: linked(tova_graph(good["dog"], good["cat"]), "2", "token_index",
-                                                      "PrimitiveInt", 100000), "ConceptSplitLoadAdapter",
-                                  ["Load ToVA Adapter input token_index is out of range", "an integer from -1 to 615"]),
-    "loda cfg nan": (lambda good: loda_graph(cfg=NAN), "ConceptSplitLodaSampler",
-                     ["LODA Sampler input cfg is not a finite number"]),
-    "loda kl_threshold nan": (lambda good: loda_graph(kl_threshold=NAN), "ConceptSplitLodaSampler",
-                              ["LODA Sampler input kl_threshold is not a finite number"]),
-    "loda step_scale linked 1e9": (lambda good: linked(loda_graph(), "5", "step_scale", "PrimitiveFloat", 1e9),
-                                   "ConceptSplitLodaSampler",
-                                   ["LODA Sampler input step_scale is out of range", "from 0 to 200"]),
-    "loda steps linked 0": (lambda good: linked(loda_graph(), "5", "steps", "PrimitiveInt", 0),
-                            "ConceptSplitLodaSampler", ["LODA Sampler input steps is out of range"]),
-    "viewer alpha nan": (lambda good: viewer_graph(alpha=NAN), "ConceptSplitAttentionViewer",
-                         ["Attention Map Viewer input alpha is not a finite number", "from 0 to 1"]),
-    "capture first_step linked -5": (lambda good: linked(viewer_graph(), "4", "first_step", "PrimitiveInt", -5),
-                                     "ConceptSplitCaptureAttention",
-                                     ["Capture Attention input first_step is out of range"]),
-    "training learning_rate nan": (lambda good: training_graph(learning_rate=NAN), "ConceptSplitTrainToVA",
-                                   ["Train ToVA Adapter input learning_rate is not a finite number"]),
-    "training steps linked 0": (lambda good: linked(training_graph(), "3", "steps", "PrimitiveInt", 0),
-                                "ConceptSplitTrainToVA", ["Train ToVA Adapter input steps is out of range"]),
+    "strength linked nan": (
+        lambda good: linked(tova_graph(good["dog"], good["cat"]), "2", "strength", "PrimitiveFloat", NAN),
+        "ConceptSplitLoadAdapter",
+        ["strength is not a finite number", "Seen: nan"],
+    ),
+    "token_index linked 100000": (
+        lambda good: linked(tova_graph(good["dog"], good["cat"]), "2", "token_index", "PrimitiveInt", 100000),
+        "ConceptSplitLoadAdapter",
+        ["Load ToVA Adapter input token_index is out of range", "an integer from -1 to 615"],
+    ),
+    "loda cfg nan": (
+        lambda good: loda_graph(cfg=NAN),
+        "ConceptSplitLodaSampler",
+        ["LODA Sampler input cfg is not a finite number"],
+    ),
+    "loda kl_threshold nan": (
+        lambda good: loda_graph(kl_threshold=NAN),
+        "ConceptSplitLodaSampler",
+        ["LODA Sampler input kl_threshold is not a finite number"],
+    ),
+    "loda step_scale linked 1e9": (
+        lambda good: linked(loda_graph(), "5", "step_scale", "PrimitiveFloat", 1e9),
+        "ConceptSplitLodaSampler",
+        ["LODA Sampler input step_scale is out of range", "from 0 to 200"],
+    ),
+    "loda steps linked 0": (
+        lambda good: linked(loda_graph(), "5", "steps", "PrimitiveInt", 0),
+        "ConceptSplitLodaSampler",
+        ["LODA Sampler input steps is out of range"],
+    ),
+    "viewer alpha nan": (
+        lambda good: viewer_graph(alpha=NAN),
+        "ConceptSplitAttentionViewer",
+        ["Attention Map Viewer input alpha is not a finite number", "from 0 to 1"],
+    ),
+    "capture first_step linked -5": (
+        lambda good: linked(viewer_graph(), "4", "first_step", "PrimitiveInt", -5),
+        "ConceptSplitCaptureAttention",
+        ["Capture Attention input first_step is out of range"],
+    ),
+    "training learning_rate nan": (
+        lambda good: training_graph(learning_rate=NAN),
+        "ConceptSplitTrainToVA",
+        ["Train ToVA Adapter input learning_rate is not a finite number"],
+    ),
+    "training steps linked 0": (
+        lambda good: linked(training_graph(), "3", "steps", "PrimitiveInt", 0),
+        "ConceptSplitTrainToVA",
+        ["Train ToVA Adapter input steps is out of range"],
+    ),
 }
 
 

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 # The viewer's grid without an image (conceptsplit_core.map_render): 2 tiles of 256 px, padding 2 % of 256 (5 px)
 # around and between them, a label strip of 9 % of 256 (23 px) under them.
 GRID = (2 * 256 + 3 * 5, 256 + 23 + 2 * 5)
-HM = re.compile(r"harmonic-mean KL at step N=3 \(LODA's concept_maps\): without stage 1 (\S+), with stage 1 (\S+)$",
-                re.MULTILINE)
+HM = re.compile(
+    r"harmonic-mean KL at step N=3 \(LODA's concept_maps\): without stage 1 (\S+), with stage 1 (\S+)$", re.MULTILINE
+)
 SHARE = re.compile(r"^ {4}(dog|cat): without fixing (\S+), with fixing (\S+) \(mask area ([^)]+)\)$", re.MULTILINE)
 
 
@@ -37,14 +38,25 @@ def test_demo_writes_plain_tova_and_attention_images_and_prints_lodas_separation
     asserted in tests/integration/test_loda.py (stage 1 and fixing on the same sharpened tiny SD2.1).
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"COMFYUI_PATH": str(comfyui)}
-    done = subprocess.run([sys.executable, "scripts/demo.py", "--arch", "sd21", "--out", str(tmp_path)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "scripts/demo.py", "--arch", "sd21", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for marker in ("Traceback", "IMPORT FAILED"):  # issue 10: import failures printed in the middle of the demo
         assert marker not in done.stdout + done.stderr, done.stderr[-3000:]
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["tiny_sd21_attention_with_loda.png", "tiny_sd21_attention_without_loda.png",
-                     "tiny_sd21_plain.png", "tiny_sd21_plain_vs_tova.png", "tiny_sd21_tova.png"]
+    assert names == [
+        "tiny_sd21_attention_with_loda.png",
+        "tiny_sd21_attention_without_loda.png",
+        "tiny_sd21_plain.png",
+        "tiny_sd21_plain_vs_tova.png",
+        "tiny_sd21_tova.png",
+    ]
     assert f"ConceptSplit demo: 5 images in {tmp_path.resolve()}" in done.stdout
     assert Image.open(tmp_path / "tiny_sd21_plain_vs_tova.png").size == (64 * 2 + 8, 64)
     for name in ("without", "with"):

@@ -24,8 +24,14 @@ DOUBLE = (("double", 0, 0), ("double", 1, 0))
 
 
 def _flux_forward(dm, x, context, extras, options):
-    return dm(x, torch.tensor([0.7]), context, y=extras["pooled_output"], guidance=torch.tensor([3.5]),
-              transformer_options=options)
+    return dm(
+        x,
+        torch.tensor([0.7]),
+        context,
+        y=extras["pooled_output"],
+        guidance=torch.tensor([3.5]),
+        transformer_options=options,
+    )
 
 
 def _qwen_forward(dm, x, context, extras, options):
@@ -35,14 +41,41 @@ def _qwen_forward(dm, x, context, extras, options):
 # Per family: builder, the words' context rows (T5: '▁','a','▁photo','▁of','▁','a','▁cat','▁and','▁','a','▁dog' ->
 # 6, 10; Qwen-Image: the chat preamble dropped, so row = word position 4, 7), text tokens per joint call, blocks.
 SPECS = {
-    "flux": dict(build=build_tiny_flux, rows={"cat": 6, "dog": 10}, text=256, keys=DOUBLE + (("single", 0, 0),),
-                 maps=DOUBLE, display="Flux.1", forward=_flux_forward),
-    "qwenimage": dict(build=build_tiny_qwenimage, rows={"cat": 4, "dog": 7}, text=13, keys=DOUBLE, maps=DOUBLE,
-                      display="Qwen-Image", forward=_qwen_forward),
+    "flux": dict(
+        build=build_tiny_flux,
+        rows={"cat": 6, "dog": 10},
+        text=256,
+        keys=DOUBLE + (("single", 0, 0),),
+        maps=DOUBLE,
+        display="Flux.1",
+        forward=_flux_forward,
+    ),
+    "qwenimage": dict(
+        build=build_tiny_qwenimage,
+        rows={"cat": 4, "dog": 7},
+        text=13,
+        keys=DOUBLE,
+        maps=DOUBLE,
+        display="Qwen-Image",
+        forward=_qwen_forward,
+    ),
 }
-SETTINGS = dict(loda_steps=-1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
-                smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
-                suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+SETTINGS = dict(
+    loda_steps=-1,
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 def pack_families(pack) -> tuple[str, ...]:
@@ -88,11 +121,16 @@ class QKSpy:
             b, length, inner = q.shape
             qh = q.reshape(b, length, heads, inner // heads).transpose(1, 2)
             kh = k.reshape(b, length, heads, inner // heads).transpose(1, 2)
-        self.calls.append(dict(q=qh.detach().clone(), k=kh.detach().clone(),
-                               mask=None if mask is None else mask.clone(),
-                               chunks=list(options.get("cond_or_uncond") or ()),
-                               sigma=float(options["sigmas"][0]) if "sigmas" in options else None,
-                               grad=torch.is_grad_enabled()))
+        self.calls.append(
+            dict(
+                q=qh.detach().clone(),
+                k=kh.detach().clone(),
+                mask=None if mask is None else mask.clone(),
+                chunks=list(options.get("cond_or_uncond") or ()),
+                sigma=float(options["sigmas"][0]) if "sigmas" in options else None,
+                grad=torch.is_grad_enabled(),
+            )
+        )
         return func(q, k, v, heads, *args, **kwargs)
 
 
@@ -112,8 +150,9 @@ def ksample(model, positive, negative, steps=2, cfg=1.0, sampler="euler", batch=
     import nodes
 
     with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, steps, cfg, sampler, "simple", positive, negative,
-                                     flux_latent(batch))[0]["samples"].clone()
+        return nodes.common_ksampler(
+            model, seed, steps, cfg, sampler, "simple", positive, negative, flux_latent(batch)
+        )[0]["samples"].clone()
 
 
 def negative_of(clip):
@@ -123,12 +162,28 @@ def negative_of(clip):
         return nodes.CLIPTextEncode().encode(clip, "")[0]
 
 
-def loda_sample(pack, model, positive, negative, steps=4, cfg=1.0, sampler="euler", words="cat, dog", batch=1,
-                **overrides):
+def loda_sample(
+    pack, model, positive, negative, steps=4, cfg=1.0, sampler="euler", words="cat, dog", batch=1, **overrides
+):
     with torch.inference_mode():
-        return pack.glue("loda_nodes").LodaSampler.execute(model, 0, steps, cfg, sampler, "simple", positive,
-                                                           negative, flux_latent(batch), 1.0, words,
-                                                           **dict(SETTINGS, **overrides)).result
+        return (
+            pack.glue("loda_nodes")
+            .LodaSampler.execute(
+                model,
+                0,
+                steps,
+                cfg,
+                sampler,
+                "simple",
+                positive,
+                negative,
+                flux_latent(batch),
+                1.0,
+                words,
+                **dict(SETTINGS, **overrides),
+            )
+            .result
+        )
 
 
 def joint_reference(call, columns) -> torch.Tensor:
@@ -143,8 +198,7 @@ def softmax_bound(call) -> float:
     """float32_softmax_tolerance for this call's q, k in its (B, L, H·D) layout (every key, text and image)."""
     q, k = call["q"], call["k"]
     b, h, n, d = q.shape
-    return float32_softmax_tolerance(q.transpose(1, 2).reshape(b, n, h * d), k.transpose(1, 2).reshape(b, n, h * d),
-                                     h)
+    return float32_softmax_tolerance(q.transpose(1, 2).reshape(b, n, h * d), k.transpose(1, 2).reshape(b, n, h * d), h)
 
 
 def test_dit_family_detected_and_layout_has_every_joint_block(pack, family):
@@ -182,8 +236,9 @@ def test_captured_maps_equal_a_float64_joint_softmax_of_the_hooks_q_and_k(pack, 
     rows, text = spec(family)["rows"], spec(family)["text"]
     spy_model, spy = spied(model)
     viewer = pack.glue("viewer")
-    patched, capture = viewer.CaptureAttention.execute(spy_model, "cat, dog", "first token", 0, -1, "all",
-                                                       positive=positive).result
+    patched, capture = viewer.CaptureAttention.execute(
+        spy_model, "cat, dog", "first token", 0, -1, "all", positive=positive
+    ).result
     latent = ksample(patched, positive, negative, steps=2)
     maps = capture.maps_for(latent)
     assert maps.maps.shape == (1, 2, 8, 8) and maps.layers == spec(family)["keys"]
@@ -193,12 +248,14 @@ def test_captured_maps_equal_a_float64_joint_softmax_of_the_hooks_q_and_k(pack, 
     # each call's probabilities are within the float32 softmax bound of float64; a mean keeps that bound, plus the
     # float32 sum of ≤ 6 calls × 2 heads (≤ 12·eps32 relative on values ≤ 1)
     bound = max(softmax_bound(c) for c in joint) + 12 * EPS32
-    assert torch.allclose(maps.maps.double(), reference, rtol=0, atol=bound), \
+    assert torch.allclose(maps.maps.double(), reference, rtol=0, atol=bound), (
         f"max |diff| {(maps.maps.double() - reference).abs().max():.3e} > {bound:.3e}"
+    )
     # a text-only renormalised map would differ: the joint softmax is what the model uses
     assert float(reference.sum()) < 0.99 * 2 * 64
-    grid, masks, report = viewer.AttentionMapViewer.execute(0.5, "inferno", capture=capture,
-                                                            samples={"samples": latent}).result
+    grid, masks, report = viewer.AttentionMapViewer.execute(
+        0.5, "inferno", capture=capture, samples={"samples": latent}
+    ).result
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and masks.shape[0] == 2 and "cat" in report
 
 
@@ -206,8 +263,11 @@ def test_capture_keeps_sampling_and_the_unpatched_model_bit_identical(pack, fami
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
     before = ksample(model, positive, negative, cfg=2.0)
-    patched, capture = pack.glue("viewer").CaptureAttention.execute(model, "cat, dog", "first token", 0, -1,
-                                                                    "latent/4", positive=positive).result
+    patched, capture = (
+        pack.glue("viewer")
+        .CaptureAttention.execute(model, "cat, dog", "first token", 0, -1, "latent/4", positive=positive)
+        .result
+    )
     assert torch.equal(ksample(patched, positive, negative, cfg=2.0), before)
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
     assert torch.equal(ksample(model, positive, negative, cfg=2.0), before)
@@ -219,12 +279,24 @@ def test_loda_with_nothing_to_do_is_bit_identical_to_ksampler_and_leaves_the_mod
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
     plain = ksample(model, positive, negative, steps=3, cfg=2.0, sampler=sampler)
-    latent, *_ = loda_sample(pack, model, positive, negative, steps=3, cfg=2.0, sampler=sampler, loda_steps=0,
-                             boost=0.0, suppression=0.0)
+    latent, *_ = loda_sample(
+        pack, model, positive, negative, steps=3, cfg=2.0, sampler=sampler, loda_steps=0, boost=0.0, suppression=0.0
+    )
     assert torch.equal(latent["samples"], plain)
     if sampler != "dpmpp_2m":  # multistep history restarts per stage-1 slice (integration §4.3)
-        latent, _, _, report = loda_sample(pack, model, positive, negative, steps=3, cfg=2.0, sampler=sampler,
-                                           loda_steps=2, step_scale=0.0, boost=0.0, suppression=0.0)
+        latent, _, _, report = loda_sample(
+            pack,
+            model,
+            positive,
+            negative,
+            steps=3,
+            cfg=2.0,
+            sampler=sampler,
+            loda_steps=2,
+            step_scale=0.0,
+            boost=0.0,
+            suppression=0.0,
+        )
         assert torch.equal(latent["samples"], plain) and report.count(": updated") == 2  # zero step, same noise
     assert torch.equal(ksample(model, positive, negative, steps=3, cfg=2.0, sampler=sampler), plain)
 
@@ -235,11 +307,14 @@ def test_stage_1_raises_the_harmonic_mean_kl_at_step_n(pack, family):
     positive, negative = encode(pack, clip), negative_of(clip)
     hm = {}
     for scale in (0.0, 40.0, 200.0):
-        _, _, maps, report = loda_sample(pack, model, positive, negative, steps=6, loda_steps=3, step_scale=scale,
-                                         boost=0.0, suppression=0.0)
+        _, _, maps, report = loda_sample(
+            pack, model, positive, negative, steps=6, loda_steps=3, step_scale=scale, boost=0.0, suppression=0.0
+        )
         hm[scale] = float(loss.separation_loss(maps.maps[0])[1].harmonic_mean)
-    numbers = (f"{family}: HM at step N=3 of 6: without stage 1 {hm[0.0]:.5f}, with stage 1 (eta 40) "
-               f"{hm[40.0]:.5f}, (eta 200) {hm[200.0]:.5f}")
+    numbers = (
+        f"{family}: HM at step N=3 of 6: without stage 1 {hm[0.0]:.5f}, with stage 1 (eta 40) "
+        f"{hm[40.0]:.5f}, (eta 200) {hm[200.0]:.5f}"
+    )
     log.warning(numbers)
     # The runs are deterministic (same ops, same order), so without the updates the HM would be the same to the
     # float32 rounding of its own computation: a sum of h·w·K² = 256 KL terms per pair, ≤ 256·eps32 relative.
@@ -256,7 +331,8 @@ def test_stage_1_update_on_a_flow_model_is_the_plain_gradient_step(pack, family)
     sampling = model.get_model_object("model_sampling")
     x = torch.randn(1, 16, 16, 16)
     assert type(sampling).__name__.startswith("ModelSamplingDiscreteFlow") or "CONST" in [
-        c.__name__ for c in type(sampling).__mro__]
+        c.__name__ for c in type(sampling).__mro__
+    ]
     for sigma in (1.0, 0.5, 0.1):
         assert torch.equal(sampling.calculate_input(torch.tensor([sigma]), x), x)
     grad = torch.randn_like(x)
@@ -271,8 +347,9 @@ def test_fixing_bias_touches_only_image_rows_of_the_concept_columns_and_raises_e
     shares = {}
     for boost, suppression in ((0.0, 0.0), (5.0, -1e8)):
         spy_model, spy = spied(model)
-        latent, masks, maps, report = loda_sample(pack, spy_model, positive, negative, steps=4, loda_steps=1,
-                                                  boost=boost, suppression=suppression)
+        latent, masks, maps, report = loda_sample(
+            pack, spy_model, positive, negative, steps=4, loda_steps=1, boost=boost, suppression=suppression
+        )
         stage2 = [c for c in spy.calls if not c["grad"] and c["sigma"] is not None and c["q"].shape[2] == length]
         stage2 = [c for c in stage2 if c["sigma"] < max(s["sigma"] for s in stage2)]  # steps 1.. (0 is stage 1)
         result_masks = masks.reshape(1, 2, 128, 128)[:, :, ::16, ::16].bool()  # back to the 8×8 token grid
@@ -289,14 +366,19 @@ def test_fixing_bias_touches_only_image_rows_of_the_concept_columns_and_raises_e
             q, k = call["q"].double(), call["k"].double()
             probs = (q[:, :, text:] @ k.transpose(-1, -2) / math.sqrt(32)).softmax(-1).mean(1)[0]  # (N, L)
             if call["mask"] is not None:  # with the bias the model used
-                probs = ((q[:, :, text:] @ k.transpose(-1, -2) / math.sqrt(32)) + call["mask"].double()[:, :, text:]
-                         ).softmax(-1).mean(1)[0]
+                probs = (
+                    ((q[:, :, text:] @ k.transpose(-1, -2) / math.sqrt(32)) + call["mask"].double()[:, :, text:])
+                    .softmax(-1)
+                    .mean(1)[0]
+                )
             for index, word in enumerate(("cat", "dog")):
                 column = probs[:, rows[word]]
                 values.append(float(column[result_masks[0, index].flatten()].sum() / column.sum()))
         shares[boost] = sum(values) / len(values)
-    numbers = f"{family}: share of each word's attention inside its own mask, stage 2: without fixing " \
-              f"{shares[0.0]:.4f}, with fixing {shares[5.0]:.4f}"
+    numbers = (
+        f"{family}: share of each word's attention inside its own mask, stage 2: without fixing "
+        f"{shares[0.0]:.4f}, with fixing {shares[5.0]:.4f}"
+    )
     log.warning(numbers)
     assert shares[5.0] > shares[0.0] + 0.1, numbers
 
@@ -320,16 +402,23 @@ def test_gradient_of_the_loss_wrt_the_latent_matches_finite_differences(pack, fa
 
     def loss_at(x):  # the diffusion model itself, with the pack's observers (its DIFFUSION_MODEL wrapper runs too)
         collector.start(layers.loss_keys, (0,), truncate=True)
-        loda.run_truncated(lambda: spec(family)["forward"](model.model.diffusion_model, x, context, extras,
-                                                           dict(options["transformer_options"])))
+        loda.run_truncated(
+            lambda: spec(family)["forward"](
+                model.model.diffusion_model, x, context, extras, dict(options["transformer_options"])
+            )
+        )
         maps = collector.maps()[0]
         collector.stop()
         return loss_core.separation_loss(maps, config)[0]  # L = max(0, τ − HM), what stage 1 differentiates
 
     x0 = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
     direction = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode(False), torch.enable_grad(), autograd.AutogradWeights([model.model.diffusion_model]), \
-            found.differentiable(model):
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        autograd.AutogradWeights([model.model.diffusion_model]),
+        found.differentiable(model),
+    ):
         x = x0.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_at(x), x)
         with torch.no_grad():
@@ -370,7 +459,19 @@ def test_bad_inputs_raise_before_sampling(pack, family):
         loda_sample(pack, model, positive, negative, words="cat, bird")
     with pytest.raises(pack.error, match="smaller than the smoothing kernel"):
         with torch.inference_mode():
-            pack.glue("loda_nodes").LodaSampler.execute(model, 0, 4, 1.0, "euler", "simple", positive, negative,
-                                                        flux_latent(1, size=12), 1.0, "cat, dog", **SETTINGS)
+            pack.glue("loda_nodes").LodaSampler.execute(
+                model,
+                0,
+                4,
+                1.0,
+                "euler",
+                "simple",
+                positive,
+                negative,
+                flux_latent(1, size=12),
+                1.0,
+                "cat, dog",
+                **SETTINGS,
+            )
     with pytest.raises(pack.error, match=f"Gradient checkpointing is not available for {spec(family)['display']}"):
         loda_sample(pack, model, positive, negative, gradient_checkpointing=True)

@@ -33,19 +33,25 @@ def test_model_family_of_each_tiny_unet_gives_its_family_and_layout(pack, arch):
     assert layout.map_keys() == {site.key for site in layout.layers if site.level == 1}
     assert family.default_map_layers(layout, (16, 16)) == layout.map_keys()
     for site in layout.layers:
-        assert family.map_grid(layout, site.key, (16, 16)) == (16 // 2 ** site.level,) * 2
+        assert family.map_grid(layout, site.key, (16, 16)) == (16 // 2**site.level,) * 2
         assert site.loss == (site.map and (arch != "sdxl" or site.key[0] == "input"))
 
 
-@pytest.mark.parametrize("arch, grid, loss, masks", [("sd21", (24, 24), 5, 5), ("sd15", (24, 24), 5, 5),
-                                                     ("sdxl", (32, 32), 20, 60)])
+@pytest.mark.parametrize(
+    "arch, grid, loss, masks", [("sd21", (24, 24), 5, 5), ("sd15", (24, 24), 5, 5), ("sdxl", (32, 32), 20, 60)]
+)
 def test_full_size_map_layers_are_latent4_and_sdxl_loss_is_in_the_down_blocks(pack, arch, grid, loss, masks):
     latent = (96, 96) if arch != "sdxl" else (128, 128)
     layers = pack.core("loda").select_map_layers(pack.layout(full_size_model(arch)), latent, "all")
     assert layers.grid == grid and len(layers.loss_keys) == loss and len(layers.mask_keys) == masks
     if arch == "sd21":
-        assert layers.loss_keys == (("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0),
-                                    ("output", 5, 0))
+        assert layers.loss_keys == (
+            ("input", 7, 0),
+            ("input", 8, 0),
+            ("output", 3, 0),
+            ("output", 4, 0),
+            ("output", 5, 0),
+        )
     if arch == "sdxl":
         assert {key[0] for key in layers.loss_keys} == {"input"} and layers.loss_keys[-1] == ("input", 8, 9)
 
@@ -100,11 +106,21 @@ def test_a_loda_field_without_a_meaning_fails_loudly(pack, monkeypatch):
         pack.glue("loda_nodes").loda_setting_inputs()
 
 
-@pytest.mark.parametrize("module, node", [("loda_nodes", "LodaSampler"), ("loda_nodes", "LodaSamplerSelect"),
-                                          ("loda_nodes", "LodaResults"), ("viewer", "CaptureAttention"),
-                                          ("viewer", "AttentionMapViewer"), ("training", "TrainToVAAdapter"),
-                                          ("training_photos", "LoadTrainingPhotos"), ("adapters", "LoadToVAAdapter"),
-                                          ("adapters", "ApplyToVA"), ("prompt", "ConceptSplitTextEncode")])
+@pytest.mark.parametrize(
+    "module, node",
+    [
+        ("loda_nodes", "LodaSampler"),
+        ("loda_nodes", "LodaSamplerSelect"),
+        ("loda_nodes", "LodaResults"),
+        ("viewer", "CaptureAttention"),
+        ("viewer", "AttentionMapViewer"),
+        ("training", "TrainToVAAdapter"),
+        ("training_photos", "LoadTrainingPhotos"),
+        ("adapters", "LoadToVAAdapter"),
+        ("adapters", "ApplyToVA"),
+        ("prompt", "ConceptSplitTextEncode"),
+    ],
+)
 def test_every_input_of_every_node_has_a_tooltip(pack, module, node):
     inputs = _inputs(getattr(pack.glue(module), node))
     empty = [name for name, spec in inputs.items() if not (spec.tooltip or "").strip()]

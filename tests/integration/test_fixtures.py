@@ -2,6 +2,7 @@
 
 Everything else in tests/integration builds on these, so each promise in comfy_harness/ is checked with numbers.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,9 @@ def _sample(model, clip, seed, steps=3):
     import nodes
 
     latent = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)[0]
-    out = nodes.KSampler().sample(model, seed, steps, 7.0, "euler", "normal",
-                                  _encode(clip, "a photo of a dog"), _encode(clip, ""), latent)
+    out = nodes.KSampler().sample(
+        model, seed, steps, 7.0, "euler", "normal", _encode(clip, "a photo of a dog"), _encode(clip, ""), latent
+    )
     return out[0]["samples"]
 
 
@@ -38,9 +40,21 @@ def _api_graph(loader: dict, steps: int = 3, seed: int = 1) -> dict:
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a dog"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
-            "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "conceptsplit_test"}},
     }
@@ -51,6 +65,7 @@ def _tiny_loader(arch: str, seed: int = 0) -> dict:
 
 
 # -- recipe A: tiny models in process -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_model_builds_with_expected_layout(comfyui, arch):
@@ -132,6 +147,7 @@ def test_load_pack_in_process_uses_comfyuis_loader(comfyui, tmp_path):
 
 # -- recipe B: the real checkpoint loader -------------------------------------------------------------
 
+
 def test_tiny_checkpoint_loads_as_sd15_and_samples(tiny_sd15_checkpoint):
     import comfy.sd
     import comfy.supported_models
@@ -156,6 +172,7 @@ def test_tiny_checkpoint_through_checkpoint_loader_node(comfy_server, tiny_sd15_
 
 
 # -- recipe C: the real server ---------------------------------------------------------------------------
+
 
 def test_server_registers_helper_pack_and_imports_it_cleanly(comfy_server):
     info = comfy_server.object_info("ConceptSplitTestTinyModelLoader")["ConceptSplitTestTinyModelLoader"]

@@ -14,8 +14,12 @@ def full_size_model(family: str):
 
     name, config_cls, base_cls, model_type = {
         "sd15": ("SD15", comfy.supported_models.SD15, comfy.model_base.BaseModel, comfy.model_base.ModelType.EPS),
-        "sd21": ("SD21", comfy.supported_models.SD20, comfy.model_base.BaseModel,
-                 comfy.model_base.ModelType.V_PREDICTION),
+        "sd21": (
+            "SD21",
+            comfy.supported_models.SD20,
+            comfy.model_base.BaseModel,
+            comfy.model_base.ModelType.V_PREDICTION,
+        ),
         "sdxl": ("SDXL", comfy.supported_models.SDXL, comfy.model_base.SDXL, comfy.model_base.ModelType.EPS),
     }[family]
     config = config_cls(_known_config(name))
@@ -23,20 +27,42 @@ def full_size_model(family: str):
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-_COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-           "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,
-           "use_temporal_resblock": False}
-_SD = {"adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-       "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-       "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
+_COMMON = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "in_channels": 4,
+    "model_channels": 320,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+_SD = {
+    "adm_in_channels": None,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
 # ComfyUI's own full-size configs, comfy/model_detection.py (unet_config_from_diffusers_unet).
 FULL_SIZE = {
     "SD15": {**_COMMON, **_SD, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8},
     "SD21": {**_COMMON, **_SD, "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64},
-    "SDXL": {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
-             "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
-             "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+    "SDXL": {
+        **_COMMON,
+        "num_classes": "sequential",
+        "adm_in_channels": 2816,
+        "num_res_blocks": [2, 2, 2],
+        "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth_middle": 10,
+        "use_linear_in_transformer": True,
+        "context_dim": 2048,
+        "num_head_channels": 64,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    },
 }
 
 
@@ -44,11 +70,14 @@ def _known_config(name: str) -> dict:
     return dict(FULL_SIZE[name])
 
 
-@pytest.mark.parametrize("family, layers, widths, text_width", [
-    ("sd15", 16, {320, 640, 1280}, 768),
-    ("sd21", 16, {320, 640, 1280}, 1024),
-    ("sdxl", 70, {640, 1280}, 2048),
-])
+@pytest.mark.parametrize(
+    "family, layers, widths, text_width",
+    [
+        ("sd15", 16, {320, 640, 1280}, 768),
+        ("sd21", 16, {320, 640, 1280}, 1024),
+        ("sdxl", 70, {640, 1280}, 2048),
+    ],
+)
 def test_full_size_layout_matches_spec(pack, family, layers, widths, text_width):
     layout = pack.layout(full_size_model(family))
     assert len(layout.layers) == layers and layout.text_width == text_width

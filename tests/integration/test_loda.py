@@ -22,9 +22,22 @@ from comfy_harness.tolerance import float32_tolerance
 log = logging.getLogger(__name__)
 PROMPT = "a dog and a cat"  # dog = token 2, cat = token 5
 SIZE = 112  # 14×14 latent, 7×7 maps in the tiny models (the smallest the 7×7 kernel accepts)
-SETTINGS = dict(loda_steps=-1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
-                smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
-                suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+SETTINGS = dict(
+    loda_steps=-1,
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 # Maps against the spy's recomputation: the very probabilities the collector saw, summed over layers and heads in
@@ -89,8 +102,9 @@ def sample_custom(model, clip, sampler, positive, steps=4, seed=0, batch=1, cfg=
         latent = nodes.EmptyLatentImage().generate(SIZE, SIZE, batch)[0]["samples"]
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
         noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                          seed=seed).clone()
+        return comfy.sample.sample_custom(
+            model, noise, cfg, sampler, sigmas, positive, negative, latent, seed=seed
+        ).clone()
 
 
 def loda(pack, inner_name, n, words=("dog", "cat"), **config):
@@ -102,8 +116,21 @@ def loda(pack, inner_name, n, words=("dog", "cat"), **config):
     return run.loda_sampler(comfy.samplers.sampler_object(inner_name), request), result
 
 
-def all_in_one(pack, model, clip, positive=None, words="dog, cat", steps=4, size=SIZE, batch=1, denoise=1.0,
-               sampler_name="euler", negative=None, noise_mask=None, **overrides):
+def all_in_one(
+    pack,
+    model,
+    clip,
+    positive=None,
+    words="dog, cat",
+    steps=4,
+    size=SIZE,
+    batch=1,
+    denoise=1.0,
+    sampler_name="euler",
+    negative=None,
+    noise_mask=None,
+    **overrides,
+):
     import nodes
 
     settings = dict(SETTINGS, **overrides)
@@ -113,8 +140,13 @@ def all_in_one(pack, model, clip, positive=None, words="dog, cat", steps=4, size
         latent = nodes.EmptyLatentImage().generate(size, size, batch)[0]
         if noise_mask is not None:
             latent = {**latent, "noise_mask": noise_mask}
-        return pack.glue("loda_nodes").LodaSampler.execute(model, 0, steps, 7.0, sampler_name, "normal", positive,
-                                                           negative, latent, denoise, words, **settings).result
+        return (
+            pack.glue("loda_nodes")
+            .LodaSampler.execute(
+                model, 0, steps, 7.0, sampler_name, "normal", positive, negative, latent, denoise, words, **settings
+            )
+            .result
+        )
 
 
 def sharpened_sd21(seed=0):
@@ -126,8 +158,11 @@ def sharpened_sd21(seed=0):
 def test_nodes_register_with_display_names_and_tooltips(pack):
     import nodes
 
-    for node_id, display in (("ConceptSplitLodaSampler", "LODA Sampler"), ("ConceptSplitLoda", "ConceptSplit LODA"),
-                             ("ConceptSplitLodaResults", "ConceptSplit LODA Results")):
+    for node_id, display in (
+        ("ConceptSplitLodaSampler", "LODA Sampler"),
+        ("ConceptSplitLoda", "ConceptSplit LODA"),
+        ("ConceptSplitLodaResults", "ConceptSplit LODA Results"),
+    ):
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
         schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
         assert [i.id for i in schema.inputs if not i.tooltip] == [] and all(o.tooltip for o in schema.outputs)
@@ -136,8 +171,9 @@ def test_nodes_register_with_display_names_and_tooltips(pack):
     assert inputs["boost"].default == 5.0 and inputs["suppression"].default == -1e8
 
 
-@pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral", "dpmpp_2m", "heun", "dpmpp_2m_sde", "ddim",
-                                          "uni_pc"])
+@pytest.mark.parametrize(
+    "sampler_name", ["euler", "euler_ancestral", "dpmpp_2m", "heun", "dpmpp_2m_sde", "ddim", "uni_pc"]
+)
 def test_no_stage_1_and_no_fixing_is_bit_identical_to_the_wrapped_sampler(pack, sampler_name):
     import comfy.samplers
 
@@ -157,8 +193,9 @@ def test_stage_1_raises_the_harmonic_mean_kl_at_step_n(pack):
     model, clip = sharpened_sd21()
     hm = {}
     for scale in (0.0, 40.0):
-        _, _, maps, report = all_in_one(pack, model, clip, steps=6, loda_steps=3, step_scale=scale,
-                                        boost=0.0, suppression=0.0)
+        _, _, maps, report = all_in_one(
+            pack, model, clip, steps=6, loda_steps=3, step_scale=scale, boost=0.0, suppression=0.0
+        )
         hm[scale] = float(loss.separation_loss(maps.maps[0])[1].harmonic_mean)
     numbers = f"HM at step N=3 of 6: without stage 1 {hm[0.0]:.4f}, with stage 1 {hm[40.0]:.4f}"
     log.warning(numbers)
@@ -167,9 +204,7 @@ def test_stage_1_raises_the_harmonic_mean_kl_at_step_n(pack):
 
 def test_fixing_raises_each_tokens_attention_share_inside_its_own_mask(pack):
     model, clip = sharpened_sd21()
-    layers = pack.core("loda").select_map_layers(
-        pack.layout(model),
-        (SIZE // 8, SIZE // 8), "all")
+    layers = pack.core("loda").select_map_layers(pack.layout(model), (SIZE // 8, SIZE // 8), "all")
     shares = {}
     for boost, suppression in ((0.0, 0.0), (5.0, -1e8)):
         spy = Spy(layers.mask_keys)
@@ -185,8 +220,10 @@ def test_fixing_raises_each_tokens_attention_share_inside_its_own_mask(pack):
                 column = cond[0, :, position]  # (N,)
                 values.append(float(column[result.masks[0, k].flatten()].sum() / column.sum()))
         shares[boost] = sum(values) / len(values)
-    numbers = (f"share of token k's attention inside mask k, stage 2: without fixing {shares[0.0]:.4f}, "
-               f"with fixing {shares[5.0]:.4f}")
+    numbers = (
+        f"share of token k's attention inside mask k, stage 2: without fixing {shares[0.0]:.4f}, "
+        f"with fixing {shares[5.0]:.4f}"
+    )
     log.warning(numbers)
     assert shares[5.0] > shares[0.0] + 0.1, numbers
 
@@ -228,8 +265,13 @@ def test_tova_model_with_empty_words_separates_its_object_concepts(pack, tova_fo
     adapters = pack.glue("adapters")
     chain = None
     for word, seed in (("dog", 1), ("cat", 2), ("sofa", 3)):
-        write_tiny_adapter(tova_folder / f"{word}.safetensors", model, word, seed=seed,
-                           role="background" if word == "sofa" else "object")
+        write_tiny_adapter(
+            tova_folder / f"{word}.safetensors",
+            model,
+            word,
+            seed=seed,
+            role="background" if word == "sofa" else "object",
+        )
         chain = adapters.LoadToVAAdapter.execute(f"{word}.safetensors", "", 1.0, "from file", -1, chain).result[0]
     text = "a dog and a cat on a sofa"
     with torch.inference_mode():
@@ -239,15 +281,18 @@ def test_tova_model_with_empty_words_separates_its_object_concepts(pack, tova_fo
     assert torch.isfinite(latent["samples"]).all()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(words="dog"), r"at least 2 object concepts.*1 object concept"),
-    (dict(words="dog, horse"), r'"horse".*is not in the prompt'),
-    (dict(loda_steps=9), r"More LODA steps than sampling steps.*N = 9 with 4"),
-    (dict(mask_percentile=1.0), r"mask_percentile is out of range"),
-    (dict(size=96), r"Unsupported resolution.*6×6 maps"),
-    (dict(words=""), r"at least 2 object concepts.*0 object concept"),
-    (dict(plain_positive=True), r"carries no token record.*ConceptSplit Text Encode"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(words="dog"), r"at least 2 object concepts.*1 object concept"),
+        (dict(words="dog, horse"), r'"horse".*is not in the prompt'),
+        (dict(loda_steps=9), r"More LODA steps than sampling steps.*N = 9 with 4"),
+        (dict(mask_percentile=1.0), r"mask_percentile is out of range"),
+        (dict(size=96), r"Unsupported resolution.*6×6 maps"),
+        (dict(words=""), r"at least 2 object concepts.*0 object concept"),
+        (dict(plain_positive=True), r"carries no token record.*ConceptSplit Text Encode"),
+    ],
+)
 def test_bad_inputs_raise_one_error_before_sampling(pack, overrides, message):
     import nodes
 
@@ -335,15 +380,13 @@ def test_fixing_through_a_foreign_attention_replace_is_refused_before_sampling(p
 def test_masks_come_from_the_first_forward_of_step_n_minus_1_not_from_heuns_corrector(pack):
     """Method §4.1: the main CFG pass of step N − 1 on the updated latent; heun's corrector runs at σ_N."""
     model, clip = sharpened_sd21()
-    layers = pack.core("loda").select_map_layers(
-        pack.layout(model),
-        (SIZE // 8, SIZE // 8), "all")
+    layers = pack.core("loda").select_map_layers(pack.layout(model), (SIZE // 8, SIZE // 8), "all")
     spy = Spy(layers.mask_keys)  # main passes only (no grad): stage 1's gradient pass is not recorded
     sampler, result = loda(pack, "heun", 1)
     sample_custom(with_spy(pack, model, spy), clip, sampler, encode(pack, clip), steps=3)
     sigma_0 = max(s for s, _, _ in spy.records)
     first = [(call, probs) for s, call, probs in spy.records if s == sigma_0]
-    corrector = [(call, probs) for s, call, probs in spy.records if s != sigma_0][:len(layers.mask_keys)]
+    corrector = [(call, probs) for s, call, probs in spy.records if s != sigma_0][: len(layers.mask_keys)]
     assert len(first) == len(layers.mask_keys)  # heun's first evaluation of step 0
 
     def maps_of(calls):  # mean over heads and layers of the cond chunk's concept columns, (1, K, h, w)
@@ -364,8 +407,9 @@ def test_node_with_stage_1_off_and_no_fixing_is_bit_identical_to_ksampler(pack, 
 
     model, clip = tiny("sd15")
     positive = encode(pack, clip)
-    latent, masks, _, report = all_in_one(pack, model, clip, positive=positive, sampler_name=sampler_name,
-                                          loda_steps=0, boost=0.0, suppression=0.0)
+    latent, masks, _, report = all_in_one(
+        pack, model, clip, positive=positive, sampler_name=sampler_name, loda_steps=0, boost=0.0, suppression=0.0
+    )
     with torch.inference_mode():
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         empty = nodes.EmptyLatentImage().generate(SIZE, SIZE, 1)[0]
@@ -394,13 +438,15 @@ def test_stage_1_with_a_controlnet_runs_on_its_inference_weights_and_leaves_them
         positive = pack.glue("prompt").ConceptSplitTextEncode.execute(clip, PROMPT).result[0]
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         hint = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5))
-        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0,
-                                                                              0.0, 1.0, vae=vae)
-    before = [list(m.control_model.parameters()) if hasattr(m, "control_model") else list(m.model.parameters())
-              for m in (control, model)]
+        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, control, hint, 1.0, 0.0, 1.0, vae=vae
+        )
+    before = [
+        list(m.control_model.parameters()) if hasattr(m, "control_model") else list(m.model.parameters())
+        for m in (control, model)
+    ]
     assert all(p.is_inference() for p in before[0])
-    latent, _, _, report = all_in_one(pack, model, clip, positive=positive, negative=negative, steps=3,
-                                      loda_steps=1)
+    latent, _, _, report = all_in_one(pack, model, clip, positive=positive, negative=negative, steps=3, loda_steps=1)
     assert ": updated" in report and torch.isfinite(latent["samples"]).all()
     after = [list(control.control_model.parameters()), list(model.model.parameters())]
     for old, new in zip(before, after):  # the very same tensor objects, still inference tensors: nothing swapped
@@ -420,13 +466,14 @@ def test_inpainting_mask_zeroes_the_stage_1_update_outside_the_mask(pack, monkey
 
     monkeypatch.setattr(run, "kdiffusion_latent_update", recording)
     mask = torch.zeros(1, SIZE, SIZE)
-    mask[..., :SIZE // 2] = 1.0  # repaint the left half of the image only
-    latent, _, _, report = all_in_one(pack, model, clip, steps=3, loda_steps=2, boost=0.0, suppression=0.0,
-                                      noise_mask=mask)
+    mask[..., : SIZE // 2] = 1.0  # repaint the left half of the image only
+    latent, _, _, report = all_in_one(
+        pack, model, clip, steps=3, loda_steps=2, boost=0.0, suppression=0.0, noise_mask=mask
+    )
     assert len(deltas) == 2 and report.count(": updated") == 2
     for delta in deltas:
-        assert delta[..., SIZE // 16 + 1:].abs().max() == 0  # right half: untouched (bilinear edge column aside)
-        assert delta[..., :SIZE // 16 - 1].abs().max() > 0
+        assert delta[..., SIZE // 16 + 1 :].abs().max() == 0  # right half: untouched (bilinear edge column aside)
+        assert delta[..., : SIZE // 16 - 1].abs().max() > 0
 
 
 def test_result_is_reset_when_a_run_starts(pack):
@@ -480,8 +527,9 @@ def test_gradient_checkpointing_gives_the_same_updates_and_checkpoints_only_non_
     runs = {}
     for checkpointing in (False, True):
         calls.clear()
-        latent, _, maps, report = all_in_one(pack, model, clip, steps=4, loda_steps=2,
-                                             gradient_checkpointing=checkpointing)
+        latent, _, maps, report = all_in_one(
+            pack, model, clip, steps=4, loda_steps=2, gradient_checkpointing=checkpointing
+        )
         runs[checkpointing] = (latent["samples"], maps.maps, report, len(calls))
     plain, checkpointed = runs[False], runs[True]
     assert plain[3] == 0 and checkpointed[3] > 0  # the recompute path really ran, and only when asked
@@ -495,8 +543,12 @@ def test_gradient_checkpointing_gives_the_same_updates_and_checkpoints_only_non_
     # the SpatialTransformers holding loss layers (the deepest level of the tiny model) are never wrapped
     layers = pack.core("loda").select_map_layers(pack.layout(model), (SIZE // 8, SIZE // 8), "all")
     loss_blocks = {key[:2] for key in layers.loss_keys}
-    kept = {id(m) for block in loss_blocks for m in pack.glue("families.unet")._block_module(unet, block).modules()
-            if isinstance(m, SpatialTransformer)}
+    kept = {
+        id(m)
+        for block in loss_blocks
+        for m in pack.glue("families.unet")._block_module(unet, block).modules()
+        if isinstance(m, SpatialTransformer)
+    }
     assert kept and wrapped and all(id(m) not in kept for m in wrapped[-1])
     assert any(isinstance(m, SpatialTransformer) for m in wrapped[-1])  # the others are
     assert not any("forward" in m.__dict__ for m in unet.modules())  # every forward restored
@@ -522,12 +574,17 @@ def test_autograd_weights_view_the_same_memory_and_restore_the_originals_even_on
                 (grad,) = torch.autograd.grad(out.square().sum(), x)
             weight = originals["input_blocks.0.0.weight"].detach().clone()
             bias = originals["input_blocks.0.0.bias"].detach().clone()
-            reference = torch.nn.grad.conv2d_input(x.shape, weight, 2 * torch.nn.functional.conv2d(
-                x.detach(), weight, bias, padding=1), padding=1)
+            reference = torch.nn.grad.conv2d_input(
+                x.shape, weight, 2 * torch.nn.functional.conv2d(x.detach(), weight, bias, padding=1), padding=1
+            )
             # float32 convolutions: the forward sums 9·4 products and the bias, the input gradient 9·64 products; in
             # another summation order each side is within that many eps32 of Σ|terms| (the same kernels: identical).
-            terms = torch.nn.grad.conv2d_input(x.shape, weight.abs(), 2 * torch.nn.functional.conv2d(
-                x.detach().abs(), weight.abs(), bias.abs(), padding=1), padding=1)  # Σ|terms| of both sums
+            terms = torch.nn.grad.conv2d_input(
+                x.shape,
+                weight.abs(),
+                2 * torch.nn.functional.conv2d(x.detach().abs(), weight.abs(), bias.abs(), padding=1),
+                padding=1,
+            )  # Σ|terms| of both sums
             torch.testing.assert_close(grad, reference, rtol=0, atol=float32_tolerance(terms, 2 * (9 * 64 + 9 * 4 + 1)))
             raise ValueError("stop")
     assert all(p is originals[name] for name, p in unet.named_parameters())
@@ -544,12 +601,17 @@ def test_interrupt_in_a_checkpointed_stage_1_restores_the_forwards_and_weights(p
     params = list(unet.parameters())
     before = sample(model, clip, size=SIZE)
     run = pack.glue("loda_sampling")
-    request = run.LodaRequest(pack.core("loda_config").LodaConfig(loda_steps=2), ("dog", "cat"), run.LodaResult(),
-                              gradient_checkpointing=True)
+    request = run.LodaRequest(
+        pack.core("loda_config").LodaConfig(loda_steps=2), ("dog", "cat"), run.LodaResult(), gradient_checkpointing=True
+    )
     spy = Spy(error=comfy.model_management.InterruptProcessingException())
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        sample_custom(with_spy(pack, model, spy), clip, run.loda_sampler(comfy.samplers.sampler_object("euler"),
-                                                                          request), encode(pack, clip))
+        sample_custom(
+            with_spy(pack, model, spy),
+            clip,
+            run.loda_sampler(comfy.samplers.sampler_object("euler"), request),
+            encode(pack, clip),
+        )
     assert spy.calls > 0
     assert not any("forward" in m.__dict__ for m in unet.modules())
     assert all(p is q and p.is_inference() for p, q in zip(params, unet.parameters()))
@@ -561,9 +623,7 @@ def test_a_second_positive_prompt_in_the_batch_does_not_enter_the_maps_or_get_th
     import nodes
 
     model, clip = sharpened_sd21()
-    layers = pack.core("loda").select_map_layers(
-        pack.layout(model),
-        (SIZE // 8, SIZE // 8), "all")
+    layers = pack.core("loda").select_map_layers(pack.layout(model), (SIZE // 8, SIZE // 8), "all")
     ours, other = encode(pack, clip), encode(pack, clip, "a red house on a green hill")
     with torch.inference_mode():
         combined = nodes.ConditioningCombine().combine(ours, other)[0]
@@ -572,7 +632,7 @@ def test_a_second_positive_prompt_in_the_batch_does_not_enter_the_maps_or_get_th
     sampler, result = loda(pack, "euler", 1)
     sample_custom(with_spy(pack, model, spy), clip, sampler, combined, steps=3)
     sigma_0 = max(s for s, _, _ in spy.records)
-    first = [(call, probs) for s, call, probs in spy.records if s == sigma_0][:len(layers.mask_keys)]
+    first = [(call, probs) for s, call, probs in spy.records if s == sigma_0][: len(layers.mask_keys)]
     chunks = first[0][0].chunk_prompts
     assert len(chunks) == len(first[0][0].cond_or_uncond) and all(c is not None for c in chunks)
 
@@ -582,7 +642,7 @@ def test_a_second_positive_prompt_in_the_batch_does_not_enter_the_maps_or_get_th
             per = call.rows_per_chunk
             for index, branch in enumerate(call.cond_or_uncond):
                 if branch == 0 and pick(call.chunk_prompts[index]):
-                    total = total + probs[index * per:(index + 1) * per][..., [2, 5]].sum(1)  # (1, N, K)
+                    total = total + probs[index * per : (index + 1) * per][..., [2, 5]].sum(1)  # (1, N, K)
                     count += call.heads
         return (total / count).transpose(1, 2).unflatten(-1, layers.grid)
 
@@ -598,13 +658,12 @@ def test_an_area_prompt_running_first_neither_ends_the_gradient_pass_nor_enters_
     import nodes
 
     model, clip = sharpened_sd21()
-    layers = pack.core("loda").select_map_layers(
-        pack.layout(model),
-        (SIZE // 8, SIZE // 8), "all")
+    layers = pack.core("loda").select_map_layers(pack.layout(model), (SIZE // 8, SIZE // 8), "all")
     ours = encode(pack, clip)
     with torch.inference_mode():
-        area = nodes.ConditioningSetArea().append(encode(pack, clip, "a red house on a green hill"), 64, 64, 0, 0,
-                                                  1.0)[0]
+        area = nodes.ConditioningSetArea().append(encode(pack, clip, "a red house on a green hill"), 64, 64, 0, 0, 1.0)[
+            0
+        ]
         combined = nodes.ConditioningCombine().combine(area, ours)[0]
     spy = Spy(layers.mask_keys)
     biased = []
@@ -627,15 +686,18 @@ def test_an_area_prompt_running_first_neither_ends_the_gradient_pass_nor_enters_
     assert any(call.grid != layers.grid for _, call, _ in spy.records if call.key == layers.mask_keys[0])  # crops
     for call, bias in biased:  # crops (and the negatives paired with them) are never biased, the rest always
         for index, chunk in enumerate(call.chunk_prompts):
-            rows = None if bias is None else bias[index * call.rows_per_chunk:(index + 1) * call.rows_per_chunk]
+            rows = None if bias is None else bias[index * call.rows_per_chunk : (index + 1) * call.rows_per_chunk]
             assert (rows is None or rows.abs().sum() == 0) == chunk.area
     areas = [call for call, _ in biased if any(chunk.area for chunk in call.chunk_prompts)]
     assert areas and len(areas) < len(biased)
     sigma_0 = max(s for s, _, _ in spy.records)
     first = [(call, probs) for s, call, probs in spy.records if s == sigma_0 and call.grid == layers.grid]
-    total = sum(probs[index * call.rows_per_chunk:(index + 1) * call.rows_per_chunk][..., [2, 5]].sum(1)
-                for call, probs in first[:len(layers.mask_keys)]
-                for index, branch in enumerate(call.cond_or_uncond) if branch == 0)
-    count = sum(call.heads for call, _ in first[:len(layers.mask_keys)])
+    total = sum(
+        probs[index * call.rows_per_chunk : (index + 1) * call.rows_per_chunk][..., [2, 5]].sum(1)
+        for call, probs in first[: len(layers.mask_keys)]
+        for index, branch in enumerate(call.cond_or_uncond)
+        if branch == 0
+    )
+    count = sum(call.heads for call, _ in first[: len(layers.mask_keys)])
     expected = (total / count).transpose(1, 2).unflatten(-1, layers.grid)
     torch.testing.assert_close(result.maps.maps, expected, **SAME_PROBABILITIES)

@@ -12,9 +12,22 @@ from comfy_harness.tiny_models import build_tiny_model
 ARCHS = ("sd15", "sd21", "sdxl")
 PROMPT = "a dog and a cat"
 SIZE = 112  # 7×7 maps in the tiny models
-SETTINGS = dict(loda_steps=1, inner_iterations=1, kl_threshold=1.0, step_scale=40.0, step_schedule="linear",
-                smoothing_sigma=1.5, kl_pairs="ordered", mask_percentile=0.9, mask_sigma=1.5, boost=5.0,
-                suppression=-1e8, fixing_layers="all", fixing_branches="both", mask_source="cond")
+SETTINGS = dict(
+    loda_steps=1,
+    inner_iterations=1,
+    kl_threshold=1.0,
+    step_scale=40.0,
+    step_schedule="linear",
+    smoothing_sigma=1.5,
+    kl_pairs="ordered",
+    mask_percentile=0.9,
+    mask_sigma=1.5,
+    boost=5.0,
+    suppression=-1e8,
+    fixing_layers="all",
+    fixing_branches="both",
+    mask_source="cond",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,33 +55,74 @@ def graph(arch: str, tova: bool) -> dict:
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
     }
     if tova:
-        g["20"] = {"class_type": "ConceptSplitLoadAdapter", "inputs": {
-            "adapter_name": f"{arch}_dog.safetensors", "identifier_word": "", "strength": 1.0, "role": "from file"}}
-        g["21"] = {"class_type": "ConceptSplitLoadAdapter", "inputs": {
-            "adapter_name": f"{arch}_cat.safetensors", "identifier_word": "", "strength": 1.0, "role": "from file",
-            "adapters": ["20", 0]}}
-        g["2"] = {"class_type": "ConceptSplitApplyToVA", "inputs": {
-            "model": ["1", 0], "adapters": ["21", 0], "clip": ["1", 1], "text": PROMPT}}
+        g["20"] = {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {
+                "adapter_name": f"{arch}_dog.safetensors",
+                "identifier_word": "",
+                "strength": 1.0,
+                "role": "from file",
+            },
+        }
+        g["21"] = {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {
+                "adapter_name": f"{arch}_cat.safetensors",
+                "identifier_word": "",
+                "strength": 1.0,
+                "role": "from file",
+                "adapters": ["20", 0],
+            },
+        }
+        g["2"] = {
+            "class_type": "ConceptSplitApplyToVA",
+            "inputs": {"model": ["1", 0], "adapters": ["21", 0], "clip": ["1", 1], "text": PROMPT},
+        }
         model, positive, words = ["2", 0], ["2", 1], ""
     else:
         g["2"] = {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}}
         model, positive, words = ["1", 0], ["2", 0], "dog, cat"
-    g["5"] = {"class_type": "ConceptSplitLodaSampler", "inputs": {
-        "model": model, "seed": 0, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-        "positive": positive, "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
-        "concept_words": words, **SETTINGS}}
+    g["5"] = {
+        "class_type": "ConceptSplitLodaSampler",
+        "inputs": {
+            "model": model,
+            "seed": 0,
+            "steps": 3,
+            "cfg": 7.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "positive": positive,
+            "negative": ["3", 0],
+            "latent_image": ["4", 0],
+            "denoise": 1.0,
+            "concept_words": words,
+            **SETTINGS,
+        },
+    }
     g["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
     g["7"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}
     g["8"] = {"class_type": "MaskToImage", "inputs": {"mask": ["5", 1]}}
     g["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
     g["10"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}}
-    g["11"] = {"class_type": "ConceptSplitLoda", "inputs": {"sampler": ["10", 0], "concept_words": words,
-                                                           **SETTINGS}}
-    g["12"] = {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": "normal", "steps": 3,
-                                                          "denoise": 1.0}}
-    g["13"] = {"class_type": "SamplerCustom", "inputs": {
-        "model": model, "add_noise": True, "noise_seed": 0, "cfg": 7.0, "positive": positive,
-        "negative": ["3", 0], "sampler": ["11", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}}
+    g["11"] = {"class_type": "ConceptSplitLoda", "inputs": {"sampler": ["10", 0], "concept_words": words, **SETTINGS}}
+    g["12"] = {
+        "class_type": "BasicScheduler",
+        "inputs": {"model": model, "scheduler": "normal", "steps": 3, "denoise": 1.0},
+    }
+    g["13"] = {
+        "class_type": "SamplerCustom",
+        "inputs": {
+            "model": model,
+            "add_noise": True,
+            "noise_seed": 0,
+            "cfg": 7.0,
+            "positive": positive,
+            "negative": ["3", 0],
+            "sampler": ["11", 0],
+            "sigmas": ["12", 0],
+            "latent_image": ["4", 0],
+        },
+    }
     g["14"] = {"class_type": "ConceptSplitLodaResults", "inputs": {"latent": ["13", 0], "loda_result": ["11", 1]}}
     g["15"] = {"class_type": "MaskToImage", "inputs": {"mask": ["14", 0]}}
     g["16"] = {"class_type": "PreviewImage", "inputs": {"images": ["15", 0]}}
@@ -109,7 +163,8 @@ def test_gradient_checkpointing_through_the_server_gives_the_same_images_and_mas
         checkpointed[node]["inputs"]["gradient_checkpointing"] = True
     entries = [loda_server.run(g, timeout=240) for g in (plain, checkpointed)]
     for node in ("7", "9", "16", "18"):
-        first, second = ([np.asarray(image, dtype=np.int16) for image in loda_server.output_images(entry, node)]
-                         for entry in entries)
+        first, second = (
+            [np.asarray(image, dtype=np.int16) for image in loda_server.output_images(entry, node)] for entry in entries
+        )
         assert len(first) == len(second) > 0
         assert all(np.abs(a - b).max() <= 1 for a, b in zip(first, second)), node  # 8-bit rounding at most

@@ -37,8 +37,15 @@ def test_every_pack_node_with_number_inputs_is_covered(pack):
     cases = _number_inputs(pack)
     covered = {schema.node_id for _, schema, _, _ in cases}
     # the premise: the nodes whose numbers issue 11 names are among them (so the loop below is not empty)
-    assert {"ConceptSplitLoadAdapter", "ConceptSplitLodaSampler", "ConceptSplitLoda", "ConceptSplitAttentionViewer",
-            "ConceptSplitCaptureAttention", "ConceptSplitTrainToVA", "ConceptSplitLoadTrainingImages"} <= covered
+    assert {
+        "ConceptSplitLoadAdapter",
+        "ConceptSplitLodaSampler",
+        "ConceptSplitLoda",
+        "ConceptSplitAttentionViewer",
+        "ConceptSplitCaptureAttention",
+        "ConceptSplitTrainToVA",
+        "ConceptSplitLoadTrainingImages",
+    } <= covered
     assert len(cases) >= 25
 
 
@@ -46,9 +53,15 @@ def test_every_number_input_refuses_nan_inf_and_out_of_range_values(pack):
     checked = 0
     for node, schema, spec, integer in _number_inputs(pack):
         label = f"{schema.display_name} input {spec.id}"
-        bad = [(spec.max + 1, "is out of range"), (spec.min - 1, "is out of range"), (1.5, "is not an integer")] \
-            if integer else [(float("nan"), "is not a finite number"), (float("-inf"), "is not a finite number"),
-                             (spec.max + abs(spec.max) * 1e-6 + 1e-6, "is out of range")]
+        bad = (
+            [(spec.max + 1, "is out of range"), (spec.min - 1, "is out of range"), (1.5, "is not an integer")]
+            if integer
+            else [
+                (float("nan"), "is not a finite number"),
+                (float("-inf"), "is not a finite number"),
+                (spec.max + abs(spec.max) * 1e-6 + 1e-6, "is out of range"),
+            ]
+        )
         for value, problem in bad:
             with pytest.raises(pack.error, match=f"{label} {problem}"):
                 _call(node, schema, {spec.id: value})

@@ -44,8 +44,11 @@ def test_another_text_of_the_same_length_is_refused_before_any_model_call(pack, 
     patched, positive = tova(pack, spied, clip, tova_folder)
     other = plain(clip, "a cat")
     assert other[0][0].shape == positive[0][0].shape  # 77 tokens each: length alone cannot tell them apart
-    with pytest.raises(pack.error, match=REFUSED + r'.*text features other than those of "a dog and a cat"'
-                                         r'.*Fix: connect Apply ToVA\'s positive output'):
+    with pytest.raises(
+        pack.error,
+        match=REFUSED + r'.*text features other than those of "a dog and a cat"'
+        r".*Fix: connect Apply ToVA\'s positive output",
+    ):
         sample(patched, clip, positive=other)
     # The same tokens with another weight are other text features: refused too (the documented rule; the weighted
     # text belongs in Apply ToVA, or in ConceptSplit Text Encode, whose token record is trusted).
@@ -82,8 +85,10 @@ def test_two_window_prompts_are_compared_over_every_window_and_batches_are_accep
     same, other = plain(clip, text), plain(clip, "cat " * 80 + "and a cow")
     assert same[0][0].shape[1] == other[0][0].shape[1] == 154
     assert torch.equal(other[0][0][:, :77], same[0][0][:, :77])  # only the second window differs
-    assert torch.equal(sample(patched, clip, positive=same, batch=2, steps=2),
-                       sample(patched, clip, positive=positive, batch=2, steps=2))
+    assert torch.equal(
+        sample(patched, clip, positive=same, batch=2, steps=2),
+        sample(patched, clip, positive=positive, batch=2, steps=2),
+    )
     with pytest.raises(pack.error, match=REFUSED):
         sample(patched, clip, positive=other, steps=1)
 
@@ -97,8 +102,10 @@ def test_a_cast_copy_is_the_same_prompt_and_gets_the_delta_on_its_rows(pack, tov
     half = [[same[0][0].half(), dict(same[0][1])]]
     sample(patched, clip, positive=half, steps=1)
     encodings = {"half": half[0][0][0].float(), "negative": plain(clip, "")[0][0][0]}
-    assert set(changed_rows_per_chunk(spy, model, encodings)) == {("half", frozenset({2, 5})),
-                                                                  ("negative", frozenset({2, 5}))}
+    assert set(changed_rows_per_chunk(spy, model, encodings)) == {
+        ("half", frozenset({2, 5})),
+        ("negative", frozenset({2, 5})),
+    }
 
 
 def test_combined_and_concatenated_plain_encodes_get_the_delta_only_on_the_prompt(pack, tova_folder):
@@ -118,13 +125,18 @@ def test_combined_and_concatenated_plain_encodes_get_the_delta_only_on_the_promp
     sample(patched, clip, positive=combined, steps=1)
     encodings = {"same": same[0][0][0], "other": other[0][0][0], "negative": negative}
     assert set(changed_rows_per_chunk(spy, model, encodings)) == {
-        ("same", frozenset({2, 5})), ("other", frozenset()), ("negative", frozenset({2, 5}))}
+        ("same", frozenset({2, 5})),
+        ("other", frozenset()),
+        ("negative", frozenset({2, 5})),
+    }
     spy.calls.clear()
     sample(patched, clip, positive=concatenated, steps=1)
     encodings = {"concatenated": concatenated[0][0][0], "negative": negative}
     # the 77-token negative is repeated to 154 beside the 154-token positive: its s_k rows appear in both copies
     assert set(changed_rows_per_chunk(spy, model, encodings)) == {
-        ("concatenated", frozenset({2, 5})), ("negative", frozenset({2, 5, 79, 82}))}
+        ("concatenated", frozenset({2, 5})),
+        ("negative", frozenset({2, 5, 79, 82})),
+    }
     with torch.inference_mode():
         reversed_order = nodes.ConditioningConcat().concat(other, same)[0]
     with pytest.raises(pack.error, match=REFUSED):  # the other text first: the prompt is not at s_k
@@ -148,8 +160,11 @@ def test_capture_attention_refuses_another_text_and_accepts_the_same_from_any_en
     model, clip, _ = build_tiny_model("sd15")
     positive = encode(pack, clip, PROMPT)  # ConceptSplit Text Encode: the words are located in it
     patched, store = capture(pack, model, "dog, cat", positive, layers="all")
-    with pytest.raises(pack.error, match=r'not the prompt Capture Attention located "dog" in'
-                                         r'.*text features other than those of "a dog and a cat"'):
+    with pytest.raises(
+        pack.error,
+        match=r'not the prompt Capture Attention located "dog" in'
+        r'.*text features other than those of "a dog and a cat"',
+    ):
         sample(patched, clip, positive=plain(clip, "a cat"), steps=2)
     recorded = store.maps_for(sample(patched, clip, positive=positive, steps=2)).maps
     latent = sample(patched, clip, positive=plain(clip, PROMPT), steps=2)

@@ -47,8 +47,7 @@ def test_another_text_is_refused_and_the_same_text_samples_like_apply_tovas_posi
     # The server still answers; the same text through CLIP Text Encode is Apply ToVA's prompt. Same process, same
     # CLIP call on the same tokens: bit-identical features, so the same operations give bit-identical latents.
     own = saved_latent(comfy_server, comfy_server.run(tova_graph(arch, dog, cat, PROMPT)))
-    same = saved_latent(comfy_server, comfy_server.run(with_plain_positive(tova_graph(arch, dog, cat, PROMPT),
-                                                                           PROMPT)))
+    same = saved_latent(comfy_server, comfy_server.run(with_plain_positive(tova_graph(arch, dog, cat, PROMPT), PROMPT)))
     assert torch.equal(same, own)
 
 
@@ -57,9 +56,28 @@ def test_loda_sampler_on_a_tova_model_refuses_another_text_the_same_way(comfy_se
     graph = with_plain_positive(tova_graph("sd15", dog, cat, PROMPT), "a cat and a dog")
     sampler = graph.pop("7")["inputs"]
     graph["6"]["inputs"].update(width=112, height=112)  # 7×7 maps in the tiny models
-    graph["7"] = {"class_type": "ConceptSplitLodaSampler", "inputs": {
-        **{key: sampler[key] for key in ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
-                                         "negative", "latent_image", "denoise")}, "concept_words": "", **SETTINGS}}
+    graph["7"] = {
+        "class_type": "ConceptSplitLodaSampler",
+        "inputs": {
+            **{
+                key: sampler[key]
+                for key in (
+                    "model",
+                    "seed",
+                    "steps",
+                    "cfg",
+                    "sampler_name",
+                    "scheduler",
+                    "positive",
+                    "negative",
+                    "latent_image",
+                    "denoise",
+                )
+            },
+            "concept_words": "",
+            **SETTINGS,
+        },
+    }
     message = comfy_server.run_expect_error(graph)
     assert message.startswith("ConceptSplitLodaSampler")
     assert REFUSED in message and 'text features other than those of "a dog and a cat"' in message

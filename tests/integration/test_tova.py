@@ -60,8 +60,10 @@ def test_nodes_register_with_tooltips_and_comfy_nodes_module_is_comfyuis(pack, c
     import nodes
 
     assert sys.modules["nodes"].__file__ == str(comfyui / "nodes.py")
-    for node_id, display in (("ConceptSplitLoadAdapter", "Load ToVA Adapter"),
-                             ("ConceptSplitApplyToVA", "Apply ToVA to Model")):
+    for node_id, display in (
+        ("ConceptSplitLoadAdapter", "Load ToVA Adapter"),
+        ("ConceptSplitApplyToVA", "Apply ToVA to Model"),
+    ):
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
         schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
         assert [i.id for i in schema.inputs if not i.tooltip] == []
@@ -73,14 +75,18 @@ def test_positions_match_comfyuis_own_token_sequence(pack, arch_name):
     hooks = pack.glue("comfy_text")
     _, clip, _ = build_tiny_model(arch_name)
     key = "h" if arch_name == "sd21" else "l"
-    cases = [("A photo of my Dog, next to a CAT.", "dog"), ("(dog:1.3) and a cat", "dog"),
-             ("cat " * 80 + "and a dog", "dog"), ("a catdog and a dog", "dog")]
+    cases = [
+        ("A photo of my Dog, next to a CAT.", "dog"),
+        ("(dog:1.3) and a cat", "dog"),
+        ("cat " * 80 + "and a dog", "dog"),
+        ("a catdog and a dog", "dog"),
+    ]
     for text, word in cases:
         flat = [t[0] for window in clip.tokenize(text)[key] for t in window]
         word_id = hooks.word_token_ids(clip, word)
         position = pack.core("prompt_tokens").locate_identifier_positions(
-            hooks.prompt_tokens(clip, text),
-            [pack.core("prompt_tokens").IdentifierRequest("x", word, word_id)])[0]
+            hooks.prompt_tokens(clip, text), [pack.core("prompt_tokens").IdentifierRequest("x", word, word_id)]
+        )[0]
         assert flat[position] == word_id[0] and len(flat) % 77 == 0
         with torch.inference_mode():
             assert clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0].shape[1] == len(flat)
@@ -97,8 +103,9 @@ def test_positions_match_comfyuis_own_token_sequence(pack, arch_name):
 
 
 @pytest.mark.parametrize("apply_to_uncond", [True, False])
-def test_delta_inside_a_real_sampling_run_matches_merged_weight_reference(pack, two_adapters, tova_folder,
-                                                                         apply_to_uncond):
+def test_delta_inside_a_real_sampling_run_matches_merged_weight_reference(
+    pack, two_adapters, tova_folder, apply_to_uncond
+):
     model, clip, _, dog, cat = two_adapters
     spy, spied = spy_model(model)
     modules = dict(model.model.diffusion_model.named_modules())
@@ -127,8 +134,9 @@ def test_delta_inside_a_real_sampling_run_matches_merged_weight_reference(pack, 
                 # The pack's float32 V row: to_v's dot product over d, then (c·Aᵀ)·Bᵀ over d and r, scaled and added;
                 # each term is bounded by |W||c| + λ|B||A||c|, so it is within (d + r + 3)·eps32 of that of the
                 # float64 reference.
-                magnitude = (torch.nn.functional.linear(context.abs(), weight.abs()) + scales[file]
-                             * torch.nn.functional.linear(context.abs() @ lora_a.abs().T, lora_b.abs()))  # (B, T, C)
+                magnitude = torch.nn.functional.linear(context.abs(), weight.abs()) + scales[
+                    file
+                ] * torch.nn.functional.linear(context.abs() @ lora_a.abs().T, lora_b.abs())  # (B, T, C)
                 tolerance = float32_tolerance(magnitude[:, position], weight.shape[1] + lora_a.shape[0] + 3)
                 for i, chunk in enumerate(chunks):
                     seen_chunks.add(chunk)
@@ -246,8 +254,9 @@ def test_chains_with_controlnet(pack, tova_folder):
         positive = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(5))
-        positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0,
-                                                                         1.0, vae=vae)
+        positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, control, hint, 1.0, 0.0, 1.0, vae=vae
+        )
     patched = apply(pack, model, load(pack, dog.name), clip)[0]
     both = sample(patched, clip, positive=positive)
     reference = sample(ReferenceToVA(model, [(dog, 2, 1.0)]).install(model), clip, positive=positive)
@@ -270,8 +279,7 @@ def changed_rows_per_chunk(spy, model, encodings):
             for i in range(len(chunks)):
                 rows = slice(i * per, (i + 1) * per)
                 chunk_context = context[rows][0]  # (T, d)
-                label = next(key for key, enc in encodings.items()
-                             if torch.equal(chunk_context[: enc.shape[0]], enc))
+                label = next(key for key, enc in encodings.items() if torch.equal(chunk_context[: enc.shape[0]], enc))
                 diff = (v[rows] - base[rows]).abs().amax(dim=(0, 2))  # (T,)
                 seen.append((label, frozenset(torch.nonzero(diff).flatten().tolist())))
     return seen
@@ -290,8 +298,11 @@ def test_delta_follows_each_conditioning_in_combined_and_padded_batches(pack, to
     with torch.inference_mode():
         other = nodes.CLIPTextEncode().encode(clip, other_text)[0]
         both = nodes.ConditioningCombine().combine(positive, other)[0]
-        encodings = {"tova": positive[0][0][0], "other": other[0][0][0],
-                     "negative": nodes.CLIPTextEncode().encode(clip, negative_text)[0][0][0][0]}
+        encodings = {
+            "tova": positive[0][0][0],
+            "other": other[0][0][0],
+            "negative": nodes.CLIPTextEncode().encode(clip, negative_text)[0][0][0][0],
+        }
     sample(patched, clip, positive=both, negative_text=negative_text, steps=1)
     seen = set(changed_rows_per_chunk(spy, model, encodings))
     assert seen == {("tova", frozenset({5, 82})), ("other", frozenset()), ("negative", frozenset({5}))}
@@ -312,6 +323,7 @@ def test_split_cond_and_uncond_calls_with_a_long_prompt(pack, tova_folder, monke
 
     def scarce(device=None, torch_free_too=False):  # comfy.samplers asks without torch_free_too
         return real(device, torch_free_too) if torch_free_too else 1
+
     monkeypatch.setattr(comfy.model_management, "get_free_memory", scarce)
     with torch.inference_mode():
         encodings = {"tova": positive[0][0][0], "negative": pack_encode(clip, "")}

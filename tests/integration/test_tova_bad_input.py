@@ -32,8 +32,11 @@ def test_every_family_mismatch_is_named(pack, tova_folder, adapter_arch, model_a
     model, clip, _ = build_tiny_model(model_arch)
     path = write_tiny_adapter(tova_folder / "dog.safetensors", adapter_model, "dog", seed=1)
     options_before = copy.deepcopy(model.model_options)
-    with pytest.raises(pack.error, match=f"trained for {DISPLAY[adapter_arch]} .* but the model is "
-                                         f"{DISPLAY[model_arch]}.*Fix: load a {DISPLAY[model_arch]} adapter"):
+    with pytest.raises(
+        pack.error,
+        match=f"trained for {DISPLAY[adapter_arch]} .* but the model is "
+        f"{DISPLAY[model_arch]}.*Fix: load a {DISPLAY[model_arch]} adapter",
+    ):
         apply(pack, model, load(pack, path.name), clip)
     assert model.model_options == options_before
 
@@ -54,6 +57,7 @@ def test_missing_misshaped_and_non_value_layers(pack, tova_folder):
     def drop_middle(t):
         for key in [k for k in t if "mid_block" in k]:
             t.pop(key)
+
     rewrite(path, drop_middle)
     with pytest.raises(pack.error, match="metadata that does not match its tensors"):
         load(pack, path.name)
@@ -68,6 +72,7 @@ def test_missing_misshaped_and_non_value_layers(pack, tova_folder):
     def widen(t):
         key = next(k for k in t if k.endswith("lora_B.weight"))
         t[key] = torch.zeros(t[key].shape[0] * 2, t[key].shape[1])
+
     rewrite(path, widen)
     with pytest.raises(pack.error, match="shaped for another model"):
         apply(pack, model, load(pack, path.name, "dog"), clip)
@@ -76,15 +81,20 @@ def test_missing_misshaped_and_non_value_layers(pack, tova_folder):
 
     def add_key(t):
         t["tova.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v.lora_A.weight"] = torch.zeros(4, 64)
+
     rewrite(path, add_key)
     with pytest.raises(pack.error, match="more than the cross-attention value projection.*attn1"):
         load(pack, path.name)
 
 
 def test_regular_lora_corrupt_pickle_and_nan_files(pack, tova_folder):
-    save_file({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.zeros(4, 64),
-               "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v.lora_up.weight": torch.zeros(64, 4)},
-              str(tova_folder / "kohya.safetensors"))
+    save_file(
+        {
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.zeros(4, 64),
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v.lora_up.weight": torch.zeros(64, 4),
+        },
+        str(tova_folder / "kohya.safetensors"),
+    )
     with pytest.raises(pack.error, match='"kohya.safetensors" is a regular LoRA.*Load LoRA'):
         load(pack, "kohya.safetensors")
 
@@ -97,6 +107,7 @@ def test_regular_lora_corrupt_pickle_and_nan_files(pack, tova_folder):
     class Evil:
         def __reduce__(self):
             return (exec, ("raise SystemExit('executed')",))
+
     with open(tova_folder / "evil.pt", "wb") as handle:
         pickle.dump({"a": Evil()}, handle)
     with pytest.raises(pack.error, match="cannot be loaded safely"):
@@ -112,8 +123,11 @@ def test_word_problems(pack, tova_folder):
     model, clip, _ = build_tiny_model("sd15")
     dog = write_tiny_adapter(tova_folder / "dog.safetensors", model, "dog", seed=1)
     cat = write_tiny_adapter(tova_folder / "cat.safetensors", model, "cat", seed=2)
-    with pytest.raises(pack.error, match='Identifier word "dog" of "dog.safetensors" is not in the prompt.*'
-                                         'Seen: prompt "a cat on a sofa".*Fix: add "dog" to the prompt'):
+    with pytest.raises(
+        pack.error,
+        match='Identifier word "dog" of "dog.safetensors" is not in the prompt.*'
+        'Seen: prompt "a cat on a sofa".*Fix: add "dog" to the prompt',
+    ):
         apply(pack, model, load(pack, dog.name), clip, text="a cat on a sofa")
     with pytest.raises(pack.error, match="no free occurrence"):
         apply(pack, model, load(pack, dog.name, adapters=load(pack, dog.name)), clip, text="a dog and a cat")

@@ -19,19 +19,41 @@ def tova_graph(arch, dog, cat, text=PROMPT, seed=0, steps=3):
     """tiny loader -> Load ToVA Adapter x2 -> Apply ToVA -> KSampler -> VAEDecode -> SaveImage (API format)."""
     return {
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": arch, "seed": 0}},
-        "2": {"class_type": "ConceptSplitLoadAdapter",
-              "inputs": {"adapter_name": dog, "identifier_word": "", "strength": 1.0, "role": "from file"}},
-        "3": {"class_type": "ConceptSplitLoadAdapter",
-              "inputs": {"adapter_name": cat, "identifier_word": "", "strength": 1.0, "role": "from file",
-                         "adapters": ["2", 0]}},
-        "4": {"class_type": "ConceptSplitApplyToVA",
-              "inputs": {"model": ["1", 0], "adapters": ["3", 0], "clip": ["1", 1], "text": text}},
+        "2": {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {"adapter_name": dog, "identifier_word": "", "strength": 1.0, "role": "from file"},
+        },
+        "3": {
+            "class_type": "ConceptSplitLoadAdapter",
+            "inputs": {
+                "adapter_name": cat,
+                "identifier_word": "",
+                "strength": 1.0,
+                "role": "from file",
+                "adapters": ["2", 0],
+            },
+        },
+        "4": {
+            "class_type": "ConceptSplitApplyToVA",
+            "inputs": {"model": ["1", 0], "adapters": ["3", 0], "clip": ["1", 1], "text": text},
+        },
         "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {"class_type": "KSampler",
-              "inputs": {"model": ["4", 0], "positive": ["4", 1], "negative": ["5", 0], "latent_image": ["6", 0],
-                         "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}},
+        "7": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "positive": ["4", 1],
+                "negative": ["5", 0],
+                "latent_image": ["6", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": f"tova_{arch}"}},
         "11": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"latents/tova_{arch}"}},
@@ -72,20 +94,26 @@ def served_adapters(comfy_server, pack, tmp_path_factory):
 
 def test_pack_loads_and_registers_its_nodes(comfy_server):
     info = comfy_server.object_info()
-    for node_id, display in (("ConceptSplitLoadAdapter", "Load ToVA Adapter"),
-                             ("ConceptSplitApplyToVA", "Apply ToVA to Model"),
-                             ("ConceptSplitTextEncode", "ConceptSplit Text Encode")):
+    for node_id, display in (
+        ("ConceptSplitLoadAdapter", "Load ToVA Adapter"),
+        ("ConceptSplitApplyToVA", "Apply ToVA to Model"),
+        ("ConceptSplitTextEncode", "ConceptSplit Text Encode"),
+    ):
         assert info[node_id]["display_name"] == display
         assert info[node_id]["python_module"].startswith("custom_nodes.")
     log = comfy_server.log_text()
     ours = [line for line in log.splitlines() if "ComfyUI-ConceptSplit" in line]
-    assert ours and not [line for line in ours if "Cannot import" in line or "IMPORT FAILED" in line
-                         or "Error while calling comfy_entrypoint" in line]
+    assert ours and not [
+        line
+        for line in ours
+        if "Cannot import" in line or "IMPORT FAILED" in line or "Error while calling comfy_entrypoint" in line
+    ]
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
-def test_tova_workflow_runs_differs_from_plain_and_matches_in_process(comfy_server, served_adapters, pack, arch,
-                                                                      tova_folder):
+def test_tova_workflow_runs_differs_from_plain_and_matches_in_process(
+    comfy_server, served_adapters, pack, arch, tova_folder
+):
     entry = comfy_server.run(tova_graph(arch, served_adapters[(arch, "dog")], served_adapters[(arch, "cat")]))
     tova_image = np.asarray(comfy_server.output_images(entry, "9")[0], dtype=np.int16)
     plain = comfy_server.run(plain_graph(arch))
@@ -116,8 +144,9 @@ def test_tova_workflow_runs_differs_from_plain_and_matches_in_process(comfy_serv
 
 
 def test_bad_inputs_through_the_server_report_the_message(comfy_server, served_adapters, tmp_path):
-    graph = tova_graph("sd21", served_adapters[("sd21", "dog")], served_adapters[("sd21", "cat")],
-                       text="a cat on a sofa")
+    graph = tova_graph(
+        "sd21", served_adapters[("sd21", "dog")], served_adapters[("sd21", "cat")], text="a cat on a sofa"
+    )
     message = comfy_server.run_expect_error(graph)
     assert message.startswith("ConceptSplitApplyToVA")  # raised by Apply ToVA, before the KSampler ran
     assert 'Identifier word "dog"' in message and "is not in the prompt" in message
@@ -128,8 +157,9 @@ def test_bad_inputs_through_the_server_report_the_message(comfy_server, served_a
     assert "trained for SDXL" in message and "the model is SD2.1" in message
 
     kohya = tmp_path / "kohya_style.safetensors"
-    save_file({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.zeros(4, 64)},
-              str(kohya))
+    save_file(
+        {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.zeros(4, 64)}, str(kohya)
+    )
     graph = tova_graph("sd21", comfy_server.add_model("tova", kohya), served_adapters[("sd21", "cat")])
     message = comfy_server.run_expect_error(graph)
     assert message.startswith("ConceptSplitLoadAdapter")

@@ -20,8 +20,14 @@ from tova_reference import explicit_attention, module_path_of, spy_model
 from comfy_harness.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-TEMPLATES = ("a photo of a {}", "a {} on the grass", "a watercolor painting of my {}", "the {} in a city street",
-             "a close-up photo of the {}", "a {}")
+TEMPLATES = (
+    "a photo of a {}",
+    "a {} on the grass",
+    "a watercolor painting of my {}",
+    "the {} in a city street",
+    "a close-up photo of the {}",
+    "a {}",
+)
 WORD = "dog"
 DOG_POSITION = 5  # "a photo of a dog": [SOT, a, photo, of, a, dog]
 
@@ -41,20 +47,34 @@ def synthetic_images(n=3, size=64, seed=0) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     images = []
     for _ in range(n):
-        cx, cy, r = (torch.rand(3, generator=g) * torch.tensor([1.0, 1.0, 0.4]) + torch.tensor([-0.5, -0.5, 0.3]))
+        cx, cy, r = torch.rand(3, generator=g) * torch.tensor([1.0, 1.0, 0.4]) + torch.tensor([-0.5, -0.5, 0.3])
         blob = (((xx - cx) ** 2 + (yy - cy) ** 2) < r**2).float()[..., None]  # (size, size, 1)
         color, background = torch.rand(3, generator=g), torch.rand(3, generator=g) * 0.5
         images.append(blob * color + (1 - blob) * background)
     return torch.stack(images)
 
 
-def request(pack, name="dog", steps=4, lr=1e-4, rank=4, seed=0, checkpoint_every=0, resume=False, overwrite=False,
-            word=WORD, templates=TEMPLATES, gradient_checkpointing=False):
+def request(
+    pack,
+    name="dog",
+    steps=4,
+    lr=1e-4,
+    rank=4,
+    seed=0,
+    checkpoint_every=0,
+    resume=False,
+    overwrite=False,
+    word=WORD,
+    templates=TEMPLATES,
+    gradient_checkpointing=False,
+):
     training, data = pack.glue("training"), pack.core("training_data")
-    config = data.TrainConfig(steps=steps, learning_rate=lr, rank=rank, seed=seed, resolution=64,
-                              checkpoint_every=checkpoint_every)
-    return training.TrainingRequest(word, config, name, overwrite, resume, templates=templates,
-                                    gradient_checkpointing=gradient_checkpointing)
+    config = data.TrainConfig(
+        steps=steps, learning_rate=lr, rank=rank, seed=seed, resolution=64, checkpoint_every=checkpoint_every
+    )
+    return training.TrainingRequest(
+        word, config, name, overwrite, resume, templates=templates, gradient_checkpointing=gradient_checkpointing
+    )
 
 
 def wide_images() -> torch.Tensor:
@@ -69,8 +89,7 @@ def train(pack, model, clip, vae, folder, images=None, **kwargs):
     req = request(pack, **kwargs)
     with torch.inference_mode():
         images = synthetic_images() if images is None else images
-        return training.train_adapter(model, clip, vae, images, req, folder,
-                                      hooks.training_progress(req.config.steps))
+        return training.train_adapter(model, clip, vae, images, req, folder, hooks.training_progress(req.config.steps))
 
 
 def inference_model(arch="sd21"):
@@ -85,11 +104,13 @@ def run_body(pack, model, clip, vae, body, images=None, templates=TEMPLATES):
     layout = family.layout(model)
     sigmas, prediction, sigma_data = family.training_schedule(model)
     prompts = core.template_prompts(templates, WORD)
-    positions = core.identifier_positions([hooks.prompt_tokens(clip, p) for p in prompts], WORD,
-                                          hooks.word_token_ids(clip, WORD))
+    positions = core.identifier_positions(
+        [hooks.prompt_tokens(clip, p) for p in prompts], WORD, hooks.word_token_ids(clip, WORD)
+    )
     with torch.inference_mode():
         pixels = pack.core("training_data").preprocess_images(
-            synthetic_images() if images is None else images, 64, torch.Generator().manual_seed(0))
+            synthetic_images() if images is None else images, 64, torch.Generator().manual_seed(0)
+        )
         mean, std = seam.encode_latent_posterior(vae, model, ((pixels + 1) / 2).movedim(1, -1))
         conds = [seam.training_conditioning(clip, p, 64) for p in prompts]
     schedule = core.NoiseSchedule(sigmas, prediction, sigma_data)
@@ -110,9 +131,17 @@ def evaluation_loss(pack, model, clip, vae, pairs, items=12):
         lora = lora_module.ToVALoraSet(shapes, 4)
         lora.load_pairs(pairs)
         with torch.no_grad():
-            return sum(float(core.step_loss(lora, data, schedule, denoise,
-                                            core.draw_step(data, schedule, schedule_pairs[i], i, 0)))
-                       for i in range(items)) / items
+            return (
+                sum(
+                    float(
+                        core.step_loss(
+                            lora, data, schedule, denoise, core.draw_step(data, schedule, schedule_pairs[i], i, 0)
+                        )
+                    )
+                    for i in range(items)
+                )
+                / items
+            )
 
     return run_body(pack, model, clip, vae, body)[0]
 
@@ -150,8 +179,10 @@ def test_loss_falls_only_lora_changes_and_file_reloads(pack, tova_folder):
     zero = {p: (a, torch.zeros_like(b)) for p, (a, b) in loaded.weights.layers.items()}
     before = evaluation_loss(pack, model, clip, vae, zero)
     after = evaluation_loss(pack, model, clip, vae, dict(loaded.weights.layers))
-    sys.stdout.write(f"\nToVA tiny sd21: fixed-item loss {before:.5f} -> {after:.5f}; training loss first 10 "
-                     f"{sum(outcome.losses[:10]) / 10:.5f}, last 10 {sum(outcome.losses[-10:]) / 10:.5f}\n")
+    sys.stdout.write(
+        f"\nToVA tiny sd21: fixed-item loss {before:.5f} -> {after:.5f}; training loss first 10 "
+        f"{sum(outcome.losses[:10]) / 10:.5f}, last 10 {sum(outcome.losses[-10:]) / 10:.5f}\n"
+    )
     assert after < before * 0.99
 
 
@@ -194,13 +225,21 @@ def test_gradient_matches_merged_weight_reference(pack):
 
     def body(denoise, data, schedule, shapes):
         lora = pack.core("tova_lora").ToVALoraSet(shapes, 4, generator=g)
-        lora.load_pairs({p: (torch.randn(4, d, generator=g) / 4, torch.randn(c, 4, generator=g) * 0.5)
-                         for p, (d, c) in shapes.items()})  # B != 0, so A gets a gradient too
+        lora.load_pairs(
+            {
+                p: (torch.randn(4, d, generator=g) / 4, torch.randn(c, 4, generator=g) * 0.5)
+                for p, (d, c) in shapes.items()
+            }
+        )  # B != 0, so A gets a gradient too
         sample_ = core.draw_step(data, schedule, (1, 0), 7, 0)  # image 1, template 0 "a photo of a dog"
         loss = core.step_loss(lora, data, schedule, denoise, sample_)
         loss.backward()
-        captured.update(sample=sample_, loss=float(loss.detach()), state=lora.state_for_saving(),
-                        grads={p: (a.grad.clone(), b.grad.clone()) for p, (a, b) in lora.pairs().items()})
+        captured.update(
+            sample=sample_,
+            loss=float(loss.detach()),
+            state=lora.state_for_saving(),
+            grads={p: (a.grad.clone(), b.grad.clone()) for p, (a, b) in lora.pairs().items()},
+        )
 
     _, conds, positions = run_body(pack, model, clip, vae, body)
     assert positions[0] == DOG_POSITION
@@ -216,8 +255,9 @@ def test_gradient_matches_merged_weight_reference(pack):
     v_target = (alpha_bar.sqrt() * s.noise.double() - (1 - alpha_bar).sqrt() * s.x0.double()).float()
     reference = MergedWeightReference(model, pairs, DOG_POSITION)
     context = conds[0][0][0].clone()
-    v_hat = model.model.diffusion_model(x_t, s.timestep.float(), context=context,
-                                        transformer_options=reference.options())
+    v_hat = model.model.diffusion_model(
+        x_t, s.timestep.float(), context=context, transformer_options=reference.options()
+    )
     loss = ((v_hat.float() - v_target) ** 2).mean()
     loss.backward()
     # Two float32 implementations of one UNet forward (they differ only in attn2): the loss is a mean of squares, so
@@ -241,8 +281,9 @@ def test_trained_adapter_changes_v_only_on_identifier_rows(pack, tova_folder):
     model, clip, vae = inference_model()
     outcome = train(pack, model, clip, vae, tova_folder, steps=3, lr=1e-2)
     recorder, spied = spy_model(model)
-    patched, positive, info = pack.glue("adapters").ApplyToVA.execute(spied, (outcome.concept,), clip,
-                                                                      "a photo of a dog").result
+    patched, positive, info = (
+        pack.glue("adapters").ApplyToVA.execute(spied, (outcome.concept,), clip, "a photo of a dog").result
+    )
     assert f"token {DOG_POSITION}" in info
     sample(patched, clip, positive=positive, steps=2)
     modules = dict(model.model.diffusion_model.named_modules())
@@ -283,12 +324,10 @@ def test_interrupt_and_resume_equals_uninterrupted(pack, tova_folder):
     full = train(pack, model, clip, vae, tova_folder, name="full", steps=6, lr=1e-2, checkpoint_every=2)
     assert not (tova_folder / "full.tova-checkpoint").exists()  # removed once the adapter is saved
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        train(pack, _interrupt_at(model, 5), clip, vae, tova_folder, name="part", steps=6, lr=1e-2,
-              checkpoint_every=2)
+        train(pack, _interrupt_at(model, 5), clip, vae, tova_folder, name="part", steps=6, lr=1e-2, checkpoint_every=2)
     assert sorted(p.name for p in tova_folder.iterdir()) == ["full.safetensors", "part.tova-checkpoint"]
     assert pack.core("tova_lora").load_training_checkpoint(tova_folder / "part.tova-checkpoint").step == 4
-    resumed = train(pack, model, clip, vae, tova_folder, name="part", steps=6, lr=1e-2, checkpoint_every=2,
-                    resume=True)
+    resumed = train(pack, model, clip, vae, tova_folder, name="part", steps=6, lr=1e-2, checkpoint_every=2, resume=True)
     assert resumed.resumed_from == 4 and resumed.losses == full.losses
     for path, (lora_a, lora_b) in full.concept.weights.layers.items():
         assert torch.equal(resumed.concept.weights.layers[path][0], lora_a)
@@ -306,11 +345,23 @@ def test_gradient_checkpointing_gives_the_same_adapter_and_restores_the_unet(pac
     plain = train(pack, model, clip, vae, tova_folder, name="plain", steps=3, lr=1e-2, images=wide_images())
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda *args, **kwargs: calls.append(kwargs["use_reentrant"]) or real_checkpoint(*args,
-                                                                                                          **kwargs))
-    checkpointed = train(pack, model, clip, vae, tova_folder, name="checkpointed", steps=3, lr=1e-2,
-                         images=wide_images(), gradient_checkpointing=True)
+    monkeypatch.setattr(
+        torch.utils.checkpoint,
+        "checkpoint",
+        lambda *args, **kwargs: calls.append(kwargs["use_reentrant"]) or real_checkpoint(*args, **kwargs),
+    )
+    checkpointed = train(
+        pack,
+        model,
+        clip,
+        vae,
+        tova_folder,
+        name="checkpointed",
+        steps=3,
+        lr=1e-2,
+        images=wide_images(),
+        gradient_checkpointing=True,
+    )
     assert calls and set(calls) == {False}  # the blocks really ran checkpointed (non-reentrant)
     assert all("forward" not in module.__dict__ for module in model.model.diffusion_model.modules())  # unpatched
     # Checkpointing recomputes the same float32 ops in the same order (bit-identical); 1e-6 ≈ 8 eps32 at losses and
@@ -347,14 +398,17 @@ def _nan_after(model, call):
     return clone
 
 
-@pytest.mark.parametrize("case, match", [
-    ("no images", "No training images"),
-    ("blank word", "gives no tokens"),
-    ("rank too large", "Rank 65 is larger"),
-    ("path in name", "not allowed"),
-    ("existing file", "already exists"),
-    ("nan loss", "diverged at step 3"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no images", "No training images"),
+        ("blank word", "gives no tokens"),
+        ("rank too large", "Rank 65 is larger"),
+        ("path in name", "not allowed"),
+        ("existing file", "already exists"),
+        ("nan loss", "diverged at step 3"),
+    ],
+)
 def test_bad_input_is_one_error_and_writes_nothing(pack, tova_folder, case, match):
     model, clip, vae = inference_model()
     kwargs = {"steps": 4}
@@ -399,18 +453,47 @@ def test_training_workflow_on_the_server_then_generation(comfy_server):
     graph = {
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd21", "seed": 0}},
         "2": {"class_type": "ConceptSplitLoadTrainingImages", "inputs": {"folder": "my_dog", "resolution": 64}},
-        "3": {"class_type": "ConceptSplitTrainToVA", "inputs": {
-            "model": model, "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "identifier_word": "dog",
-            "steps": 2, "learning_rate": 1e-3, "rank": 4, "seed": 0, "resolution": 64, "save_name": "server_dog",
-            "overwrite": False, "checkpoint_every": 0, "resume": False}},
+        "3": {
+            "class_type": "ConceptSplitTrainToVA",
+            "inputs": {
+                "model": model,
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "images": ["2", 0],
+                "identifier_word": "dog",
+                "steps": 2,
+                "learning_rate": 1e-3,
+                "rank": 4,
+                "seed": 0,
+                "resolution": 64,
+                "save_name": "server_dog",
+                "overwrite": False,
+                "checkpoint_every": 0,
+                "resume": False,
+            },
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
-        "5": {"class_type": "ConceptSplitApplyToVA", "inputs": {
-            "model": model, "adapters": ["3", 0], "clip": ["1", 1], "text": "a photo of a dog"}},
+        "5": {
+            "class_type": "ConceptSplitApplyToVA",
+            "inputs": {"model": model, "adapters": ["3", 0], "clip": ["1", 1], "text": "a photo of a dog"},
+        },
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "8": {"class_type": "KSampler", "inputs": {
-            "model": ["5", 0], "positive": ["5", 1], "negative": ["6", 0], "latent_image": ["7", 0], "seed": 0,
-            "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["5", 0],
+                "positive": ["5", 1],
+                "negative": ["6", 0],
+                "latent_image": ["7", 0],
+                "seed": 0,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
         "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
     }
@@ -421,25 +504,67 @@ def test_training_workflow_on_the_server_then_generation(comfy_server):
     assert saved.is_file()
     # the saved file in a plain generation workflow; a second training run under the same name is refused
     graph["5"]["inputs"]["adapters"] = ["11", 0]
-    graph["11"] = {"class_type": "ConceptSplitLoadAdapter", "inputs": {
-        "adapter_name": "server_dog.safetensors", "identifier_word": "", "strength": 1.0, "role": "from file"}}
+    graph["11"] = {
+        "class_type": "ConceptSplitLoadAdapter",
+        "inputs": {
+            "adapter_name": "server_dog.safetensors",
+            "identifier_word": "",
+            "strength": 1.0,
+            "role": "from file",
+        },
+    }
     del graph["3"], graph["4"]
     entry = comfy_server.run(graph, timeout=120)
     assert comfy_server.output_images(entry, "10")[0].size == (64, 64)
-    again = {k: graph[k] for k in ("1", "2")} | {"3": {"class_type": "ConceptSplitTrainToVA", "inputs": {
-        "model": model, "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "identifier_word": "dog", "steps": 2,
-        "learning_rate": 1e-3, "rank": 4, "seed": 1, "resolution": 64, "save_name": "server_dog",
-        "overwrite": False, "checkpoint_every": 0, "resume": False}}}
+    again = {k: graph[k] for k in ("1", "2")} | {
+        "3": {
+            "class_type": "ConceptSplitTrainToVA",
+            "inputs": {
+                "model": model,
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "images": ["2", 0],
+                "identifier_word": "dog",
+                "steps": 2,
+                "learning_rate": 1e-3,
+                "rank": 4,
+                "seed": 1,
+                "resolution": 64,
+                "save_name": "server_dog",
+                "overwrite": False,
+                "checkpoint_every": 0,
+                "resume": False,
+            },
+        }
+    }
     assert "already exists" in comfy_server.run_expect_error(again)
 
 
 def test_command_line_trainer_on_a_tiny_model(comfyui, tmp_path):
     _write_photos(tmp_path / "photos", sizes=((80, 64), (64, 96), (72, 72)))  # different sizes are fine
     (tmp_path / "templates.txt").write_text("\n".join(TEMPLATES[:3]) + "\n")
-    command = [sys.executable, str(REPO / "scripts" / "train_tova.py"), "--tiny", "sd21", "--images",
-               str(tmp_path / "photos"), "--word", "dog", "--name", "cli_dog", "--steps", "3", "--rank", "4",
-               "--resolution", "64", "--output-dir", str(tmp_path / "out"), "--templates",
-               str(tmp_path / "templates.txt")]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "train_tova.py"),
+        "--tiny",
+        "sd21",
+        "--images",
+        str(tmp_path / "photos"),
+        "--word",
+        "dog",
+        "--name",
+        "cli_dog",
+        "--steps",
+        "3",
+        "--rank",
+        "4",
+        "--resolution",
+        "64",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--templates",
+        str(tmp_path / "templates.txt"),
+    ]
     env = dict(os.environ, COMFYUI_PATH=str(comfyui), OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -62,10 +62,25 @@ def training_graph(loader: dict, save_name: str, steps: int = 2) -> dict:
     return {
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd21", "seed": 0}},
         "2": loader,
-        "3": {"class_type": "ConceptSplitTrainToVA", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "identifier_word": "dog",
-            "steps": steps, "learning_rate": 1e-3, "rank": 4, "seed": 0, "resolution": 64, "save_name": save_name,
-            "overwrite": False, "checkpoint_every": 0, "resume": False}},
+        "3": {
+            "class_type": "ConceptSplitTrainToVA",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "images": ["2", 0],
+                "identifier_word": "dog",
+                "steps": steps,
+                "learning_rate": 1e-3,
+                "rank": 4,
+                "seed": 0,
+                "resolution": 64,
+                "save_name": save_name,
+                "overwrite": False,
+                "checkpoint_every": 0,
+                "resume": False,
+            },
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
     }
 
@@ -85,8 +100,11 @@ def test_list_loader_cases_follow_the_servers_object_info(comfy_server):
 def test_a_folder_of_photos_trains_one_adapter_in_one_run(comfy_server, photo_loader):
     folder = f"photos_{photo_loader}"
     write_photos(comfy_server.base_dir / "input" / folder)
-    loader = pack_loader(folder) if photo_loader == PACK_LOADER else {"class_type": LIST_LOADER,
-                                                                      "inputs": {"folder": folder}}
+    loader = (
+        pack_loader(folder)
+        if photo_loader == PACK_LOADER
+        else {"class_type": LIST_LOADER, "inputs": {"folder": folder}}
+    )
     name = f"from_folder_{photo_loader}"
     before = tova_files(comfy_server)
     entry = comfy_server.run(training_graph(loader, name), timeout=300)
@@ -102,10 +120,13 @@ def test_a_folder_of_photos_trains_one_adapter_in_one_run(comfy_server, photo_lo
     assert meta["conceptsplit.train_steps"] == "2" and meta["conceptsplit.train_resolution"] == "64"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", 'The photo folder "empty" holds no photos'),
-    ("damaged", 'The photo "photo_1.png" cannot be read'),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", 'The photo folder "empty" holds no photos'),
+        ("damaged", 'The photo "photo_1.png" cannot be read'),
+    ],
+)
 def test_loader_errors_name_the_problem(comfy_server, case, message):
     folder = comfy_server.base_dir / "input" / case
     write_photos(folder) if case == "damaged" else folder.mkdir(parents=True)
@@ -125,31 +146,47 @@ def bad_name_photos(comfy_server) -> str:
     return "bad_name_photos"
 
 
-@pytest.mark.parametrize("save_name, reason", [
-    # Lengths from the file system's limit L (255 bytes here): L - 27 plus ".safetensors" and its temp file fit, the
-    # checkpoint's temp file (30 bytes around the name) does not; even with checkpoints off a run ends by removing
-    # that checkpoint name, which the file system refuses. L - 15 (240) fits alone but not its temp file: before the
-    # fix it trained the whole run and then failed (issue 11 #5). L + 45 (300) does not fit at all.
-    (lambda limit: "d" * (limit - 27), "too long for the file system"),
-    (lambda limit: "d" * (limit - 15), "too long for the file system"),
-    (lambda limit: "d" * (limit + 45), "too long for the file system"),
-    ("my\ndog", "control character"),
-    (".hidden_dog", "starts with a dot"),
-    ("con", "device name"),
-    ("nul.txt", "device name"),
-    ("com1", "device name"),
-    ("dog.", "ends with a dot"),
-    ("dog ", "starts or ends with a space"),
-    ("dog:v2", "Windows does not allow"),
-], ids=["checkpoint_temp_too_long", "adapter_temp_too_long", "name_too_long", "newline", "leading_dot", "con",
-        "nul_txt", "com1", "trailing_dot", "trailing_space", "colon"])
+@pytest.mark.parametrize(
+    "save_name, reason",
+    [
+        # Lengths from the file system's limit L (255 bytes here): L - 27 plus ".safetensors" and its temp file fit, the
+        # checkpoint's temp file (30 bytes around the name) does not; even with checkpoints off a run ends by removing
+        # that checkpoint name, which the file system refuses. L - 15 (240) fits alone but not its temp file: before the
+        # fix it trained the whole run and then failed (issue 11 #5). L + 45 (300) does not fit at all.
+        (lambda limit: "d" * (limit - 27), "too long for the file system"),
+        (lambda limit: "d" * (limit - 15), "too long for the file system"),
+        (lambda limit: "d" * (limit + 45), "too long for the file system"),
+        ("my\ndog", "control character"),
+        (".hidden_dog", "starts with a dot"),
+        ("con", "device name"),
+        ("nul.txt", "device name"),
+        ("com1", "device name"),
+        ("dog.", "ends with a dot"),
+        ("dog ", "starts or ends with a space"),
+        ("dog:v2", "Windows does not allow"),
+    ],
+    ids=[
+        "checkpoint_temp_too_long",
+        "adapter_temp_too_long",
+        "name_too_long",
+        "newline",
+        "leading_dot",
+        "con",
+        "nul_txt",
+        "com1",
+        "trailing_dot",
+        "trailing_space",
+        "colon",
+    ],
+)
 def test_bad_save_names_are_refused_before_training(comfy_server, bad_name_photos, save_name, reason):
     if callable(save_name):
         save_name = save_name(name_max(comfy_server.base_dir))  # models/tova is created there on the first save
     before = tova_files(comfy_server)
     # 10000 steps: if the name were only refused after training, the run would not end within the timeout.
-    error = comfy_server.run_expect_error(training_graph(pack_loader(bad_name_photos), save_name, steps=10000),
-                                          timeout=60)
+    error = comfy_server.run_expect_error(
+        training_graph(pack_loader(bad_name_photos), save_name, steps=10000), timeout=60
+    )
     assert "ConceptSplitTrainToVA" in error and "Save name" in error and reason in error
     assert "Seen:" in error and "Fix:" in error
     assert tova_files(comfy_server) == before  # no adapter, checkpoint or temp file
@@ -177,9 +214,21 @@ def test_a_list_wired_into_a_setting_is_refused(pack, tova_folder):
     from comfy_harness.tiny_models import build_tiny_model
 
     model, clip, vae = build_tiny_model("sd21", seed=0)
-    settings = {"model": [model], "clip": [clip], "vae": [vae], "identifier_word": ["dog"], "steps": [2, 3],
-                "learning_rate": [1e-3], "rank": [4], "seed": [0], "resolution": [64], "save_name": ["listed"],
-                "overwrite": [False], "checkpoint_every": [0], "resume": [False]}
+    settings = {
+        "model": [model],
+        "clip": [clip],
+        "vae": [vae],
+        "identifier_word": ["dog"],
+        "steps": [2, 3],
+        "learning_rate": [1e-3],
+        "rank": [4],
+        "seed": [0],
+        "resolution": [64],
+        "save_name": ["listed"],
+        "overwrite": [False],
+        "checkpoint_every": [0],
+        "resume": [False],
+    }
     node = pack.glue("training").TrainToVAAdapter
     with pytest.raises(pack.error, match="got 2 values for steps.*except images, which may be a list"):
         node.execute(images=[torch.rand(1, 64, 64, 3)], **settings)

@@ -31,13 +31,23 @@ class QKSpy:
         import comfy.ldm.modules.attention as attention
 
         block = extra_options["block"]
-        self.calls.append(dict(
-            key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))), q=q.clone(), k=k.clone(),
-            heads=extra_options["n_heads"], chunks=list(extra_options["cond_or_uncond"]),
-            sigma=float(extra_options["sigmas"][0]), schedule=extra_options["sample_sigmas"].tolist(),
-            grid=tuple(extra_options["activations_shape"][-2:]), latent=tuple(extra_options["original_shape"][-2:]),
-            prompts=[getattr((extra_options.get("conceptsplit_chunks") or {}).get(u), "prompt_ids", None)
-                     for u in extra_options.get("uuids") or ()]))  # each chunk's recorded prompt, by cond uuid
+        self.calls.append(
+            dict(
+                key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))),
+                q=q.clone(),
+                k=k.clone(),
+                heads=extra_options["n_heads"],
+                chunks=list(extra_options["cond_or_uncond"]),
+                sigma=float(extra_options["sigmas"][0]),
+                schedule=extra_options["sample_sigmas"].tolist(),
+                grid=tuple(extra_options["activations_shape"][-2:]),
+                latent=tuple(extra_options["original_shape"][-2:]),
+                prompts=[
+                    getattr((extra_options.get("conceptsplit_chunks") or {}).get(u), "prompt_ids", None)
+                    for u in extra_options.get("uuids") or ()
+                ],
+            )
+        )  # each chunk's recorded prompt, by cond uuid
         return attention.optimized_attention(q, k, v, extra_options["n_heads"])
 
 
@@ -92,16 +102,22 @@ def reference_maps(calls, keys, positions, prompt_length, first, last, prompt_id
         kh = k.reshape(B, T, heads, -1).permute(0, 2, 1, 3)  # (B, H, T, D)
         probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1]), dim=-1)  # (B, H, N, T)
         per = B // len(call["chunks"])
-        cond = [probs[i * per:(i + 1) * per] for i, c in enumerate(call["chunks"])
-                if c == 0 and (prompt_ids is None or call["prompts"][i] == prompt_ids)]
+        cond = [
+            probs[i * per : (i + 1) * per]
+            for i, c in enumerate(call["chunks"])
+            if c == 0 and (prompt_ids is None or call["prompts"][i] == prompt_ids)
+        ]
         probs = torch.stack(cond).mean(0)  # (B_img, H, N, T)
-        words = [sum(probs[..., p + c * prompt_length] for p in word for c in range(T // prompt_length))
-                 for word in positions]  # K x (B_img, H, N)
+        words = [
+            sum(probs[..., p + c * prompt_length] for p in word for c in range(T // prompt_length))
+            for word in positions
+        ]  # K x (B_img, H, N)
         maps = torch.stack(words, 1).mean(2).reshape(per, len(positions), *call["grid"])  # (B_img, K, h, w)
         chosen.append(maps)
     finest = max((m.shape[-2:] for m in chosen), key=lambda s: s[0] * s[1])
-    return torch.stack([F.interpolate(m, size=tuple(finest), mode="bilinear", align_corners=False)
-                        for m in chosen]).mean(0)
+    return torch.stack(
+        [F.interpolate(m, size=tuple(finest), mode="bilinear", align_corners=False) for m in chosen]
+    ).mean(0)
 
 
 CASES = [  # arch, prompt, negative, words, token mode, steps, layers, batch
@@ -111,10 +127,14 @@ CASES = [  # arch, prompt, negative, words, token mode, steps, layers, batch
 ]
 
 
-@pytest.mark.parametrize("arch, prompt, negative, words, mode, steps, layers, batch", CASES,
-                         ids=["sd15-batch2-all-layers", "sd21-long-negative-all-tokens", "sdxl-long-prompt"])
-def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, prompt, negative, words, mode, steps,
-                                                                   layers, batch):
+@pytest.mark.parametrize(
+    "arch, prompt, negative, words, mode, steps, layers, batch",
+    CASES,
+    ids=["sd15-batch2-all-layers", "sd21-long-negative-all-tokens", "sdxl-long-prompt"],
+)
+def test_captured_maps_equal_independent_softmax_inside_a_real_run(
+    pack, arch, prompt, negative, words, mode, steps, layers, batch
+):
     model, clip, _ = sharpened(arch)
     spy_model, spy = spied(model)
     positive = encode(pack, clip, prompt)
@@ -127,7 +147,7 @@ def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, p
     for word in words.split(", "):  # positions found by plain search in ComfyUI's own token sequence
         ids = hooks.default_word_token_ids(word)
         flat = list(tokens.token_ids)
-        start = next(p for p in range(len(flat)) if tuple(flat[p:p + len(ids)]) == ids)
+        start = next(p for p in range(len(flat)) if tuple(flat[p : p + len(ids)]) == ids)
         positions.append(list(range(start, start + len(ids))) if mode == "all tokens" else [start])
     if mode == "all tokens":
         assert len(positions[0]) > 1  # the made-up word really has several BPE tokens
@@ -137,7 +157,7 @@ def test_captured_maps_equal_independent_softmax_inside_a_real_run(pack, arch, p
         assert {c["k"].shape[1] for c in spy.calls} == {2 * len(tokens.token_ids)}  # cond LCM-repeated (×2)
     levels = pack.layout(model).levels()
     factor = {"all": None, "latent": 1, "latent/2": 2}[layers]
-    keys = {key for key, level in levels.items() if factor is None or 2 ** level == factor}
+    keys = {key for key, level in levels.items() if factor is None or 2**level == factor}
     reference = reference_maps(spy.calls, keys, positions, len(tokens.token_ids), *steps)
     assert record.maps.shape == (batch, len(positions), *reference.shape[-2:])
     assert record.labels == tuple(words.split(", ")) and set(record.layers) == keys
@@ -230,7 +250,7 @@ def test_bad_inputs_raise_one_clear_error_each(pack):
         capture(pack, model, "dog", positive, layers="latent/4")
     with pytest.raises(error, match=r'no cross-attention block "input 7".*input 1, 3; middle 0; output 0, 1, 2, 3'):
         capture(pack, model, "dog", positive, layers="blocks", blocks="input 1, input 7")
-    with pytest.raises(error, match="cannot find \"dog\" without the prompt's tokens"):
+    with pytest.raises(error, match='cannot find "dog" without the prompt\'s tokens'):
         capture(pack, model, "dog", None)
     patched, store = capture(pack, model, "dog, cat", positive, first=2, last=5)
     with pytest.raises(error, match=r"step range is outside the sampling run.*run of 3 steps"):
@@ -269,8 +289,9 @@ def test_sigma_is_read_once_per_model_call_not_per_layer(pack, monkeypatch):
     capture_core = pack.core("attention_capture")
     reads = []
     real_step_index = capture_core.step_index
-    monkeypatch.setattr(capture_core, "step_index", lambda sigma, schedule: reads.append(sigma)
-                        or real_step_index(sigma, schedule))
+    monkeypatch.setattr(
+        capture_core, "step_index", lambda sigma, schedule: reads.append(sigma) or real_step_index(sigma, schedule)
+    )
     model, clip, _ = build_tiny_model("sd15")
     positive = encode(pack, clip, "a dog and a cat")
     patched, store = capture(pack, model, "dog, cat", positive, layers="all")
@@ -292,16 +313,16 @@ def _sample_with_extra_pass(pack, model, clip, positive, marked: bool | None):
         if marked is not None:
             options = extra_args["model_options"]
             with torch.no_grad():
-                seam.cond_forward(model_k, x + 1.0, sigmas[0],
-                                  seam.mark_auxiliary_pass(options) if marked else options)
+                seam.cond_forward(model_k, x + 1.0, sigmas[0], seam.mark_auxiliary_pass(options) if marked else options)
         return euler.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
 
     with torch.inference_mode():
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
         sigmas = seam.ksampler_sigmas(model, 3, "euler", "normal", 1.0)
-        out = seam.sample_latent_with_sampler(model, 0, 7.0, comfy.samplers.KSAMPLER(function), sigmas, positive,
-                                              negative, latent)
+        out = seam.sample_latent_with_sampler(
+            model, 0, 7.0, comfy.samplers.KSAMPLER(function), sigmas, positive, negative, latent
+        )
     return out["samples"].clone()
 
 
@@ -324,14 +345,17 @@ def _loda_maps(pack, batch=2):
     return record_type(labels=("dog", "cat"), maps=torch.rand(batch, 2, 8, 8) + 0.01)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("image batch", r"different batch sizes.*Seen: 3 image\(s\) and maps for 2"),
-    ("image channels", r"not an RGB IMAGE batch.*\(2, 64, 64, 4\)"),
-    ("zero maps", r"no attention at all.*loda_steps > 0"),
-    ("nan in the last image", r'map of "cat" cannot be read as a distribution.*NaN'),
-    ("both sources", "exactly one source"),
-    ("no source", "exactly one source"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("image batch", r"different batch sizes.*Seen: 3 image\(s\) and maps for 2"),
+        ("image channels", r"not an RGB IMAGE batch.*\(2, 64, 64, 4\)"),
+        ("zero maps", r"no attention at all.*loda_steps > 0"),
+        ("nan in the last image", r'map of "cat" cannot be read as a distribution.*NaN'),
+        ("both sources", "exactly one source"),
+        ("no source", "exactly one source"),
+    ],
+)
 def test_viewer_errors_with_loda_maps_come_before_any_rendering(pack, monkeypatch, case, match):
     viewer = pack.glue("viewer")
     rendered = []
@@ -370,14 +394,16 @@ def test_lodas_mask_pass_with_stage_1_off_is_not_counted(pack):
     store.begin_model_call = lambda sigma: sigmas_seen.append(sigma) or begin(sigma)
     run = pack.glue("loda_sampling")
     config = pack.core("loda_config").LodaConfig(loda_steps=0, boost=5.0, suppression=-1e8)  # fixing on
-    sampler = run.loda_sampler(comfy.samplers.sampler_object("euler"), run.LodaRequest(config, ("dog", "cat"),
-                                                                                       run.LodaResult()))
+    sampler = run.loda_sampler(
+        comfy.samplers.sampler_object("euler"), run.LodaRequest(config, ("dog", "cat"), run.LodaResult())
+    )
     with torch.inference_mode():
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         latent = nodes.EmptyLatentImage().generate(112, 112, 1)[0]["samples"]  # 7×7 maps: LODA's smallest
         sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", 3)
-        out = comfy.sample.sample_custom(patched, comfy.sample.prepare_noise(latent, 0), 7.0, sampler, sigmas,
-                                         positive, negative, latent, seed=0).clone()
+        out = comfy.sample.sample_custom(
+            patched, comfy.sample.prepare_noise(latent, 0), 7.0, sampler, sigmas, positive, negative, latent, seed=0
+        ).clone()
     assert sigmas_seen[0] is None  # LODA's no-grad mask pass at σ0, marked auxiliary
     # Then one counted call per euler step: the same float32 sigmas, read back as floats (approx: 1e-6 relative).
     assert sigmas_seen[1:] == pytest.approx(sigmas[:-1].tolist())
@@ -426,8 +452,9 @@ def test_a_loda_run_gives_the_interactive_viewer_its_stage1_steps_mask_step_and_
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         latent = nodes.EmptyLatentImage().generate(112, 112, 1)[0]["samples"]  # 7×7 maps: LODA's smallest
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
-    comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 7.0, sampler, sigmas, positive, negative,
-                               latent, seed=0)
+    comfy.sample.sample_custom(
+        model, comfy.sample.prepare_noise(latent, 0), 7.0, sampler, sigmas, positive, negative, latent, seed=0
+    )
     record = result.maps
     assert (record.total_steps, record.stage1_steps, record.mask_step) == (4, 2, 1)  # masks from step N − 1
     assert torch.equal(record.masks, result.masks) and record.masks.any()

@@ -24,9 +24,19 @@ from conceptsplit_core import viewer_payload
 from conceptsplit_core.map_metrics import entropy, overlap, pairwise_kl_matrix
 from comfy_harness import viewer_reference
 from comfy_harness.browser import browser_unavailable_reason, frontend
-from comfy_harness.browser_viewer import (PageErrors, canvas_pixels, decoded_step_maps, expected_overlay, fetch_image,
-                                    focus_node, latest_viewer_output, pixel_tolerance, queue_in_browser, show_output,
-                                    wait_for_status)
+from comfy_harness.browser_viewer import (
+    PageErrors,
+    canvas_pixels,
+    decoded_step_maps,
+    expected_overlay,
+    fetch_image,
+    focus_node,
+    latest_viewer_output,
+    pixel_tolerance,
+    queue_in_browser,
+    show_output,
+    wait_for_status,
+)
 from comfy_harness.workflow_format import api_to_ui
 
 KEY = viewer_payload.VIEWER_KEY
@@ -42,18 +52,46 @@ def viewer_graph(seed: int = 3) -> dict:
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": "sd15", "seed": 0}},
         "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "ConceptSplitCaptureAttention",
-              "inputs": {"model": ["1", 0], "words": "dog, cat", "positive": ["2", 0], "token_mode": "first token",
-                         "first_step": 0, "last_step": -1, "layers": "all", "blocks": ""}},
+        "4": {
+            "class_type": "ConceptSplitCaptureAttention",
+            "inputs": {
+                "model": ["1", 0],
+                "words": "dog, cat",
+                "positive": ["2", 0],
+                "token_mode": "first token",
+                "first_step": 0,
+                "last_step": -1,
+                "layers": "all",
+                "blocks": "",
+            },
+        },
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler",
-              "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
-                         "seed": seed, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["5", 0],
+                "seed": seed,
+                "steps": STEPS,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        str(VIEWER): {"class_type": "ConceptSplitAttentionViewer",
-                      "inputs": {"capture": ["4", 1], "samples": ["6", 0], "image": ["7", 0], "alpha": 0.5,
-                                 "colormap": "inferno"}},
+        str(VIEWER): {
+            "class_type": "ConceptSplitAttentionViewer",
+            "inputs": {
+                "capture": ["4", 1],
+                "samples": ["6", 0],
+                "image": ["7", 0],
+                "alpha": 0.5,
+                "colormap": "inferno",
+            },
+        },
     }
 
 
@@ -114,21 +152,28 @@ def test_the_viewer_shows_words_and_steps_as_the_node_computed_them(page, ran, t
     assert np.abs(late - expected_overlay(payload, image, 0, 1, 0, last, 0.5, "inferno")).max() > 2 * tolerance
     # the metrics shown are the range's: map_metrics on the same maps (fp32 there, fp64 in the browser:
     # tolerance N · 2^-23 · |value|, N = h·w terms summed)
-    for (first, shown) in ((0, cat_metrics), (last, late_metrics)):
+    for first, shown in ((0, cat_metrics), (last, late_metrics)):
         maps = viewer_reference.range_mean(decoded_step_maps(payload, 0), payload["step_weights"], first, last)
         n = maps.shape[-1] * maps.shape[-2]
         expected_h = entropy(maps.float()).double()
         shown_h = torch.tensor(shown["entropy"], dtype=torch.float64)
-        assert torch.allclose(shown_h, expected_h, rtol=n * 2 ** -23, atol=0)
+        assert torch.allclose(shown_h, expected_h, rtol=n * 2**-23, atol=0)
         pair = shown["pairs"][0]
         kl, shared = pairwise_kl_matrix(maps.float()).double(), overlap(maps.float()).double()
-        assert math.isclose(pair["kl_ab"], kl[0, 1], rel_tol=n * 2 ** -23 * 10, abs_tol=n * 2 ** -23)
-        assert math.isclose(pair["overlap"], shared[0, 1], abs_tol=n * 2 ** -23)
+        assert math.isclose(pair["kl_ab"], kl[0, 1], rel_tol=n * 2**-23 * 10, abs_tol=n * 2**-23)
+        assert math.isclose(pair["overlap"], shared[0, 1], abs_tol=n * 2**-23)
     box = page.page.locator("[data-cs=viewer]").bounding_box()
     shot = tmp_path / "attention_viewer.png"
     pad = 50  # the node's title bar and widgets above the DOM widget
-    page.page.screenshot(path=str(shot), clip={"x": max(box["x"] - 10, 0), "y": max(box["y"] - pad - 120, 0),
-                                              "width": box["width"] + 20, "height": box["height"] + pad + 130})
+    page.page.screenshot(
+        path=str(shot),
+        clip={
+            "x": max(box["x"] - 10, 0),
+            "y": max(box["y"] - pad - 120, 0),
+            "width": box["width"] + 20,
+            "height": box["height"] + pad + 130,
+        },
+    )
     assert shot.stat().st_size > 10_000
     if os.environ.get("CONCEPTSPLIT_DOCS_SCREENSHOT") == "1":
         DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +198,9 @@ def test_malformed_or_missing_data_show_a_message_and_break_nothing(page, ran):
         shown = wait_for_status(page, VIEWER, "error", timeout_ms=10_000)
         assert reason in shown["message"] and shown["message"].startswith("Attention viewer:"), (reason, shown)
         # the canvas still draws every node
-        assert page.page.evaluate("() => { window.app.canvas.draw(true, true); return window.app.graph.nodes.length; }"
-                                  ) == len(viewer_graph())
+        assert page.page.evaluate(
+            "() => { window.app.canvas.draw(true, true); return window.app.graph.nodes.length; }"
+        ) == len(viewer_graph())
     show_output(page, VIEWER, {"text": ["an output without viewer data is left alone"]})
     assert wait_for_status(page, VIEWER, "error")["message"]  # unchanged, no exception
     show_output(page, VIEWER, output)  # the good data again

@@ -46,7 +46,7 @@ def test_metrics_give_each_words_share_inside_its_own_mask_per_image(pack):
             area = float(cells[b, k].double().mean())
             # printed with 5 decimals (half a unit of the last one), computed in float32: two sums of 49 positive
             # terms and a division, ≤ 97 u relative on a share ≤ 1
-            assert got[k] == pytest.approx((share, area), abs=5e-6 + 97 * 2.0 ** -24), (b, k, got, share, area)
+            assert got[k] == pytest.approx((share, area), abs=5e-6 + 97 * 2.0**-24), (b, k, got, share, area)
     assert shares_in(images[0]) != shares_in(images[1])  # image 1 read its own masks (image-major order)
 
 
@@ -55,12 +55,18 @@ def test_without_concept_masks_there_is_no_share_table(pack):
     assert HEADER not in view(pack, maps=record).result[2]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda masks: masks[:3], r"The concept masks do not match the attention maps.*\(3, 112, 112\) for 2 image\(s\) "
-                              r"× 2 word\(s\) \(dog, cat\)"),
-    (lambda masks: masks * 0, r"The concept masks are empty"),
-    (lambda masks: masks * 3, r"The concept masks are not masks"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda masks: masks[:3],
+            r"The concept masks do not match the attention maps.*\(3, 112, 112\) for 2 image\(s\) "
+            r"× 2 word\(s\) \(dog, cat\)",
+        ),
+        (lambda masks: masks * 0, r"The concept masks are empty"),
+        (lambda masks: masks * 3, r"The concept masks are not masks"),
+    ],
+)
 def test_bad_concept_masks_fail_before_any_rendering(pack, monkeypatch, change, message):
     record, _, masks = record_and_masks(pack)
     viewer = pack.glue("viewer")

@@ -15,25 +15,55 @@ def viewer_graph(arch, words="dog, cat", size=64, batch=2, seed=0, steps=3, laye
         "1": {"class_type": "ConceptSplitTestTinyModelLoader", "inputs": {"arch": arch, "seed": 0}},
         "2": {"class_type": "ConceptSplitTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "ConceptSplitCaptureAttention",
-              "inputs": {"model": ["1", 0], "words": words, "positive": ["2", 0], "token_mode": "first token",
-                         "first_step": 0, "last_step": -1, "layers": layers, "blocks": ""}},
+        "4": {
+            "class_type": "ConceptSplitCaptureAttention",
+            "inputs": {
+                "model": ["1", 0],
+                "words": words,
+                "positive": ["2", 0],
+                "token_mode": "first token",
+                "first_step": 0,
+                "last_step": -1,
+                "layers": layers,
+                "blocks": "",
+            },
+        },
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
-        "6": {"class_type": "KSampler",
-              "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
-                         "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["5", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "ConceptSplitAttentionViewer",
-              "inputs": {"capture": ["4", 1], "samples": ["6", 0], "image": ["7", 0], "alpha": 0.5,
-                         "colormap": "inferno"}},
+        "8": {
+            "class_type": "ConceptSplitAttentionViewer",
+            "inputs": {
+                "capture": ["4", 1],
+                "samples": ["6", 0],
+                "image": ["7", 0],
+                "alpha": 0.5,
+                "colormap": "inferno",
+            },
+        },
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
     }
 
 
 def test_viewer_nodes_register_with_tooltips(comfy_server):
-    for node_id, display in (("ConceptSplitCaptureAttention", "Capture Attention"),
-                             ("ConceptSplitAttentionViewer", "Attention Map Viewer")):
+    for node_id, display in (
+        ("ConceptSplitCaptureAttention", "Capture Attention"),
+        ("ConceptSplitAttentionViewer", "Attention Map Viewer"),
+    ):
         info = comfy_server.object_info(node_id)[node_id]
         assert info["display_name"] == display
         inputs = {**info["input"]["required"], **info["input"].get("optional", {})}

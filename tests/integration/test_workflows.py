@@ -32,8 +32,13 @@ TINY_INPUTS = {
     "ConceptSplitLodaSampler": {"steps": 3, "loda_steps": 1},
     "ConceptSplitLoda": {"loda_steps": 1},
     "ConceptSplitCaptureAttention": {"layers": "all"},  # the tiny models have no latent/4 cross-attention
-    "ConceptSplitTrainToVA": {"steps": 2, "rank": 4, "resolution": 64, "overwrite": True,
-                              "save_name": "workflow_test_adapter"},
+    "ConceptSplitTrainToVA": {
+        "steps": 2,
+        "rank": 4,
+        "resolution": 64,
+        "overwrite": True,
+        "save_name": "workflow_test_adapter",
+    },
     "ConceptSplitLoadTrainingImages": {"resolution": 64},
 }
 LODA_TYPES = ("ConceptSplitLodaSampler", "ConceptSplitLoda")
@@ -88,10 +93,12 @@ def serve_adapter(comfy_server, pack, tmp_path_factory):
     def serve(family: str, word: str) -> str:
         if (family, word) not in served:
             model, _, _ = build_tiny_model(family, seed=0)  # the server's tiny loader builds the same weights
-            path = write_tiny_adapter(folder / f"workflow_{family}_{word}.safetensors", model, word,
-                                      seed=len(served) + 1)
+            path = write_tiny_adapter(
+                folder / f"workflow_{family}_{word}.safetensors", model, word, seed=len(served) + 1
+            )
             served[(family, word)] = comfy_server.add_model("tova", path)
         return served[(family, word)]
+
     return serve
 
 
@@ -110,12 +117,14 @@ def serve_lora(comfy_server, pack, tmp_path_factory):
             write_tiny_lora(path, model, seed=len(served) + 1, kind="lora")
             served[(family, word)] = comfy_server.add_model("loras", path)
         return served[(family, word)]
+
     return serve
 
 
 @pytest.fixture(scope="module")
 def photo_folder(comfy_server):
     """photo_folder(name) -> `name`, a folder of three small photos in the server's input directory."""
+
     def make(name: str) -> str:
         folder = comfy_server.base_dir / "input" / name
         if not folder.is_dir():
@@ -123,6 +132,7 @@ def photo_folder(comfy_server):
             for i in range(3):
                 Image.new("RGB", (72, 64), (60 * i, 120, 200 - 50 * i)).save(folder / f"photo_{i}.png")
         return name
+
     return make
 
 
@@ -139,15 +149,17 @@ def test_workflow_file_is_complete(path, object_info):
     assert any(n["type"] in ("Note", "MarkdownNote") and n["widgets_values"][0].strip() for n in workflow["nodes"])
     workflow_family(workflow)
     thumbnail = path.with_suffix(".jpg")
-    assert thumbnail.is_file(), f"{path.name} has no thumbnail {thumbnail.name} (scripts/build_workflows.py " \
-                                "--thumbnails)"
+    assert thumbnail.is_file(), (
+        f"{path.name} has no thumbnail {thumbnail.name} (scripts/build_workflows.py --thumbnails)"
+    )
     with Image.open(thumbnail) as image:
         assert image.format == "JPEG" and 300 <= image.width <= 800
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
-def test_workflow_runs_to_completion_on_tiny_models(path, comfy_server, object_info, serve_adapter, photo_folder,
-                                                   serve_lora):
+def test_workflow_runs_to_completion_on_tiny_models(
+    path, comfy_server, object_info, serve_adapter, photo_folder, serve_lora
+):
     workflow = json.loads(path.read_text())
     prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder, serve_lora)
     entry = comfy_server.run(prompt, timeout=300)
@@ -168,8 +180,7 @@ def test_template_browser_lists_and_serves_every_workflow(comfy_server):
             assert json.loads(response.read()) == json.loads(path.read_text())
 
 
-BOUND_LORA_WORKFLOWS = [p for p in WORKFLOW_FILES
-                        if "ConceptSplitBindLora" in node_types(json.loads(p.read_text()))]
+BOUND_LORA_WORKFLOWS = [p for p in WORKFLOW_FILES if "ConceptSplitBindLora" in node_types(json.loads(p.read_text()))]
 
 
 def test_there_is_a_bound_lora_workflow():
@@ -177,8 +188,9 @@ def test_there_is_a_bound_lora_workflow():
 
 
 @pytest.mark.parametrize("path", BOUND_LORA_WORKFLOWS, ids=[p.stem for p in BOUND_LORA_WORKFLOWS])
-def test_bound_lora_workflow_applies_its_loras(path, comfy_server, object_info, serve_adapter, photo_folder,
-                                               serve_lora):
+def test_bound_lora_workflow_applies_its_loras(
+    path, comfy_server, object_info, serve_adapter, photo_folder, serve_lora
+):
     """The served LoRAs act: the info text names each binding with patches, and the saved image differs from the
     same graph with every Bind LoRA at strength 0 (which the pack documents as the model unchanged)."""
     prompt = tiny_prompt(json.loads(path.read_text()), object_info, serve_adapter, photo_folder, serve_lora)

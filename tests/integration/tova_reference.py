@@ -43,8 +43,9 @@ class ReferenceToVA:
 
     def __init__(self, model_patcher, concepts, apply_to_uncond=True):
         self.modules = dict(model_patcher.model.diffusion_model.named_modules())
-        self.concepts = [(adapter_tensors_by_module(path, model_patcher), position, scale)
-                         for path, position, scale in concepts]
+        self.concepts = [
+            (adapter_tensors_by_module(path, model_patcher), position, scale) for path, position, scale in concepts
+        ]
         self.apply_to_uncond = apply_to_uncond
 
     def __deepcopy__(self, memo):
@@ -117,8 +118,14 @@ class ValueSpy:
         return n, context, value
 
     def __call__(self, q, k, v, extra_options):
-        self.calls.append((module_path_of(extra_options), v.clone(), extra_options["spy_context"].clone(),
-                           list(extra_options["cond_or_uncond"])))
+        self.calls.append(
+            (
+                module_path_of(extra_options),
+                v.clone(),
+                extra_options["spy_context"].clone(),
+                list(extra_options["cond_or_uncond"]),
+            )
+        )
         return explicit_attention(q, k, v, extra_options["n_heads"])
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.common import SD21_UNET_CONFIG, bootstrap, compare, device_description, measured
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 SDXL_UNET_CONFIG = {
     "use_checkpoint": False,
@@ -126,22 +127,7 @@ def main() -> None:
     residuals_only.model_options = glue("comfy_lora").with_concept_regions(residuals_only.model_options, regions)
 
     latent = {"samples": torch.zeros(1, 4, args.size // 8, args.size // 8)}
-    settings = dict(
-        loda_steps=-1,
-        inner_iterations=1,
-        kl_threshold=1.0,
-        step_scale=40.0,
-        step_schedule="linear",
-        smoothing_sigma=1.5,
-        kl_pairs="ordered",
-        mask_percentile=0.9,
-        mask_sigma=1.5,
-        boost=5.0,
-        suppression=-1e8,
-        fixing_layers="all",
-        fixing_branches="both",
-        mask_source="cond",
-    )
+    settings = dict(LODA_NODE_SETTINGS, loda_steps=-1)
 
     def ksampler(m):
         with torch.inference_mode():

@@ -21,24 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import bootstrap
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 PROMPT = "a dog and a cat"
 SIZE = 112
-SETTINGS = dict(
-    inner_iterations=1,
-    kl_threshold=1.0,
-    step_scale=40.0,
-    step_schedule="linear",
-    smoothing_sigma=1.5,
-    kl_pairs="ordered",
-    mask_percentile=0.9,
-    mask_sigma=1.5,
-    boost=5.0,
-    suppression=-1e8,
-    fixing_layers="all",
-    fixing_branches="both",
-    mask_source="cond",
-)
+SETTINGS = dict(LODA_NODE_SETTINGS)
 
 
 def main() -> None:

@@ -13,26 +13,11 @@ from safetensors.torch import save_file
 
 from comfy_harness.tiny_adapters import write_tiny_adapter
 from comfy_harness.tiny_models import build_tiny_model
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 PROMPT = "a photo of a dog and a cat"
 NAN = float("nan")
-LODA_SETTINGS = dict(
-    concept_words="dog, cat",
-    loda_steps=1,
-    inner_iterations=1,
-    kl_threshold=1.0,
-    step_scale=40.0,
-    step_schedule="linear",
-    smoothing_sigma=1.5,
-    kl_pairs="ordered",
-    mask_percentile=0.9,
-    mask_sigma=1.5,
-    boost=5.0,
-    suppression=-1e8,
-    fixing_layers="all",
-    fixing_branches="both",
-    mask_source="cond",
-)
+LODA_SETTINGS = dict(LODA_NODE_SETTINGS, concept_words="dog, cat", loda_steps=1)
 
 
 def tova_graph(dog: str, cat: str, strength=1.0, prefix="damaged") -> dict:

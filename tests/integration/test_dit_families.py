@@ -16,6 +16,7 @@ import torch
 
 from comfy_harness.tiny_dit_models import available_dit_families, build_tiny_flux, build_tiny_qwenimage, flux_latent
 from comfy_harness.tolerance import EPS32, float32_softmax_tolerance, float32_tolerance
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 log = logging.getLogger(__name__)
 PROMPT = "a photo of a cat and a dog"
@@ -60,22 +61,7 @@ SPECS = {
         forward=_qwen_forward,
     ),
 }
-SETTINGS = dict(
-    loda_steps=-1,
-    inner_iterations=1,
-    kl_threshold=1.0,
-    step_scale=40.0,
-    step_schedule="linear",
-    smoothing_sigma=1.5,
-    kl_pairs="ordered",
-    mask_percentile=0.9,
-    mask_sigma=1.5,
-    boost=5.0,
-    suppression=-1e8,
-    fixing_layers="all",
-    fixing_branches="both",
-    mask_source="cond",
-)
+SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
 
 
 def pack_families(pack) -> tuple[str, ...]:

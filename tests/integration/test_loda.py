@@ -18,26 +18,12 @@ from conftest import sample
 from comfy_harness.tiny_adapters import write_tiny_adapter
 from comfy_harness.tiny_models import SHARPEN_FACTORS, build_tiny_model, sharpen_cross_attention
 from comfy_harness.tolerance import float32_tolerance
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 log = logging.getLogger(__name__)
 PROMPT = "a dog and a cat"  # dog = token 2, cat = token 5
 SIZE = 112  # 14×14 latent, 7×7 maps in the tiny models (the smallest the 7×7 kernel accepts)
-SETTINGS = dict(
-    loda_steps=-1,
-    inner_iterations=1,
-    kl_threshold=1.0,
-    step_scale=40.0,
-    step_schedule="linear",
-    smoothing_sigma=1.5,
-    kl_pairs="ordered",
-    mask_percentile=0.9,
-    mask_sigma=1.5,
-    boost=5.0,
-    suppression=-1e8,
-    fixing_layers="all",
-    fixing_branches="both",
-    mask_source="cond",
-)
+SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
 
 
 # Maps against the spy's recomputation: the very probabilities the collector saw, summed over layers and heads in

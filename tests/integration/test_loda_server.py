@@ -8,26 +8,12 @@ import pytest
 
 from comfy_harness.tiny_adapters import write_tiny_adapter
 from comfy_harness.tiny_models import build_tiny_model
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 ARCHS = ("sd15", "sd21", "sdxl")
 PROMPT = "a dog and a cat"
 SIZE = 112  # 7×7 maps in the tiny models
-SETTINGS = dict(
-    loda_steps=1,
-    inner_iterations=1,
-    kl_threshold=1.0,
-    step_scale=40.0,
-    step_schedule="linear",
-    smoothing_sigma=1.5,
-    kl_pairs="ordered",
-    mask_percentile=0.9,
-    mask_sigma=1.5,
-    boost=5.0,
-    suppression=-1e8,
-    fixing_layers="all",
-    fixing_branches="both",
-    mask_source="cond",
-)
+SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=1)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import comfy.patcher_extension
 from ..conceptsplit_core.attention_calls import AttentionCall, ChunkPrompt, attention_probabilities, chunk_holds_prompt
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows
-from .comfy_conditioning import CHUNKS_KEY, CHUNKS_WRAPPER_KEY, record_chunk_prompts
+from .comfy_conditioning import CHUNKS_KEY, CHUNKS_WRAPPER_KEY, call_chunk_prompts, record_chunk_prompts
 
 VALUE_INPUT_KEY = "conceptsplit_value_input"  # extra_options key: the tensor that to_v receives, (B, T, d)
 # transformer_options key: a tuple of AttentionObserver objects (a tuple, so ComfyUI's per-call dict/list copying
@@ -175,9 +175,6 @@ def attention_call(extra_options, q, k) -> AttentionCall:
     §1.7)."""
     block = extra_options["block"]
     grid = tuple(int(x) for x in extra_options["activations_shape"][-2:])
-    table = extra_options.get(CHUNKS_KEY) or {}
-    uuids = extra_options.get("uuids") or ()
-    chunk_prompts = tuple(table.get(uuid) for uuid in uuids) if table else ()
     return AttentionCall(
         key=(block[0], int(block[1]), int(extra_options.get("block_index", 0))),
         grid=grid,
@@ -186,7 +183,7 @@ def attention_call(extra_options, q, k) -> AttentionCall:
         batch=int(q.shape[0]),
         context_length=int(k.shape[1]),
         sigmas=extra_options.get("sigmas"),
-        chunk_prompts=chunk_prompts,
+        chunk_prompts=call_chunk_prompts(extra_options),
     )
 
 

@@ -103,6 +103,14 @@ def with_chunk_table(model_options: dict, table: dict) -> dict:
     return {**model_options, "transformer_options": to}
 
 
+def call_chunk_prompts(transformer_options: dict) -> tuple:
+    """Per CFG chunk of one attention call, the ChunkPrompt its conditioning recorded (None where unknown), in the
+    order of the call's uuids; () when this model call recorded no chunk table."""
+    table = transformer_options.get(CHUNKS_KEY) or {}
+    uuids = transformer_options.get("uuids") or ()
+    return tuple(table.get(uuid) for uuid in uuids) if table else ()
+
+
 def record_chunk_prompts(executor, model, conds, x_in, timestep, model_options):
     """CALC_COND_BATCH wrapper (a plain function, so clone() keeps it as is): record which prompt each conditioning
     of this model call holds, for the observers (LODA, Capture Attention) to skip other positive prompts."""

@@ -31,7 +31,7 @@ from ...conceptsplit_core.joint_attention import add_masks, joint_bias_mask, joi
 from ...conceptsplit_core.model_layout import AttentionSite, LayerKey, ModelLayout, map_grid
 from ..comfy_attention import OBSERVERS_KEY
 from ..comfy_autograd import AutogradWeights
-from ..comfy_conditioning import CHUNKS_KEY, CHUNKS_WRAPPER_KEY, record_chunk_prompts
+from ..comfy_conditioning import CHUNKS_WRAPPER_KEY, call_chunk_prompts, record_chunk_prompts
 from .base import FamilyBase
 
 OVERRIDE_KEY = "optimized_attention_override"
@@ -224,8 +224,6 @@ def _heads_layout(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshape: bo
 
 
 def _attention_call(key, geometry, options: dict, q: torch.Tensor) -> AttentionCall:
-    table = options.get(CHUNKS_KEY) or {}
-    uuids = options.get("uuids") or ()
     chunks = tuple(int(c) for c in options.get("cond_or_uncond") or (0,))
     return AttentionCall(
         key=key,
@@ -235,7 +233,7 @@ def _attention_call(key, geometry, options: dict, q: torch.Tensor) -> AttentionC
         batch=int(q.shape[0]),
         context_length=geometry.text_tokens,
         sigmas=options.get("sigmas"),
-        chunk_prompts=tuple(table.get(uuid) for uuid in uuids) if table else (),
+        chunk_prompts=call_chunk_prompts(options),
     )
 
 

@@ -34,15 +34,28 @@ FLUX_CONFIG = {  # the keys FluxParams needs; real Flux.1-dev values in comments
 }
 
 
+# Each DiT family's model class in comfy.supported_models (older ComfyUI versions lack Flux2 and ZImage).
+DIT_MODEL_CLASSES = {"flux": "Flux", "flux2": "Flux2", "zimage": "ZImage", "qwenimage": "QwenImage"}
+
+
 def available_dit_families() -> tuple[str, ...]:
-    """The DiT families whose model classes this ComfyUI has ("flux" in every supported version)."""
+    """The DiT families whose model classes the imported ComfyUI has ("flux" in every supported version)."""
     import comfy.supported_models as sm
 
-    found = []
-    for name, cls in (("flux", "Flux"), ("flux2", "Flux2"), ("zimage", "ZImage"), ("qwenimage", "QwenImage")):
-        if hasattr(sm, cls):
-            found.append(name)
-    return tuple(found)
+    return tuple(name for name, cls in DIT_MODEL_CLASSES.items() if hasattr(sm, cls))
+
+
+def dit_families_in_source(comfyui_root) -> tuple[str, ...] | None:
+    """The DiT families whose model classes a ComfyUI tree defines, read from its comfy/supported_models.py without
+    importing it (pytest collection runs before ComfyUI is booted); None when there is no tree."""
+    import ast
+    from pathlib import Path
+
+    if comfyui_root is None:
+        return None
+    tree = ast.parse((Path(comfyui_root) / "comfy" / "supported_models.py").read_text(encoding="utf-8"))
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    return tuple(name for name, cls in DIT_MODEL_CLASSES.items() if cls in classes)
 
 
 def _init_module(module: torch.nn.Module, gen: torch.Generator, skip=()) -> None:

@@ -13,25 +13,53 @@ from .unet import SD15, SD21, SDXL
 # subclass family such as Flux.2, whose config subclasses Flux.1's, goes before its base).
 FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15, FLUX, QWEN_IMAGE)
 
-__all__ = ["FAMILIES", "FamilyBase", "ModelFamily", "clip_family", "family_of_layout", "model_family", "tova_family"]
+# The newest ComfyUI the pack is tested on: named in the error for a family this ComfyUI is too old to have.
+NEWEST_TESTED_COMFYUI = "0.33.0"
+
+__all__ = [
+    "FAMILIES",
+    "available_families",
+    "FamilyBase",
+    "ModelFamily",
+    "clip_family",
+    "family_of_layout",
+    "model_family",
+    "tova_family",
+]
 
 
 def model_family(model_patcher) -> ModelFamily:
     """The family of a MODEL (a ComfyUI ModelPatcher).
 
-    Raises: ConceptSplitError naming the supported families for a model none of them describes.
+    Raises: ConceptSplitError naming the supported families for a model none of them describes, and the families
+    this ComfyUI is too old to have, with the version to update to.
     """
-    for family in FAMILIES:
+    families = available_families()
+    for family in families:
         if family.matches(model_patcher):
             return family
     config = getattr(getattr(model_patcher, "model", None), "model_config", None)
-    names = _listed([family.display for family in FAMILIES])
+    names = _listed([family.display for family in families])
+    missing = [family.display for family in FAMILIES if family not in families]
+    newer = (
+        f"; {_listed(missing)} {'needs' if len(missing) == 1 else 'need'} a newer ComfyUI than this one, which has "
+        f"no model class for {'it' if len(missing) == 1 else 'them'} (the pack tests them on ComfyUI "
+        f"{NEWEST_TESTED_COMFYUI})"
+        if missing
+        else ""
+    )
     raise ConceptSplitError.build(
-        f"ConceptSplit supports {names} models only",
+        f"ConceptSplit supports {names} models only{newer}",
         seen=f"a {type(config if config is not None else model_patcher).__name__} model",
         expected=f"a {names} checkpoint",
-        fix=f"load a {names} checkpoint",
+        fix=f"load a {names} checkpoint"
+        + (f", or update ComfyUI to {NEWEST_TESTED_COMFYUI} or newer for {_listed(missing)}" if missing else ""),
     )
+
+
+def available_families() -> tuple[ModelFamily, ...]:
+    """The families whose model classes this ComfyUI has, in match order."""
+    return tuple(family for family in FAMILIES if family.available())
 
 
 def family_of_layout(layout) -> ModelFamily:
@@ -42,7 +70,7 @@ def family_of_layout(layout) -> ModelFamily:
 def clip_family(clip) -> ModelFamily | None:
     """The family whose own text encoder `clip` is (T5 of Flux.1, Qwen2.5-VL of Qwen-Image), or None for a
     CLIP-L/H/G text encoder, whose prompt positions comfy_text reads for every UNet family."""
-    return next((family for family in FAMILIES if family.matches_clip(clip)), None)
+    return next((family for family in available_families() if family.matches_clip(clip)), None)
 
 
 def tova_family(model_patcher) -> ModelFamily:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import ContextManager, Iterable, Protocol, runtime_checkable
 
+import comfy.supported_models
+
 from ...conceptsplit_core.model_layout import LayerKey, ModelLayout
 from ...conceptsplit_core.prompt_tokens import PromptTokens
 
@@ -22,6 +24,9 @@ class ModelFamily(Protocol):
     display: str  # for people: "SD1.5", "SD2.1", "SDXL", "Flux.1", ...
     supports_tova: bool  # False: Apply ToVA and training refuse this family with a ConceptSplitError
     supports_checkpointing: bool  # False: LODA refuses gradient_checkpointing on this family
+
+    def available(self) -> bool:
+        """Whether this ComfyUI has the family's model classes (older versions lack the newer families)."""
 
     def matches(self, model_patcher) -> bool:
         """Whether this family describes the MODEL."""
@@ -72,6 +77,11 @@ class FamilyBase:
     display = ""
     supports_tova = False
     supports_checkpointing = True
+    comfy_class = ""  # the class of comfy.supported_models this family needs ("": one every supported ComfyUI has)
+
+    def available(self) -> bool:
+        """Whether this ComfyUI has the family's model class (capability, never the version string)."""
+        return not self.comfy_class or hasattr(comfy.supported_models, self.comfy_class)
 
     def matches_clip(self, clip) -> bool:
         """Whether `clip` is a text encoder only this family reads (default: no; CLIP-L/H/G are comfy_text's)."""

@@ -30,6 +30,7 @@ T5_KEY = "t5xxl"
 
 class FluxFamily(DitFamily):
     name = "flux"
+    comfy_class = "Flux"
     display = "Flux.1"
 
     def matches(self, model_patcher) -> bool:

@@ -31,6 +31,7 @@ FIRST_SPECIAL = 151643  # Qwen2's special tokens (pad, im_start, im_end, vision 
 
 class QwenImageFamily(DitFamily):
     name = "qwenimage"
+    comfy_class = "QwenImage"
     display = "Qwen-Image"
 
     def matches(self, model_patcher) -> bool:

@@ -149,7 +149,7 @@ def test_denoise_below_one_runs_stage_1_on_the_steps_that_run(pack, family):
 
 
 def loda_partial(pack, model, positive, negative, denoise, **overrides):
-    """The LODA Sampler on 4 steps with `denoise` (ComfyUI runs 4 steps: the last ones of a schedule 4 / denoise long)."""
+    """The LODA Sampler on 4 steps with `denoise` (ComfyUI runs 4 steps, the last of a 4 / denoise schedule)."""
     with torch.inference_mode():
         return (
             pack.glue("loda_nodes")

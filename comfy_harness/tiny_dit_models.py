@@ -1,4 +1,5 @@
-"""Tiny seeded DiT models built in code with ComfyUI's own classes (Flux.1 and Qwen-Image; docs/method.md §10).
+"""Tiny seeded DiT models built in code with ComfyUI's own classes (Flux.1, Flux.2 klein and Qwen-Image; docs/method.md
+§10).
 
 Real ComfyUI model, text-encoder and tokenizer classes with tiny widths, so the pack's hooks see the true joint
 attention calls (text tokens first, post-RoPE q and k), while a build plus a few sampling steps take well under a
@@ -175,6 +176,81 @@ def build_tiny_qwenimage(seed: int = 0):
         skip=(".visual.",),
     )
     return patcher, clip
+
+
+FLUX2_HIDDEN, FLUX2_HEADS = 64, 2
+FLUX2_TE_WIDTH = 32
+FLUX2_CONFIG = {  # model_detection's flux2 keys with tiny sizes; real FLUX.2 klein 4B values in comments
+    "image_model": "flux2",
+    "in_channels": 128,
+    "out_channels": 128,  # the Flux.2 VAE's 128 channels, patch 1
+    "patch_size": 1,
+    "vec_in_dim": None,  # no pooled vector
+    "context_in_dim": 3 * FLUX2_TE_WIDTH,  # 7680: Qwen3-4B hidden states of layers 9, 18, 27 stacked
+    "hidden_size": FLUX2_HIDDEN,  # 3072
+    "mlp_ratio": 3.0,
+    "num_heads": FLUX2_HEADS,  # 24
+    "depth": 2,  # 5
+    "depth_single_blocks": 1,  # 20
+    "axes_dim": [8, 8, 8, 8],  # [32, 32, 32, 32]: 4 RoPE axes (t, h, w, text position); sum = hidden / heads
+    "theta": 2000,
+    "qkv_bias": False,
+    "ops_bias": False,
+    "guidance_embed": False,  # True for FLUX.2 dev (Mistral text encoder)
+    "global_modulation": True,
+    "mlp_silu_act": True,
+    "txt_ids_dims": [3],
+    "default_ref_method": "index",
+    "ref_index_scale": 10.0,
+}
+
+
+def build_tiny_flux2(seed: int = 0):
+    """A fresh tiny Flux.2 klein (MODEL, CLIP): 2 double + 1 single blocks, 2 heads, a 28-layer Qwen3 text encoder
+    of width 32 (klein's TE stacks the hidden states of layers 9, 18 and 27, so it needs 28 layers).
+
+    A latent (B, 128, h, w) gives an h×w image-token grid (patch 1); the context is the chat-templated prompt,
+    right-padded to 512 tokens by the tokenizer. Needs a ComfyUI with comfy.supported_models.Flux2 (0.33.0).
+    """
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.text_encoders.flux
+
+    gen = torch.Generator().manual_seed(seed)
+    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
+    config = comfy.supported_models.Flux2({k: v for k, v in FLUX2_CONFIG.items() if k in known})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    _init_module(model.diffusion_model, gen)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    clip = _build_clip(
+        comfy.text_encoders.flux.KleinTokenizer,
+        comfy.text_encoders.flux.klein_te(model_type="qwen3_4b"),
+        {
+            "qwen3_4b_model_config": {
+                "hidden_size": FLUX2_TE_WIDTH,
+                "intermediate_size": 64,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+        },
+        gen,
+    )
+    return patcher, clip
+
+
+def tiny_latent(model, batch: int = 1, pixels: int = 128) -> dict:
+    """An empty LATENT for `model` at `pixels`×`pixels` px: its latent format's channels and downscale (Flux.1 and
+    Qwen-Image (B, 16, px/8, px/8), Flux.2 (B, 128, px/16, px/16))."""
+    latent_format = model.model.latent_format
+    size = pixels // int(getattr(latent_format, "spacial_downscale_ratio", 8))
+    return {"samples": torch.zeros(batch, int(latent_format.latent_channels), size, size)}
 
 
 def flux_latent(batch: int = 1, size: int = 16) -> dict:

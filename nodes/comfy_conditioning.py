@@ -31,7 +31,7 @@ CHUNKS_WRAPPER_KEY = "conceptsplit_chunk_prompts"
 
 def chunk_table(conds, encodings=(), default_length: int = 0) -> dict:
     """{cond uuid: ChunkPrompt} for the conditionings of one calc_cond_batch call (`conds`: [positives, negatives],
-    each a list of processed cond dicts): each one's own token length, area flag and prompt.
+    each a list of processed cond dicts): each one's own token length (as the model sees it), area flag and prompt.
 
     The prompt of a positive is its token record, or, without one, the prompt of the first encoding its text
     features match (prompt_encoding's rule): `encodings` (the model's, from Apply ToVA and Capture Attention) and
@@ -49,14 +49,24 @@ def chunk_table(conds, encodings=(), default_length: int = 0) -> dict:
     table = {}
     for group in conds:
         for cond in group or ():
-            cross = cond.get("cross_attn")  # (n, L, d)
+            length = model_context_length(cond)
             ids = recorded_prompt_ids(cond)
             if ids is None:
                 ids = identified.get(id(cond))
             table[cond["uuid"]] = ChunkPrompt(
-                int(cross.shape[1]) if cross is not None else default_length, ids, area=cond.get("area") is not None
+                length if length is not None else default_length, ids, area=cond.get("area") is not None
             )
     return table
+
+
+def model_context_length(cond: dict) -> int | None:
+    """Rows of the context the model gets from one processed cond: its model_conds["c_crossattn"] (after the model's
+    extra_conds, e.g. Flux.2's left pad to 512 rows), else its conditioning tensor's; None without either."""
+    model_cond = (cond.get("model_conds") or {}).get("c_crossattn")
+    tensor = getattr(model_cond, "cond", None)
+    if tensor is None:
+        tensor = cond.get("cross_attn")  # (n, L, d)
+    return int(tensor.shape[1]) if tensor is not None else None
 
 
 def encoding_text(model_options: dict, prompt_ids: tuple) -> str:

@@ -83,6 +83,13 @@ def sampling_model(model_k):
     return sampling_guider(model_k).model_patcher
 
 
+def latent_pixel_scale(model_patcher) -> int:
+    """Image pixels per latent pixel of a MODEL: its latent format's downscale (8 for SD and Flux.1, 16 for
+    Flux.2), 8 where the format does not say."""
+    latent_format = getattr(getattr(model_patcher, "model", None), "latent_format", None)
+    return int(getattr(latent_format, "spacial_downscale_ratio", 8))
+
+
 def positive_conds(model_k) -> list:
     """The processed positive conds of the run (dicts; convert_cond keeps the CONDITIONING's keys), or []."""
     return sampling_guider(model_k).conds.get("positive", None) or []

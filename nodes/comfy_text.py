@@ -78,8 +78,8 @@ def encode_prompt(clip, text: str, layout: ModelLayout | None = None):
     Shapes: [[cond (1, 77·windows, d), {"pooled_output": ..., PROMPT_TOKENS_KEY: PromptTokens,
               PROMPT_ENCODING_KEY: PromptEncoding (the cond itself, not a copy)}]].
     """
+    tokens = prompt_tokens(clip, text)  # first: a text encoder the pack cannot read is refused before encoding
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    tokens = prompt_tokens(clip, text)
     eps = _encoder_eps(clip)
     conditioning = [
         [

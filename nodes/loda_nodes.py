@@ -21,8 +21,6 @@ from .input_checks import check_number_inputs
 from .sockets import ConceptMaps, LodaResultType
 from .widgets import choice_input, number_input
 
-LATENT_SCALE = 8  # image pixels per latent pixel (SD1.5, SD2.1, SDXL)
-
 
 def loda_setting_inputs() -> list:
     """One widget per LodaConfig field, defaults, ranges and meanings from conceptsplit_core.loda_config."""
@@ -75,7 +73,7 @@ def loda_request(concept_words: str, settings: dict, result: LodaResult) -> Loda
 def result_outputs(result: LodaResult, latent_hw: tuple[int, int]):
     """MASK (B·K, H_img, W_img), image-major then concept order, and the maps and report of `result`."""
     masks = result.masks.float()  # (B, K, h, w)
-    size = (latent_hw[0] * LATENT_SCALE, latent_hw[1] * LATENT_SCALE)
+    size = (latent_hw[0] * result.pixel_scale, latent_hw[1] * result.pixel_scale)  # the decoded image's
     image_masks = F.interpolate(masks, size=size, mode="nearest").flatten(0, 1)  # (B·K, H_img, W_img)
     return image_masks, result.maps, result.report
 
@@ -182,7 +180,9 @@ class LodaSampler(io.ComfyNode):
             model, comfy_conditioning.conditioning_prompts(positive), latent_hw, request, total_steps, sampler
         )
         if total_steps == 0:
-            record_without_sampling(result, plan, latent_image["samples"].shape[0])
+            record_without_sampling(
+                result, plan, latent_image["samples"].shape[0], comfy_sampling.latent_pixel_scale(model)
+            )
             return io.NodeOutput(latent_image.copy(), *result_outputs(result, latent_hw))
         latent = comfy_sampling.sample_latent_with_sampler(
             model, seed, cfg, loda_sampler(sampler, request, plan), sigmas, positive, negative, latent_image

@@ -59,6 +59,7 @@ class LodaResult:
         self.masks: Optional[torch.Tensor] = None  # (B_img, K, h, w) bool
         self.maps: Optional[ConceptMaps] = None
         self.report = ""
+        self.pixel_scale = 8  # image pixels per latent pixel of the run's model (Flux.2: 16)
 
     def __deepcopy__(self, memo):
         return self
@@ -113,6 +114,8 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         request.result.reset()
     extra_args = dict(extra_args or {})
     patcher = comfy_sampling.sampling_model(model_k)
+    if request.result is not None:
+        request.result.pixel_scale = comfy_sampling.latent_pixel_scale(patcher)
     plan = options.get(PLAN_KEY)
     if plan is None:
         plan = plan_loda(
@@ -307,10 +310,11 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
         result.report += "\n" + plan.token_table
 
 
-def record_without_sampling(result: LodaResult, plan: LodaPlan, batch: int) -> None:
+def record_without_sampling(result: LodaResult, plan: LodaPlan, batch: int, pixel_scale: int = 8) -> None:
     """Fill `result` for a run with nothing to sample (denoise 0): zero maps and masks, as KSampler returns the
     latent unchanged."""
     result.reset()
+    result.pixel_scale = pixel_scale
     _record(result, plan, [], None, None, batch)
 
 

@@ -3,7 +3,8 @@
 Families are parametrized by what the installed ComfyUI has (comfy_harness.tiny_dit_models.available_dit_families), and
 the pack's own registry; Flux.1 exists in every supported version and must run on each. Tiny random-weight models
 (2 double + 1 single blocks, 2 heads, matrices N(0, 1/fan_in) so attention is far from uniform) built with
-ComfyUI's own classes under inference mode, as the executor loads them. A 16×16 latent gives 8×8 image tokens.
+ComfyUI's own classes under inference mode, as the executor loads them. A 128 px latent gives 8×8 image tokens
+(16×16 at /8 with 2×2 patches; Flux.2: 8×8 at /16, patch 1).
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import torch
 from comfy_harness.tiny_dit_models import (
     available_dit_families,
     build_tiny_flux,
+    build_tiny_flux2,
     build_tiny_qwenimage,
     dit_families_in_source,
-    flux_latent,
+    tiny_latent,
 )
 from comfy_harness.tolerance import EPS32, float32_softmax_tolerance, float32_tolerance
 from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 
 log = logging.getLogger(__name__)
 PROMPT = "a photo of a cat and a dog"
-IMAGE_TOKENS = 64  # (16 / 2)²
+IMAGE_TOKENS = 64  # 128 px: (16 / 2)² (Flux.1, Qwen-Image: /8 latent, 2×2 patches), 8² (Flux.2: /16, patch 1)
 DOUBLE = (("double", 0, 0), ("double", 1, 0))
 
 
@@ -41,12 +43,17 @@ def _flux_forward(dm, x, context, extras, options):
     )
 
 
+def _flux2_forward(dm, x, context, extras, options):
+    return dm(x, torch.tensor([0.7]), context, y=None, guidance=None, transformer_options=options)  # no pooled vector
+
+
 def _qwen_forward(dm, x, context, extras, options):
     return dm(x.unsqueeze(2), torch.tensor([0.7]), context, transformer_options=options)  # (B, C, T, h, w)
 
 
 # Per family: builder, the words' context rows (T5: '▁','a','▁photo','▁of','▁','a','▁cat','▁and','▁','a','▁dog' ->
-# 6, 10; Qwen-Image: the chat preamble dropped, so row = word position 4, 7), text tokens per joint call, blocks.
+# 6, 10; Qwen-Image: the chat preamble dropped, so row = word position 4, 7; Flux.2: every template token kept,
+# "<|im_start|>", "user", "\n" first, so 7, 10), text tokens per joint call, blocks, latent side at 128 px, patch.
 SPECS = {
     "flux": dict(
         build=build_tiny_flux,
@@ -56,6 +63,19 @@ SPECS = {
         maps=DOUBLE,
         display="Flux.1",
         forward=_flux_forward,
+        latent=16,
+        patch=2,
+    ),
+    "flux2": dict(
+        build=build_tiny_flux2,
+        rows={"cat": 7, "dog": 10},
+        text=512,
+        keys=DOUBLE + (("single", 0, 0),),
+        maps=DOUBLE,
+        display="Flux.2",
+        forward=_flux2_forward,
+        latent=8,
+        patch=1,
     ),
     "qwenimage": dict(
         build=build_tiny_qwenimage,
@@ -65,6 +85,8 @@ SPECS = {
         maps=DOUBLE,
         display="Qwen-Image",
         forward=_qwen_forward,
+        latent=16,
+        patch=2,
     ),
 }
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
@@ -156,7 +178,7 @@ def ksample(model, positive, negative, steps=2, cfg=1.0, sampler="euler", batch=
 
     with torch.inference_mode():
         return nodes.common_ksampler(
-            model, seed, steps, cfg, sampler, "simple", positive, negative, flux_latent(batch)
+            model, seed, steps, cfg, sampler, "simple", positive, negative, tiny_latent(model, batch)
         )[0]["samples"].clone()
 
 
@@ -182,7 +204,7 @@ def loda_sample(
                 "simple",
                 positive,
                 negative,
-                flux_latent(batch),
+                tiny_latent(model, batch),
                 1.0,
                 words,
                 **dict(SETTINGS, **overrides),
@@ -212,9 +234,11 @@ def test_dit_family_detected_and_layout_has_every_joint_block(pack, family):
     layout = found.layout(model)
     assert found.name == family and layout.joint and layout.prediction == "flow"
     assert layout.keys == spec(family)["keys"]
-    assert found.default_map_layers(layout, (16, 16)) == set(spec(family)["maps"])
-    assert found.map_grid(layout, ("double", 0, 0), (16, 16)) == (8, 8)
-    assert found.map_grid(layout, ("double", 0, 0), (15, 17)) == (8, 9)  # ComfyUI pads to the patch size
+    side, patch = spec(family)["latent"], spec(family)["patch"]
+    assert found.default_map_layers(layout, (side, side)) == set(spec(family)["maps"])
+    assert found.map_grid(layout, ("double", 0, 0), (side, side)) == (8, 8)
+    # ComfyUI pads to the patch size: (15, 17) -> (8, 9) with 2×2 patches, (15, 17) with patch 1
+    assert found.map_grid(layout, ("double", 0, 0), (15, 17)) == (-(-15 // patch), -(-17 // patch))
 
 
 def test_token_rows_come_from_the_tokenizer_pieces_not_word_counts(pack, family):
@@ -334,7 +358,7 @@ def test_stage_1_update_on_a_flow_model_is_the_plain_gradient_step(pack, family)
     ∇_z L = ∇_x L and the paper's step on z is x − η ∇_x L (docs/method.md)."""
     model, _ = build(family)
     sampling = model.get_model_object("model_sampling")
-    x = torch.randn(1, 16, 16, 16)
+    x = torch.randn(tiny_latent(model)["samples"].shape)
     assert type(sampling).__name__.startswith("ModelSamplingDiscreteFlow") or "CONST" in [
         c.__name__ for c in type(sampling).__mro__
     ]
@@ -398,8 +422,9 @@ def test_gradient_of_the_loss_wrt_the_latent_matches_finite_differences(pack, fa
     prompt = positive[0][1]["conceptsplit_prompt"]
     rows, text = spec(family)["rows"], spec(family)["text"]
     concepts = loda.LodaConcepts(("cat", "dog"), (rows["cat"], rows["dog"]), text, tuple(prompt.token_ids))
-    layers = loda.select_map_layers(layout, (16, 16), "all")
-    assert layers.grid == (8, 8) and set(layers.loss_keys) == found.default_map_layers(layout, (16, 16))
+    shape = tiny_latent(model)["samples"].shape  # (1, C, h, w)
+    layers = loda.select_map_layers(layout, tuple(shape[-2:]), "all")
+    assert layers.grid == (8, 8) and set(layers.loss_keys) == found.default_map_layers(layout, tuple(shape[-2:]))
     collector = loda.MapCollector(concepts, layers)
     options = found.install_observers({"transformer_options": {}}, layout, (collector,))
     config = pack.core("loda_config").LodaConfig()
@@ -416,7 +441,7 @@ def test_gradient_of_the_loss_wrt_the_latent_matches_finite_differences(pack, fa
         collector.stop()
         return loss_core.separation_loss(maps, config)[0]  # L = max(0, τ − HM), what stage 1 differentiates
 
-    x0 = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     direction = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
     with (
         torch.inference_mode(False),
@@ -473,7 +498,7 @@ def test_bad_inputs_raise_before_sampling(pack, family):
                 "simple",
                 positive,
                 negative,
-                flux_latent(1, size=12),
+                tiny_latent(model, 1, pixels=96),  # 6×6 tokens for every family
                 1.0,
                 "cat, dog",
                 **SETTINGS,

@@ -18,6 +18,7 @@ from comfy_harness.tiny_dit_models import (
     available_dit_families,
     build_tiny_flux,
     build_tiny_qwenimage,
+    build_tiny_zimage,
     dit_families_in_source,
     flux_latent,
 )
@@ -45,6 +46,10 @@ def _qwen_forward(dm, x, context, extras, options):
     return dm(x.unsqueeze(2), torch.tensor([0.7]), context, transformer_options=options)  # (B, C, T, h, w)
 
 
+def _zimage_forward(dm, x, context, extras, options):
+    return dm(x, torch.tensor([0.7]), context, context.shape[1], transformer_options=options)  # num_tokens = T
+
+
 # Per family: builder, the words' context rows (T5: '▁','a','▁photo','▁of','▁','a','▁cat','▁and','▁','a','▁dog' ->
 # 6, 10; Qwen-Image: the chat preamble dropped, so row = word position 4, 7), text tokens per joint call, blocks.
 SPECS = {
@@ -65,6 +70,18 @@ SPECS = {
         maps=DOUBLE,
         display="Qwen-Image",
         forward=_qwen_forward,
+    ),
+    # Z-Image: the chat template kept ('<|im_start|>','user','\n' first), so 'cat' is row 3 + 4; the 16 text rows
+    # are padded with cap_pad_token to 32 in the joint calls (joint_text: where the image rows start).
+    "zimage": dict(
+        build=build_tiny_zimage,
+        rows={"cat": 7, "dog": 10},
+        text=16,
+        joint_text=32,
+        keys=(("layer", 0, 0), ("layer", 1, 0), ("layer", 2, 0)),
+        maps=(("layer", 0, 0),),
+        display="Z-Image",
+        forward=_zimage_forward,
     ),
 }
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
@@ -101,6 +118,11 @@ def test_the_tested_families_are_the_ones_this_comfyui_and_the_pack_have(pack):
 
 def spec(family):
     return SPECS[family]
+
+
+def joint_text(family) -> int:
+    """Rows before the image tokens in a joint call: the text, plus its padding where the family pads it."""
+    return SPECS[family].get("joint_text", SPECS[family]["text"])
 
 
 def build(family):
@@ -213,8 +235,9 @@ def test_dit_family_detected_and_layout_has_every_joint_block(pack, family):
     assert found.name == family and layout.joint and layout.prediction == "flow"
     assert layout.keys == spec(family)["keys"]
     assert found.default_map_layers(layout, (16, 16)) == set(spec(family)["maps"])
-    assert found.map_grid(layout, ("double", 0, 0), (16, 16)) == (8, 8)
-    assert found.map_grid(layout, ("double", 0, 0), (15, 17)) == (8, 9)  # ComfyUI pads to the patch size
+    first = spec(family)["keys"][0]
+    assert found.map_grid(layout, first, (16, 16)) == (8, 8)
+    assert found.map_grid(layout, first, (15, 17)) == (8, 9)  # ComfyUI pads to the patch size
 
 
 def test_token_rows_come_from_the_tokenizer_pieces_not_word_counts(pack, family):
@@ -238,7 +261,7 @@ def test_token_rows_come_from_the_tokenizer_pieces_not_word_counts(pack, family)
 def test_captured_maps_equal_a_float64_joint_softmax_of_the_hooks_q_and_k(pack, family):
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
-    rows, text = spec(family)["rows"], spec(family)["text"]
+    rows, text = spec(family)["rows"], joint_text(family)
     spy_model, spy = spied(model)
     viewer = pack.glue("viewer")
     patched, capture = viewer.CaptureAttention.execute(
@@ -347,7 +370,7 @@ def test_stage_1_update_on_a_flow_model_is_the_plain_gradient_step(pack, family)
 def test_fixing_bias_touches_only_image_rows_of_the_concept_columns_and_raises_each_share(pack, family):
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
-    rows, text = spec(family)["rows"], spec(family)["text"]
+    rows, text = spec(family)["rows"], joint_text(family)  # the image rows start after `text` rows
     length = text + IMAGE_TOKENS
     shares = {}
     for boost, suppression in ((0.0, 0.0), (5.0, -1e8)):

@@ -193,6 +193,8 @@ def test_only_the_joint_calls_reach_the_observers(pack, family):
     assert all(call.context_length == text and call.grid == (8, 8) for call in recorder.calls)
     assert set(recorder.shapes) == {(1, layout.layers[0].heads, 64, text)}  # (B, H, N, T): text columns only
     assert start == joint_text(family)
+    last = layout.keys[-1]  # Capture Attention's `blocks` names a joint block as "<name> <index>"
+    assert pack.core("attention_capture").select_layout_layers(layout, "blocks", f"{last[0]} {last[1]}") == {last}
 
 
 def test_template_tokens_never_match_a_concept_word(pack, family):

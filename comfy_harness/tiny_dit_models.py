@@ -256,3 +256,82 @@ def tiny_latent(model, batch: int = 1, pixels: int = 128) -> dict:
 def flux_latent(batch: int = 1, size: int = 16) -> dict:
     """An empty Flux LATENT (B, 16, size, size): EmptySD3LatentImage's layout at pixel size 8·size."""
     return {"samples": torch.zeros(batch, 16, size, size)}
+
+
+ZIMAGE_TE_WIDTH = 32
+ZIMAGE_CONFIG = {  # model_detection's Z-Image values except the sizes; real Z-Image values in comments
+    "image_model": "lumina2",
+    "patch_size": 2,
+    "in_channels": 16,
+    "dim": 64,  # 3840
+    "cap_feat_dim": ZIMAGE_TE_WIDTH,  # 2560 (Qwen3-4B hidden)
+    "n_layers": 3,  # 30
+    "n_refiner_layers": 1,  # 2
+    "n_heads": 2,
+    "n_kv_heads": 2,  # 30 / 30
+    "qk_norm": True,
+    "axes_dims": [8, 12, 12],  # [32, 48, 48]; sum = dim / heads
+    "axes_lens": [1536, 512, 512],
+    "rope_theta": 256.0,
+    "ffn_dim_multiplier": 8.0 / 3.0,
+    "z_image_modulation": False,  # True; needs dim >= 256 (the adaLN input is min(dim, 256), t_embedder's 256)
+    "time_scale": 1000.0,
+    "pad_tokens_multiple": 32,
+}
+ZIMAGE_FULL_MODULATION = {"dim": 256, "axes_dims": [32, 48, 48], "z_image_modulation": True}  # heads 2 × 128
+
+
+def build_tiny_zimage(seed: int = 0, **config):
+    """A fresh tiny Z-Image (MODEL, CLIP): 1 context + 1 noise refiner and 3 joint layers, 2 heads, dim 64 without
+    z_image_modulation (`build_tiny_zimage(**ZIMAGE_FULL_MODULATION)`: dim 256 with it, as the real model), and a
+    3-layer Qwen3 text encoder (layer_idx −2 needs > 2) with ComfyUI's own Z-Image tokenizer and template.
+
+    A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid; text and image tokens are padded to multiples of
+    32 inside the model. Needs a ComfyUI with comfy.supported_models.ZImage (0.33+).
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.text_encoders.z_image
+
+    gen = torch.Generator().manual_seed(seed)
+    model_config = comfy.supported_models.ZImage({**ZIMAGE_CONFIG, **config})
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    _init_module(model.diffusion_model, gen)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+    clip = _build_clip(
+        comfy.text_encoders.z_image.ZImageTokenizer,
+        comfy.text_encoders.z_image.te(),
+        {
+            "qwen3_4b_model_config": {
+                "hidden_size": ZIMAGE_TE_WIDTH,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+        },
+        gen,
+    )
+    return patcher, clip
+
+
+def build_tiny_lumina2(seed: int = 0):
+    """A tiny plain Lumina2 (Lumina-Image 2.0) MODEL, the base class of Z-Image, with the config keys this
+    ComfyUI's NextDiT accepts (0.3.64 takes no Z-Image keys; 0.33 pads nothing without pad_tokens_multiple)."""
+    import inspect
+
+    import comfy.ldm.lumina.model
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    gen = torch.Generator().manual_seed(seed)
+    accepted = set(inspect.signature(comfy.ldm.lumina.model.NextDiT.__init__).parameters)
+    plain = {k: v for k, v in ZIMAGE_CONFIG.items() if k not in ("z_image_modulation", "pad_tokens_multiple")}
+    model_config = comfy.supported_models.Lumina2({k: v for k, v in plain.items() if k in accepted})
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    _init_module(model.diffusion_model, gen)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))

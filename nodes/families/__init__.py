@@ -9,10 +9,11 @@ from .flux import FLUX
 from .flux2 import FLUX2
 from .qwenimage import QWEN_IMAGE
 from .unet import SD15, SD21, SDXL
+from .zimage import Z_IMAGE
 
 # Order matters: the first family whose matches() is true wins (SDXL variants subclass SDXL, SD2 unCLIP SD20; a
 # subclass family such as Flux.2, whose config subclasses Flux.1's, goes before its base).
-FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15, FLUX2, FLUX, QWEN_IMAGE)
+FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD21, SD15, FLUX2, FLUX, QWEN_IMAGE, Z_IMAGE)
 
 # The newest ComfyUI the pack is tested on: named in the error for a family this ComfyUI is too old to have.
 NEWEST_TESTED_COMFYUI = "0.33.0"

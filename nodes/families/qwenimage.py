@@ -6,13 +6,16 @@
 - Maps: every block by default (one stream type; the pass stops after the last map block, so choosing early blocks
   shortens it). The text attention mask (padding) is part of the joint softmax as the model applies it.
 - Tokens: the Qwen2.5-VL chat template; the text encoder drops the system preamble and "<|im_start|>user\n", so
-  context row = token position − template end (found from the ids, never a fixed offset).
+  context row = token position − template end (found from the ids, never a fixed offset). The template's tokens
+  after the prompt ("<|im_end|>\n<|im_start|>assistant\n") stay in the context with empty pieces: a concept word
+  never matches them.
 - Gradients: inference weights (AutogradWeights) and ComfyUI's fused RoPE (in_training); residuals are not in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -26,6 +29,7 @@ from .flux import training_flag
 
 QWEN_KEY = "qwen25_7b"
 IM_START, USER, NEWLINE = 151644, 872, 198  # Qwen2 ids of "<|im_start|>", "user", "\n"
+IM_END = 151645  # Qwen2 id of "<|im_end|>"
 FIRST_SPECIAL = 151643  # Qwen2's special tokens (pad, im_start, im_end, vision ...) are ids from here on
 
 
@@ -76,7 +80,9 @@ class QwenImageFamily(DitFamily):
         inner = clip.tokenizer.qwen25_7b
         entries = [entry for chunk in clip.tokenize(text, return_word_ids=True)[QWEN_KEY] for entry in chunk]
         start = template_end([entry[0] for entry in entries])
-        return bpe_prompt(inner.tokenizer, text, entries[start:])
+        prompt = bpe_prompt(inner.tokenizer, text, entries[start:])
+        ids = [entry[0] for entry in entries[start:]]
+        return blank_rows(prompt, range(after_prompt(ids), len(ids)))  # "<|im_end|>\n<|im_start|>assistant\n"
 
     @contextlib.contextmanager
     def gradient_fixes(self, model_patcher):
@@ -95,6 +101,23 @@ def template_end(ids) -> int:
     if len(ids) > end + 3 and ids[end + 1] == USER and ids[end + 2] == NEWLINE:
         end += 3
     return end
+
+
+def after_prompt(ids) -> int:
+    """First row of the chat template after the prompt (its last "<|im_end|>"); len(ids) when there is none."""
+    ends = [row for row, token in enumerate(ids) if token == IM_END]
+    return ends[-1] if ends else len(ids)
+
+
+def blank_rows(prompt: PromptTokens, rows) -> PromptTokens:
+    """`prompt` with empty pieces and no word start on `rows` (chat-template tokens such as "user", "assistant"),
+    so a concept word never matches them; the rows themselves stay (they are context rows)."""
+    rows = frozenset(rows)
+    return dataclasses.replace(
+        prompt,
+        pieces=tuple("" if row in rows else piece for row, piece in enumerate(prompt.pieces)),
+        word_starts=tuple(start and row not in rows for row, start in enumerate(prompt.word_starts)),
+    )
 
 
 def bpe_prompt(tokenizer, text: str, entries) -> PromptTokens:

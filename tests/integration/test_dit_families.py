@@ -20,6 +20,7 @@ from comfy_harness.tiny_dit_models import (
     build_tiny_flux,
     build_tiny_flux2,
     build_tiny_qwenimage,
+    build_tiny_zimage,
     dit_families_in_source,
     tiny_latent,
 )
@@ -49,6 +50,10 @@ def _flux2_forward(dm, x, context, extras, options):
 
 def _qwen_forward(dm, x, context, extras, options):
     return dm(x.unsqueeze(2), torch.tensor([0.7]), context, transformer_options=options)  # (B, C, T, h, w)
+
+
+def _zimage_forward(dm, x, context, extras, options):
+    return dm(x, torch.tensor([0.7]), context, context.shape[1], transformer_options=options)  # num_tokens = T
 
 
 # Per family: builder, the words' context rows (T5: '▁','a','▁photo','▁of','▁','a','▁cat','▁and','▁','a','▁dog' ->
@@ -88,6 +93,20 @@ SPECS = {
         latent=16,
         patch=2,
     ),
+    # Z-Image: the chat template kept ('<|im_start|>','user','\n' first), so 'cat' is row 3 + 4; the 16 text rows
+    # are padded with cap_pad_token to 32 in the joint calls (joint_text: where the image rows start).
+    "zimage": dict(
+        build=build_tiny_zimage,
+        rows={"cat": 7, "dog": 10},
+        text=16,
+        joint_text=32,
+        keys=(("layer", 0, 0), ("layer", 1, 0), ("layer", 2, 0)),
+        maps=(("layer", 0, 0),),
+        display="Z-Image",
+        forward=_zimage_forward,
+        latent=16,
+        patch=2,
+    ),
 }
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
 
@@ -123,6 +142,11 @@ def test_the_tested_families_are_the_ones_this_comfyui_and_the_pack_have(pack):
 
 def spec(family):
     return SPECS[family]
+
+
+def joint_text(family) -> int:
+    """Rows before the image tokens in a joint call: the text, plus its padding where the family pads it."""
+    return SPECS[family].get("joint_text", SPECS[family]["text"])
 
 
 def build(family):
@@ -235,10 +259,11 @@ def test_dit_family_detected_and_layout_has_every_joint_block(pack, family):
     assert found.name == family and layout.joint and layout.prediction == "flow"
     assert layout.keys == spec(family)["keys"]
     side, patch = spec(family)["latent"], spec(family)["patch"]
+    first = spec(family)["keys"][0]
     assert found.default_map_layers(layout, (side, side)) == set(spec(family)["maps"])
-    assert found.map_grid(layout, ("double", 0, 0), (side, side)) == (8, 8)
+    assert found.map_grid(layout, first, (side, side)) == (8, 8)
     # ComfyUI pads to the patch size: (15, 17) -> (8, 9) with 2×2 patches, (15, 17) with patch 1
-    assert found.map_grid(layout, ("double", 0, 0), (15, 17)) == (-(-15 // patch), -(-17 // patch))
+    assert found.map_grid(layout, first, (15, 17)) == (-(-15 // patch), -(-17 // patch))
 
 
 def test_token_rows_come_from_the_tokenizer_pieces_not_word_counts(pack, family):
@@ -262,7 +287,7 @@ def test_token_rows_come_from_the_tokenizer_pieces_not_word_counts(pack, family)
 def test_captured_maps_equal_a_float64_joint_softmax_of_the_hooks_q_and_k(pack, family):
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
-    rows, text = spec(family)["rows"], spec(family)["text"]
+    rows, text = spec(family)["rows"], joint_text(family)
     spy_model, spy = spied(model)
     viewer = pack.glue("viewer")
     patched, capture = viewer.CaptureAttention.execute(
@@ -371,7 +396,7 @@ def test_stage_1_update_on_a_flow_model_is_the_plain_gradient_step(pack, family)
 def test_fixing_bias_touches_only_image_rows_of_the_concept_columns_and_raises_each_share(pack, family):
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
-    rows, text = spec(family)["rows"], spec(family)["text"]
+    rows, text = spec(family)["rows"], joint_text(family)  # the image rows start after `text` rows
     length = text + IMAGE_TOKENS
     shares = {}
     for boost, suppression in ((0.0, 0.0), (5.0, -1e8)):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from comfy_harness.tiny_dit_models import flux_latent
+from comfy_harness.tiny_dit_models import tiny_latent
 from test_dit_families import SETTINGS, build, encode, families_to_test, loda_sample, negative_of, spec
 
 IMAGE_GRID = (8, 8)  # a 16×16 latent, 2×2 patches
@@ -27,7 +27,7 @@ def plain(model, positive, negative, steps=4, cfg=1.0, sampler="euler", schedule
 
     with torch.inference_mode():
         return nodes.common_ksampler(
-            model, 0, steps, cfg, sampler, scheduler, positive, negative, flux_latent(batch), denoise=denoise
+            model, 0, steps, cfg, sampler, scheduler, positive, negative, tiny_latent(model, batch), denoise=denoise
         )[0]["samples"].clone()
 
 
@@ -77,7 +77,7 @@ def test_stage_1_and_fixing_run_with_the_sampler_and_scheduler_and_nothing_to_do
                 scheduler,
                 positive,
                 negative,
-                flux_latent(),
+                tiny_latent(model),
                 1.0,
                 "cat, dog",
                 **dict(SETTINGS, loda_steps=0, boost=0.0, suppression=0.0),
@@ -95,7 +95,7 @@ def test_stage_1_and_fixing_run_with_the_sampler_and_scheduler_and_nothing_to_do
                 scheduler,
                 positive,
                 negative,
-                flux_latent(),
+                tiny_latent(model),
                 1.0,
                 "cat, dog",
                 **dict(SETTINGS, loda_steps=1),
@@ -162,7 +162,7 @@ def loda_partial(pack, model, positive, negative, denoise, **overrides):
                 "simple",
                 positive,
                 negative,
-                flux_latent(),
+                tiny_latent(model),
                 denoise,
                 "cat, dog",
                 **dict(SETTINGS, **overrides),
@@ -183,7 +183,7 @@ def test_sampler_custom_advanced_with_the_loda_sampler_and_a_cfg_guider(pack, fa
         guider = _node(custom.CFGGuider, "get_guider", model, positive, negative, 2.0)
         sigmas = _node(custom.BasicScheduler, "get_sigmas", model, "simple", 4, 1.0)
         noise = _node(custom.RandomNoise, "get_noise", 0)
-        out = _node(custom.SamplerCustomAdvanced, "sample", noise, guider, sampler, sigmas, flux_latent())
+        out = _node(custom.SamplerCustomAdvanced, "sample", noise, guider, sampler, sigmas, tiny_latent(model))
         masks, maps, report = nodes.LodaResults.execute(out, result).result[:3]
     assert out["samples"].shape[0] == 1 and torch.isfinite(out["samples"]).all()
     assert maps.maps.shape == (1, 2, *IMAGE_GRID) and masks.shape == (2, 128, 128)

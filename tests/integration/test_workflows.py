@@ -19,12 +19,15 @@ import pytest
 from PIL import Image
 
 from comfy_harness.comfy_server import PACK_FOLDER
+from comfy_harness.tiny_dit_models import DIT_MODEL_CLASSES
 from comfy_harness.workflow_format import node_types, ui_to_api
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
 UNET_FAMILIES = ("sd15", "sd21", "sdxl")
-DIT_FAMILIES = ("flux", "qwenimage")  # nodes/families names; the helper pack's Tiny DiT Loader builds them
+# nodes/families names of the DiTs (flux, flux2, zimage, qwenimage); the helper pack's Tiny DiT Loader builds those
+# its TINY_DITS lists and this ComfyUI has
+DIT_FAMILIES = tuple(DIT_MODEL_CLASSES)
 FAMILIES = UNET_FAMILIES + DIT_FAMILIES
 # The loaders a DiT workflow may use -> {their output slot: the Tiny DiT Loader's slot (MODEL 0, CLIP 1, VAE 2)}.
 DIT_LOADER_SLOTS = {

@@ -10,7 +10,8 @@ Node definitions come from the real ComfyUI (bootstrapped in this process, the p
 so widget order and defaults are what the frontend expects. Build with the oldest supported ComfyUI (0.3.64):
 newer versions add outputs to core nodes (SaveImage's `images` in 0.33) that older frontends do not know.
 One function per workflow, registered with `@workflow(...)`: it returns the API graph (omitted widget inputs get
-their defaults). Adapter and bound-LoRA file names start with their concept word
+their defaults). A DiT family's workflow is one `DitModel` (its loaders and sampling settings) passed to `dit_loda`.
+Adapter and bound-LoRA file names start with their concept word
 (`<identifier word>_<family>.safetensors`, `<concept word>_character_<family>.safetensors`);
 tests/integration/test_workflows.py relies on it to serve tiny adapters and LoRAs.
 """
@@ -42,7 +43,7 @@ NEGATIVE = "blurry, low quality, deformed"
 @dataclass(frozen=True)
 class WorkflowDef:
     name: str
-    family: str  # sd15 | sd21 | sdxl: which tiny model the tests swap in for the checkpoint
+    family: str  # sd15 | sd21 | sdxl | a DiT family of nodes/families (flux, qwenimage): the tiny model of the tests
     title: str
     note: str
     build: Callable[[], dict]
@@ -385,6 +386,157 @@ def train_tova_adapter_sd21() -> dict:
     return graph
 
 
+# -- DiT workflows (docs/method.md §10) ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DitModel:
+    """What a DiT family's users wire: the loaders (API nodes with ids "1" MODEL, "2" CLIP, "3" VAE, as the model's
+    own example workflows load it) and the sampling settings of its model card."""
+
+    loaders: dict  # {"1": UNETLoader-like, "2": CLIP loader, "3": VAELoader}
+    size: int  # EmptySD3LatentImage width = height
+    steps: int
+    cfg: float
+    guidance: float | None = None  # FluxGuidance on the positive (guidance-distilled models), else none
+    model_sampling: dict | None = None  # a ModelSampling* node between the loader and the sampler, "model" omitted
+    negative: str = ""
+
+
+DIT_PROMPT = "a photo of a cat and a dog playing in the snow"
+DIT_WORDS = "cat, dog"
+
+
+def dit_loda(model: DitModel, prefix: str) -> dict:
+    """LODA on a DiT with the check that attention fixing worked: loaders -> ConceptSplit Text Encode (-> FluxGuidance)
+    -> Capture Attention (from LODA's stage-1 steps on) -> LODA Sampler -> VAE Decode -> Save; the masks and the
+    Attention Map Viewer (capture, LATENT, image, the LODA masks) are shown."""
+    graph = dict(model.loaders)
+    model_out = ["1", 0]
+    if model.model_sampling is not None:
+        graph["4"] = node(model.model_sampling["class_type"], model=["1", 0], **model.model_sampling["inputs"])
+        model_out = ["4", 0]
+    graph["5"] = node("ConceptSplitTextEncode", clip=["2", 0], text=DIT_PROMPT)
+    positive = ["5", 0]
+    if model.guidance is not None:
+        graph["6"] = node("FluxGuidance", conditioning=["5", 0], guidance=model.guidance)
+        positive = ["6", 0]
+    negative_title = "Negative prompt" if model.cfg > 1 else "Negative prompt (unused at cfg 1)"
+    loda_steps = round(0.2 * model.steps)  # what the sampler's loda_steps = -1 (auto) gives
+    graph.update(
+        {
+            "7": node("CLIPTextEncode", title=negative_title, clip=["2", 0], text=model.negative),
+            "8": node("EmptySD3LatentImage", width=model.size, height=model.size, batch_size=1),
+            "9": node(
+                "ConceptSplitCaptureAttention",
+                model=model_out,
+                words=DIT_WORDS,
+                positive=["5", 0],
+                first_step=loda_steps,
+            ),
+            "10": node(
+                "ConceptSplitLodaSampler",
+                model=["9", 0],
+                positive=positive,
+                negative=["7", 0],
+                latent_image=["8", 0],
+                concept_words=DIT_WORDS,
+                seed=0,
+                steps=model.steps,
+                cfg=model.cfg,
+                sampler_name="euler",
+                scheduler="simple",
+                denoise=1.0,
+            ),
+            "13": node("MaskToImage", mask=["10", 1]),
+            "14": node("PreviewImage", title="Concept masks", images=["13", 0]),
+            "15": node(
+                "ConceptSplitAttentionViewer",
+                capture=["9", 1],
+                samples=["10", 0],
+                image=["11", 0],
+                concept_masks=["10", 1],
+            ),
+            "16": node("PreviewImage", title="Attention maps", images=["15", 0]),
+        }
+    )
+    graph.update(decode_and_save(["10", 0], ["3", 0], 11, prefix))
+    return graph
+
+
+def dit_note(display: str, load: str, sampling: str) -> str:
+    return (
+        f"LODA on {display}: keeps a cat and a dog apart, and shows whether attention fixing worked.\n\n"
+        f"Set:\n1. {load}\n"
+        "2. ConceptSplit Text Encode: the prompt (not CLIP Text Encode: it keeps the token positions LODA looks up).\n"
+        "3. LODA Sampler, concept_words: the words to separate, comma-separated (at least 2), all in the prompt. "
+        "Capture Attention: the same words in the same order.\n\n"
+        f"{sampling}\n\n"
+        "Capture Attention's first_step = LODA's stage-1 steps (loda_steps -1 = round(0.2 x steps); 4 at 20 steps): "
+        "the viewer then reports, per word, the share of its attention inside its own LODA mask (concept_masks) "
+        "next to the mask's area. Maps are on the image-token grid (latent/2). Images of at least 112 px. "
+        "LODA's step size and thresholds are the paper's (SD) values, not tuned for this model."
+    )
+
+
+FLUX1_DEV = DitModel(
+    loaders={
+        "1": node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
+        "2": node("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux"),
+        "3": node("VAELoader", vae_name="ae.safetensors"),
+    },
+    size=1024,
+    steps=20,
+    cfg=1.0,
+    guidance=3.5,
+)
+
+
+@workflow(
+    "loda_flux1",
+    family="flux",
+    title="LODA and attention maps on Flux.1",
+    note=dit_note(
+        "Flux.1 (dev, schnell or a fine-tune)",
+        "Load Diffusion Model: flux1-dev (models/diffusion_models); DualCLIPLoader: clip_l and t5xxl, type flux; "
+        "Load VAE: ae (the Flux VAE). The fp8 all-in-one checkpoint works too: Load Checkpoint instead of the three.",
+        "Flux.1-dev settings: FluxGuidance 3.5 on the positive, cfg 1 (the negative is then unused), euler, simple, "
+        "20 steps, 1024 x 1024. Flux.1-schnell: 4 steps (LODA's auto stage 1 is then 1 step: Capture Attention "
+        "first_step 1); FluxGuidance does not change schnell.",
+    ),
+)
+def loda_flux1() -> dict:
+    return dit_loda(FLUX1_DEV, "conceptsplit/loda_flux1")
+
+
+QWEN_IMAGE = DitModel(
+    loaders={
+        "1": node("UNETLoader", unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default"),
+        "2": node("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image"),
+        "3": node("VAELoader", vae_name="qwen_image_vae.safetensors"),
+    },
+    size=1328,
+    steps=20,
+    cfg=2.5,
+    model_sampling={"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 3.1}},
+    negative=NEGATIVE,
+)
+
+
+@workflow(
+    "loda_qwen_image",
+    family="qwenimage",
+    title="LODA and attention maps on Qwen-Image",
+    note=dit_note(
+        "Qwen-Image",
+        "Load Diffusion Model: qwen_image (models/diffusion_models); Load CLIP: qwen_2.5_vl_7b, type qwen_image; "
+        "Load VAE: qwen_image_vae.",
+        "Qwen-Image settings: ModelSamplingAuraFlow shift 3.1, cfg 2.5 with a negative prompt, euler, simple, "
+        "20 steps, 1328 x 1328.",
+    ),
+)
+def loda_qwen_image() -> dict:
+    return dit_loda(QWEN_IMAGE, "conceptsplit/loda_qwen_image")
+
+
 # -- output ---------------------------------------------------------------------------------------------------
 def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
     from comfy_harness.workflow_format import Layout, Note, api_to_ui
@@ -394,6 +546,7 @@ def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
         "CLIPTextEncode": 380,
         "ConceptSplitTextEncode": 380,
         "ConceptSplitLodaSampler": 340,
+        "DualCLIPLoader": 340,
     }
     layout = Layout(node_width=300, column_gap=50, wide_types=wide)
     return api_to_ui(

@@ -1,7 +1,8 @@
-"""Test-only ComfyUI node pack: a loader that builds the seeded tiny models of ``comfy_harness/tiny_models.py``.
+"""Test-only ComfyUI node pack: loaders that build the seeded tiny models of ``comfy_harness/tiny_models.py`` (SD1.5,
+SD2.1, SDXL) and of ``comfy_harness/tiny_dit_models.py`` with a VAE of ``comfy_harness/tiny_dit_vaes.py`` (DiTs).
 
 ComfyUI imports this folder as ``custom_nodes.<folder>`` without the repo on ``sys.path``, so the tiny-model
-module is loaded by file path: from env CONCEPTSPLIT_REPO (set by ``comfy_harness.comfy_server``), else two levels
+modules are loaded by file path: from env CONCEPTSPLIT_REPO (set by ``comfy_harness.comfy_server``), else two levels
 above this file's real path. V1 API on purpose: it is not shipped, and it keeps this file self-contained.
 """
 
@@ -10,14 +11,30 @@ import os
 from pathlib import Path
 
 _REPO = Path(os.environ.get("CONCEPTSPLIT_REPO") or Path(__file__).resolve().parents[2])
-_TINY_MODELS_FILE = _REPO / "comfy_harness" / "tiny_models.py"
 
-# A private module name, so it never collides with a `comfy_harness` package elsewhere on sys.path.
-_spec = importlib.util.spec_from_file_location("conceptsplit_test_helpers_tiny_models", _TINY_MODELS_FILE)
-if _spec is None or _spec.loader is None:
-    raise ImportError(f"cannot load {_TINY_MODELS_FILE}; set CONCEPTSPLIT_REPO to the ComfyUI-ConceptSplit repo root")
-tiny_models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_models)
+
+def _load(name: str):
+    """comfy_harness/<name>.py under a private module name, so it never collides with a `comfy_harness` package
+    elsewhere on sys.path."""
+    path = _REPO / "comfy_harness" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"conceptsplit_test_helpers_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}; set CONCEPTSPLIT_REPO to the ComfyUI-ConceptSplit repo root")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_models = _load("tiny_models")
+tiny_dit_models = _load("tiny_dit_models")
+tiny_dit_vaes = _load("tiny_dit_vaes")
+
+# DiT family (nodes/families) -> (its builder in tiny_dit_models, the latent format of its VAE in tiny_dit_vaes).
+# A new family is one line here; the loader offers the families this ComfyUI has (available_dit_families).
+TINY_DITS = {
+    "flux": ("build_tiny_flux", "flux16"),
+    "qwenimage": ("build_tiny_qwenimage", "wan21"),
+}
 
 
 class ConceptSplitTestTinyModelLoader:
@@ -50,5 +67,44 @@ class ConceptSplitTestTinyModelLoader:
         return model, clip, vae
 
 
-NODE_CLASS_MAPPINGS = {"ConceptSplitTestTinyModelLoader": ConceptSplitTestTinyModelLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptSplitTestTinyModelLoader": "ConceptSplit Test Tiny Model Loader"}
+def tiny_dit_families() -> list:
+    """The TINY_DITS families whose model class this ComfyUI has, in TINY_DITS order."""
+    present = set(tiny_dit_models.available_dit_families())
+    return [name for name in TINY_DITS if name in present]
+
+
+class ConceptSplitTestTinyDitLoader:
+    """Seeded tiny DiT MODEL and CLIP (comfy_harness/tiny_dit_models.py) and a tiny VAE of the family's latent
+    format (comfy_harness/tiny_dit_vaes.py): what UNETLoader + the CLIP loader + VAELoader give a user."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        families = tiny_dit_families()
+        return {
+            "required": {
+                "family": (families, {"default": families[0]}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "ConceptSplit/testing"
+    DESCRIPTION = "Test only: random tiny DiT models (Flux.1, Qwen-Image, ...) with ComfyUI's own classes."
+
+    def load(self, family, seed):
+        if family not in tiny_dit_families():
+            raise ValueError(f"no tiny {family!r} model in this ComfyUI; choose one of {tiny_dit_families()}")
+        builder, latent_format = TINY_DITS[family]
+        model, clip = getattr(tiny_dit_models, builder)(seed)
+        return model, clip, tiny_dit_vaes.TINY_DIT_VAES[latent_format](seed)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptSplitTestTinyModelLoader": ConceptSplitTestTinyModelLoader,
+    "ConceptSplitTestTinyDitLoader": ConceptSplitTestTinyDitLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptSplitTestTinyModelLoader": "ConceptSplit Test Tiny Model Loader",
+    "ConceptSplitTestTinyDitLoader": "ConceptSplit Test Tiny DiT Loader",
+}

@@ -2,9 +2,10 @@
 
 A workflow is converted to an API prompt with the server's /object_info (comfy_harness/workflow_format.py), then made
 cheap with the explicit substitutions below: the checkpoint loader becomes the test helper pack's tiny-model loader
-(of the family in the workflow's `extra.conceptsplit.family`), adapters become tiny random ones with the same
-identifier word, LoRAs bound to a concept become tiny random kohya LoRAs for the tiny model, photo folders get three
-small photos, and sizes and step counts shrink.
+(of the family in the workflow's `extra.conceptsplit.family`; a DiT family's diffusion-model, text-encoder and VAE
+loaders become one Tiny DiT Loader, each link rewired to its MODEL, CLIP or VAE output), adapters become tiny random
+ones with the same identifier word, LoRAs bound to a concept become tiny random kohya LoRAs for the tiny model, photo
+folders get three small photos, and sizes and step counts shrink.
 """
 
 from __future__ import annotations
@@ -18,15 +19,30 @@ import pytest
 from PIL import Image
 
 from comfy_harness.comfy_server import PACK_FOLDER
+from comfy_harness.tiny_dit_models import DIT_MODEL_CLASSES
 from comfy_harness.workflow_format import node_types, ui_to_api
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
-FAMILIES = ("sd15", "sd21", "sdxl")
+UNET_FAMILIES = ("sd15", "sd21", "sdxl")
+# nodes/families names of the DiTs (flux, flux2, zimage, qwenimage); the helper pack's Tiny DiT Loader builds those
+# its TINY_DITS lists and this ComfyUI has
+DIT_FAMILIES = tuple(DIT_MODEL_CLASSES)
+FAMILIES = UNET_FAMILIES + DIT_FAMILIES
+# The loaders a DiT workflow may use -> {their output slot: the Tiny DiT Loader's slot (MODEL 0, CLIP 1, VAE 2)}.
+DIT_LOADER_SLOTS = {
+    "UNETLoader": {0: 0},
+    "CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2},
+    "DualCLIPLoader": {0: 1},
+    "CLIPLoader": {0: 1},
+    "TripleCLIPLoader": {0: 1},
+    "VAELoader": {0: 2},
+}
 
 # class_type -> inputs replaced for a CPU run on tiny models (the rest of each node stays as the user gets it).
 TINY_INPUTS = {
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
     "KSampler": {"steps": 2},
     "BasicScheduler": {"steps": 2},
     "ConceptSplitLodaSampler": {"steps": 3, "loda_steps": 1},
@@ -42,7 +58,9 @@ TINY_INPUTS = {
     "ConceptSplitLoadTrainingImages": {"resolution": 64},
 }
 LODA_TYPES = ("ConceptSplitLodaSampler", "ConceptSplitLoda")
-LODA_LATENT = {"width": 112, "height": 112}  # LODA needs maps of at least 7x7 (latent / 4) in the tiny models
+# LODA needs maps of at least 7x7: latent / 4 in the tiny UNets, latent / 2 (image tokens) in the DiTs
+LODA_LATENT = {"width": 112, "height": 112}
+LATENT_TYPES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
 
 def workflow_family(workflow: dict) -> str:
@@ -56,9 +74,26 @@ def adapter_word(adapter_name: str) -> str:
     return Path(adapter_name).stem.split("_")[0]
 
 
+def tiny_dit_loaders(prompt: dict, family: str) -> dict:
+    """The prompt with its DiT loaders replaced by one Tiny DiT Loader (the first loader's id), links rewired."""
+    loaders = [nid for nid, node in prompt.items() if node["class_type"] in DIT_LOADER_SLOTS]
+    assert loaders, f"a {family} workflow without a loader of {sorted(DIT_LOADER_SLOTS)}"
+    tiny = loaders[0]
+    slots = {nid: DIT_LOADER_SLOTS[prompt[nid]["class_type"]] for nid in loaders}
+    out = {nid: node for nid, node in prompt.items() if nid not in loaders}
+    out[tiny] = {"class_type": "ConceptSplitTestTinyDitLoader", "inputs": {"family": family, "seed": 0}}
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in slots:
+                node["inputs"][name] = [tiny, slots[value[0]][value[1]]]
+    return out
+
+
 def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder, serve_lora) -> dict:
     family = workflow_family(workflow)
     prompt = ui_to_api(workflow, object_info)
+    if family in DIT_FAMILIES:
+        prompt = tiny_dit_loaders(prompt, family)
     uses_loda = any(node["class_type"] in LODA_TYPES for node in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
@@ -72,8 +107,10 @@ def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder, 
         if node["class_type"] == "ConceptSplitLoadTrainingImages":
             inputs["folder"] = photo_folder(inputs["folder"])
         inputs.update(TINY_INPUTS.get(node["class_type"], {}))
-        if uses_loda and node["class_type"] == "EmptyLatentImage":
+        if uses_loda and node["class_type"] in LATENT_TYPES:
             inputs.update(LODA_LATENT)
+        if node["class_type"] == "ConceptSplitCaptureAttention" and inputs.get("first_step", 0) > 0:
+            inputs["first_step"] = TINY_INPUTS["ConceptSplitLodaSampler"]["loda_steps"]  # from LODA's stage 1 on
     return prompt
 
 
@@ -169,6 +206,25 @@ def test_workflow_runs_to_completion_on_tiny_models(
     for nid in image_nodes:
         images = comfy_server.output_images(entry, nid)
         assert images and all(img.width >= 64 and img.height >= 64 for img in images), f"node {nid}"
+    for nid, node in prompt.items():
+        if node["class_type"] == "ConceptSplitAttentionViewer" and "concept_masks" in node["inputs"]:
+            check_mask_shares(entry["outputs"][nid]["text"][0])
+
+
+def check_mask_shares(report: str) -> None:
+    """A viewer given LODA's masks reports each word's attention share inside its own mask, and attention fixing
+    (which ran in the captured steps: Capture Attention's first_step = LODA's stage-1 steps) put the word's attention
+    there: boost +5 inside the own mask and -1e8 for the other words. On the tiny DiTs (masks of 5 of 49 cells) the
+    shares are 0.82-0.93 with fixing and 0.09-0.18 without (tests/integration/test_dit_server.py); 0.5 separates them.
+    """
+    header = "Attention inside each word's own mask"
+    assert header in report, report
+    rows = report.split(header, 1)[1].splitlines()[2:]
+    rows = rows[: next(i for i, row in enumerate(rows) if row.startswith("share:"))]
+    assert len(rows) >= 2, report
+    for row in rows:
+        _, share, area = row.split()
+        assert float(share) > 0.5 > float(area), row
 
 
 def test_template_browser_lists_and_serves_every_workflow(comfy_server):

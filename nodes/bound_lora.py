@@ -1,7 +1,9 @@
 """Bound LoRA nodes: "Bind LoRA to Concept" and "Apply Bound LoRAs" (issue 13).
 
 Each ordinary LoRA acts only on its own subject: on image positions inside that concept's LODA mask, on the
-cross-attention keys/values only on its own token rows. See README "Bound LoRAs" and conceptsplit_core/bound_lora.py.
+cross-attention keys/values (UNets) or text-token layers (DiTs: Flux.1, Qwen-Image) only on its own token rows; the
+model family says which layer is which (ModelFamily.bound_lora_site). See README "Bound LoRAs" and
+conceptsplit_core/bound_lora.py.
 """
 
 from __future__ import annotations

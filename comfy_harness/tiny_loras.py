@@ -3,6 +3,12 @@ computed here by hand (float64) as the independent reference for bound-LoRA test
 
 Formats: kohya LoRA (`lora_unet_<diffusers path>.lora_down/lora_up/alpha`, also on the resnets' 3×3 convs, LoCon
 style), LyCORIS LoHa (`hada_w1_a/w1_b/w2_a/w2_b`) and LoKr (`lokr_w1/lokr_w2`) on the transformer linear layers.
+
+DiT files (`write_tiny_dit_lora`, tiny Flux.1 and Qwen-Image of comfy_harness.tiny_dit_models) use the key names
+real trainers write and ComfyUI maps (comfy.lora.model_lora_keys_unet): kohya `lora_unet_<ldm path>`, diffusers/PEFT
+`transformer.<diffusers path>.lora_A/lora_B`, SimpleTuner LyCORIS `lycoris_<diffusers path>`, and for Qwen-Image the
+bare `<path>.lora_A/lora_B` of its official LoRAs. A diffusers Flux LoRA's to_q/to_k/to_v are rows of ComfyUI's fused
+qkv (and linear1) weights: the table below says which rows, written here by hand, not read from ComfyUI.
 """
 
 from __future__ import annotations
@@ -99,5 +105,133 @@ def write_tiny_lora(
             raise ValueError(f"unknown LoRA kind {kind!r}; expected one of {FORMATS}")
         deltas[module_path] = delta.reshape(weight.shape)
     state.update(extra or {})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return deltas
+
+
+# --- DiT LoRA files ---------------------------------------------------------------------------------------------
+
+DIT_NAMINGS = {"flux": ("kohya", "diffusers", "lycoris"), "qwenimage": ("kohya", "diffusers", "lycoris", "plain")}
+
+
+def _flux_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
+    """(LoRA module name, ldm module path, output rows or None = all) of a tiny Flux.1 LoRA in `naming`."""
+    hidden = int(dm.hidden_size)
+    q, k, v = slice(0, hidden), slice(hidden, 2 * hidden), slice(2 * hidden, 3 * hidden)
+    rows = []  # (diffusers name, ldm path, rows)
+    for i in range(len(dm.double_blocks)):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        rows += [
+            (f"{d}.attn.to_q", f"{b}.img_attn.qkv", q),
+            (f"{d}.attn.to_k", f"{b}.img_attn.qkv", k),
+            (f"{d}.attn.to_v", f"{b}.img_attn.qkv", v),
+            (f"{d}.attn.add_q_proj", f"{b}.txt_attn.qkv", q),
+            (f"{d}.attn.add_k_proj", f"{b}.txt_attn.qkv", k),
+            (f"{d}.attn.add_v_proj", f"{b}.txt_attn.qkv", v),
+            (f"{d}.attn.to_out.0", f"{b}.img_attn.proj", None),
+            (f"{d}.attn.to_add_out", f"{b}.txt_attn.proj", None),
+            (f"{d}.ff.net.0.proj", f"{b}.img_mlp.0", None),
+            (f"{d}.ff.net.2", f"{b}.img_mlp.2", None),
+            (f"{d}.ff_context.net.0.proj", f"{b}.txt_mlp.0", None),
+            (f"{d}.ff_context.net.2", f"{b}.txt_mlp.2", None),
+            (f"{d}.norm1.linear", f"{b}.img_mod.lin", None),
+            (f"{d}.norm1_context.linear", f"{b}.txt_mod.lin", None),
+        ]
+    for i in range(len(dm.single_blocks)):
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        # (proj_mlp, rows 3h.. of linear1, is left out: ComfyUI maps it as 4h rows, Flux.1's mlp_ratio 4, and the
+        # tiny model's ratio is 2)
+        rows += [
+            (f"{d}.attn.to_q", f"{b}.linear1", q),
+            (f"{d}.attn.to_k", f"{b}.linear1", k),
+            (f"{d}.attn.to_v", f"{b}.linear1", v),
+            (f"{d}.proj_out", f"{b}.linear2", None),
+            (f"{d}.norm.linear", f"{b}.modulation.lin", None),
+        ]
+    rows += [
+        ("x_embedder", "img_in", None),
+        ("context_embedder", "txt_in", None),
+        ("proj_out", "final_layer.linear", None),
+        ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer", None),
+    ]
+    if naming == "kohya":  # kohya names the ldm modules, whole fused weights
+        paths = sorted({path for _, path, _ in rows})
+        return [(f"lora_unet_{path.replace('.', '_')}", path, None) for path in paths]
+    prefix = {"diffusers": "transformer.", "lycoris": "lycoris_"}[naming]
+    return [(_named(prefix, name, naming), path, part) for name, path, part in rows]
+
+
+def _qwen_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
+    """(LoRA module name, ldm module path, None) of a tiny Qwen-Image LoRA in `naming` (ldm = diffusers paths)."""
+    paths = ["img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"]
+    for i in range(len(dm.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        paths += [
+            f"{b}.attn.{name}"
+            for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+        ]
+        paths += [f"{b}.{mlp}.net.{part}" for mlp in ("img_mlp", "txt_mlp") for part in ("0.proj", "2")]
+        paths += [f"{b}.img_mod.1", f"{b}.txt_mod.1"]
+    prefix = {"kohya": "lora_unet_", "diffusers": "transformer.", "lycoris": "lycoris_", "plain": ""}[naming]
+    return [(_named(prefix, path, naming), path, None) for path in sorted(paths)]
+
+
+def _named(prefix: str, name: str, naming: str) -> str:
+    return prefix + (name.replace(".", "_") if naming in ("kohya", "lycoris") else name)
+
+
+def write_tiny_dit_lora(
+    path: Path | str,
+    model_patcher,
+    family: str,
+    seed: int,
+    naming: str = "kohya",
+    kind: str = "lora",
+    rank: int = 4,
+    magnitude: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Write a random LoRA for a tiny DiT (`family` "flux" or "qwenimage") with `naming`'s key names (DIT_NAMINGS)
+    and adapter `kind` (FORMATS); return {ldm module path: ΔW (float64, strength 1, the weight's full shape)}: a
+    patch on some output rows of a fused weight is ΔW on those rows and 0 on the others, patches on one weight add.
+
+    diffusers/plain names carry PEFT's lora_A/lora_B (no alpha: scale 1); kohya/lycoris ones lora_down/lora_up/alpha.
+    """
+    dm = model_patcher.model.diffusion_model
+    targets = _flux_targets(dm, naming) if family == "flux" else _qwen_targets(dm, naming)
+    g = torch.Generator().manual_seed(seed)
+    state, deltas = {}, {}
+    peft = naming in ("diffusers", "plain")
+    for name, module_path, rows in targets:
+        weight = dm.get_submodule(module_path).weight
+        out_features = weight.shape[0] if rows is None else rows.stop - rows.start
+        in_features = weight.shape[1]
+        scale = magnitude / in_features**0.5
+        if kind == "lora":
+            down = torch.randn(rank, in_features, generator=g) * scale  # (r, in)
+            up = torch.randn(out_features, rank, generator=g)  # (out, r)
+            if peft:
+                state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = down, up
+                delta = up.double() @ down.double()
+            else:
+                alpha = rank / 2
+                state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
+                state[f"{name}.alpha"] = torch.tensor(float(alpha))
+                delta = (alpha / rank) * (up.double() @ down.double())
+        elif kind == "loha":
+            w1a, w1b = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g) * scale
+            w2a, w2b = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g) * scale
+            for key, value in (("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)):
+                state[f"{name}.{key}"] = value
+            state[f"{name}.alpha"] = torch.tensor(float(rank))
+            delta = (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())  # alpha / rank = 1
+        elif kind == "lokr":
+            w1 = torch.randn(2, 2, generator=g)
+            w2 = torch.randn(out_features // 2, in_features // 2, generator=g) * scale
+            state[f"{name}.lokr_w1"], state[f"{name}.lokr_w2"] = w1, w2
+            delta = torch.kron(w1.double(), w2.double())  # full factors: no alpha scaling (ComfyUI's rule)
+        else:
+            raise ValueError(f"unknown LoRA kind {kind!r}; expected one of {FORMATS}")
+        full = deltas.setdefault(module_path, torch.zeros(tuple(weight.shape), dtype=torch.float64))
+        full[slice(None) if rows is None else rows] += delta
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return deltas

@@ -34,6 +34,7 @@ __all__ = [
     "layer_grid",
     "image_position_mask",
     "token_row_mask",
+    "sequence_rows",
     "add_masked",
 ]
 
@@ -147,6 +148,28 @@ def token_row_mask(
         if rows is not None:
             mask[index, rows] = True
     return mask.repeat_interleave(rows_per_chunk, dim=0).to(device)  # (B, T)
+
+
+def sequence_rows(parts: Sequence[tuple[int, Optional[torch.Tensor]]], length: int, batch: int, device) -> torch.Tensor:
+    """(B, length) bool: a layer's rows of a DiT token sequence, each (start, rows) part placed at its start (text
+    rows (B, T) at 0 and image rows (B, N) at image_start in the joint sequence), False elsewhere (reference-image or
+    padding tokens, and parts given as None).
+
+    Raises: ConceptSplitError when a part does not fit into the layer's rows (a sequence laid out otherwise).
+    """
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    for start, rows in parts:
+        if rows is None:
+            continue
+        if start + rows.shape[1] > length or rows.shape[0] != batch:
+            raise ConceptSplitError.build(
+                "A bound LoRA patches a layer whose token rows do not match the model call",
+                seen=f"{length} rows of batch {batch}, expected {rows.shape[1]} rows from row {start}",
+                expected="the text and image tokens of the call in the layer's input",
+                fix="report this model; bind LoRAs on a supported checkpoint",
+            )
+        mask[:, start : start + rows.shape[1]] = rows
+    return mask
 
 
 def add_masked(output: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Bound LoRA nodes: "Bind LoRA to Concept" and "Apply Bound LoRAs" (issue 13).
 
 Each ordinary LoRA acts only on its own subject: on image positions inside that concept's LODA mask, on the
-cross-attention keys/values only on its own token rows. See README "Bound LoRAs" and conceptsplit_core/bound_lora.py.
+cross-attention keys/values (UNets) or text-token layers (DiTs: Flux.1, Qwen-Image) only on its own token rows; the
+model family says which layer is which (ModelFamily.bound_lora_site). See README "Bound LoRAs" and
+conceptsplit_core/bound_lora.py.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from comfy_api.latest import io
 
 from ..conceptsplit_core.bound_lora import STAGE1_DEFAULT, STAGE1_POLICIES, BoundConcept, check_bound_words
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.prompt_tokens import IdentifierRequest, locate_identifier_positions
+from ..conceptsplit_core.prompt_tokens import IdentifierRequest, locate_identifier_positions, locate_words_in_pieces
 from ..conceptsplit_core.widgets import WidgetRange
 from . import comfy_conditioning, comfy_lora, comfy_text
-from .families import model_family
+from .families import FAMILIES, model_family
 from .input_checks import check_number_inputs
 from .widgets import number_input
 
@@ -100,7 +102,10 @@ class ApplyBoundLoras(io.ComfyNode):
             description="Patch the model (a clone) so each bound LoRA acts only inside its concept's LODA mask, "
             "unmerged, in one model pass per step. Sample it with the LODA Sampler.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5, SD2.x or SDXL model (fine-tunes too). Cloned, never changed."),
+                io.Model.Input(
+                    "model",
+                    tooltip="SD1.5, SD2.x, SDXL, Flux.1 or Qwen-Image model (fine-tunes too). Cloned, never changed.",
+                ),
                 BoundLorasType.Input("bound_loras", tooltip="Bindings from Bind LoRA to Concept."),
                 io.Conditioning.Input(
                     "positive",
@@ -153,12 +158,13 @@ class ApplyBoundLoras(io.ComfyNode):
                 fix="pick one from the list",
             )
         family = model_family(model)
-        if family.layout(model).joint:
+        if not family.supports_bound_loras:
+            supported = ", ".join(f.display for f in FAMILIES if f.supports_bound_loras)
             raise ConceptSplitError.build(
-                f"Bound LoRAs are applied on UNet layers; {family.display} is not supported yet",
+                f"Bound LoRAs are not supported on {family.display} yet",
                 seen=f"a {family.display} model",
-                expected="an SD1.5, SD2.x or SDXL model (fine-tunes too)",
-                fix="use Load LoRA on this model, or bind the LoRAs on an SD1.5/SD2.x/SDXL checkpoint",
+                expected=f"a {supported} model (fine-tunes too)",
+                fix=f"use Load LoRA on this model, or bind the LoRAs on a {supported} checkpoint",
             )
         active = tuple(b for b in bindings if b.strength != 0)
         patched = model.clone()
@@ -172,29 +178,47 @@ class ApplyBoundLoras(io.ComfyNode):
                 expected="a positive from ConceptSplit Text Encode or Apply ToVA",
                 fix="encode the positive prompt with ConceptSplit Text Encode",
             )
-        requests = [IdentifierRequest(b.word, b.word, comfy_text.default_word_token_ids(b.word)) for b in active]
-        positions = locate_identifier_positions(prompt, requests)
+        if prompt.pieces:  # a DiT prompt: words located by their decoded pieces, as LODA locates them
+            positions = [rows[0] for rows in locate_words_in_pieces(prompt, [b.word for b in active])]
+        else:
+            requests = [IdentifierRequest(b.word, b.word, comfy_text.default_word_token_ids(b.word)) for b in active]
+            positions = locate_identifier_positions(prompt, requests)
         concepts = tuple(BoundConcept(b.word, p, b.strength, b.lora_name) for b, p in zip(active, positions))
         loras = [
             (comfy_lora.read_lora(comfy_lora.lora_file_path(b.lora_name), b.lora_name, model), b.strength)
             for b in active
         ]
-        layers, skipped = comfy_lora.bound_layers(model, loras)
+        layers, skipped = comfy_lora.bound_layers(model, loras, family)
         wrapper = comfy_lora.BoundLoras(
-            layers, concepts, tuple(prompt.token_ids), len(prompt.token_ids), stage1, text_inputs == TEXT_ROWS
+            layers,
+            concepts,
+            tuple(prompt.token_ids),
+            len(prompt.token_ids),
+            stage1,
+            text_inputs == TEXT_ROWS,
+            family,
+            family.layout(model),
         )
         comfy_lora.install_bound_loras(patched, wrapper, positive)
         lines = []
         for index, (concept, (lora, _)) in enumerate(zip(concepts, loras)):
             own = [layer for layer in layers if layer.concept == index]
             text = sum(layer.kind == "text" for layer in own)
+            joint = sum(layer.kind == "joint" for layer in own)
             lines.append(
                 f'{lora.name} -> "{concept.word}" (token {concept.position}, strength {concept.strength}): '
-                f"{len(own) - text} image-side and {text} text-side patches"
+                f"{len(own) - text - joint} image-side and {text} text-side patches"
+                + (f", {joint} on the joint text+image sequence" if joint else "")
                 + (f"; {lora.text_encoder_keys} text-encoder keys not applied" if lora.text_encoder_keys else "")
             )
         lines.append(
-            f"{family.display}; stage 1: {stage1}; cross-attention keys/values: {text_inputs}"
-            + (f"; {skipped} patches on the timestep embedding left out" if skipped else "")
+            f"{family.display}; stage 1: {stage1}; "
+            + ("text-token layers" if family.layout(model).joint else "cross-attention keys/values")
+            + f": {text_inputs}"
+            + (
+                f"; {skipped} patches left out (on the timestep embedding, modulation or norms: no positions)"
+                if skipped
+                else ""
+            )
         )
         return io.NodeOutput(patched, "\n".join(lines))

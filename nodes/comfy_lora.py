@@ -1,8 +1,12 @@
-"""Seam for bound LoRAs (issue 13): ComfyUI's LoRA reading, weight adapters and the UNet's module forward.
+"""Seam for bound LoRAs (issue 13): ComfyUI's LoRA reading, weight adapters and the diffusion model's module forward.
 
 - LoRA files are read exactly as Load LoRA reads them: comfy.utils.load_torch_file, comfy.lora_convert.convert_lora,
   comfy.lora.model_lora_keys_unet and comfy.lora.load_lora (every format ComfyUI accepts: kohya, diffusers, PEFT,
-  LyCORIS LoHa/LoKr, ...). Only the UNet part is used; text-encoder keys are counted and left out.
+  LyCORIS LoHa/LoKr, ...). Only the diffusion-model part is used; text-encoder keys are counted and left out.
+  A patch may cover a slice of a weight's output rows (ComfyUI's offset patches: a diffusers Flux LoRA's to_q, to_k,
+  to_v are rows of the fused qkv weight); its residual fills those output features only.
+- Which positions a patched module's rows are (image, text, joint sequence, none) is the model family's answer
+  (`bound_lora_site`), and where the text and image rows sit in a call is the family's `bound_lora_rows`.
 - The residual of one patch at one layer, from the layer's input x (bypass form, never merged):
   * where ComfyUI has bypass mode (comfy.weight_adapter.bypass, 0.33.0+) and the adapter is additive (LoRA, LoHa,
     LoKr without DoRA): the adapter's own low-rank h(x), with the module info ComfyUI's BypassForwardHook sets;
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -38,6 +43,7 @@ from ..conceptsplit_core.bound_lora import (
     exclusive_masks,
     image_position_mask,
     layer_grid,
+    sequence_rows,
     token_row_mask,
 )
 from ..conceptsplit_core.errors import ConceptSplitError
@@ -71,7 +77,7 @@ class LoraPatches:
     """The UNet patches of one LoRA file, as comfy.lora.load_lora made them."""
 
     name: str
-    patches: dict  # "diffusion_model.<module>.weight|bias" -> adapter or ("diff", ...) tuple
+    patches: dict  # "diffusion_model.<module>.weight|bias" (or (that, offset[, function])) -> adapter or ("diff", ...)
     text_encoder_keys: int  # keys for the text encoders, not applied
 
 
@@ -101,18 +107,43 @@ def read_lora(path: str, name: str, model_patcher) -> LoraPatches:
     state = comfy.lora_convert.convert_lora(state)
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
     loaded = comfy.lora.load_lora(state, key_map, log_missing=False)
-    patches = {key: patch for key, patch in loaded.items() if isinstance(key, str) and key.startswith(MODEL_PREFIX)}
+    patches = {key: patch for key, patch in loaded.items() if _weight_key(key).startswith(MODEL_PREFIX)}
     if not patches:
         family = model_family(model_patcher)
         sample = ", ".join(sorted(state)[:3])
         raise ConceptSplitError.build(
             f'The LoRA "{name}" matches no layer of this {family.display} model',
             seen=f"{len(state)} keys ({text_keys} for text encoders), e.g. {sample}",
-            expected=f"a LoRA trained for {family.display} (kohya, diffusers, PEFT or LyCORIS keys of its UNet)",
+            expected=f"a LoRA trained for {family.display} (kohya, diffusers, PEFT or LyCORIS keys of its "
+            "diffusion model)",
             fix="use a LoRA made for this base model (SDXL fine-tunes take SDXL LoRAs), or another checkpoint",
         )
+    _check_unmatched(name, state, key_map, model_patcher)
     _check_shapes(name, patches, model_patcher)
     return LoraPatches(name, patches, text_keys)
+
+
+def _check_unmatched(name: str, state: dict, key_map: dict, model_patcher) -> None:
+    """Raise when some of the file's diffusion-model keys name no layer of this model (Load LoRA would leave them
+    out with a warning): a LoRA of another base whose key names partly exist here (diffusers Flux.1 and Qwen-Image
+    LoRAs share transformer_blocks.N.attn.to_q, ...). A key is taken when a prefix of it, at a dot, is a LoRA name
+    of this model (ComfyUI's load_lora reads "<name>.<factor>" keys); text-encoder keys are counted apart."""
+    names = set(key_map)
+    unmatched = []
+    for key in state:
+        if key.lower().startswith(TEXT_ENCODER_PREFIXES):
+            continue
+        parts = key.split(".")
+        if not any(".".join(parts[:i]) in names for i in range(1, len(parts))):
+            unmatched.append(key)
+    if unmatched:
+        family = model_family(model_patcher)
+        raise ConceptSplitError.build(
+            f'The LoRA "{name}" does not fit this {family.display} model: some of its layers are not in it',
+            seen=f"{len(unmatched)} of {len(state)} keys naming no layer, e.g. {', '.join(sorted(unmatched)[:2])}",
+            expected=f"a LoRA trained for {family.display}",
+            fix="use a LoRA made for this base model",
+        )
 
 
 def _check_shapes(name: str, patches: dict, model_patcher) -> None:
@@ -121,11 +152,22 @@ def _check_shapes(name: str, patches: dict, model_patcher) -> None:
     state = model_patcher.model.state_dict()
     wrong = []
     for key, patch in patches.items():
-        weight = state.get(key)
-        expected = None if weight is None else (int(weight.shape[0]), int(weight[0].numel()) if weight.dim() else 1)
+        weight = state.get(_weight_key(key))
+        if weight is None:
+            continue
+        rows = int(weight.shape[0]) if weight.dim() else 1
+        expected = (rows, int(weight[0].numel()) if weight.dim() else 1)
+        offset = _offset(key)
+        if offset is not None:  # a slice of the weight: offset (dim, start, length), dim 0 = output rows
+            fits = offset[0] == 0 and offset[1] + offset[2] <= rows
+            expected = (int(offset[2]), expected[1]) if fits else (-1, -1)
         found = _delta_shape(patch)
-        if weight is not None and found is not None and found != expected:
-            wrong.append(f"{key[len(MODEL_PREFIX) :]}: {found[0]}×{found[1]} for {expected[0]}×{expected[1]}")
+        if expected == (-1, -1) or (found is not None and found != expected):
+            found = found or ("?", "?")
+            wrong.append(
+                f"{_weight_key(key)[len(MODEL_PREFIX) :]}: {found[0]}×{found[1]} for "
+                + (f"{expected[0]}×{expected[1]}" if expected != (-1, -1) else f"a slice {offset} of {rows} rows")
+            )
     if wrong:
         family = model_family(model_patcher)
         raise ConceptSplitError.build(
@@ -162,29 +204,36 @@ def _delta_shape(patch) -> Optional[tuple[int, int]]:
 # --- residuals ----------------------------------------------------------------------------------------------
 
 
-def _module_path(key: str) -> tuple[str, str]:
+def _weight_key(key) -> str:
+    """The state-dict key of a patch key: the key itself, or the first item of (key, offset[, function])."""
+    return key if isinstance(key, str) else str(key[0])
+
+
+def _offset(key) -> Optional[tuple[int, int, int]]:
+    """(dim, start, length) of a patch on a slice of its weight, else None."""
+    return None if isinstance(key, str) or len(key) < 2 or key[1] is None else tuple(int(v) for v in key[1])
+
+
+def _function(key):
+    """The function ComfyUI applies to a patch's ΔW (e.g. Flux's swap_scale_shift), else None."""
+    return None if isinstance(key, str) or len(key) < 3 else key[2]
+
+
+def _module_path(key) -> tuple[str, str]:
     """ "diffusion_model.input_blocks.1.1.proj_in.weight" -> ("input_blocks.1.1.proj_in", "weight")."""
-    path, _, part = key[len(MODEL_PREFIX) :].rpartition(".")
+    path, _, part = _weight_key(key)[len(MODEL_PREFIX) :].rpartition(".")
     return path, part
 
 
-def layer_kind(path: str) -> str:
-    """ "text" for cross-attention key/value projections (their input is the prompt's tokens), "global" for layers
-    on the timestep/label embedding (no positions to mask: not applied), else "image"."""
-    if path.endswith(("attn2.to_k", "attn2.to_v")):
-        return "text"
-    if "emb" in path.split(".")[0] or ".emb_layers." in f".{path}.":
-        return "global"
-    return "image"
-
-
 class PatchResidual:
-    """r(x) of one ComfyUI patch at one module, for a strength; device copies cached."""
+    """r(x) of one ComfyUI patch at one module, for a strength; device copies cached. A patch on a slice of the
+    weight's output rows (offset) gives a residual that is zero outside those output features."""
 
-    def __init__(self, module: torch.nn.Module, key: str, patch, strength: float):
+    def __init__(self, module: torch.nn.Module, key, patch, strength: float):
         self.module, self.key, self.patch, self.strength = module, key, patch, float(strength)
         self.part = _module_path(key)[1]
-        self.bypass = HAS_BYPASS and self.part == "weight" and _additive(patch)
+        self.offset, self.function = _offset(key), _function(key)
+        self.bypass = HAS_BYPASS and self.part == "weight" and self.function is None and _additive(patch)
         self._cache: dict = {}
 
     def __deepcopy__(self, memo):
@@ -202,7 +251,12 @@ class PatchResidual:
                 entry = self._adapter_on(x.device, x.dtype) if self.bypass else self._delta_on(x.device, x.dtype)
             self._cache[cache_key] = entry
         if self.bypass:
-            return entry.h(x, base_out)
+            if self.offset is None:
+                return entry.h(x, base_out)
+            _, start, length = self.offset  # output rows start .. start + length − 1 of the weight
+            residual = torch.zeros_like(base_out)  # (..., C_out)
+            residual[..., start : start + length] = entry.h(x, base_out[..., start : start + length])
+            return residual
         if self.part == "bias":
             shape = (-1,) + (1,) * (base_out.dim() - 2) if isinstance(self.module, torch.nn.Conv2d) else (-1,)
             return entry.reshape(shape).expand_as(base_out)
@@ -224,8 +278,11 @@ class PatchResidual:
     def _delta_on(self, device, dtype) -> torch.Tensor:
         base = getattr(self.module, self.part).detach().to(device=device, dtype=torch.float32).clone()
         patched = comfy.lora.calculate_weight(
-            [(self.strength, self.patch, 1.0, None, None)], base.clone(), self.key, intermediate_dtype=torch.float32
-        )
+            [(self.strength, self.patch, 1.0, self.offset, self.function)],
+            base.clone(),
+            _weight_key(self.key),
+            intermediate_dtype=torch.float32,
+        )  # an offset patch changes its slice only: ΔW is exactly 0 outside it
         return (patched - base).to(dtype)  # ΔW (C_out, C_in[, kh, kw]) or Δb (C_out,)
 
 
@@ -250,7 +307,7 @@ def _additive(patch) -> bool:
 @dataclass(frozen=True)
 class BoundLayer:
     path: str
-    kind: str  # "image" or "text"
+    kind: str  # the family's site: "image", "text" or "joint" ([text | image | other] rows)
     concept: int  # index into BoundLoras.concepts
     residual: PatchResidual
 
@@ -266,10 +323,13 @@ class BoundLoras:
         prompt_length: int,
         stage1: str,
         text_rows: bool,
+        family=None,
+        layout=None,
     ):
         self.layers, self.concepts = layers, concepts
         self.prompt_ids, self.prompt_length = prompt_ids, prompt_length
         self.stage1, self.text_rows = stage1, text_rows
+        self.family, self.layout = family, layout  # the model's family (its bound_lora_rows) and layout
 
     def __deepcopy__(self, memo):
         return self
@@ -302,7 +362,8 @@ class BoundLoras:
             indices.append(index)
         return indices
 
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def __call__(self, executor, *args, **kwargs):
+        x, context, transformer_options = call_arguments(executor, args, kwargs)
         regions = transformer_options.get(REGIONS_KEY)
         if regions is None:
             raise ConceptSplitError.build(
@@ -321,7 +382,7 @@ class BoundLoras:
                 fix="set loda_steps to -1 (auto) or a number below steps, or a non-zero boost/suppression",
             )
         if masks is None and self.stage1 == "off":
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(*args, **kwargs)
         if masks is None and self.stage1 != "unmasked" and torch.is_grad_enabled() and regions.checkpointing:
             raise ConceptSplitError.build(
                 "Bound LoRAs cannot act in LODA stage 1 with gradient checkpointing",
@@ -329,27 +390,42 @@ class BoundLoras:
                 expected="gradient checkpointing off, or bound LoRAs off in stage 1",
                 fix="turn gradient_checkpointing off in the LODA sampler, or set stage1 to off in Apply Bound LoRAs",
             )
-        state = _CallState(self, regions, indices, x, transformer_options)
-        unet = executor.class_obj  # the UNetModel (a class executor around its _forward)
+        rows = None if self.family is None else self.family.bound_lora_rows(self.layout, x, context)
+        state = _CallState(self, regions, indices, x, transformer_options, rows)
+        diffusion_model = executor.class_obj  # the UNetModel / DiT (a class executor around its _forward)
         handles = []
         try:
             for layer in self.layers:
-                if masks is None and self.stage1 == "text_rows" and layer.kind != "text":
-                    continue
+                if masks is None and self.stage1 == "text_rows" and layer.kind == "image":
+                    continue  # stage 1 text_rows: text layers, and the text rows of joint layers
                 if masks is not None and layer.kind == "text" and not self.text_rows:
                     continue
-                handles.append(unet.get_submodule(layer.path).register_forward_hook(state.hook(layer)))
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+                handles.append(diffusion_model.get_submodule(layer.path).register_forward_hook(state.hook(layer)))
+            return executor(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
 
 
-class _CallState:
-    """Per model call: where each bound concept acts (cached per layer grid / context length)."""
+def call_arguments(executor, args: tuple, kwargs: dict):
+    """(x, context, transformer_options) of a DIFFUSION_MODEL wrapper call, for any diffusion model's _forward
+    signature (UNet: x, timesteps, context, y, control, transformer_options; Flux: x, timestep, context, y, guidance,
+    ref_latents, control, transformer_options; Qwen-Image: x, timesteps, context, attention_mask, ...), read by name
+    from the signature of the function the executor wraps."""
+    bound = inspect.signature(executor.original).bind_partial(*args, **kwargs).arguments
+    return bound.get("x"), bound.get("context"), bound.get("transformer_options") or {}
 
-    def __init__(self, owner: BoundLoras, regions: ConceptRegions, indices: list[int], x, transformer_options):
+
+class _CallState:
+    """Per model call: where each bound concept acts (cached per layer grid / context length). `rows`: the
+    family's bound_lora_rows (a JointGeometry for DiTs), or None (UNets: each layer's grid from its shape)."""
+
+    def __init__(
+        self, owner: BoundLoras, regions: ConceptRegions, indices: list[int], x, transformer_options, rows=None
+    ):
         self.owner = owner
+        self.rows = rows
+        self.stage1_text_only = regions.masks is None and owner.stage1 == "text_rows"
         self.latent_hw = tuple(int(s) for s in x.shape[-2:])
         self.batch = int(x.shape[0])
         self.unmasked = regions.masks is None  # stage 1 ("unmasked" or "text_rows" policy)
@@ -381,14 +457,30 @@ class _CallState:
             )  # (B, T)
         return self._masks[key]
 
+    def _sequence_mask(self, layer: BoundLayer, output: torch.Tensor) -> torch.Tensor:
+        """(B, L) rows of a DiT layer's token sequence where `layer`'s concept acts (text, image or joint site)."""
+        geometry, batch, length = self.rows, output.shape[0], output.shape[1]
+        key = ("sequence", layer.kind, layer.concept, batch, length)
+        if key not in self._masks:
+            text = image = None
+            if layer.kind in ("text", "joint") and (self.owner.text_rows or self.regions is None):
+                text = self._text_mask(layer.concept, geometry.text_tokens, batch)  # (B, T)
+            if layer.kind in ("image", "joint") and not self.stage1_text_only:
+                image = self._image_mask(layer.concept, geometry.image_tokens, geometry.grid, batch)  # (B, N)
+            image_start = geometry.image_start if layer.kind == "joint" else 0
+            self._masks[key] = sequence_rows(((0, text), (image_start, image)), length, batch, self.device)
+        return self._masks[key]
+
     def hook(self, layer: BoundLayer):
         def forward_hook(module, args, output):
             x = args[0]
             residual = layer.residual(x, output)
+            if self.unmasked and not self.stage1_text_only:
+                return output + residual.to(output.dtype)
+            if self.rows is not None:  # a DiT: text / image / joint rows from the call's geometry
+                return add_masked(output, residual, self._sequence_mask(layer, output))
             if layer.kind == "text":
                 return add_masked(output, residual, self._text_mask(layer.concept, output.shape[1], output.shape[0]))
-            if self.unmasked:
-                return output + residual.to(output.dtype)
             grid = tuple(output.shape[-2:]) if output.dim() == 4 else None
             tokens = output.shape[1] if output.dim() == 3 else output.shape[-2] * output.shape[-1]
             return add_masked(output, residual, self._image_mask(layer.concept, tokens, grid, output.shape[0]))
@@ -396,17 +488,22 @@ class _CallState:
         return forward_hook
 
 
-def bound_layers(model_patcher, loras: list[tuple[LoraPatches, float]]) -> tuple[tuple[BoundLayer, ...], int]:
-    """The hooked layers of every (LoRA, strength) in concept order, and how many patches were left out (on the
-    timestep/label embedding, where no position can be masked)."""
+def bound_layers(
+    model_patcher, loras: list[tuple[LoraPatches, float]], family=None
+) -> tuple[tuple[BoundLayer, ...], int]:
+    """The hooked layers of every (LoRA, strength) in concept order, and how many patches were left out: those the
+    family places on no positions ("global": timestep/label embeddings, modulation) and those on modules other than
+    linear and 2-D convolution layers (norm scales), whose residual is not an op of the input."""
+    family = family or model_family(model_patcher)
     modules = dict(model_patcher.model.diffusion_model.named_modules())
     layers, skipped = [], 0
     for concept, (lora, strength) in enumerate(loras):
-        for key, patch in sorted(lora.patches.items()):
+        for key, patch in sorted(lora.patches.items(), key=lambda item: repr(item[0])):
             path, part = _module_path(key)
-            kind = layer_kind(path)
             module = modules.get(path)
-            if kind == "global" or module is None or part not in ("weight", "bias"):
+            kind = family.bound_lora_site(path)
+            layer_op = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            if kind == "global" or not layer_op or part not in ("weight", "bias"):
                 skipped += 1
                 continue
             layers.append(BoundLayer(path, kind, concept, PatchResidual(module, key, patch, strength)))

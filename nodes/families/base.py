@@ -8,7 +8,7 @@ family objects in `nodes/families/__init__.py`.
 
 from __future__ import annotations
 
-from typing import ContextManager, Iterable, Protocol, runtime_checkable
+from typing import ContextManager, Iterable, Optional, Protocol, runtime_checkable
 
 import comfy.supported_models
 
@@ -24,6 +24,7 @@ class ModelFamily(Protocol):
     display: str  # for people: "SD1.5", "SD2.1", "SDXL", "Flux.1", ...
     supports_tova: bool  # False: Apply ToVA and training refuse this family with a ConceptSplitError
     supports_checkpointing: bool  # False: LODA refuses gradient_checkpointing on this family
+    supports_bound_loras: bool  # False: Apply Bound LoRAs refuses this family with a ConceptSplitError
 
     def available(self) -> bool:
         """Whether this ComfyUI has the family's model classes (older versions lack the newer families)."""
@@ -68,6 +69,16 @@ class ModelFamily(Protocol):
         """What makes a gradient pass through the model work inside ComfyUI's inference-mode sampling; with
         `checkpointing`, the model's blocks are recomputed in backward, except those holding `keep_layers`."""
 
+    def bound_lora_site(self, module_path: str) -> str:
+        """Where a LoRA patch on the diffusion model's module `module_path` acts (bound LoRAs, nodes/comfy_lora.py):
+        "image" (its rows or pixels are image positions of the latent), "text" (its rows are prompt tokens),
+        "joint" (its rows are the joint sequence [text | image | other]) or "global" (no positions: left out)."""
+
+    def bound_lora_rows(self, layout: ModelLayout, x, context) -> Optional[object]:
+        """Where the text and image rows of this model call sit (a dit_attention.JointGeometry: the one the attention
+        hook uses), for `x` the latent and `context` (B, T, d) the call's text; None where each layer's grid is read
+        from its own shape (UNets: one grid per resolution level)."""
+
 
 class FamilyBase:
     """Shared behaviour of the family objects: they are singletons, so copies (ComfyUI deep-copies sampler options
@@ -77,6 +88,7 @@ class FamilyBase:
     display = ""
     supports_tova = False
     supports_checkpointing = True
+    supports_bound_loras = False
     comfy_class = ""  # the class of comfy.supported_models this family needs ("": one every supported ComfyUI has)
 
     def available(self) -> bool:
@@ -86,6 +98,14 @@ class FamilyBase:
     def matches_clip(self, clip) -> bool:
         """Whether `clip` is a text encoder only this family reads (default: no; CLIP-L/H/G are comfy_text's)."""
         return False
+
+    def bound_lora_site(self, module_path: str) -> str:
+        """Families without bound-LoRA support have no sites (Apply Bound LoRAs refuses them first)."""
+        raise NotImplementedError(f"{self.display} has no bound-LoRA sites")
+
+    def bound_lora_rows(self, layout: ModelLayout, x, context):
+        """None: each layer's positions are read from its own shape."""
+        return None
 
     def __deepcopy__(self, memo):
         return self

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+import re
+from typing import Iterable, Optional
 
 import torch
 
@@ -64,6 +65,10 @@ class DitFamily(FamilyBase):
 
     supports_tova = False
     supports_checkpointing = False  # LODA's pass already stops after the last map block
+    # Bound LoRAs: (regular expression on the diffusion model's module path, site) pairs, first full match wins;
+    # modules no pattern matches are "global" (modulation, time/guidance/pooled embeddings, norms). None: the family
+    # does not support bound LoRAs (Apply Bound LoRAs refuses it).
+    bound_lora_sites: Optional[tuple[tuple[str, str], ...]] = None
 
     def sites(
         self, keys: Iterable[LayerKey], map_keys: Iterable[LayerKey], patch: int, heads: int, width: int
@@ -91,6 +96,22 @@ class DitFamily(FamilyBase):
             )
             for key in keys
         )
+
+    @property
+    def supports_bound_loras(self) -> bool:
+        return self.bound_lora_sites is not None
+
+    def bound_lora_site(self, module_path: str) -> str:
+        """The site of the first `bound_lora_sites` pattern that matches the whole path, else "global"."""
+        for pattern, site in self.bound_lora_sites or ():
+            if re.fullmatch(pattern, module_path):
+                return site
+        return "global"
+
+    def bound_lora_rows(self, layout: ModelLayout, x: torch.Tensor, context: torch.Tensor) -> JointGeometry:
+        """The call's JointGeometry (the attention hook's): text rows 0..T−1 of the text stream and of the joint
+        sequence, image rows 0..h·w−1 of the image stream and image_start.. of the joint sequence."""
+        return self.geometry(layout, x, context)
 
     def default_map_layers(self, layout: ModelLayout, latent_hw) -> frozenset:
         """The family's default map blocks (marked in its layout)."""

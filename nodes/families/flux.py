@@ -32,6 +32,17 @@ class FluxFamily(DitFamily):
     name = "flux"
     comfy_class = "Flux"
     display = "Flux.1"
+    # Bound LoRAs: the image stream (img_in on the patchified latent, the double blocks' img_* layers, the final
+    # projection) holds [latent tokens | Kontext reference tokens], the text stream (txt_in, txt_*) the T5 rows, the
+    # single blocks' linear1/linear2 the joint [text | image | reference] sequence. Modulation (img_mod, txt_mod,
+    # modulation, final adaLN), time/guidance/pooled-vector embeddings and the q/k norms have no positions: global.
+    bound_lora_sites = (
+        (r"img_in|final_layer\.linear", "image"),
+        (r"double_blocks\.\d+\.img_(attn\.qkv|attn\.proj|mlp\.\d+)", "image"),
+        (r"txt_in", "text"),
+        (r"double_blocks\.\d+\.txt_(attn\.qkv|attn\.proj|mlp\.\d+)", "text"),
+        (r"single_blocks\.\d+\.linear[12]", "joint"),
+    )
 
     def matches(self, model_patcher) -> bool:
         config = getattr(getattr(model_patcher, "model", None), "model_config", None)

@@ -37,6 +37,17 @@ class QwenImageFamily(DitFamily):
     name = "qwenimage"
     comfy_class = "QwenImage"
     display = "Qwen-Image"
+    # Bound LoRAs: the image stream (img_in, attn.to_q/k/v/to_out, img_mlp, proj_out) holds [latent tokens | edit
+    # reference tokens], the text stream (txt_in, attn.add_q/k/v_proj, to_add_out, txt_mlp) the prompt rows; there
+    # is no joint-sequence layer. Modulation (img_mod, txt_mod, norm_out), the time embedding and norms: global.
+    bound_lora_sites = (
+        (r"img_in|proj_out", "image"),
+        (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)", "image"),
+        (r"transformer_blocks\.\d+\.img_mlp\.net\.(0\.proj|2)", "image"),
+        (r"txt_in", "text"),
+        (r"transformer_blocks\.\d+\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)", "text"),
+        (r"transformer_blocks\.\d+\.txt_mlp\.net\.(0\.proj|2)", "text"),
+    )
 
     def matches(self, model_patcher) -> bool:
         config = getattr(getattr(model_patcher, "model", None), "model_config", None)

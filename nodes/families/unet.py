@@ -58,6 +58,7 @@ class UNetFamily(FamilyBase):
     """One family of ComfyUI's UNet models, told apart by its supported_models class."""
 
     supports_tova = True
+    supports_bound_loras = True
 
     def __init__(self, name: str, config_class, loss_in_down_blocks_only: bool = False):
         self.name = name
@@ -69,6 +70,16 @@ class UNetFamily(FamilyBase):
     def matches(self, model_patcher) -> bool:
         config = getattr(getattr(model_patcher, "model", None), "model_config", None)
         return isinstance(config, self.config_class)
+
+    def bound_lora_site(self, module_path: str) -> str:
+        """ "text" for cross-attention key/value projections (their input is the prompt's tokens), "global" for
+        layers on the timestep/label embedding (no positions to mask), else "image" (convolutions and the
+        transformers' linear layers: positions of the layer's grid, read from its shape)."""
+        if module_path.endswith(("attn2.to_k", "attn2.to_v")):
+            return "text"
+        if "emb" in module_path.split(".")[0] or ".emb_layers." in f".{module_path}.":
+            return "global"
+        return "image"
 
     # --- layout -------------------------------------------------------------------------------------------------
 

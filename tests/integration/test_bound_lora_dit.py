@@ -1,0 +1,386 @@
+"""Bound LoRAs on the DiT families Flux.1 and Qwen-Image (issue 13 on issue 14's models), in a real ComfyUI process.
+
+Each LoRA acts only on its concept's rows of each patched layer: image-stream layers on the latent's image tokens
+inside the concept's LODA mask (at the patch grid), text-stream layers on the concept's own token rows, the joint
+layers (Flux single blocks) on both parts of [text | image]; bit-identical elsewhere; equal there to x·ΔWᵀ with ΔW
+written by hand from the file's factors (comfy_harness.tiny_loras.write_tiny_dit_lora, fused-weight rows included);
+modulation and embedding layers untouched. The layer sites are this file's own table, not the pack's.
+
+The spy is a second DIFFUSION_MODEL wrapper installed after the bound LoRAs' one, so its forward hooks run after
+theirs and see the final output; the base output is the module's own forward on the same input (no hooks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+
+import pytest
+import torch
+
+from comfy_harness.loda_settings import LODA_NODE_SETTINGS
+from comfy_harness.tiny_dit_models import build_tiny_flux, build_tiny_qwenimage, flux_latent
+from comfy_harness.tiny_loras import write_tiny_dit_lora, write_tiny_lora
+from comfy_harness.tiny_models import build_tiny_model
+from comfy_harness.tolerance import float32_tolerance
+
+PROMPT = "a photo of a cat and a dog"
+WORDS = "cat, dog"  # LODA's concept order: cat = 0, dog = 1
+GRID = (8, 8)  # a 16×16 latent, 2×2 patches
+SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=1)
+log = logging.getLogger(__name__)
+
+# Per family: builder, the words' context rows (test_dit_families.py), and the sites of its layers by hand.
+SPECS = {
+    "flux": dict(
+        build=build_tiny_flux,
+        rows={"cat": 6, "dog": 10},
+        sites=(
+            (r"img_in|final_layer\.linear|double_blocks\.\d+\.img_(attn\.qkv|attn\.proj|mlp\.[02])", "image"),
+            (r"txt_in|double_blocks\.\d+\.txt_(attn\.qkv|attn\.proj|mlp\.[02])", "text"),
+            (r"single_blocks\.\d+\.linear[12]", "joint"),
+        ),
+    ),
+    "qwenimage": dict(
+        build=build_tiny_qwenimage,
+        rows={"cat": 4, "dog": 7},
+        sites=(
+            (
+                r"img_in|proj_out|transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\.net\.(0\.proj|2))",
+                "image",
+            ),
+            (
+                r"txt_in|transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|txt_mlp\..*)",
+                "text",
+            ),
+        ),
+    ),
+}
+# (family, naming and kind of the dog LoRA, of the cat LoRA): every naming of each family, LoRA, LoHa and LoKr
+CASES = [
+    ("flux", ("kohya", "lora"), ("diffusers", "lora")),
+    ("flux", ("kohya", "loha"), ("lycoris", "lokr")),
+    ("qwenimage", ("diffusers", "lora"), ("kohya", "lora")),
+    ("qwenimage", ("plain", "lora"), ("lycoris", "loha")),
+    ("qwenimage", ("kohya", "lokr"), ("diffusers", "lora")),
+]
+
+
+def site(family, path):
+    return next((s for pattern, s in SPECS[family]["sites"] if re.fullmatch(pattern, path)), "global")
+
+
+@pytest.fixture
+def loras_folder(pack, tmp_path):
+    """A fresh folder registered first in ComfyUI's `loras` folder list for this test."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    paths = folder_paths.folder_names_and_paths["loras"][0]
+    paths.insert(0, str(folder))
+    folder_paths.filename_list_cache.clear()
+    yield folder
+    paths.remove(str(folder))
+    folder_paths.filename_list_cache.clear()
+
+
+def build(family):
+    with torch.inference_mode():
+        return SPECS[family]["build"]()
+
+
+def encode(pack, clip, text=PROMPT):
+    with torch.inference_mode():
+        return pack.glue("prompt").ConceptSplitTextEncode.execute(clip, text).result[0]
+
+
+def bind(pack, bindings):
+    node = pack.glue("bound_lora").BindLoraToConcept
+    bound = None
+    for name, word, strength in bindings:
+        bound = node.execute(name, word, strength, bound).result[0]
+    return bound
+
+
+def apply(pack, model, bound, positive, **options):
+    with torch.inference_mode():
+        return pack.glue("bound_lora").ApplyBoundLoras.execute(model, bound, positive, **options).result
+
+
+def loda_sample(pack, model, clip, positive, cfg=2.0, steps=3, **overrides):
+    import nodes
+
+    with torch.inference_mode():
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        return (
+            pack.glue("loda_nodes")
+            .LodaSampler.execute(
+                model,
+                0,
+                steps,
+                cfg,
+                "euler",
+                "simple",
+                positive,
+                negative,
+                flux_latent(),
+                1.0,
+                WORDS,
+                **dict(SETTINGS, **overrides),
+            )
+            .result
+        )
+
+
+class Spy:
+    """DIFFUSION_MODEL wrapper recording (input, final output, base output) of `paths` in stage-2 model calls, with
+    the call's text length and CFG chunks; any diffusion model's signature (arguments read by name)."""
+
+    def __init__(self, pack, paths):
+        self.key = pack.glue("comfy_lora").REGIONS_KEY
+        self.paths, self.records = tuple(paths), []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        arguments = inspect.signature(executor.original).bind_partial(*args, **kwargs).arguments
+        options = arguments["transformer_options"]
+        regions = options.get(self.key)
+        if regions is None or regions.masks is None or torch.is_grad_enabled():
+            return executor(*args, **kwargs)
+        model = executor.class_obj
+        call = dict(
+            masks=regions.masks.clone(),
+            branches=tuple(options["cond_or_uncond"]),
+            text=int(arguments["context"].shape[1]),
+            layers={},
+        )
+
+        def recorder(path):
+            def hook(module, inputs, output):
+                x = inputs[0].detach().clone()
+                call["layers"][path] = (x, output.detach().clone(), module.forward(x).detach().clone())
+
+            return hook
+
+        handles = [model.get_submodule(path).register_forward_hook(recorder(path)) for path in self.paths]
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.records.append(call)
+
+
+def spied(model, spy):
+    import comfy.patcher_extension
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    return clone
+
+
+def expected_rows(family, kind, call, batch, length, concept, prompt_length):
+    """(B, L) bool, by hand: the rows of `concept` (LODA index) in a layer of site `kind` for this call."""
+    rows = torch.zeros(batch, length, dtype=torch.bool)
+    per = batch // len(call["branches"])
+    text = call["text"]
+    masks = call["masks"]  # (B_img, K, 8, 8) at the patch grid
+    own = (masks & (masks.sum(1, keepdim=True) == 1))[:, concept].flatten(1)  # (B_img, 64) minus the overlap
+    word = WORDS.split(", ")[concept]
+    position = SPECS[family]["rows"][word]
+    for index, branch in enumerate(call["branches"]):
+        chunk = slice(index * per, (index + 1) * per)
+        if kind in ("text", "joint") and branch == 0:
+            stride = prompt_length if text % prompt_length == 0 else text  # ComfyUI repeats shorter contexts
+            rows[chunk, position:text:stride] = True
+        if kind in ("image", "joint"):
+            start = text if kind == "joint" else 0
+            rows[chunk, start : start + 64] = own[torch.arange(per) % own.shape[0]]
+    return rows
+
+
+def check_layer(module, x, output, base, rows_by_concept, deltas, strengths, label):
+    """Output == base bit for bit off every concept's rows; output − base within float32 rounding of x·(s·ΔW)ᵀ on
+    each concept's rows; returns how many rows acted (each with a residual 10× its rounding bound)."""
+    changed = (output != base).any(-1)  # (B, L)
+    allowed = torch.zeros_like(changed)
+    for rows in rows_by_concept:
+        allowed |= rows
+    assert not (changed & ~allowed).any(), f"{label}: changed outside its concepts' rows"
+    acted = 0
+    weight = module.weight.detach().double()
+    for rows, delta, strength in zip(rows_by_concept, deltas, strengths):
+        reference = x.double() @ (strength * delta).T  # (B, L, C_out)
+        terms = x.double().abs() @ (weight.abs() + (strength * delta).abs()).T
+        # float32: the residual's sum of C_in terms (or the low-rank chain: fewer), ΔW's own W + ΔW − W rounding
+        # (0.3.64's path) and the add to the base output; each term and partial sum rounds by ≤ eps32 relative
+        tol = float32_tolerance(terms.max() + base.abs().max(), weight.shape[1] + 4)
+        error = ((output.double() - base.double()) - reference).abs().amax(-1)  # (B, L)
+        assert float(error[rows].max()) <= tol if rows.any() else True, f"{label}: off the reference"
+        size = reference.abs().amax(-1)
+        assert not rows.any() or float(size[rows].min()) > 10 * tol, f"{label}: residual too small to prove it"
+        acted += int(rows.sum())
+    return acted
+
+
+@pytest.mark.parametrize(
+    "family,dog,cat", CASES, ids=[f"{c[0]}-{c[1][0]}+{c[2][0]}-{c[1][1]}+{c[2][1]}" for c in CASES]
+)
+def test_each_bound_lora_acts_only_on_its_concepts_rows_and_equals_the_hand_computed_residual(
+    pack, loras_folder, family, dog, cat
+):
+    model, clip = build(family)
+    files = {"dog": dog, "cat": cat}
+    deltas = {}
+    for seed, (word, (naming, kind)) in enumerate(files.items()):
+        deltas[word] = write_tiny_dit_lora(
+            loras_folder / f"{word}.safetensors", model, family, seed=10 + seed, naming=naming, kind=kind
+        )
+    positive = encode(pack, clip)
+    strengths = {"dog": 1.0, "cat": 0.7}
+    bound = bind(pack, [(f"{w}.safetensors", w, strengths[w]) for w in ("dog", "cat")])
+    patched, info = apply(pack, model, bound, positive)
+    paths = sorted(set(deltas["dog"]) | set(deltas["cat"]))
+    spy = Spy(pack, paths)
+    loda_sample(pack, spied(patched, spy), clip, positive)
+    assert spy.records, "no stage-2 model call was recorded"
+    prompt_length = len(pack.glue("comfy_text").prompt_tokens(clip, PROMPT).token_ids)
+    dm = model.model.diffusion_model
+    acted = {"image": 0, "text": 0, "joint": 0}
+    for call in spy.records:
+        masks = call["masks"]
+        assert masks.shape[-2:] == GRID and masks[:, 0].any() and masks[:, 1].any(), "vacuous masks"
+        for path, (x, output, base) in call["layers"].items():
+            kind = site(family, path)
+            if kind == "global":  # modulation, embeddings: left out, bit for bit
+                assert torch.equal(output, base), f"{family} {path}: a global layer was changed"
+                continue
+            batch, length = output.shape[:2]
+            words = [w for w in ("dog", "cat") if path in deltas[w]]
+            rows = [
+                expected_rows(family, kind, call, batch, length, WORDS.split(", ").index(w), prompt_length)
+                for w in words
+            ]
+            acted[kind] += check_layer(
+                dm.get_submodule(path),
+                x,
+                output,
+                base,
+                rows,
+                [deltas[w][path] for w in words],
+                [strengths[w] for w in words],
+                f"{family} {path}",
+            )
+    log.warning(f"{family} {dog}+{cat}: rows acted on {acted} in {len(spy.records)} calls; {info}")
+    assert acted["image"] > 0 and acted["text"] > 0
+    assert (acted["joint"] > 0) == (family == "flux")
+    assert "image-side" in info and "text-side" in info and "left out" in info
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_empty_or_zero_strength_bindings_are_bit_identical_and_the_shared_model_stays_as_it_was(
+    pack, loras_folder, family
+):
+    model, clip = build(family)
+    write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1, naming="diffusers")
+    write_tiny_dit_lora(loras_folder / "cat.safetensors", model, family, seed=2, naming="kohya", kind="loha")
+    positive = encode(pack, clip)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    options_before = repr(model.model_options)
+    plain = loda_sample(pack, model, clip, positive)[0]["samples"]
+    for bindings in ((), [("dog.safetensors", "dog", 0.0)]):
+        patched, info = apply(pack, model, bind(pack, bindings) if bindings else (), positive)
+        assert torch.equal(loda_sample(pack, patched, clip, positive)[0]["samples"], plain), info
+    both = bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)])
+    patched, _ = apply(pack, model, both, positive)
+    bound = loda_sample(pack, patched, clip, positive)[0]["samples"]
+    assert not torch.equal(bound, plain)
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert repr(model.model_options) == options_before
+    assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
+    assert torch.equal(loda_sample(pack, model, clip, positive)[0]["samples"], plain)
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_stage1_text_rows_acts_before_the_masks_and_off_keeps_them(pack, loras_folder, family):
+    """Stage 1 on steps 0..1 of 3: with "off" LODA's masks are bit-identical to those of the LoRA-free run; with
+    "text_rows" the LoRA's text-token layers (and the text rows of joint layers) act in stage 1, so the maps differ."""
+    model, clip = build(family)
+    write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1)
+    positive = encode(pack, clip)
+    plain = loda_sample(pack, model, clip, positive, loda_steps=2)
+    bound = bind(pack, [("dog.safetensors", "dog", 1.0)])
+    results = {}
+    for policy in ("off", "text_rows"):
+        patched, _ = apply(pack, model, bound, positive, stage1=policy)
+        results[policy] = loda_sample(pack, patched, clip, positive, loda_steps=2)
+        assert not torch.equal(results[policy][0]["samples"], plain[0]["samples"]), policy
+    assert torch.equal(results["off"][1], plain[1]) and torch.equal(results["off"][2].maps, plain[2].maps)
+    assert not torch.equal(results["text_rows"][2].maps, plain[2].maps)
+
+
+def _sdxl():
+    with torch.inference_mode():
+        model, clip, _ = build_tiny_model("sdxl", 0)
+    return model, clip
+
+
+@pytest.mark.parametrize(
+    "lora_base,model_base",
+    [
+        ("sdxl", "flux"),
+        ("flux", "sdxl"),
+        ("sdxl", "qwenimage"),
+        ("qwenimage", "sdxl"),
+        ("flux", "qwenimage"),
+        ("qwenimage", "flux"),
+    ],
+)
+def test_a_lora_for_another_base_model_is_refused(pack, loras_folder, lora_base, model_base):
+    """Other families' key names match no layer, or (diffusers Flux.1 and Qwen-Image names share
+    transformer_blocks.N.attn.to_q, ...) only some: refused either way, with the pack's error, before sampling."""
+    source = _sdxl()[0] if lora_base == "sdxl" else build(lora_base)[0]
+    if lora_base == "sdxl":
+        write_tiny_lora(loras_folder / "other.safetensors", source, seed=1)
+    else:
+        write_tiny_dit_lora(loras_folder / "other.safetensors", source, lora_base, seed=1, naming="diffusers")
+    model, clip = _sdxl() if model_base == "sdxl" else build(model_base)
+    with pytest.raises(pack.error, match="matches no layer|does not fit") as raised:
+        apply(pack, model, bind(pack, [("other.safetensors", "dog", 1.0)]), encode(pack, clip))
+    text = str(raised.value)
+    assert "Seen:" in text and "Expected:" in text and "Fix:" in text
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists_fused_rows_too(pack, loras_folder, family):
+    """Capability, not version: with comfy.weight_adapter.bypass the residual of every LoRA/LoHa/LoKr patch (on
+    fused-weight rows too) is the adapter's own h(x); without it (0.3.64) ΔW from ComfyUI's calculate_weight. Both
+    are checked against x·ΔWᵀ above."""
+    import importlib.util
+
+    import comfy.patcher_extension
+
+    lora = pack.glue("comfy_lora")
+    has_bypass = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None
+    model, clip = build(family)
+    naming = "diffusers" if family == "flux" else "plain"
+    write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1, naming=naming)
+    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip))
+    wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][lora.WRAPPER_KEY][0]
+    assert all(layer.residual.bypass == has_bypass for layer in wrapper.layers)
+    assert any(layer.residual.offset is not None for layer in wrapper.layers) == (family == "flux")
+
+
+def test_a_family_without_bound_lora_sites_is_refused(pack, loras_folder, monkeypatch):
+    model, clip = build("flux")
+    write_tiny_dit_lora(loras_folder / "dog.safetensors", model, "flux", seed=1)
+    flux = pack.glue("families").model_family(model)
+    monkeypatch.setattr(type(flux), "bound_lora_sites", None)  # a DiT family that has not said where its rows are
+    with pytest.raises(pack.error, match="not supported on Flux.1 yet") as raised:
+        apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip))
+    assert "SDXL" in str(raised.value) and "Qwen-Image" in str(raised.value)

@@ -109,6 +109,7 @@ SPECS = {
     ),
 }
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
+BOUND_LORA_FAMILIES = ("flux", "qwenimage")  # the DiT families whose bound-LoRA sites are tested
 
 
 def families_to_test() -> tuple[str, ...]:
@@ -500,8 +501,14 @@ def test_tova_and_training_refuse_dit_models_with_a_clear_error(pack, family, tm
     with pytest.raises(pack.error, match=f"UNet cross-attention; {display} is not supported yet"):
         training.train_adapter(model, clip, None, torch.zeros(1, 64, 64, 3), request, tmp_path)
     assert not any(tmp_path.iterdir())
-    # bound LoRAs, by contrast, work on these DiTs (tests/integration/test_bound_lora_dit.py)
-    assert pack.glue("families").model_family(model).supports_bound_loras
+    # bound LoRAs, by contrast, work on the DiTs with a bound-LoRA site table (tests/integration/test_bound_lora_dit.py)
+    found = pack.glue("families").model_family(model)
+    assert found.supports_bound_loras == (family in BOUND_LORA_FAMILIES)
+    if not found.supports_bound_loras:
+        bound = pack.glue("bound_lora")
+        binding = (bound.LoraBinding("dog.safetensors", "dog", 1.0),)
+        with pytest.raises(pack.error, match=f"Bound LoRAs are not supported on {display} yet"):
+            bound.ApplyBoundLoras.execute(model, binding, encode(pack, clip))
 
 
 def test_bad_inputs_raise_before_sampling(pack, family):

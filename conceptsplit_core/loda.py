@@ -155,6 +155,8 @@ class LodaPlan:
     fixing: bool  # p or m non-zero, and steps left after stage 1
     layout: ModelLayout  # the model's layers, built once per run
     token_table: str = ""  # words located by decoded pieces (DiT): word -> token row (piece), shown in the report
+    drawn_masks: Optional[torch.Tensor] = None  # (B, K, h, w) bool at the latent grid: the user's masks (user_masks)
+    mask_mode: str = "replace"  # how drawn_masks meet LODA's masks: replace or constrain (user_masks.MASK_MODES)
 
 
 def loda_stage1_steps(config: LodaConfig, total_steps: int) -> int:

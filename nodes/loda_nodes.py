@@ -15,6 +15,7 @@ import comfy.samplers
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.loda_config import LODA_DEFAULTS, MEANINGS, UI_OPTIONS, UI_RANGES, LodaConfig
 from ..conceptsplit_core.concept_words import parse_words
+from ..conceptsplit_core.user_masks import MASK_MODE_DEFAULT, MASK_MODES, check_mask_mode, check_mask_values
 from .loda_sampling import LodaRequest, LodaResult, loda_sampler, plan_loda, record_without_sampling
 from . import comfy_conditioning, comfy_sampling
 from .input_checks import check_number_inputs
@@ -58,15 +59,46 @@ def loda_setting_inputs() -> list:
             ),
         )
     )
+    inputs.append(
+        io.Mask.Input(
+            "concept_masks",
+            optional=True,
+            tooltip=(
+                "Masks you draw, one per concept word in concept_words order (a MASK batch: Batch Masks, or one "
+                "per image and concept, image-major, like this node's concept_masks output), any size with the "
+                "image's aspect ratio. They replace or constrain the masks LODA finds (mask_mode), for attention "
+                "fixing and bound LoRAs alike. Unconnected: LODA's own masks."
+            ),
+        )
+    )
+    inputs.append(
+        io.Combo.Input(
+            "mask_mode",
+            options=list(MASK_MODES),
+            default=MASK_MODE_DEFAULT,
+            optional=True,
+            tooltip=(
+                "Only with concept_masks connected. replace: the drawn masks are the masks (from step N; from step "
+                "0 with loda_steps 0). constrain: LODA's masks, but only inside the drawn ones. Default replace."
+            ),
+        )
+    )
     return inputs
 
 
 def loda_request(concept_words: str, settings: dict, result: LodaResult) -> LodaRequest:
     checkpointing = bool(settings.pop("gradient_checkpointing", False))
+    concept_masks = settings.pop("concept_masks", None)
+    mask_mode = check_mask_mode(settings.pop("mask_mode", None) or MASK_MODE_DEFAULT)
     config = LodaConfig(**settings)
     config.validate()
     return LodaRequest(
-        config=config, words=parse_words(concept_words), result=result, gradient_checkpointing=checkpointing
+        config=config,
+        words=parse_words(concept_words),
+        result=result,
+        gradient_checkpointing=checkpointing,
+        concept_masks=None if concept_masks is None else check_mask_values(concept_masks),
+        mask_mode=mask_mode,
     )
 
 
@@ -177,7 +209,13 @@ class LodaSampler(io.ComfyNode):
         sampler = comfy_sampling.named_sampler(sampler_name)
         total_steps = max(len(sigmas) - 1, 0)  # denoise 0 gives no sigmas: KSampler returns the latent unchanged
         plan = plan_loda(
-            model, comfy_conditioning.conditioning_prompts(positive), latent_hw, request, total_steps, sampler
+            model,
+            comfy_conditioning.conditioning_prompts(positive),
+            latent_hw,
+            request,
+            total_steps,
+            sampler,
+            batch=latent_image["samples"].shape[0],
         )
         if total_steps == 0:
             record_without_sampling(

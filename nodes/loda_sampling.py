@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..conceptsplit_core.attention_record import ConceptMaps
 from ..conceptsplit_core.bound_lora import ConceptRegions
@@ -31,6 +32,7 @@ from ..conceptsplit_core.loda import (
 from ..conceptsplit_core.loda_config import LodaConfig
 from ..conceptsplit_core.loda_loss import flow_latent_update, kdiffusion_latent_update, separation_loss, step_size
 from ..conceptsplit_core.prompt_tokens import PromptTokens
+from ..conceptsplit_core.user_masks import MASK_MODE_DEFAULT, combine, prepare_user_masks
 from . import comfy_conditioning, comfy_lora, comfy_sampling
 from .families import family_of_layout, model_family
 
@@ -46,6 +48,8 @@ class LodaRequest:
     words: tuple[str, ...] = ()  # concept words; empty = the object concepts of the ToVA-patched model
     result: Optional["LodaResult"] = None  # filled after sampling (masks, maps, report)
     gradient_checkpointing: bool = False  # recompute UNet blocks in the stage-1 backward instead of storing them
+    concept_masks: Optional[torch.Tensor] = None  # (M, H, W) float: masks the user drew (user_masks), or None
+    mask_mode: str = MASK_MODE_DEFAULT  # replace or constrain (user_masks.MASK_MODES)
 
 
 class LodaResult:
@@ -72,6 +76,7 @@ def plan_loda(
     request: LodaRequest,
     total_steps: int,
     inner=None,
+    batch: int = 1,
 ) -> LodaPlan:
     """Check every input and resolve concepts, layers and N before any sampling step (method §5); once per
     run (the LODA Sampler node plans before sampling and hands the plan to the sampler).
@@ -81,9 +86,11 @@ def plan_loda(
             when no prompt carries a record). The concepts are located in the first that holds them all.
         total_steps: S; 0 plans a run with nothing to sample (denoise 0).
         inner: the wrapped SAMPLER, when known: checked to step one slice at a time if N > 0.
+        batch: images in the latent batch (the drawn concept masks are K or B·K).
     Raises: ConceptSplitError for a bad setting, fewer than 2 concepts, a word not in the prompt, ToVA concepts
         located in another prompt, N > S, a sampler that cannot run stage 1, a model without the map-level layers,
-        maps smaller than the smoothing kernel, or fixing through another pack's attention patch.
+        maps smaller than the smoothing kernel, fixing through another pack's attention patch, or drawn concept
+        masks of another count or aspect ratio, or too small to cover a latent pixel (user_masks).
     """
     config = request.config
     stage1_steps = loda_stage1_steps(config, total_steps)
@@ -102,6 +109,9 @@ def plan_loda(
         request.words, tuple(prompts), comfy_conditioning.located_concepts(model_patcher), family.default_word_token_ids
     )
     plan = plan_loda_run(config, layout, words, latent_hw, total_steps, stage1_steps)
+    if request.concept_masks is not None:
+        drawn = prepare_user_masks(request.concept_masks, plan.concepts.labels, batch, latent_hw, layout.latent_scale)
+        plan = replace(plan, drawn_masks=drawn, mask_mode=request.mask_mode)
     if plan.fixing:
         family.check_fixing_patches(model_patcher.model_options, layout, plan.layers.fixing_keys)
     return plan
@@ -119,7 +129,13 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     plan = options.get(PLAN_KEY)
     if plan is None:
         plan = plan_loda(
-            patcher, comfy_sampling.sampled_prompts(model_k), tuple(x.shape[-2:]), request, len(sigmas) - 1, inner
+            patcher,
+            comfy_sampling.sampled_prompts(model_k),
+            tuple(x.shape[-2:]),
+            request,
+            len(sigmas) - 1,
+            inner,
+            batch=x.shape[0],
         )
     if plan.total_steps == 0:
         _record(request.result, plan, [], None, None, x.shape[0])
@@ -166,7 +182,7 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         if i == n - 1:
             maps = collector.maps().detach()
             collector.stop()
-    if n == 0 and plan.fixing:  # no forward has run yet: take the maps of the initial latent (method §4.1)
+    if n == 0 and plan.fixing and not _replaced(plan):  # no forward yet: the maps of the initial latent (method §4.1)
         collector.start(plan.layers.mask_keys, mask_branches, first_call=True)
         with torch.no_grad():
             comfy_sampling.cond_forward(
@@ -180,6 +196,8 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
         maps = collector.maps().detach()
         collector.stop()
     masks = None if maps is None else build_concept_masks(maps, config)
+    if plan.drawn_masks is not None:  # the user's masks replace or constrain LODA's (user_masks)
+        masks = combine(masks, plan.drawn_masks.to(x.device), plan.mask_mode, plan.concepts.labels)
     if masks is not None:  # bound LoRAs: stage 2 sees the masks (nodes/comfy_lora.py)
         extra_args = comfy_sampling.with_run_model_options(
             extra_args, _publish_regions(options_with, plan, masks, request.gradient_checkpointing)
@@ -192,11 +210,16 @@ def sample_loda(model_k, x, sigmas, extra_args=None, callback=None, disable=None
     return x
 
 
+def _replaced(plan: LodaPlan) -> bool:
+    """Whether the run's masks are the drawn ones (known before sampling: no forward is needed to find them)."""
+    return plan.drawn_masks is not None and plan.mask_mode == "replace"
+
+
 def _publish_regions(model_options: dict, plan: LodaPlan, masks, checkpointing: bool) -> dict:
     """Bound LoRAs (issue 13) read LODA's concepts and, from stage 2 on, its masks (B_img, K, h, w) from the
     model options of each call; a copy per run, so no run sees another's masks."""
     concepts = plan.concepts
-    coming = plan.stage1_steps < plan.total_steps and (plan.stage1_steps > 0 or plan.fixing)
+    coming = plan.stage1_steps < plan.total_steps and (plan.stage1_steps > 0 or plan.fixing or _replaced(plan))
     regions = ConceptRegions(
         concepts.labels, concepts.positions, concepts.prompt_length, concepts.prompt_ids, masks, checkpointing, coming
     )
@@ -295,6 +318,10 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
     h, w = plan.layers.grid
     k = len(plan.concepts.labels)
     result.masks = masks.cpu() if masks is not None else torch.zeros(batch, k, h, w, dtype=torch.bool)
+    # the viewer reads masks and maps on one grid: drawn masks (latent grid) as the map-level layers see them
+    map_masks = result.masks
+    if tuple(map_masks.shape[-2:]) != (h, w):
+        map_masks = F.interpolate(map_masks.float(), size=(h, w), mode="nearest") > 0.5  # (B, K, h, w)
     # For the viewer's step marks: stage 1 on steps 0 .. N − 1; masks from step N − 1 (or the initial latent, step 0).
     result.maps = ConceptMaps(
         plan.concepts.labels,
@@ -302,10 +329,20 @@ def _record(result: Optional[LodaResult], plan: LodaPlan, updates, maps, masks, 
         total_steps=plan.total_steps,
         stage1_steps=plan.stage1_steps,
         mask_step=None if masks is None else max(plan.stage1_steps - 1, 0),
-        masks=None if masks is None else result.masks,
+        masks=None if masks is None else map_masks,
     )
     records = [update.record() for update in updates]
     result.report = format_report(records, plan.concepts, plan.stage1_steps, plan.total_steps, masks, plan.fixing)
+    if plan.drawn_masks is not None and plan.total_steps:
+        result.report += (
+            "\n"
+            + (
+                "concept masks: the drawn masks (mask_mode replace)"
+                if plan.mask_mode == "replace"
+                else "concept masks: LODA's masks inside the drawn masks (mask_mode constrain)"
+            )
+            + f", at the latent grid {plan.drawn_masks.shape[-2]}×{plan.drawn_masks.shape[-1]}"
+        )
     if plan.token_table:
         result.report += "\n" + plan.token_table
 

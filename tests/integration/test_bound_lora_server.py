@@ -149,3 +149,62 @@ def test_a_damaged_lora_file_fails_with_the_pack_message_and_the_server_goes_on(
     assert "cannot be read" in message and "Seen:" in message and "Fix:" in message
     assert lora_server._get("/queue") == {"queue_running": [], "queue_pending": []}
     lora_server.run(graph("sd15"), timeout=240)  # the next prompt runs
+
+
+def with_drawn_masks(g: dict, mode: str = "replace") -> dict:
+    """The graph with drawn concept masks into both LODA samplers, from core nodes only (both versions): dog = the red
+    channel of a PNG (Load Image (as Mask)), cat = a Solid Mask minus dog (Mask Composite), batched dog first through
+    Mask To Image → Batch Images → Image To Mask, into the LODA Sampler and ConceptSplit LODA (SamplerCustom), whose
+    masks ConceptSplit LODA Results outputs (node 16)."""
+    g = dict(g)
+    g["30"] = {"class_type": "LoadImageMask", "inputs": {"image": "dog_mask.png", "channel": "red"}}
+    g["31"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": SIZE, "height": SIZE}}
+    g["32"] = {
+        "class_type": "MaskComposite",
+        "inputs": {"destination": ["31", 0], "source": ["30", 0], "x": 0, "y": 0, "operation": "subtract"},
+    }
+    g["33"] = {"class_type": "MaskToImage", "inputs": {"mask": ["30", 0]}}
+    g["34"] = {"class_type": "MaskToImage", "inputs": {"mask": ["32", 0]}}
+    g["35"] = {"class_type": "ImageBatch", "inputs": {"image1": ["33", 0], "image2": ["34", 0]}}
+    g["36"] = {"class_type": "ImageToMask", "inputs": {"image": ["35", 0], "channel": "red"}}
+    g["5"] = {**g["5"], "inputs": {**g["5"]["inputs"], "concept_masks": ["36", 0], "mask_mode": mode}}
+    g["11"] = {**g["11"], "inputs": {**g["11"]["inputs"], "concept_masks": ["36", 0], "mask_mode": mode}}
+    g["14"] = {"class_type": "ConceptSplitLodaResults", "inputs": {"latent": ["13", 0], "loda_result": ["11", 1]}}
+    g["15"] = {"class_type": "MaskToImage", "inputs": {"mask": ["14", 0]}}
+    g["16"] = {"class_type": "PreviewImage", "inputs": {"images": ["15", 0]}}
+    return g
+
+
+def test_masks_drawn_with_core_mask_nodes_drive_both_loda_samplers(lora_server):
+    """Replace, in both samplers: the MASK output is the drawn split (dog = left 40 of 112 px, cat = the rest), for
+    both images of the batch (constrain's intersection is checked with numbers in test_user_masks.py)."""
+    from PIL import Image
+
+    edge = 40  # 5 latent pixels: on the 8-px grid, so the latent-grid masks are exactly the drawn ones
+    picture = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    picture[:, :edge, 0] = 255
+    folder = lora_server.base_dir / "input"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(folder / "dog_mask.png")
+    entry = lora_server.run(with_drawn_masks(graph("sd15")), timeout=240)
+    dog = np.zeros((SIZE, SIZE), dtype=bool)
+    dog[:, :edge] = True
+    masks = [np.asarray(m.convert("L")) > 127 for m in lora_server.output_images(entry, "9")]
+    assert len(masks) == 4  # 2 images × (dog, cat), image-major
+    for index, mask in enumerate(masks):
+        assert np.array_equal(mask, dog if index % 2 == 0 else ~dog), index
+    custom = [np.asarray(m.convert("L")) > 127 for m in lora_server.output_images(entry, "16")]
+    assert len(custom) == 4
+    for index, mask in enumerate(custom):
+        assert np.array_equal(mask, dog if index % 2 == 0 else ~dog), index
+    for node in ("7", "18"):
+        assert len(lora_server.output_images(entry, node)) == 2
+
+
+def test_a_mask_of_another_aspect_ratio_fails_before_sampling_and_the_server_goes_on(lora_server):
+    g = with_drawn_masks(graph("sd15"))
+    g["31"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 2 * SIZE, "height": SIZE}}
+    g["30"] = {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 2 * SIZE, "height": SIZE}}
+    message = lora_server.run_expect_error(g, timeout=240)
+    assert "aspect ratio" in message and "112×224 px" in message and "Fix:" in message
+    assert lora_server._get("/queue") == {"queue_running": [], "queue_pending": []}

@@ -42,6 +42,8 @@ FROZEN = {
         "fixing_branches",
         "mask_source",
         "gradient_checkpointing",
+        "concept_masks",
+        "mask_mode",
     ),
     "ConceptSplitLoda": (
         "sampler",
@@ -61,6 +63,8 @@ FROZEN = {
         "fixing_branches",
         "mask_source",
         "gradient_checkpointing",
+        "concept_masks",
+        "mask_mode",
     ),
     "ConceptSplitLodaResults": ("latent", "loda_result"),
     "ConceptSplitCaptureAttention": (
@@ -122,8 +126,8 @@ def test_inputs_keep_their_names_and_order(pack_nodes, node_id):
 # Inputs added after a node was first published: they must be optional, so API-format prompts saved before they
 # existed still pass the server's validation ("Required input is missing") and get the default.
 ADDED_LATER = {
-    "ConceptSplitLodaSampler": ("gradient_checkpointing",),
-    "ConceptSplitLoda": ("gradient_checkpointing",),
+    "ConceptSplitLodaSampler": ("gradient_checkpointing", "concept_masks", "mask_mode"),
+    "ConceptSplitLoda": ("gradient_checkpointing", "concept_masks", "mask_mode"),
     "ConceptSplitAttentionViewer": ("concept_masks",),
 }
 

@@ -1,17 +1,25 @@
 """Two bound LoRAs with LODA vs the same two LoRAs merged with Load LoRA, same sampler and steps; and the masked
 residuals alone (bindings on, LODA off: masks published by hand) vs the merged LoRAs. Full-size UNet, random weights.
 
-    COMFYUI_PATH=... python -m bench.bench_bound_lora [--arch sdxl|sd21] [--size 256] [--steps 10] [--rank 16]
+    COMFYUI_PATH=... python -m bench.bench_bound_lora [--arch sdxl|sd21] [--size 256] [--steps 5] [--rank 16]
+        [--repeats 3] [--dtype auto|fp32|fp16] [--merged-loda]
 
-Goals (issue 13): time ratio ≤ 1.25×, peak memory ratio ≤ 1.15× (bound + LODA over merged). The full SDXL UNet
-(2.6 B parameters) needs about 10 GB in fp32 for the weights and as much again for Load LoRA's backups: run it on a
-GPU (`--arch sdxl`); on a small CPU machine `--arch sd21` measures the same code paths.
+Goals (issue 13): time ratio ≤ 1.25×, peak memory ratio ≤ 1.15× (bound + LODA over merged). The runs alternate
+(merged, bound + LODA, masked residuals[, merged + LODA]) `--repeats` times; medians, spreads (min-max) and the
+ratio within each round are printed. Memory: peak RSS on CPU (VmHWM, reset before each run), max_memory_allocated on
+CUDA. `--steps 5` gives LODA N = round(0.2·5) = 1, the paper's N/S.
+
+Weights (`--dtype auto`): fp16 on a GPU. On a CPU, SD2.1 in fp32; SDXL stored in fp16 and computed in fp32 by
+ComfyUI's manual cast (as ComfyUI runs fp16 weights on a CPU): the full SDXL UNet (2.6 B parameters) in fp32 is
+10 GB, and Load LoRA's backups of the patched weights almost as much again, more than a 24 GB machine shared with
+other jobs can hold.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -44,7 +52,8 @@ SDXL_UNET_CONFIG = {
 PROMPT = "a dog and a cat"
 
 
-def build(arch: str, seed: int = 0):
+def build(arch: str, dtype: str = "auto", seed: int = 0):
+    """The full-size UNet of `arch` with seeded random weights; dtype as the module docstring says."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -58,7 +67,11 @@ def build(arch: str, seed: int = 0):
     else:
         config = comfy.supported_models.SD20(dict(SD21_UNET_CONFIG))
         base_cls, model_type = comfy.model_base.BaseModel, comfy.model_base.ModelType.V_PREDICTION
-    config.set_inference_dtype(torch.float16 if torch.cuda.is_available() else torch.float32, None)
+    if dtype == "auto":
+        dtype = "fp16" if torch.cuda.is_available() or arch == "sdxl" else "fp32"
+    weights = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    cast = torch.float32 if weights == torch.float16 and not torch.cuda.is_available() else None  # CPU: fp32 compute
+    config.set_inference_dtype(weights, cast)
     base = base_cls(config, model_type=model_type, device=mm.get_torch_device())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -86,9 +99,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="sdxl", choices=("sdxl", "sd21"))
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16"))
+    parser.add_argument("--merged-loda", action="store_true", help="also time the merged LoRAs with LODA")
     args = parser.parse_args()
     pack = bootstrap()
     import comfy.sd
@@ -104,9 +119,11 @@ def main() -> None:
     folder_paths.folder_names_and_paths["loras"][0].insert(0, str(folder))
     folder_paths.filename_list_cache.clear()
     with torch.inference_mode():
-        model = build(args.arch)
+        model = build(args.arch, args.dtype)
     for word, seed in (("dog", 1), ("cat", 2)):
-        write_tiny_lora(folder / f"{word}.safetensors", model, seed=seed, rank=args.rank, magnitude=0.05)
+        write_tiny_lora(
+            folder / f"{word}.safetensors", model, seed=seed, rank=args.rank, magnitude=0.05, compute_deltas=False
+        )
     positive, negative = conditioning(pack, args.arch)
     with torch.inference_mode():
         merged = model
@@ -141,27 +158,47 @@ def main() -> None:
 
     results: dict = {}
     ksampler(merged)  # warm-up: loads the model, patches the weights once
-    for _ in range(args.repeats):
-        with measured(results, "merged"):
-            ksampler(merged)
-        with measured(results, "merged + LODA"):  # right after: the merged weights are still in place
-            loda_run(merged)
-        with measured(results, "bound + LODA"):
-            loda_run(patched)
-        with measured(results, "masked residuals"):
-            ksampler(residuals_only)
-    print(f"{device_description()}, {args.arch} UNet, {args.size} px, {args.steps} euler steps, rank {args.rank}")
+    runs = [("merged", ksampler, merged)]
+    if args.merged_loda:
+        runs.append(("merged + LODA", loda_run, merged))  # right after: the merged weights are still in place
+    runs += [("bound + LODA", loda_run, patched), ("masked residuals", ksampler, residuals_only)]
+    for round_index in range(args.repeats):
+        for name, runner, which in runs:
+            with measured(results, name):
+                runner(which)
+            print(  # as it goes, so a long CPU run shows its progress
+                f"round {round_index + 1}: {name}: {results[name]['seconds'][-1]:.1f} s, "
+                f"peak {results[name]['peak'][-1] / 2**20:.0f} MiB",
+                flush=True,
+            )
+    parameters = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    n = core("loda_config").default_loda_steps(args.steps)
+    print(
+        f"{device_description()}, {args.arch} UNet ({parameters / 1e9:.2f} B parameters, "
+        f"{model.model.get_dtype()} weights, compute {model.model.manual_cast_dtype or model.model.get_dtype()}), "
+        f"{args.size} px, {args.steps} euler steps (LODA N = {n}), rank "
+        f"{args.rank}, {args.repeats} alternating rounds"
+    )
+    print("| run | time (s), median (min-max) | ratio (per round) | peak memory (MiB) | ratio |")
+    print("|---|---|---|---|---|")
     for baseline, candidate in (
         ("merged", "bound + LODA"),
         ("merged + LODA", "bound + LODA"),
         ("merged", "masked residuals"),
     ):
+        if baseline not in results:
+            continue
         r = compare(results, baseline, candidate)
+        rounds = [c / b for b, c in zip(results[baseline]["seconds"], results[candidate]["seconds"])]
         print(
-            f"{candidate} vs {baseline}: {r['candidate_s']:.1f} s / {r['baseline_s']:.1f} s = "
-            f"{r['time_ratio']:.2f}×, peak {r['candidate_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MiB = "
-            f"{r['memory_ratio']:.2f}×"
+            f"| {candidate} vs {baseline} | {spread(results[candidate]['seconds'])} / "
+            f"{spread(results[baseline]['seconds'])} | {r['time_ratio']:.3f} ({min(rounds):.3f}-{max(rounds):.3f}) | "
+            f"{r['candidate_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} | {r['memory_ratio']:.3f} |"
         )
+
+
+def spread(values) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 if __name__ == "__main__":

@@ -101,6 +101,10 @@ def _reset_peak() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
+        try:  # hand the heap's free pages back first, so the RSS (and the peak from here) counts what is held
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         with open(f"/proc/{os.getpid()}/clear_refs", "w") as handle:  # resets VmHWM (Linux)
             handle.write("5")
 
@@ -148,17 +152,30 @@ def held_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
+def current_bytes() -> int:
+    """What the process holds now, on the scale of the peak `measured` records: CUDA allocated memory, or the RSS."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    with open(f"/proc/{os.getpid()}/status") as handle:
+        line = next(line for line in handle if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
 @contextmanager
 def measured(results: dict, name: str):
-    """Record wall time and peak memory (CUDA allocated, or process peak RSS on CPU) of the block under `name`."""
+    """Record wall time and peak memory (CUDA allocated, or process peak RSS on CPU) of the block under `name`, and
+    what the process held when it started ("start": peak − start is the block's working memory)."""
     _reset_peak()
+    held = current_bytes()
     start = time.perf_counter()
     yield
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    results.setdefault(name, {"seconds": [], "peak": []})
+    results.setdefault(name, {"seconds": [], "peak": [], "start": []})
     results[name]["seconds"].append(time.perf_counter() - start)
     results[name]["peak"].append(_peak_bytes())
+    results[name]["start"].append(held)
 
 
 def compare(results: dict, baseline: str, candidate: str) -> dict:

@@ -87,29 +87,35 @@ def _build_clip(tokenizer_cls, te_cls, options: dict, gen: torch.Generator, skip
     return clip
 
 
+def build_flux_model(config: dict, gen: torch.Generator, dtype: torch.dtype = torch.float32, device=None):
+    """A Flux.1 MODEL (ModelPatcher) of `config` (FLUX_CONFIG's keys; those this ComfyUI's FluxParams lacks are
+    dropped) with weights drawn from `gen` as `_init_module` does, in `dtype`, on `device` (default CPU). Used with
+    the tiny widths by build_tiny_flux and with Flux.1's real widths by bench/bench_dit_loda.py."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    device = torch.device("cpu") if device is None else device
+    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
+    model_config = comfy.supported_models.Flux({k: v for k, v in config.items() if k in known})  # this version's keys
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=device)
+    _init_module(model.diffusion_model, gen)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
 def build_tiny_flux(seed: int = 0):
     """A fresh tiny Flux.1 (MODEL, CLIP): 2 double + 1 single blocks, 2 heads, T5 + CLIP-L text encoders.
 
     A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid; the context is T5's, padded to 256 tokens.
     The same seed gives bit-identical weights. Works inside and outside inference mode.
     """
-    import comfy.model_patcher
-    import comfy.supported_models
     import comfy.text_encoders.flux
 
-    import dataclasses
-
-    import comfy.ldm.flux.model
-
     gen = torch.Generator().manual_seed(seed)
-    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
-    config = comfy.supported_models.Flux({k: v for k, v in FLUX_CONFIG.items() if k in known})  # keys of this version
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    _init_module(model.diffusion_model, gen)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
+    patcher = build_flux_model(FLUX_CONFIG, gen)
     clip = _build_clip(
         comfy.text_encoders.flux.FluxTokenizer,
         comfy.text_encoders.flux.flux_clip(),

@@ -68,10 +68,13 @@ def write_tiny_lora(
     rank: int = 4,
     magnitude: float = 1.0,
     extra: dict | None = None,
+    compute_deltas: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Write a random LoRA of `kind` for this tiny model; return {ldm module path: ΔW (float64, strength 1)}.
 
-    `extra` tensors are added to the file as they are (e.g. text-encoder keys). ΔW has the weight's shape.
+    `extra` tensors are added to the file as they are (e.g. text-encoder keys). ΔW has the weight's shape. With
+    `compute_deltas=False` no ΔW is computed and {} is returned (a full-size model's float64 ΔWs would not fit in
+    memory).
     """
     g = torch.Generator().manual_seed(seed)
     state, deltas = {}, {}
@@ -86,7 +89,7 @@ def write_tiny_lora(
             alpha = rank / 2
             state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
             state[f"{name}.alpha"] = torch.tensor(float(alpha))
-            delta = (alpha / rank) * (up.double().flatten(1) @ down.double().flatten(1))
+            delta = lambda: (alpha / rank) * (up.double().flatten(1) @ down.double().flatten(1))  # noqa: E731
         elif kind == "loha":
             w1a, w1b = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
             w2a, w2b = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
@@ -95,15 +98,16 @@ def write_tiny_lora(
             for key, value in (("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)):
                 state[f"{name}.{key}"] = value
             state[f"{name}.alpha"] = torch.tensor(alpha)
-            delta = (alpha / rank) * (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())
+            delta = lambda: (alpha / rank) * (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())  # noqa: E731
         elif kind == "lokr":
             w1 = torch.randn(2, 2, generator=g)
             w2 = torch.randn(out_features // 2, in_features // 2, generator=g) * scale
             state[f"{name}.lokr_w1"], state[f"{name}.lokr_w2"] = w1, w2
-            delta = torch.kron(w1.double(), w2.double())  # full factors: no alpha scaling (ComfyUI's rule)
+            delta = lambda: torch.kron(w1.double(), w2.double())  # noqa: E731  (full factors: no alpha scaling)
         else:
             raise ValueError(f"unknown LoRA kind {kind!r}; expected one of {FORMATS}")
-        deltas[module_path] = delta.reshape(weight.shape)
+        if compute_deltas:
+            deltas[module_path] = delta().reshape(weight.shape)
     state.update(extra or {})
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return deltas

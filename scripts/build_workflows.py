@@ -564,7 +564,8 @@ Z_IMAGE_TURBO = DitModel(  # ComfyUI 0.33's Z-Image-Turbo template (image_z_imag
     note=dit_note(
         "Z-Image-Turbo",
         "Needs ComfyUI 0.33.0 or newer (an older one has no Z-Image model: the ConceptSplit nodes stop with an error "
-        "naming 0.33.0). Load Diffusion Model: z_image_turbo_bf16 (models/diffusion_models); Load CLIP: qwen_3_4b, type lumina2; "
+        "naming 0.33.0). Load Diffusion Model: z_image_turbo_bf16 (models/diffusion_models); "
+        "Load CLIP: qwen_3_4b, type lumina2; "
         "Load VAE: ae (the Flux.1 VAE).",
         "Z-Image-Turbo settings (ComfyUI's template): ModelSamplingAuraFlow shift 3, cfg 1 (the negative is then "
         "unused), res_multistep, simple, 8 steps, 1024 x 1024. LODA's auto stage 1 is then 2 steps (Capture "

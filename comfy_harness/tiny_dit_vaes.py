@@ -10,6 +10,10 @@ file, and sets the latent channels, scale ratios and dimensions itself:
   (B, 16, T, h, w), detected by ``decoder.middle.0.residual.0.gamma``. ComfyUI 0.33 reads its width from
   ``decoder.head.0.gamma``; 0.3.64 always builds width 96 (127 M parameters), so there the constructor call is given
   the state dict's width (``_wan_width``). The result is checked to hold exactly the tiny weights.
+- ``flux2``: the Flux.2 latent, 128 channels at 1/16 scale (32 channels at 1/8, 2×2-patchified), 2-D (Flux.2 and
+  klein: ``flux2-vae.safetensors``). The tiny stand-in is ComfyUI's TAESD for Flux.2 (``taef2``, which VAELoader
+  offers), detected by its ``taesd_decoder.*`` keys with the metadata ``tae_latent_channels = 128`` that VAELoader
+  passes for taef2; only in ComfyUI versions with Flux.2 (0.33.0).
 
 Requires ``comfy_bootstrap.bootstrap_comfyui`` first (or a running ComfyUI). Imports nothing of this repo, so the test
 helper pack can load it by file path.
@@ -97,5 +101,20 @@ def build_tiny_wan21_vae(seed: int = 0, dim: int = WAN_TINY_DIM):
     return _checked(vae, sd, 16)
 
 
+def build_tiny_flux2_vae(seed: int = 0):
+    """A tiny VAE of the Flux.2 latent (B, 128, H/16, W/16): taef2-layout TAESD weights through comfy.sd.VAE, as
+    VAELoader builds "taef2" (scale 1, shift 0: load_taesd sets none for taef2)."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    gen = torch.Generator().manual_seed(seed)
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=128)
+    _seeded_(taesd, gen)
+    sd = {k: v.detach().clone() for k, v in taesd.state_dict().items()}
+    sd["vae_scale"], sd["vae_shift"] = torch.tensor(1.0), torch.tensor(0.0)
+    vae = comfy.sd.VAE(sd=sd, dtype=torch.float32, metadata={"tae_latent_channels": 128})
+    return _checked(vae, sd, 128)
+
+
 # latent format -> builder; a family names its format in helper_pack's TINY_DITS
-TINY_DIT_VAES = {"flux16": build_tiny_flux16_vae, "wan21": build_tiny_wan21_vae}
+TINY_DIT_VAES = {"flux16": build_tiny_flux16_vae, "wan21": build_tiny_wan21_vae, "flux2": build_tiny_flux2_vae}

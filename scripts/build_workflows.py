@@ -9,6 +9,9 @@
 Node definitions come from the real ComfyUI (bootstrapped in this process, the pack loaded by ComfyUI's own loader),
 so widget order and defaults are what the frontend expects. Build with the oldest supported ComfyUI (0.3.64):
 newer versions add outputs to core nodes (SaveImage's `images` in 0.33) that older frontends do not know.
+Exception: a workflow whose `comfyui` is newer (loda_flux2_klein: EmptyFlux2LatentImage and CLIPLoader type flux2
+exist from 0.33.0 on) is built with that version; 0.3.64 reports its missing node types and writes nothing:
+    COMFYUI_PATH=.../comfyui-0.33.0/ComfyUI python scripts/build_workflows.py --thumbnails --only loda_flux2_klein
 One function per workflow, registered with `@workflow(...)`: it returns the API graph (omitted widget inputs get
 their defaults). A DiT family's workflow is one `DitModel` (its loaders and sampling settings) passed to `dit_loda`.
 Adapter and bound-LoRA file names start with their concept word
@@ -43,20 +46,21 @@ NEGATIVE = "blurry, low quality, deformed"
 @dataclass(frozen=True)
 class WorkflowDef:
     name: str
-    family: str  # sd15 | sd21 | sdxl | a DiT family of nodes/families (flux, qwenimage): the tiny model of the tests
+    family: str  # sd15 | sd21 | sdxl | a DiT family of nodes/families (flux, qwenimage, zimage, flux2)
     title: str
     note: str
     build: Callable[[], dict]
+    comfyui: str = "0.3.64"  # the ComfyUI to build it with: the oldest that has its node types and model class
 
 
 WORKFLOWS: dict[str, WorkflowDef] = {}
 
 
-def workflow(name: str, family: str, title: str, note: str):
+def workflow(name: str, family: str, title: str, note: str, comfyui: str = "0.3.64"):
     """Register a function returning an API graph as the workflow `workflows/<name>.json`."""
 
     def register(build: Callable[[], dict]) -> Callable[[], dict]:
-        WORKFLOWS[name] = WorkflowDef(name, family, title, note, build)
+        WORKFLOWS[name] = WorkflowDef(name, family, title, note, build, comfyui)
         return build
 
     return register
@@ -399,6 +403,8 @@ class DitModel:
     guidance: float | None = None  # FluxGuidance on the positive (guidance-distilled models), else none
     model_sampling: dict | None = None  # a ModelSampling* node between the loader and the sampler, "model" omitted
     negative: str = ""
+    latent: str = "EmptySD3LatentImage"  # the empty-latent node of the family's latent format
+    sampler: str = "euler"
 
 
 DIT_PROMPT = "a photo of a cat and a dog playing in the snow"
@@ -424,7 +430,7 @@ def dit_loda(model: DitModel, prefix: str) -> dict:
     graph.update(
         {
             "7": node("CLIPTextEncode", title=negative_title, clip=["2", 0], text=model.negative),
-            "8": node("EmptySD3LatentImage", width=model.size, height=model.size, batch_size=1),
+            "8": node(model.latent, width=model.size, height=model.size, batch_size=1),
             "9": node(
                 "ConceptSplitCaptureAttention",
                 model=model_out,
@@ -442,7 +448,7 @@ def dit_loda(model: DitModel, prefix: str) -> dict:
                 seed=0,
                 steps=model.steps,
                 cfg=model.cfg,
-                sampler_name="euler",
+                sampler_name=model.sampler,
                 scheduler="simple",
                 denoise=1.0,
             ),
@@ -537,6 +543,73 @@ def loda_qwen_image() -> dict:
     return dit_loda(QWEN_IMAGE, "conceptsplit/loda_qwen_image")
 
 
+Z_IMAGE_TURBO = DitModel(  # ComfyUI 0.33's Z-Image-Turbo template (image_z_image_turbo.json)
+    loaders={
+        "1": node("UNETLoader", unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default"),
+        "2": node("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2"),
+        "3": node("VAELoader", vae_name="ae.safetensors"),
+    },
+    size=1024,
+    steps=8,
+    cfg=1.0,
+    model_sampling={"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 3.0}},
+    sampler="res_multistep",
+)
+
+
+@workflow(
+    "loda_zimage",
+    family="zimage",
+    title="LODA and attention maps on Z-Image-Turbo (ComfyUI 0.33.0+)",
+    note=dit_note(
+        "Z-Image-Turbo",
+        "Needs ComfyUI 0.33.0 or newer (an older one has no Z-Image model: the ConceptSplit nodes stop with an error "
+        "naming 0.33.0). Load Diffusion Model: z_image_turbo_bf16 (models/diffusion_models); "
+        "Load CLIP: qwen_3_4b, type lumina2; "
+        "Load VAE: ae (the Flux.1 VAE).",
+        "Z-Image-Turbo settings (ComfyUI's template): ModelSamplingAuraFlow shift 3, cfg 1 (the negative is then "
+        "unused), res_multistep, simple, 8 steps, 1024 x 1024. LODA's auto stage 1 is then 2 steps (Capture "
+        "Attention first_step 2).",
+    ),
+)
+def loda_zimage() -> dict:
+    return dit_loda(Z_IMAGE_TURBO, "conceptsplit/loda_zimage")
+
+
+FLUX2_KLEIN = DitModel(  # ComfyUI 0.33's FLUX.2 klein 4B (distilled) template (image_flux2_klein_text_to_image.json)
+    loaders={
+        "1": node("UNETLoader", unet_name="flux-2-klein-4b.safetensors", weight_dtype="default"),
+        "2": node("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="flux2"),
+        "3": node("VAELoader", vae_name="flux2-vae.safetensors"),
+    },
+    size=1024,
+    steps=4,
+    cfg=1.0,
+    latent="EmptyFlux2LatentImage",
+)
+
+
+@workflow(
+    "loda_flux2_klein",
+    family="flux2",
+    title="LODA and attention maps on FLUX.2 klein (ComfyUI 0.33.0+)",
+    note=dit_note(
+        "FLUX.2 klein 4B",
+        "Needs ComfyUI 0.33.0 or newer (older ones lack Empty Flux 2 Latent, the CLIP type flux2 and the Flux.2 "
+        "model). Load Diffusion Model: flux-2-klein-4b (models/diffusion_models); Load CLIP: qwen_3_4b, type flux2; "
+        "Load VAE: flux2-vae.",
+        "klein (distilled) settings: cfg 1 (the negative is then unused), euler, 4 steps, 1024 x 1024, "
+        "Empty Flux 2 Latent. ComfyUI's template schedules with Flux2Scheduler in SamplerCustomAdvanced: for that, "
+        "put ConceptSplit LODA between KSamplerSelect and SamplerCustomAdvanced instead of the LODA Sampler (which "
+        "offers KSampler's schedulers; simple here). LODA's auto stage 1 is 1 step (Capture Attention first_step 1). "
+        "The klein base models: cfg 5, 20 steps, a negative prompt.",
+    ),
+    comfyui="0.33.0",
+)
+def loda_flux2_klein() -> dict:
+    return dit_loda(FLUX2_KLEIN, "conceptsplit/loda_flux2_klein")
+
+
 # -- output ---------------------------------------------------------------------------------------------------
 def build_ui_workflow(definition: WorkflowDef, object_info: dict) -> dict:
     from comfy_harness.workflow_format import Layout, Note, api_to_ui
@@ -600,7 +673,12 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_node_types(WORKFLOWS[name], info)
         if missing:
             failed.append(name)
-            logger.error("%s: node types not registered: %s", name, ", ".join(missing))
+            logger.error(
+                "%s: node types not registered: %s (build it with ComfyUI %s)",
+                name,
+                ", ".join(missing),
+                WORKFLOWS[name].comfyui,
+            )
             continue
         logger.info("wrote %s", write_workflow(WORKFLOWS[name], info, args.out))
     if args.thumbnails:

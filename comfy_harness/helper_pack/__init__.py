@@ -34,7 +34,13 @@ tiny_dit_vaes = _load("tiny_dit_vaes")
 TINY_DITS = {
     "flux": ("build_tiny_flux", "flux16"),
     "qwenimage": ("build_tiny_qwenimage", "wan21"),
+    "flux2": ("build_tiny_flux2", "flux2"),
+    "zimage": ("build_tiny_zimage", "flux16"),
 }
+# Models no family of the pack describes, offered on every version: "lumina2" is a plain Lumina2 (Z-Image's base
+# class, what a ComfyUI without Z-Image knows of that architecture) with the tiny Flux.1 CLIP (a ComfyUI without
+# Z-Image has no Qwen3 text encoder either) and a Flux VAE: it exercises the pack's refusal, nothing else.
+TINY_STAND_INS = {"lumina2": "build_tiny_lumina2"}
 
 
 class ConceptSplitTestTinyModelLoader:
@@ -73,13 +79,18 @@ def tiny_dit_families() -> list:
     return [name for name in TINY_DITS if name in present]
 
 
+def tiny_dit_choices() -> list:
+    """The loader's `family` choices: this ComfyUI's TINY_DITS families, then the TINY_STAND_INS."""
+    return tiny_dit_families() + list(TINY_STAND_INS)
+
+
 class ConceptSplitTestTinyDitLoader:
     """Seeded tiny DiT MODEL and CLIP (comfy_harness/tiny_dit_models.py) and a tiny VAE of the family's latent
     format (comfy_harness/tiny_dit_vaes.py): what UNETLoader + the CLIP loader + VAELoader give a user."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        families = tiny_dit_families()
+        families = tiny_dit_choices()
         return {
             "required": {
                 "family": (families, {"default": families[0]}),
@@ -90,11 +101,18 @@ class ConceptSplitTestTinyDitLoader:
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = "ConceptSplit/testing"
-    DESCRIPTION = "Test only: random tiny DiT models (Flux.1, Qwen-Image, ...) with ComfyUI's own classes."
+    DESCRIPTION = (
+        "Test only: random tiny DiT models (Flux.1, Qwen-Image, ...) with ComfyUI's own classes; lumina2: a plain "
+        "Lumina2 model the pack refuses."
+    )
 
     def load(self, family, seed):
-        if family not in tiny_dit_families():
-            raise ValueError(f"no tiny {family!r} model in this ComfyUI; choose one of {tiny_dit_families()}")
+        if family not in tiny_dit_choices():
+            raise ValueError(f"no tiny {family!r} model in this ComfyUI; choose one of {tiny_dit_choices()}")
+        if family in TINY_STAND_INS:
+            model = getattr(tiny_dit_models, TINY_STAND_INS[family])(seed)
+            _, clip = tiny_dit_models.build_tiny_flux(seed)
+            return model, clip, tiny_dit_vaes.TINY_DIT_VAES["flux16"](seed)
         builder, latent_format = TINY_DITS[family]
         model, clip = getattr(tiny_dit_models, builder)(seed)
         return model, clip, tiny_dit_vaes.TINY_DIT_VAES[latent_format](seed)

@@ -3,10 +3,16 @@ helper pack's Tiny DiT Loader: MODEL, CLIP and a VAE of the family's latent form
 
 Graph 1: ConceptSplit Text Encode → (Flux.1: FluxGuidance) → Capture Attention → LODA Sampler → VAE Decode →
 Attention Map Viewer (capture, LATENT, image, the LODA masks) and the masks, with the sampling nodes of the family
-(Flux.1: cfg 1, the guidance in the conditioning; Qwen-Image: ModelSamplingAuraFlow, cfg 2.5).
+(Flux.1: cfg 1, the guidance in the conditioning; Qwen-Image: ModelSamplingAuraFlow, cfg 2.5; Z-Image-Turbo:
+ModelSamplingAuraFlow shift 3, cfg 1; Flux.2 klein: the model's own sampling, cfg 1, EmptyFlux2LatentImage).
 Graph 2: the same prompt through ConceptSplit LODA inside SamplerCustom and inside SamplerCustomAdvanced (Flux.1:
-ModelSamplingFlux, BasicScheduler, BasicGuider, RandomNoise; Qwen-Image: CFGGuider), with the LODA Sampler of graph
+ModelSamplingFlux, BasicScheduler, BasicGuider, RandomNoise; Qwen-Image: CFGGuider; Z-Image and Flux.2 klein:
+BasicGuider), with the LODA Sampler of graph
 1 on the same model, seed and schedule: all three are one sampling run, so they give the same masks and images.
+
+Z-Image and Flux.2 exist from ComfyUI 0.33.0 on: the families tested are those whose model class the ComfyUI under test
+has (families_to_test); Flux.1 and Qwen-Image are in every supported version, so no parametrization is ever empty. On a
+ComfyUI without them, tests/integration/test_workflows.py checks what a user of their example workflows sees.
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ STEPS, LODA_STEPS = 3, 1
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=LODA_STEPS)
 
 # Per family: how its users sample it. `model_sampling` is the node (and widgets) between the loader and the
-# samplers, `guidance` a FluxGuidance on the positive, `guider` the SamplerCustomAdvanced guider, `rows` the token
-# rows the LODA report binds the words to (T5 writes "a" as two pieces: cat 6, dog 10; Qwen-Image drops its chat
-# preamble: cat 4, dog 7; the same rows as tests/integration/test_dit_families.py).
+# samplers (None: the model's own sampling, as Flux.2 klein users wire it), `latent` the empty-latent node,
+# `guidance` a FluxGuidance on the positive, `guider` the SamplerCustomAdvanced guider, `rows` the token rows the LODA
+# report binds the words to (T5 writes "a" as two pieces: cat 6, dog 10; Qwen-Image drops its chat preamble: cat 4,
+# dog 7; Z-Image and Flux.2 keep the chat template's '<|im_start|>', 'user', newline: cat 7, dog 10; the same rows as
+# tests/integration/test_dit_families.py).
 FAMILIES = {
     "flux": dict(
         display="Flux.1",
         cfg=1.0,
         model_sampling=("ModelSamplingFlux", {"max_shift": 1.15, "base_shift": 0.5, "width": SIZE, "height": SIZE}),
+        latent="EmptySD3LatentImage",
         guidance=3.5,
         guider="BasicGuider",
         rows={"cat": 6, "dog": 10},
@@ -39,9 +48,28 @@ FAMILIES = {
         display="Qwen-Image",
         cfg=2.5,
         model_sampling=("ModelSamplingAuraFlow", {"shift": 3.1}),
+        latent="EmptySD3LatentImage",
         guidance=None,
         guider="CFGGuider",
         rows={"cat": 4, "dog": 7},
+    ),
+    "zimage": dict(  # Z-Image-Turbo as ComfyUI 0.33's template samples it: AuraFlow shift 3, cfg 1
+        display="Z-Image",
+        cfg=1.0,
+        model_sampling=("ModelSamplingAuraFlow", {"shift": 3.0}),
+        latent="EmptySD3LatentImage",
+        guidance=None,
+        guider="BasicGuider",
+        rows={"cat": 7, "dog": 10},
+    ),
+    "flux2": dict(  # Flux.2 klein (distilled): cfg 1, the 128-channel latent at 1/16 (112 px -> 7x7 tokens, patch 1)
+        display="Flux.2",
+        cfg=1.0,
+        model_sampling=None,
+        latent="EmptyFlux2LatentImage",
+        guidance=None,
+        guider="BasicGuider",
+        rows={"cat": 7, "dog": 10},
     ),
 }
 
@@ -67,19 +95,26 @@ def node(class_type: str, **inputs) -> dict:
 
 
 def common(family: str) -> dict:
-    """Loader, prompt (positive with the family's guidance), negative, model sampling and an empty SD3 latent."""
+    """Loader, prompt (positive with the family's guidance), negative, model sampling and the family's empty latent.
+    Without a model-sampling node (no "5"), the loader's MODEL goes to the samplers."""
     spec = FAMILIES[family]
-    kind, widgets = spec["model_sampling"]
     g = {
         "1": node("ConceptSplitTestTinyDitLoader", family=family, seed=0),
         "2": node("ConceptSplitTextEncode", clip=["1", 1], text=PROMPT),
         "3": node("CLIPTextEncode", clip=["1", 1], text=""),
-        "4": node("EmptySD3LatentImage", width=SIZE, height=SIZE, batch_size=1),
-        "5": node(kind, model=["1", 0], **widgets),
+        "4": node(spec["latent"], width=SIZE, height=SIZE, batch_size=1),
     }
+    if spec["model_sampling"] is not None:
+        kind, widgets = spec["model_sampling"]
+        g["5"] = node(kind, model=["1", 0], **widgets)
     if spec["guidance"] is not None:
         g["6"] = node("FluxGuidance", conditioning=["2", 0], guidance=spec["guidance"])
     return g
+
+
+def model(graph: dict) -> list:
+    """The sampled MODEL: the model-sampling node's output where the family has one, else the loader's."""
+    return ["5", 0] if "5" in graph else ["1", 0]
 
 
 def positive(graph: dict) -> list:
@@ -94,7 +129,7 @@ def loda_sampler_graph(family: str) -> dict:
         {
             "10": node(
                 "ConceptSplitCaptureAttention",
-                model=["5", 0],
+                model=model(g),
                 words=WORDS,
                 positive=["2", 0],
                 token_mode="first token",
@@ -143,18 +178,18 @@ def custom_sampler_graph(family: str) -> dict:
     g = common(family)
     loda = dict(concept_words=WORDS, **SETTINGS)
     guider = (
-        node("BasicGuider", model=["5", 0], conditioning=positive(g))
+        node("BasicGuider", model=model(g), conditioning=positive(g))
         if spec["guider"] == "BasicGuider"
-        else node("CFGGuider", model=["5", 0], positive=positive(g), negative=["3", 0], cfg=spec["cfg"])
+        else node("CFGGuider", model=model(g), positive=positive(g), negative=["3", 0], cfg=spec["cfg"])
     )
     g.update(
         {
             "20": node("KSamplerSelect", sampler_name="euler"),
-            "21": node("BasicScheduler", model=["5", 0], scheduler="simple", steps=STEPS, denoise=1.0),
+            "21": node("BasicScheduler", model=model(g), scheduler="simple", steps=STEPS, denoise=1.0),
             "22": node("ConceptSplitLoda", sampler=["20", 0], **loda),
             "23": node(
                 "SamplerCustom",
-                model=["5", 0],
+                model=model(g),
                 add_noise=True,
                 noise_seed=0,
                 cfg=spec["cfg"],
@@ -179,7 +214,7 @@ def custom_sampler_graph(family: str) -> dict:
             "29": node("ConceptSplitLodaResults", latent=["28", 0], loda_result=["25", 1]),
             "30": node(
                 "ConceptSplitLodaSampler",
-                model=["5", 0],
+                model=model(g),
                 seed=0,
                 steps=STEPS,
                 cfg=spec["cfg"],
@@ -221,7 +256,9 @@ def test_the_tiny_dit_loader_offers_every_tested_family(comfy_server):
     (choices, _), *_ = comfy_server.object_info("ConceptSplitTestTinyDitLoader")["ConceptSplitTestTinyDitLoader"][
         "input"
     ]["required"].values()
-    assert set(families_to_test()) <= set(choices)
+    # exactly the families whose model class this ComfyUI has (Z-Image and Flux.2 from 0.33.0 on), then the plain
+    # Lumina2 stand-in the pack refuses (tests/integration/test_workflows.py)
+    assert sorted(choices) == sorted([*families_to_test(), "lumina2"])
     assert {"flux", "qwenimage"} <= set(families_to_test())  # in every supported ComfyUI
 
 

@@ -6,6 +6,10 @@ cheap with the explicit substitutions below: the checkpoint loader becomes the t
 loaders become one Tiny DiT Loader, each link rewired to its MODEL, CLIP or VAE output), adapters become tiny random
 ones with the same identifier word, LoRAs bound to a concept become tiny random kohya LoRAs for the tiny model, photo
 folders get three small photos, and sizes and step counts shrink.
+
+Z-Image and Flux.2 have model classes from ComfyUI 0.33.0 on (capability: the class in this ComfyUI's source, as
+tests/integration/test_dit_server.py reads it). On a ComfyUI without the class their workflows are tested for what a
+user sees there instead (NEEDS_NEWER_COMFYUI): the node types the server lacks, and the error the first run gives.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pytest
 from PIL import Image
 
 from comfy_harness.comfy_server import PACK_FOLDER
-from comfy_harness.tiny_dit_models import DIT_MODEL_CLASSES
+from comfy_harness.tiny_dit_models import DIT_MODEL_CLASSES, dit_families_in_source
 from comfy_harness.workflow_format import node_types, ui_to_api
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
@@ -29,6 +33,28 @@ UNET_FAMILIES = ("sd15", "sd21", "sdxl")
 # its TINY_DITS lists and this ComfyUI has
 DIT_FAMILIES = tuple(DIT_MODEL_CLASSES)
 FAMILIES = UNET_FAMILIES + DIT_FAMILIES
+# A DiT family whose model class this ComfyUI lacks -> what its example workflow meets there: `missing` the core node
+# types the server does not have (0.3.64: Empty Flux 2 Latent arrived with Flux.2), and `run`: "missing node" (the
+# server refuses the prompt, naming the missing type) or "refused" (every node exists; the model cannot be a Z-Image
+# one, so the tiny loader gives a plain Lumina2, Z-Image's base class, and the pack's nodes refuse it, naming
+# Z-Image and the ComfyUI version to update to).
+NEEDS_NEWER_COMFYUI = {
+    "zimage": dict(missing=set(), run="refused"),
+    "flux2": dict(missing={"EmptyFlux2LatentImage"}, run="missing node"),
+}
+
+
+def family_available(family: str) -> bool:
+    """Whether this ComfyUI has the family's model class (the UNet families: every supported version)."""
+    from comfy_harness.comfy_bootstrap import comfyui_path
+
+    if family not in DIT_FAMILIES:
+        return True
+    present = dit_families_in_source(comfyui_path())
+    assert present is not None, "COMFYUI_PATH names no ComfyUI"
+    return family in present
+
+
 # The loaders a DiT workflow may use -> {their output slot: the Tiny DiT Loader's slot (MODEL 0, CLIP 1, VAE 2)}.
 DIT_LOADER_SLOTS = {
     "UNETLoader": {0: 0},
@@ -43,6 +69,7 @@ DIT_LOADER_SLOTS = {
 TINY_INPUTS = {
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
     "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "EmptyFlux2LatentImage": {"width": 64, "height": 64, "batch_size": 1},
     "KSampler": {"steps": 2},
     "BasicScheduler": {"steps": 2},
     "ConceptSplitLodaSampler": {"steps": 3, "loda_steps": 1},
@@ -60,7 +87,7 @@ TINY_INPUTS = {
 LODA_TYPES = ("ConceptSplitLodaSampler", "ConceptSplitLoda")
 # LODA needs maps of at least 7x7: latent / 4 in the tiny UNets, latent / 2 (image tokens) in the DiTs
 LODA_LATENT = {"width": 112, "height": 112}
-LATENT_TYPES = ("EmptyLatentImage", "EmptySD3LatentImage")
+LATENT_TYPES = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage")
 
 
 def workflow_family(workflow: dict) -> str:
@@ -74,14 +101,15 @@ def adapter_word(adapter_name: str) -> str:
     return Path(adapter_name).stem.split("_")[0]
 
 
-def tiny_dit_loaders(prompt: dict, family: str) -> dict:
+def tiny_dit_loaders(prompt: dict, family: str, tiny_family: str | None = None) -> dict:
     """The prompt with its DiT loaders replaced by one Tiny DiT Loader (the first loader's id), links rewired."""
     loaders = [nid for nid, node in prompt.items() if node["class_type"] in DIT_LOADER_SLOTS]
     assert loaders, f"a {family} workflow without a loader of {sorted(DIT_LOADER_SLOTS)}"
     tiny = loaders[0]
     slots = {nid: DIT_LOADER_SLOTS[prompt[nid]["class_type"]] for nid in loaders}
     out = {nid: node for nid, node in prompt.items() if nid not in loaders}
-    out[tiny] = {"class_type": "ConceptSplitTestTinyDitLoader", "inputs": {"family": family, "seed": 0}}
+    tiny_family = tiny_family or family
+    out[tiny] = {"class_type": "ConceptSplitTestTinyDitLoader", "inputs": {"family": tiny_family, "seed": 0}}
     for node in out.values():
         for name, value in node["inputs"].items():
             if isinstance(value, list) and len(value) == 2 and value[0] in slots:
@@ -89,11 +117,13 @@ def tiny_dit_loaders(prompt: dict, family: str) -> dict:
     return out
 
 
-def tiny_prompt(workflow: dict, object_info: dict, serve_adapter, photo_folder, serve_lora) -> dict:
+def tiny_prompt(
+    workflow: dict, object_info: dict, serve_adapter, photo_folder, serve_lora, tiny_family: str | None = None
+) -> dict:
     family = workflow_family(workflow)
     prompt = ui_to_api(workflow, object_info)
     if family in DIT_FAMILIES:
-        prompt = tiny_dit_loaders(prompt, family)
+        prompt = tiny_dit_loaders(prompt, family, tiny_family)
     uses_loda = any(node["class_type"] in LODA_TYPES for node in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
@@ -182,7 +212,10 @@ def test_workflow_file_is_complete(path, object_info):
     workflow = json.loads(path.read_text())
     assert workflow["version"] == 0.4 and workflow["nodes"] and workflow["links"]
     missing = node_types(workflow) - set(object_info)
-    assert not missing, f"{path.name} uses node types the server does not have: {sorted(missing)}"
+    family = workflow_family(workflow)
+    expected = set() if family_available(family) else NEEDS_NEWER_COMFYUI[family]["missing"]
+    assert missing == expected, f"{path.name} uses node types the server does not have: {sorted(missing)}"
+    assert not any(t.startswith("ConceptSplit") for t in missing)
     assert any(n["type"] in ("Note", "MarkdownNote") and n["widgets_values"][0].strip() for n in workflow["nodes"])
     workflow_family(workflow)
     thumbnail = path.with_suffix(".jpg")
@@ -198,6 +231,10 @@ def test_workflow_runs_to_completion_on_tiny_models(
     path, comfy_server, object_info, serve_adapter, photo_folder, serve_lora
 ):
     workflow = json.loads(path.read_text())
+    family = workflow_family(workflow)
+    if not family_available(family):
+        check_needs_newer_comfyui(path, workflow, comfy_server, object_info, serve_adapter, photo_folder, serve_lora)
+        return
     prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder, serve_lora)
     entry = comfy_server.run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success"
@@ -209,6 +246,28 @@ def test_workflow_runs_to_completion_on_tiny_models(
     for nid, node in prompt.items():
         if node["class_type"] == "ConceptSplitAttentionViewer" and "concept_masks" in node["inputs"]:
             check_mask_shares(entry["outputs"][nid]["text"][0])
+
+
+def check_needs_newer_comfyui(path, workflow, comfy_server, object_info, serve_adapter, photo_folder, serve_lora):
+    """A DiT workflow on a ComfyUI without its family's model class: what the user sees (NEEDS_NEWER_COMFYUI)."""
+    family = workflow_family(workflow)
+    expect = NEEDS_NEWER_COMFYUI[family]
+    if expect["run"] == "missing node":
+        # the workflow's own API graph (scripts/build_workflows.py; the same node types as the file) as queued
+        from test_workflow_format import build_workflows_module
+
+        graph = build_workflows_module().WORKFLOWS[path.stem].build()
+        assert {n["class_type"] for n in graph.values()} == node_types(workflow)
+        message = comfy_server.run_expect_error(graph)
+        (missing,) = expect["missing"]  # the server stops at the first node type it lacks
+        assert message.splitlines()[0] == f"Cannot execute because node {missing} does not exist.", message
+        return
+    # every node type exists: the tiny loader's plain Lumina2 stands in for the model, and the pack refuses it
+    prompt = tiny_prompt(workflow, object_info, serve_adapter, photo_folder, serve_lora, tiny_family="lumina2")
+    message = comfy_server.run_expect_error(prompt, timeout=300)
+    assert message.split(" (node ")[0].startswith("ConceptSplit"), message  # a ConceptSplit node stopped the run
+    assert "ConceptSplit supports" in message and "a Lumina2 model" in message, message
+    assert "Z-Image" in message.split("models only", 1)[1] and "update ComfyUI to 0.33.0" in message, message
 
 
 def check_mask_shares(report: str) -> None:
@@ -228,6 +287,8 @@ def check_mask_shares(report: str) -> None:
 
 
 def test_template_browser_lists_and_serves_every_workflow(comfy_server):
+    # every version lists every workflow, the 0.33.0-only ones too: their Notes name the ComfyUI they need, and the
+    # tests above check what opening and running them gives where it is older
     listed = comfy_server._get("/workflow_templates")
     assert sorted(listed.get(PACK_FOLDER, [])) == sorted(p.stem for p in WORKFLOW_FILES)
     for path in WORKFLOW_FILES:

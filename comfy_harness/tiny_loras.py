@@ -4,11 +4,11 @@ computed here by hand (float64) as the independent reference for bound-LoRA test
 Formats: kohya LoRA (`lora_unet_<diffusers path>.lora_down/lora_up/alpha`, also on the resnets' 3×3 convs, LoCon
 style), LyCORIS LoHa (`hada_w1_a/w1_b/w2_a/w2_b`) and LoKr (`lokr_w1/lokr_w2`) on the transformer linear layers.
 
-DiT files (`write_tiny_dit_lora`, tiny Flux.1 and Qwen-Image of comfy_harness.tiny_dit_models) use the key names
-real trainers write and ComfyUI maps (comfy.lora.model_lora_keys_unet): kohya `lora_unet_<ldm path>`, diffusers/PEFT
-`transformer.<diffusers path>.lora_A/lora_B`, SimpleTuner LyCORIS `lycoris_<diffusers path>`, and for Qwen-Image the
-bare `<path>.lora_A/lora_B` of its official LoRAs. A diffusers Flux LoRA's to_q/to_k/to_v are rows of ComfyUI's fused
-qkv (and linear1) weights: the table below says which rows, written here by hand, not read from ComfyUI.
+DiT files (`write_tiny_dit_lora`, tiny Flux.1, Flux.2, Qwen-Image and Z-Image of comfy_harness.tiny_dit_models) use the
+key names real trainers write and ComfyUI maps (comfy.lora.model_lora_keys_unet): kohya `lora_unet_<ldm path>`,
+diffusers/PEFT `transformer.<diffusers path>.lora_A/lora_B`, SimpleTuner LyCORIS `lycoris_<diffusers path>`, and for
+Qwen-Image the bare `<path>.lora_A/lora_B` of its official LoRAs. A diffusers Flux LoRA's to_q/to_k/to_v are rows of
+ComfyUI's fused qkv (and linear1) weights: the table below says which rows, written here by hand, not read from ComfyUI.
 """
 
 from __future__ import annotations
@@ -115,11 +115,19 @@ def write_tiny_lora(
 
 # --- DiT LoRA files ---------------------------------------------------------------------------------------------
 
-DIT_NAMINGS = {"flux": ("kohya", "diffusers", "lycoris"), "qwenimage": ("kohya", "diffusers", "lycoris", "plain")}
+DIT_NAMINGS = {
+    "flux": ("kohya", "diffusers", "lycoris"),
+    "flux2": ("kohya", "diffusers", "lycoris"),
+    "qwenimage": ("kohya", "diffusers", "lycoris", "plain"),
+    "zimage": ("kohya", "diffusers", "lycoris"),
+}
 
 
-def _flux_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
-    """(LoRA module name, ldm module path, output rows or None = all) of a tiny Flux.1 LoRA in `naming`."""
+def _flux_targets(dm, naming: str, flux2: bool = False) -> list[tuple[str, str, slice | None]]:
+    """(LoRA module name, ldm module path, output rows or None = all) of a tiny Flux.1 LoRA in `naming`; with
+    `flux2` a Flux.2 klein one: no per-block modulation (img_mod / txt_mod / modulation: Flux.2 shares
+    double_stream_modulation_img/txt and single_stream_modulation, which only kohya's ldm names reach), and the
+    single blocks' fused diffusers names of real klein LoRAs (attn.to_qkv_mlp_proj = all of linear1, attn.to_out)."""
     hidden = int(dm.hidden_size)
     q, k, v = slice(0, hidden), slice(hidden, 2 * hidden), slice(2 * hidden, 3 * hidden)
     rows = []  # (diffusers name, ldm path, rows)
@@ -138,11 +146,17 @@ def _flux_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
             (f"{d}.ff.net.2", f"{b}.img_mlp.2", None),
             (f"{d}.ff_context.net.0.proj", f"{b}.txt_mlp.0", None),
             (f"{d}.ff_context.net.2", f"{b}.txt_mlp.2", None),
-            (f"{d}.norm1.linear", f"{b}.img_mod.lin", None),
-            (f"{d}.norm1_context.linear", f"{b}.txt_mod.lin", None),
         ]
+        if not flux2:
+            rows += [
+                (f"{d}.norm1.linear", f"{b}.img_mod.lin", None),
+                (f"{d}.norm1_context.linear", f"{b}.txt_mod.lin", None),
+            ]
     for i in range(len(dm.single_blocks)):
         d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        if flux2:
+            rows += [(f"{d}.attn.to_qkv_mlp_proj", f"{b}.linear1", None), (f"{d}.attn.to_out", f"{b}.linear2", None)]
+            continue
         # (proj_mlp, rows 3h.. of linear1, is left out: ComfyUI maps it as 4h rows, Flux.1's mlp_ratio 4, and the
         # tiny model's ratio is 2)
         rows += [
@@ -160,6 +174,12 @@ def _flux_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
     ]
     if naming == "kohya":  # kohya names the ldm modules, whole fused weights
         paths = sorted({path for _, path, _ in rows})
+        if flux2:  # the shared modulation layers (global)
+            paths += [
+                "double_stream_modulation_img.lin",
+                "double_stream_modulation_txt.lin",
+                "single_stream_modulation.lin",
+            ]
         return [(f"lora_unet_{path.replace('.', '_')}", path, None) for path in paths]
     prefix = {"diffusers": "transformer.", "lycoris": "lycoris_"}[naming]
     return [(_named(prefix, name, naming), path, part) for name, path, part in rows]
@@ -180,6 +200,47 @@ def _qwen_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
     return [(_named(prefix, path, naming), path, None) for path in sorted(paths)]
 
 
+def _zimage_targets(dm, naming: str) -> list[tuple[str, str, slice | None]]:
+    """(LoRA module name, ldm module path, output rows or None = all) of a tiny Z-Image LoRA in `naming`: kohya
+    `lora_unet_<ldm path>` (fused attention.qkv), diffusers `diffusion_model.<diffusers path>` as ai-toolkit /
+    musubi-tuner write them (attention.to_q/to_k/to_v: rows of ComfyUI's fused qkv; to_out.0 = attention.out;
+    all_x_embedder.2-1 / all_final_layer.2-1.linear), SimpleTuner LyCORIS `lycoris_<diffusers path>`."""
+    dim = int(dm.dim)
+    q, k, v = slice(0, dim), slice(dim, 2 * dim), slice(2 * dim, 3 * dim)
+    blocks = [
+        f"{stack}.{i}"
+        for stack in ("context_refiner", "noise_refiner", "layers")
+        for i in range(len(getattr(dm, stack)))
+    ]
+    if naming == "kohya":
+        paths = [
+            "x_embedder",
+            "cap_embedder.1",
+            "final_layer.linear",
+            "t_embedder.mlp.0",
+            "final_layer.adaLN_modulation.1",
+        ]
+        for b in blocks:
+            paths += [f"{b}.attention.qkv", f"{b}.attention.out"] + [f"{b}.feed_forward.w{n}" for n in (1, 2, 3)]
+            paths += [f"{b}.adaLN_modulation.1"] if not b.startswith("context_refiner") else []
+        return [(f"lora_unet_{path.replace('.', '_')}", path, None) for path in sorted(paths)]
+    rows = [
+        ("all_x_embedder.2-1", "x_embedder", None),
+        ("cap_embedder.1", "cap_embedder.1", None),
+        ("all_final_layer.2-1.linear", "final_layer.linear", None),
+        ("t_embedder.mlp.0", "t_embedder.mlp.0", None),
+    ]
+    for b in blocks:
+        rows += [(f"{b}.attention.to_q", f"{b}.attention.qkv", q), (f"{b}.attention.to_k", f"{b}.attention.qkv", k)]
+        rows += [
+            (f"{b}.attention.to_v", f"{b}.attention.qkv", v),
+            (f"{b}.attention.to_out.0", f"{b}.attention.out", None),
+        ]
+        rows += [(f"{b}.feed_forward.w{n}", f"{b}.feed_forward.w{n}", None) for n in (1, 2, 3)]
+    prefix = {"diffusers": "diffusion_model.", "lycoris": "lycoris_"}[naming]
+    return [(_named(prefix, name, naming), path, part) for name, path, part in rows]
+
+
 def _named(prefix: str, name: str, naming: str) -> str:
     return prefix + (name.replace(".", "_") if naming in ("kohya", "lycoris") else name)
 
@@ -194,14 +255,20 @@ def write_tiny_dit_lora(
     rank: int = 4,
     magnitude: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Write a random LoRA for a tiny DiT (`family` "flux" or "qwenimage") with `naming`'s key names (DIT_NAMINGS)
-    and adapter `kind` (FORMATS); return {ldm module path: ΔW (float64, strength 1, the weight's full shape)}: a
-    patch on some output rows of a fused weight is ΔW on those rows and 0 on the others, patches on one weight add.
+    """Write a random LoRA for a tiny DiT (`family` "flux", "flux2", "qwenimage" or "zimage") with `naming`'s key names
+    (DIT_NAMINGS) and adapter `kind` (FORMATS); return {ldm module path: ΔW (float64, strength 1, the weight's full
+    shape)}: a patch on some output rows of a fused weight is ΔW on those rows and 0 on the others, patches on one
+    weight add.
 
     diffusers/plain names carry PEFT's lora_A/lora_B (no alpha: scale 1); kohya/lycoris ones lora_down/lora_up/alpha.
     """
     dm = model_patcher.model.diffusion_model
-    targets = _flux_targets(dm, naming) if family == "flux" else _qwen_targets(dm, naming)
+    targets = {
+        "flux": lambda: _flux_targets(dm, naming),
+        "flux2": lambda: _flux_targets(dm, naming, flux2=True),
+        "qwenimage": lambda: _qwen_targets(dm, naming),
+        "zimage": lambda: _zimage_targets(dm, naming),
+    }[family]()
     g = torch.Generator().manual_seed(seed)
     state, deltas = {}, {}
     peft = naming in ("diffusers", "plain")

@@ -53,6 +53,7 @@ from .families import model_family
 # transformer_options key: the ConceptRegions of the running LODA sampler (None masks in stage 1)
 REGIONS_KEY = "conceptsplit_concept_regions"
 WRAPPER_KEY = "conceptsplit_bound_loras"
+IMAGE_ONLY = ("image", "joint_image")  # sites with no text rows (off in stage 1 under the text_rows policy)
 MODEL_PREFIX = "diffusion_model."
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1", "te2", "te_", "lora_te1", "lora_te2", "clip_")
 HAS_BYPASS = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None  # ComfyUI 0.33.0+
@@ -307,7 +308,8 @@ def _additive(patch) -> bool:
 @dataclass(frozen=True)
 class BoundLayer:
     path: str
-    kind: str  # the family's site: "image", "text" or "joint" ([text | image | other] rows)
+    kind: str  # the family's site: "image", "text", "joint" ([text | image | other] rows) or "joint_image" (its
+    # image rows only)
     concept: int  # index into BoundLoras.concepts
     residual: PatchResidual
 
@@ -396,7 +398,7 @@ class BoundLoras:
         handles = []
         try:
             for layer in self.layers:
-                if masks is None and self.stage1 == "text_rows" and layer.kind == "image":
+                if masks is None and self.stage1 == "text_rows" and layer.kind in IMAGE_ONLY:
                     continue  # stage 1 text_rows: text layers, and the text rows of joint layers
                 if masks is not None and layer.kind == "text" and not self.text_rows:
                     continue
@@ -465,9 +467,9 @@ class _CallState:
             text = image = None
             if layer.kind in ("text", "joint") and (self.owner.text_rows or self.regions is None):
                 text = self._text_mask(layer.concept, geometry.text_tokens, batch)  # (B, T)
-            if layer.kind in ("image", "joint") and not self.stage1_text_only:
+            if layer.kind in ("image", "joint", "joint_image") and not self.stage1_text_only:
                 image = self._image_mask(layer.concept, geometry.image_tokens, geometry.grid, batch)  # (B, N)
-            image_start = geometry.image_start if layer.kind == "joint" else 0
+            image_start = geometry.image_start if layer.kind in ("joint", "joint_image") else 0
             self._masks[key] = sequence_rows(((0, text), (image_start, image)), length, batch, self.device)
         return self._masks[key]
 

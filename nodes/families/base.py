@@ -72,7 +72,8 @@ class ModelFamily(Protocol):
     def bound_lora_site(self, module_path: str) -> str:
         """Where a LoRA patch on the diffusion model's module `module_path` acts (bound LoRAs, nodes/comfy_lora.py):
         "image" (its rows or pixels are image positions of the latent), "text" (its rows are prompt tokens),
-        "joint" (its rows are the joint sequence [text | image | other]) or "global" (no positions: left out)."""
+        "joint" (its rows are the joint sequence [text | image | other]), "joint_image" (rows of the joint
+        sequence, acting on its image rows only: Z-Image's final layer) or "global" (no positions: left out)."""
 
     def bound_lora_rows(self, layout: ModelLayout, x, context) -> Optional[object]:
         """Where the text and image rows of this model call sit (a dit_attention.JointGeometry: the one the attention

@@ -42,7 +42,12 @@ MISTRAL_TOKENIZER = "Flux2Tokenizer"  # FLUX.2 dev (mistral3_24b)
 class Flux2Family(FluxFamily):
     name = "flux2"
     comfy_class = "Flux2"
-    bound_lora_sites = None  # Flux.1's table is not inherited untested: Apply Bound LoRAs refuses Flux.2 for now
+    # Bound LoRAs: Flux.1's table, checked on Flux.2's modules (tests/integration/test_bound_lora_dit.py): the same
+    # img_in / txt_in / double_blocks.N.{img,txt}_{attn.qkv,attn.proj,mlp.0,mlp.2} / single_blocks.N.linear1,2 /
+    # final_layer.linear paths, the same rows (text = the 512-row padded context, image = the latent's tokens at
+    # patch 1, reference tokens after them). Flux.2's shared modulation (double_stream_modulation_img/txt,
+    # single_stream_modulation) and final adaLN match no pattern: global, left out.
+    bound_lora_sites = FluxFamily.bound_lora_sites
     display = "Flux.2"
 
     def matches(self, model_patcher) -> bool:

@@ -72,6 +72,22 @@ class ZImageFamily(DitFamily):
     name = "zimage"
     comfy_class = "ZImage"
     display = "Z-Image"
+    # Bound LoRAs, by the module's place in the forward (each call's rows from the JointGeometry of zimage_geometry):
+    # - "text": cap_embedder.1 on the T context rows, context_refiner blocks on [T text | cap_pad rows] (text-only
+    #   calls): the concept's token rows, never a pad row;
+    # - "image": x_embedder on the h·w image tokens, noise_refiner blocks on [image | x_pad rows] (image-only calls):
+    #   the mask, never a pad row;
+    # - "joint": the `layers` blocks (one set of weights for both parts) on [text | cap_pad | image | x_pad]: text
+    #   rows 0..T−1 (or none, text_rows off) and the mask on the image rows from the padded text length;
+    # - "joint_image": final_layer.linear, which runs on the whole joint sequence (unpatchify keeps the image rows):
+    #   the mask on the image rows only.
+    # adaLN modulations (t-only inputs), t_embedder, the norms and the pad tokens have no positions: global.
+    bound_lora_sites = (
+        (r"x_embedder|noise_refiner\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])", "image"),
+        (r"cap_embedder\.1|context_refiner\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])", "text"),
+        (r"layers\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])", "joint"),
+        (r"final_layer\.linear", "joint_image"),
+    )
 
     def matches(self, model_patcher) -> bool:
         """A Z-Image model: ComfyUI's ZImage config, not a plain Lumina2 (its base class), not the pixel-space one."""

@@ -1,8 +1,12 @@
-"""Bound LoRAs on the DiT families Flux.1 and Qwen-Image (issue 13 on issue 14's models), in a real ComfyUI process.
+"""Bound LoRAs on the DiT families Flux.1, Flux.2, Qwen-Image and Z-Image (issue 13 on issue 14's models), in a real
+ComfyUI process. Flux.2 and Z-Image exist from ComfyUI 0.33.0 on: their cases are added where this ComfyUI has their
+classes (read from its source at collection time, as test_dit_families.families_to_test), the others run everywhere.
 
 Each LoRA acts only on its concept's rows of each patched layer: image-stream layers on the latent's image tokens
 inside the concept's LODA mask (at the patch grid), text-stream layers on the concept's own token rows, the joint
-layers (Flux single blocks) on both parts of [text | image]; bit-identical elsewhere; equal there to x·ΔWᵀ with ΔW
+layers (Flux single blocks, Z-Image's `layers`) on both parts of [text | image], Z-Image's final layer on the image
+part of the joint sequence; never on padding rows (Z-Image's cap_pad / x_pad tokens, in its refiners and joint
+layers); bit-identical elsewhere; equal there to x·ΔWᵀ with ΔW
 written by hand from the file's factors (comfy_harness.tiny_loras.write_tiny_dit_lora, fused-weight rows included);
 modulation and embedding layers untouched. The layer sites are this file's own table, not the pack's.
 
@@ -20,28 +24,36 @@ import pytest
 import torch
 
 from comfy_harness.loda_settings import LODA_NODE_SETTINGS
-from comfy_harness.tiny_dit_models import build_tiny_flux, build_tiny_qwenimage, flux_latent
+from comfy_harness.tiny_dit_models import (
+    build_tiny_flux,
+    build_tiny_flux2,
+    build_tiny_qwenimage,
+    build_tiny_zimage,
+    dit_families_in_source,
+    flux_latent,
+    tiny_latent,
+)
 from comfy_harness.tiny_loras import write_tiny_dit_lora, write_tiny_lora
 from comfy_harness.tiny_models import build_tiny_model
 from comfy_harness.tolerance import float32_tolerance
 
 PROMPT = "a photo of a cat and a dog"
 WORDS = "cat, dog"  # LODA's concept order: cat = 0, dog = 1
-GRID = (8, 8)  # a 16×16 latent, 2×2 patches
+GRID = (8, 8)  # a 16×16 latent, 2×2 patches (Flux.2: an 8×8 /16 latent, patch 1)
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=1)
 log = logging.getLogger(__name__)
 
-# Per family: builder, the words' context rows (test_dit_families.py), and the sites of its layers by hand.
+FLUX_SITES = (
+    (r"img_in|final_layer\.linear|double_blocks\.\d+\.img_(attn\.qkv|attn\.proj|mlp\.[02])", "image"),
+    (r"txt_in|double_blocks\.\d+\.txt_(attn\.qkv|attn\.proj|mlp\.[02])", "text"),
+    (r"single_blocks\.\d+\.linear[12]", "joint"),
+)
+ZIMAGE_BLOCK = r"\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"
+# Per family: builder, the words' context rows (test_dit_families.py), the sites of its layers by hand, and where
+# the image rows of a joint call start for T text rows (Z-Image: T padded with cap_pad_token to a multiple of 32).
 SPECS = {
-    "flux": dict(
-        build=build_tiny_flux,
-        rows={"cat": 6, "dog": 10},
-        sites=(
-            (r"img_in|final_layer\.linear|double_blocks\.\d+\.img_(attn\.qkv|attn\.proj|mlp\.[02])", "image"),
-            (r"txt_in|double_blocks\.\d+\.txt_(attn\.qkv|attn\.proj|mlp\.[02])", "text"),
-            (r"single_blocks\.\d+\.linear[12]", "joint"),
-        ),
-    ),
+    "flux": dict(build=build_tiny_flux, rows={"cat": 6, "dog": 10}, sites=FLUX_SITES),
+    "flux2": dict(build=build_tiny_flux2, rows={"cat": 7, "dog": 10}, sites=FLUX_SITES),  # global modulation
     "qwenimage": dict(
         build=build_tiny_qwenimage,
         rows={"cat": 4, "dog": 7},
@@ -56,14 +68,49 @@ SPECS = {
             ),
         ),
     ),
+    "zimage": dict(
+        build=build_tiny_zimage,
+        rows={"cat": 7, "dog": 10},
+        sites=(
+            (r"x_embedder|noise_refiner" + ZIMAGE_BLOCK, "image"),  # image-only calls: [image | x_pad]
+            (r"cap_embedder\.1|context_refiner" + ZIMAGE_BLOCK, "text"),  # text-only calls: [text | cap_pad]
+            (r"layers" + ZIMAGE_BLOCK, "joint"),  # [text | cap_pad | image | x_pad]
+            (r"final_layer\.linear", "joint_image"),  # the joint sequence, image rows kept by unpatchify
+        ),
+        image_start=lambda text: text + (-text) % 32,
+    ),
 }
+
+
+def present(families):
+    """The families among `families` whose model classes this ComfyUI has (Flux.2 and Z-Image: 0.33.0+); every one
+    when COMFYUI_PATH is unset or wrong (the comfyui fixture then reports it)."""
+    from comfy_harness.comfy_bootstrap import comfyui_path
+
+    try:
+        found = dit_families_in_source(comfyui_path())
+    except RuntimeError:
+        found = None
+    return [f for f in families if found is None or f in found]
+
+
+PRESENT = present(sorted(SPECS))
 # (family, naming and kind of the dog LoRA, of the cat LoRA): every naming of each family, LoRA, LoHa and LoKr
 CASES = [
-    ("flux", ("kohya", "lora"), ("diffusers", "lora")),
-    ("flux", ("kohya", "loha"), ("lycoris", "lokr")),
-    ("qwenimage", ("diffusers", "lora"), ("kohya", "lora")),
-    ("qwenimage", ("plain", "lora"), ("lycoris", "loha")),
-    ("qwenimage", ("kohya", "lokr"), ("diffusers", "lora")),
+    case
+    for case in [
+        ("flux", ("kohya", "lora"), ("diffusers", "lora")),
+        ("flux", ("kohya", "loha"), ("lycoris", "lokr")),
+        ("flux2", ("kohya", "lora"), ("diffusers", "lora")),
+        ("flux2", ("lycoris", "loha"), ("kohya", "lokr")),
+        ("qwenimage", ("diffusers", "lora"), ("kohya", "lora")),
+        ("qwenimage", ("plain", "lora"), ("lycoris", "loha")),
+        ("qwenimage", ("kohya", "lokr"), ("diffusers", "lora")),
+        ("zimage", ("diffusers", "lora"), ("kohya", "lora")),
+        ("zimage", ("kohya", "loha"), ("lycoris", "lokr")),
+        ("zimage", ("diffusers", "lokr"), ("lycoris", "lora")),
+    ]
+    if case[0] in PRESENT
 ]
 
 
@@ -125,7 +172,7 @@ def loda_sample(pack, model, clip, positive, cfg=2.0, steps=3, **overrides):
                 "simple",
                 positive,
                 negative,
-                flux_latent(),
+                flux_latent() if model.model.latent_format.latent_channels == 16 else tiny_latent(model),
                 1.0,
                 WORDS,
                 **dict(SETTINGS, **overrides),
@@ -192,13 +239,14 @@ def expected_rows(family, kind, call, batch, length, concept, prompt_length):
     own = (masks & (masks.sum(1, keepdim=True) == 1))[:, concept].flatten(1)  # (B_img, 64) minus the overlap
     word = WORDS.split(", ")[concept]
     position = SPECS[family]["rows"][word]
+    image_start = SPECS[family].get("image_start", lambda t: t)(text)
     for index, branch in enumerate(call["branches"]):
         chunk = slice(index * per, (index + 1) * per)
         if kind in ("text", "joint") and branch == 0:
             stride = prompt_length if text % prompt_length == 0 else text  # ComfyUI repeats shorter contexts
             rows[chunk, position:text:stride] = True
-        if kind in ("image", "joint"):
-            start = text if kind == "joint" else 0
+        if kind in ("image", "joint", "joint_image"):
+            start = image_start if kind in ("joint", "joint_image") else 0
             rows[chunk, start : start + 64] = own[torch.arange(per) % own.shape[0]]
     return rows
 
@@ -250,7 +298,7 @@ def test_each_bound_lora_acts_only_on_its_concepts_rows_and_equals_the_hand_comp
     assert spy.records, "no stage-2 model call was recorded"
     prompt_length = len(pack.glue("comfy_text").prompt_tokens(clip, PROMPT).token_ids)
     dm = model.model.diffusion_model
-    acted = {"image": 0, "text": 0, "joint": 0}
+    acted = {"image": 0, "text": 0, "joint": 0, "joint_image": 0}
     for call in spy.records:
         masks = call["masks"]
         assert masks.shape[-2:] == GRID and masks[:, 0].any() and masks[:, 1].any(), "vacuous masks"
@@ -277,11 +325,12 @@ def test_each_bound_lora_acts_only_on_its_concepts_rows_and_equals_the_hand_comp
             )
     log.warning(f"{family} {dog}+{cat}: rows acted on {acted} in {len(spy.records)} calls; {info}")
     assert acted["image"] > 0 and acted["text"] > 0
-    assert (acted["joint"] > 0) == (family == "flux")
+    assert (acted["joint"] > 0) == (family in ("flux", "flux2", "zimage"))
+    assert (acted["joint_image"] > 0) == (family == "zimage")
     assert "image-side" in info and "text-side" in info and "left out" in info
 
 
-@pytest.mark.parametrize("family", sorted(SPECS))
+@pytest.mark.parametrize("family", PRESENT)
 def test_empty_or_zero_strength_bindings_are_bit_identical_and_the_shared_model_stays_as_it_was(
     pack, loras_folder, family
 ):
@@ -306,7 +355,7 @@ def test_empty_or_zero_strength_bindings_are_bit_identical_and_the_shared_model_
     assert torch.equal(loda_sample(pack, model, clip, positive)[0]["samples"], plain)
 
 
-@pytest.mark.parametrize("family", sorted(SPECS))
+@pytest.mark.parametrize("family", PRESENT)
 def test_stage1_text_rows_acts_before_the_masks_and_off_keeps_them(pack, loras_folder, family):
     """Stage 1 on steps 0..1 of 3: with "off" LODA's masks are bit-identical to those of the LoRA-free run; with
     "text_rows" the LoRA's text-token layers (and the text rows of joint layers) act in stage 1, so the maps differ."""
@@ -333,12 +382,22 @@ def _sdxl():
 @pytest.mark.parametrize(
     "lora_base,model_base",
     [
-        ("sdxl", "flux"),
-        ("flux", "sdxl"),
-        ("sdxl", "qwenimage"),
-        ("qwenimage", "sdxl"),
-        ("flux", "qwenimage"),
-        ("qwenimage", "flux"),
+        pair
+        for pair in [
+            ("sdxl", "flux"),
+            ("flux", "sdxl"),
+            ("sdxl", "qwenimage"),
+            ("qwenimage", "sdxl"),
+            ("flux", "qwenimage"),
+            ("qwenimage", "flux"),
+            ("flux", "flux2"),  # same module names, other widths (context, latent channels, gated MLP)
+            ("flux2", "flux"),
+            ("sdxl", "zimage"),
+            ("zimage", "flux2"),
+            ("flux2", "zimage"),
+            ("qwenimage", "zimage"),
+        ]
+        if all(base == "sdxl" or base in PRESENT for base in pair)
     ],
 )
 def test_a_lora_for_another_base_model_is_refused(pack, loras_folder, lora_base, model_base):
@@ -356,7 +415,7 @@ def test_a_lora_for_another_base_model_is_refused(pack, loras_folder, lora_base,
     assert "Seen:" in text and "Expected:" in text and "Fix:" in text
 
 
-@pytest.mark.parametrize("family", sorted(SPECS))
+@pytest.mark.parametrize("family", PRESENT)
 def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists_fused_rows_too(pack, loras_folder, family):
     """Capability, not version: with comfy.weight_adapter.bypass the residual of every LoRA/LoHa/LoKr patch (on
     fused-weight rows too) is the adapter's own h(x); without it (0.3.64) ΔW from ComfyUI's calculate_weight. Both
@@ -368,12 +427,12 @@ def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists_fused_rows_too(
     lora = pack.glue("comfy_lora")
     has_bypass = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None
     model, clip = build(family)
-    naming = "diffusers" if family == "flux" else "plain"
+    naming = "plain" if family == "qwenimage" else "diffusers"
     write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1, naming=naming)
     patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip))
     wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][lora.WRAPPER_KEY][0]
     assert all(layer.residual.bypass == has_bypass for layer in wrapper.layers)
-    assert any(layer.residual.offset is not None for layer in wrapper.layers) == (family == "flux")
+    assert any(layer.residual.offset is not None for layer in wrapper.layers) == (family != "qwenimage")
 
 
 def test_a_family_without_bound_lora_sites_is_refused(pack, loras_folder, monkeypatch):

@@ -109,7 +109,7 @@ SPECS = {
     ),
 }
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=-1)
-BOUND_LORA_FAMILIES = ("flux", "qwenimage")  # the DiT families whose bound-LoRA sites are tested
+BOUND_LORA_FAMILIES = ("flux", "flux2", "qwenimage", "zimage")  # the DiT families whose bound-LoRA sites are tested
 
 
 def families_to_test() -> tuple[str, ...]:

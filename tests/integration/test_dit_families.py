@@ -215,7 +215,18 @@ def negative_of(clip):
 
 
 def loda_sample(
-    pack, model, positive, negative, steps=4, cfg=1.0, sampler="euler", words="cat, dog", batch=1, **overrides
+    pack,
+    model,
+    positive,
+    negative,
+    steps=4,
+    cfg=1.0,
+    sampler="euler",
+    words="cat, dog",
+    batch=1,
+    scheduler="simple",
+    denoise=1.0,
+    **overrides,
 ):
     with torch.inference_mode():
         return (
@@ -226,11 +237,11 @@ def loda_sample(
                 steps,
                 cfg,
                 sampler,
-                "simple",
+                scheduler,
                 positive,
                 negative,
                 tiny_latent(model, batch),
-                1.0,
+                denoise,
                 words,
                 **dict(SETTINGS, **overrides),
             )

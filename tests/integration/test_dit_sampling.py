@@ -65,43 +65,9 @@ def test_stage_1_and_fixing_run_with_the_sampler_and_scheduler_and_nothing_to_do
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
     reference = plain(model, positive, negative, cfg=cfg, sampler=sampler, scheduler=scheduler)
-    with torch.inference_mode():
-        nothing, *_ = (
-            pack.glue("loda_nodes")
-            .LodaSampler.execute(
-                model,
-                0,
-                4,
-                cfg,
-                sampler,
-                scheduler,
-                positive,
-                negative,
-                tiny_latent(model),
-                1.0,
-                "cat, dog",
-                **dict(SETTINGS, loda_steps=0, boost=0.0, suppression=0.0),
-            )
-            .result
-        )
-        latent, masks, maps, report = (
-            pack.glue("loda_nodes")
-            .LodaSampler.execute(
-                model,
-                0,
-                4,
-                cfg,
-                sampler,
-                scheduler,
-                positive,
-                negative,
-                tiny_latent(model),
-                1.0,
-                "cat, dog",
-                **dict(SETTINGS, loda_steps=1),
-            )
-            .result
-        )
+    run = dict(cfg=cfg, sampler=sampler, scheduler=scheduler)
+    nothing, *_ = loda_sample(pack, model, positive, negative, **run, loda_steps=0, boost=0.0, suppression=0.0)
+    latent, masks, maps, report = loda_sample(pack, model, positive, negative, **run, loda_steps=1)
     assert torch.equal(nothing["samples"], reference)  # N = 0, p = m = 0: the plain run, bit for bit
     samples = latent["samples"]
     assert samples.shape == reference.shape and torch.isfinite(samples).all()
@@ -142,33 +108,10 @@ def test_batch_images_get_their_own_masks_and_updates(pack, family):
 def test_denoise_below_one_runs_stage_1_on_the_steps_that_run(pack, family):
     model, clip = build(family)
     positive, negative = encode(pack, clip), negative_of(clip)
-    latent, _, _, report = loda_partial(pack, model, positive, negative, 0.5, loda_steps=1)
+    latent, _, _, report = loda_sample(pack, model, positive, negative, denoise=0.5, loda_steps=1)
     assert "stage 1 on steps 0..0 of 4" in report and torch.isfinite(latent["samples"]).all()
-    nothing, *_ = loda_partial(pack, model, positive, negative, 0.5, loda_steps=0, boost=0.0, suppression=0.0)
+    nothing, *_ = loda_sample(pack, model, positive, negative, denoise=0.5, loda_steps=0, boost=0.0, suppression=0.0)
     assert torch.equal(nothing["samples"], plain(model, positive, negative, steps=4, denoise=0.5))
-
-
-def loda_partial(pack, model, positive, negative, denoise, **overrides):
-    """The LODA Sampler on 4 steps with `denoise` (ComfyUI runs 4 steps, the last of a 4 / denoise schedule)."""
-    with torch.inference_mode():
-        return (
-            pack.glue("loda_nodes")
-            .LodaSampler.execute(
-                model,
-                0,
-                4,
-                1.0,
-                "euler",
-                "simple",
-                positive,
-                negative,
-                tiny_latent(model),
-                denoise,
-                "cat, dog",
-                **dict(SETTINGS, **overrides),
-            )
-            .result
-        )
 
 
 def test_sampler_custom_advanced_with_the_loda_sampler_and_a_cfg_guider(pack, family):

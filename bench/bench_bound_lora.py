@@ -157,6 +157,8 @@ def main() -> None:
             )
 
     results: dict = {}
+    calls: list = []  # (grad on, seconds) of each diffusion-model call of the run under way
+    merged, patched, residuals_only = (step_timed(m, calls) for m in (merged, patched, residuals_only))
     ksampler(merged)  # warm-up: loads the model, patches the weights once
     runs = [("merged", ksampler, merged)]
     if args.merged_loda:
@@ -164,11 +166,12 @@ def main() -> None:
     runs += [("bound + LODA", loda_run, patched), ("masked residuals", ksampler, residuals_only)]
     for round_index in range(args.repeats):
         for name, runner, which in runs:
+            calls.clear()
             with measured(results, name):
                 runner(which)
             print(  # as it goes, so a long CPU run shows its progress
                 f"round {round_index + 1}: {name}: {results[name]['seconds'][-1]:.1f} s, "
-                f"peak {results[name]['peak'][-1] / 2**20:.0f} MiB",
+                f"peak {results[name]['peak'][-1] / 2**20:.0f} MiB; {call_summary(calls)}",
                 flush=True,
             )
     parameters = sum(p.numel() for p in model.model.diffusion_model.parameters())
@@ -195,6 +198,39 @@ def main() -> None:
             f"{spread(results[baseline]['seconds'])} | {r['time_ratio']:.3f} ({min(rounds):.3f}-{max(rounds):.3f}) | "
             f"{r['candidate_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} | {r['memory_ratio']:.3f} |"
         )
+
+
+def step_timed(model, calls: list):
+    """A clone of `model` whose diffusion-model calls append (grad on, seconds) to `calls`: each sampling step is
+    one call (CFG batched); a LODA stage-1 step adds its truncated gradient passes (grad on; their backward is not
+    in the call)."""
+    import time
+
+    import comfy.patcher_extension
+
+    def timer(executor, *args, **kwargs):
+        start, grad = time.perf_counter(), torch.is_grad_enabled()
+        try:
+            return executor(*args, **kwargs)
+        finally:  # a stage-1 pass ends early by raising after its last map layer: counted too
+            calls.append((grad, time.perf_counter() - start))
+
+    timed = model.clone()
+    timed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench-step-timer", timer)
+    return timed
+
+
+def call_summary(calls: list) -> str:
+    """The plain (no-grad) model calls of one run, in order: whether later steps slow down (the last over the
+    first), which a cost that grows with the step (or memory pressure) would show."""
+    plain = [seconds for grad, seconds in calls if not grad]
+    if not plain:
+        return "no plain model calls"
+    shown = " ".join(f"{seconds:.1f}" for seconds in plain)
+    return (
+        f"plain model calls {shown} s (last / first {plain[-1] / plain[0]:.2f}), "
+        f"{len(calls) - len(plain)} stage-1 passes"
+    )
 
 
 def spread(values) -> str:

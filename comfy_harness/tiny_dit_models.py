@@ -87,23 +87,35 @@ def _build_clip(tokenizer_cls, te_cls, options: dict, gen: torch.Generator, skip
     return clip
 
 
-def build_flux_model(config: dict, gen: torch.Generator, dtype: torch.dtype = torch.float32, device=None):
-    """A Flux.1 MODEL (ModelPatcher) of `config` (FLUX_CONFIG's keys; those this ComfyUI's FluxParams lacks are
-    dropped) with weights drawn from `gen` as `_init_module` does, in `dtype`, on `device` (default CPU). Used with
-    the tiny widths by build_tiny_flux and with Flux.1's real widths by bench/bench_dit_loda.py."""
-    import dataclasses
-
-    import comfy.ldm.flux.model
+def _seeded_patcher(model_config, gen: torch.Generator, dtype: torch.dtype = torch.float32, device=None):
+    """A MODEL (ModelPatcher) of a supported-models `model_config`: built in `dtype` on `device` (default CPU),
+    weights drawn from `gen` as `_init_module` does, offloaded to the CPU."""
     import comfy.model_patcher
-    import comfy.supported_models
 
     device = torch.device("cpu") if device is None else device
-    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
-    model_config = comfy.supported_models.Flux({k: v for k, v in config.items() if k in known})  # this version's keys
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=device)
     _init_module(model.diffusion_model, gen)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def _flux_params(config: dict) -> dict:
+    """`config` without the keys this ComfyUI's FluxParams lacks (older versions know fewer of Flux.2's keys)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
+    return {k: v for k, v in config.items() if k in known}
+
+
+def build_flux_model(config: dict, gen: torch.Generator, dtype: torch.dtype = torch.float32, device=None):
+    """A Flux.1 MODEL (ModelPatcher) of `config` (FLUX_CONFIG's keys; those this ComfyUI's FluxParams lacks are
+    dropped) with weights drawn from `gen` as `_init_module` does, in `dtype`, on `device` (default CPU). Used with
+    the tiny widths by build_tiny_flux and with Flux.1's real widths by bench/bench_dit_loda.py."""
+    import comfy.supported_models
+
+    return _seeded_patcher(comfy.supported_models.Flux(_flux_params(config)), gen, dtype, device)
 
 
 def build_tiny_flux(seed: int = 0):
@@ -154,18 +166,12 @@ def build_tiny_qwenimage(seed: int = 0):
     Its vision tower is always built full size by ComfyUI (allocated, never initialised nor used: text prompts only).
     A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid.
     """
-    import comfy.model_patcher
     import comfy.supported_models
     import comfy.text_encoders.qwen_image
 
     gen = torch.Generator().manual_seed(seed)
     config = comfy.supported_models.QwenImage(dict(QWEN_CONFIG))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    _init_module(model.diffusion_model, gen)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
+    patcher = _seeded_patcher(config, gen)
     clip = _build_clip(
         comfy.text_encoders.qwen_image.QwenImageTokenizer,
         comfy.text_encoders.qwen_image.te(),
@@ -218,22 +224,12 @@ def build_tiny_flux2(seed: int = 0):
     A latent (B, 128, h, w) gives an h×w image-token grid (patch 1); the context is the chat-templated prompt,
     right-padded to 512 tokens by the tokenizer. Needs a ComfyUI with comfy.supported_models.Flux2 (0.33.0).
     """
-    import dataclasses
-
-    import comfy.ldm.flux.model
-    import comfy.model_patcher
     import comfy.supported_models
     import comfy.text_encoders.flux
 
     gen = torch.Generator().manual_seed(seed)
-    known = {field.name for field in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
-    config = comfy.supported_models.Flux2({k: v for k, v in FLUX2_CONFIG.items() if k in known})
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    _init_module(model.diffusion_model, gen)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
+    config = comfy.supported_models.Flux2(_flux_params(FLUX2_CONFIG))
+    patcher = _seeded_patcher(config, gen)
     clip = _build_clip(
         comfy.text_encoders.flux.KleinTokenizer,
         comfy.text_encoders.flux.klein_te(model_type="qwen3_4b"),
@@ -295,18 +291,12 @@ def build_tiny_zimage(seed: int = 0, **config):
     A latent (B, 16, h, w) gives an (h/2)×(w/2) image-token grid; text and image tokens are padded to multiples of
     32 inside the model. Needs a ComfyUI with comfy.supported_models.ZImage (0.33+).
     """
-    import comfy.model_patcher
     import comfy.supported_models
     import comfy.text_encoders.z_image
 
     gen = torch.Generator().manual_seed(seed)
     model_config = comfy.supported_models.ZImage({**ZIMAGE_CONFIG, **config})
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    _init_module(model.diffusion_model, gen)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
-    )
+    patcher = _seeded_patcher(model_config, gen)
     clip = _build_clip(
         comfy.text_encoders.z_image.ZImageTokenizer,
         comfy.text_encoders.z_image.te(),
@@ -330,14 +320,10 @@ def build_tiny_lumina2(seed: int = 0):
     import inspect
 
     import comfy.ldm.lumina.model
-    import comfy.model_patcher
     import comfy.supported_models
 
     gen = torch.Generator().manual_seed(seed)
     accepted = set(inspect.signature(comfy.ldm.lumina.model.NextDiT.__init__).parameters)
     plain = {k: v for k, v in ZIMAGE_CONFIG.items() if k not in ("z_image_modulation", "pad_tokens_multiple")}
     model_config = comfy.supported_models.Lumina2({k: v for k, v in plain.items() if k in accepted})
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    _init_module(model.diffusion_model, gen)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return _seeded_patcher(model_config, gen)

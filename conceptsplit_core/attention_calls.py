@@ -103,6 +103,31 @@ class AttentionObserver(Protocol):
         """Called after the layer's output is computed; may raise to end a truncated forward pass."""
 
 
+def observed_bias(observers, call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The sum of the observers' pre-softmax biases for one call (B, N, T), or None when none gives one (the LODA
+    fixing bias of method §4 and any other observer's)."""
+    bias = None
+    for observer in observers:
+        extra = observer.attention_bias(call, q, k)  # (B, N, T) or None
+        if extra is not None:
+            bias = extra if bias is None else bias + extra
+    return bias
+
+
+def observed_attention(observers, call: AttentionCall, probabilities, attend) -> torch.Tensor:
+    """The rest of one observed attention call, in the protocol's order: `probabilities()` ((B, H, N, T) fp32,
+    computed only when an observer needs them) to every observer, then `attend()` (the layer's output), then
+    after_attention (which may end a truncated pass). Returns attend()'s output."""
+    if any(observer.needs_probabilities(call) for observer in observers):
+        probs = probabilities()  # (B, H, N, T) fp32
+        for observer in observers:
+            observer.observe_probabilities(call, probs)
+    out = attend()
+    for observer in observers:
+        observer.after_attention(call)
+    return out
+
+
 def attention_probabilities(
     q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

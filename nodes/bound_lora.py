@@ -8,7 +8,6 @@ conceptsplit_core/bound_lora.py.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from comfy_api.latest import io
 
 from ..conceptsplit_core.bound_lora import STAGE1_DEFAULT, STAGE1_POLICIES, BoundConcept, check_bound_words
 from ..conceptsplit_core.errors import ConceptSplitError
+from ..conceptsplit_core.number_checks import check_number
 from ..conceptsplit_core.prompt_tokens import IdentifierRequest, locate_identifier_positions, locate_words_in_pieces
 from ..conceptsplit_core.widgets import WidgetRange
 from . import comfy_conditioning, comfy_lora, comfy_text
@@ -142,14 +142,13 @@ class ApplyBoundLoras(io.ComfyNode):
     ) -> io.NodeOutput:
         bindings = tuple(bound_loras or ())
         check_bound_words([b.word for b in bindings])
-        for binding in bindings:
-            if not math.isfinite(binding.strength):
-                raise ConceptSplitError.build(
-                    f'The strength of the LoRA bound to "{binding.word}" is not a number',
-                    seen=str(binding.strength),
-                    expected="a finite number",
-                    fix="type a strength such as 1.0",
-                )
+        for binding in bindings:  # a list from another node than Bind LoRA to Concept is checked here again
+            check_number(
+                f'The strength of the LoRA bound to "{binding.word}"',
+                binding.strength,
+                BOUND_STRENGTH_RANGE.min,
+                BOUND_STRENGTH_RANGE.max,
+            )
         if stage1 not in STAGE1_POLICIES:
             raise ConceptSplitError.build(
                 "Unknown stage1 policy",

@@ -17,7 +17,14 @@ import torch
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 
-from ..conceptsplit_core.attention_calls import AttentionCall, ChunkPrompt, attention_probabilities, chunk_holds_prompt
+from ..conceptsplit_core.attention_calls import (
+    AttentionCall,
+    ChunkPrompt,
+    attention_probabilities,
+    chunk_holds_prompt,
+    observed_attention,
+    observed_bias,
+)
 from ..conceptsplit_core.errors import ConceptSplitError
 from ..conceptsplit_core.token_value_delta import TokenDelta, apply_token_value_delta, identifier_rows
 from .comfy_conditioning import CHUNKS_KEY, CHUNKS_WRAPPER_KEY, call_chunk_prompts, record_chunk_prompts
@@ -100,19 +107,13 @@ class ConceptSplitAttention:
         if not observers:
             return self._attend(q, k, v, extra_options, None)
         call = attention_call(extra_options, q, k)
-        bias = None
-        for observer in observers:
-            extra = observer.attention_bias(call, q, k)
-            if extra is not None:
-                bias = extra if bias is None else bias + extra  # (B, N, T)
-        if any(observer.needs_probabilities(call) for observer in observers):
-            probs = attention_probabilities(q, k, call.heads, bias)  # (B, H, N, T) fp32
-            for observer in observers:
-                observer.observe_probabilities(call, probs)
-        out = self._attend(q, k, v, extra_options, bias)
-        for observer in observers:
-            observer.after_attention(call)
-        return out
+        bias = observed_bias(observers, call, q, k)  # (B, N, T) or None
+        return observed_attention(
+            observers,
+            call,
+            lambda: attention_probabilities(q, k, call.heads, bias),  # (B, H, N, T) fp32
+            lambda: self._attend(q, k, v, extra_options, bias),
+        )
 
     def _attend(self, q, k, v, extra_options, bias):
         if self.wrapped is not None:

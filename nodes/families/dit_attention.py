@@ -26,7 +26,7 @@ import torch
 
 import comfy.patcher_extension
 
-from ...conceptsplit_core.attention_calls import AttentionCall
+from ...conceptsplit_core.attention_calls import AttentionCall, observed_attention, observed_bias
 from ...conceptsplit_core.errors import ConceptSplitError
 from ...conceptsplit_core.joint_attention import add_masks, joint_bias_mask, joint_text_probabilities
 from ...conceptsplit_core.model_layout import AttentionSite, LayerKey, ModelLayout, map_grid
@@ -209,26 +209,21 @@ class DitAttentionHook:
             kwargs = {**kwargs, "mask": args[0]}
             args = args[1:]
         call = _attention_call(self.family.block_key(self.layout, options, geometry), geometry, options, qh)
-        bias = None
-        for observer in observers:
-            extra = observer.attention_bias(call, q, k)  # (B, N, T) or None
-            if extra is not None:
-                bias = extra if bias is None else bias + extra
+        bias = observed_bias(observers, call, q, k)  # (B, N, T) or None
         if bias is not None and not bool(torch.count_nonzero(bias)):
             bias = None  # a zero bias changes nothing: keep the call (and its kernel choice) as it was
-        if any(observer.needs_probabilities(call) for observer in observers):
-            probs = joint_text_probabilities(
-                qh, kh, geometry.image_start, geometry.image_tokens, geometry.text_tokens, kwargs.get("mask"), bias
-            )  # (B, H, N, T) fp32
-            for observer in observers:
-                observer.observe_probabilities(call, probs)
+        mask = kwargs.get("mask")
         if bias is not None:
             added = joint_bias_mask(bias, qh.shape[2], geometry.image_start, q.dtype)  # (B, 1, L, L)
-            kwargs = {**kwargs, "mask": add_masks(kwargs.get("mask"), added)}
-        out = self._attend(func, q, k, v, heads, args, kwargs)
-        for observer in observers:
-            observer.after_attention(call)
-        return out
+            kwargs = {**kwargs, "mask": add_masks(mask, added)}
+        return observed_attention(
+            observers,
+            call,
+            lambda: joint_text_probabilities(
+                qh, kh, geometry.image_start, geometry.image_tokens, geometry.text_tokens, mask, bias
+            ),  # (B, H, N, T) fp32
+            lambda: self._attend(func, q, k, v, heads, args, kwargs),
+        )
 
 
 def _heads_layout(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshape: bool):

@@ -51,19 +51,30 @@ def pack(comfyui) -> PackModules:
     return PackModules(load_pack_in_process())
 
 
-@pytest.fixture
-def tova_folder(pack, tmp_path):
-    """A fresh folder registered as ComfyUI's `tova` model folder for this test (removed afterwards)."""
+def _registered_folder(kind: str, tmp_path):
+    """A fresh folder registered first in ComfyUI's `kind` model folder list, removed again afterwards."""
     import folder_paths
 
-    folder = tmp_path / "tova"
+    folder = tmp_path / kind
     folder.mkdir()
-    paths = folder_paths.folder_names_and_paths["tova"][0]
+    paths = folder_paths.folder_names_and_paths[kind][0]
     paths.insert(0, str(folder))
     folder_paths.filename_list_cache.clear()
     yield folder
     paths.remove(str(folder))
     folder_paths.filename_list_cache.clear()
+
+
+@pytest.fixture
+def tova_folder(pack, tmp_path):
+    """A fresh folder registered as ComfyUI's `tova` model folder for this test."""
+    yield from _registered_folder("tova", tmp_path)
+
+
+@pytest.fixture
+def loras_folder(pack, tmp_path):
+    """A fresh folder registered first in ComfyUI's `loras` folder list for this test."""
+    yield from _registered_folder("loras", tmp_path)
 
 
 def sample(

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pack_nodes import apply_bound, bind, encode
 
 from comfy_harness.tiny_loras import write_tiny_lora
 from comfy_harness.tiny_models import build_tiny_model
@@ -24,44 +25,10 @@ SIZE = 112  # 14×14 latent, 7×7 LODA maps in the tiny models
 SETTINGS = dict(LODA_NODE_SETTINGS, loda_steps=1)
 
 
-@pytest.fixture
-def loras_folder(pack, tmp_path):
-    """A fresh folder registered first in ComfyUI's `loras` folder list for this test."""
-    import folder_paths
-
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    paths = folder_paths.folder_names_and_paths["loras"][0]
-    paths.insert(0, str(folder))
-    folder_paths.filename_list_cache.clear()
-    yield folder
-    paths.remove(str(folder))
-    folder_paths.filename_list_cache.clear()
-
-
 def tiny(arch):
     with torch.inference_mode():
         model, clip, _ = build_tiny_model(arch, 0)
     return model, clip
-
-
-def encode(pack, clip, text=PROMPT):
-    with torch.inference_mode():
-        return pack.glue("prompt").ConceptSplitTextEncode.execute(clip, text).result[0]
-
-
-def bind(pack, bindings):
-    """bindings: [(file name, word, strength)] -> BOUND_LORAS."""
-    node = pack.glue("bound_lora").BindLoraToConcept
-    bound = None
-    for name, word, strength in bindings:
-        bound = node.execute(name, word, strength, bound).result[0]
-    return bound
-
-
-def apply(pack, model, bound, positive, **options):
-    with torch.inference_mode():
-        return pack.glue("bound_lora").ApplyBoundLoras.execute(model, bound, positive, **options).result
 
 
 def loda_sample(pack, model, clip, positive, seed=0, steps=3, size=SIZE, batch=1, **overrides):
@@ -199,9 +166,9 @@ def run_two_bound(pack, arch, kinds, folder, strengths=(1.0, 0.7)):
     deltas = []
     for index, (kind, word) in enumerate(zip(kinds, ("dog", "cat"))):
         deltas.append(write_tiny_lora(folder / f"{word}_{kind}.safetensors", model, seed=10 + index, kind=kind))
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     bound = bind(pack, [(f"{w}_{k}.safetensors", w, s) for w, k, s in zip(("dog", "cat"), kinds, strengths)])
-    patched, info = apply(pack, model, bound, positive)
+    patched, info = apply_bound(pack, model, bound, positive)
     paths = sorted(set(deltas[0]) | set(deltas[1]))
     spy = Spy(pack, paths)
     result = loda_sample(pack, spied(pack, patched, spy), clip, positive)
@@ -248,11 +215,11 @@ def test_shared_model_is_bit_identical_after_a_bound_run_and_no_hook_stays(pack,
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
     write_tiny_lora(loras_folder / "cat.safetensors", model, seed=2)
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     options_before = repr(model.model_options)
     plain = loda_sample(pack, model, clip, positive)[0]["samples"]
-    patched, _ = apply(
+    patched, _ = apply_bound(
         pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)]), positive
     )
     bound = loda_sample(pack, patched, clip, positive)[0]["samples"]
@@ -263,17 +230,17 @@ def test_shared_model_is_bit_identical_after_a_bound_run_and_no_hook_stays(pack,
     assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
     assert torch.equal(loda_sample(pack, model, clip, positive)[0]["samples"], plain)
     # chained: a second Apply on the patched clone keeps the first one's wrapper
-    again, _ = apply(pack, patched, bind(pack, [("dog.safetensors", "dog", 0.0)]), positive)
+    again, _ = apply_bound(pack, patched, bind(pack, [("dog.safetensors", "dog", 0.0)]), positive)
     assert torch.equal(loda_sample(pack, again, clip, positive)[0]["samples"], bound)
 
 
 def test_empty_bindings_or_zero_strength_are_bit_identical_to_the_plain_sampler(pack, loras_folder):
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     plain = loda_sample(pack, model, clip, positive)[0]["samples"]
     for bindings in ((), [("dog.safetensors", "dog", 0.0)]):
-        patched, info = apply(pack, model, bind(pack, bindings) if bindings else (), positive)
+        patched, info = apply_bound(pack, model, bind(pack, bindings) if bindings else (), positive)
         assert torch.equal(loda_sample(pack, patched, clip, positive)[0]["samples"], plain), info
 
 
@@ -281,8 +248,8 @@ def test_same_inputs_give_the_same_masks_and_latents_after_another_seed_and_size
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
     write_tiny_lora(loras_folder / "cat.safetensors", model, seed=2)
-    positive = encode(pack, clip)
-    patched, _ = apply(
+    positive = encode(pack, clip, PROMPT)
+    patched, _ = apply_bound(
         pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)]), positive
     )
     first = loda_sample(pack, patched, clip, positive)
@@ -296,7 +263,7 @@ def test_without_a_loda_sampler_the_bound_model_is_refused_at_the_first_call(pac
 
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
-    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip))
+    patched, _ = apply_bound(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip, PROMPT))
     with pytest.raises(pack.error, match="without a LODA sampler"):
         sample(patched, clip)
 
@@ -305,7 +272,7 @@ def test_a_bound_word_that_loda_does_not_separate_is_refused(pack, loras_folder)
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "sofa.safetensors", model, seed=1)
     positive = encode(pack, clip, "a dog and a cat on a sofa")
-    patched, _ = apply(pack, model, bind(pack, [("sofa.safetensors", "sofa", 1.0)]), positive)
+    patched, _ = apply_bound(pack, model, bind(pack, [("sofa.safetensors", "sofa", 1.0)]), positive)
     with pytest.raises(pack.error, match="not one of the concepts LODA separates"):
         loda_sample(pack, patched, clip, positive)
 
@@ -335,6 +302,8 @@ def _write_other_model(path):
         ("wrong shapes", "does not fit"),
         ("corrupt file", "cannot be read"),
         ("nan strength", "strength"),
+        ("nan strength in a list from elsewhere", "bound to .dog. is not a finite number"),
+        ("strength out of range in a list from elsewhere", "bound to .dog. is out of range"),
         ("plain positive", "no token record"),
     ],
 )
@@ -343,7 +312,7 @@ def test_bad_input_is_refused_before_sampling(pack, loras_folder, case, message)
 
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "good.safetensors", model, seed=1)
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     bindings = [("good.safetensors", "dog", 1.0)]
     with pytest.raises(pack.error, match=message) as raised:
         if case == "word not in prompt":
@@ -362,10 +331,15 @@ def test_bad_input_is_refused_before_sampling(pack, loras_folder, case, message)
             bindings = [("bad.safetensors", "dog", 1.0)]
         elif case == "nan strength":
             bindings = [("good.safetensors", "dog", math.nan)]
+        elif case.endswith("in a list from elsewhere"):  # BOUND_LORAS another node built: Apply checks again
+            binding = pack.glue("bound_lora").LoraBinding
+            strength = math.nan if case.startswith("nan") else 5.0  # the widget's range is −4 .. 4
+            bound = (binding("good.safetensors", "dog", strength),)
+            apply_bound(pack, model, bound, positive)
         elif case == "plain positive":
             with torch.inference_mode():
                 positive = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        apply(pack, model, bind(pack, bindings), positive)
+        apply_bound(pack, model, bind(pack, bindings), positive)
     text = str(raised.value)
     assert "Seen:" in text and "Expected:" in text and "Fix:" in text
 
@@ -376,12 +350,12 @@ def test_stage1_policies_before_the_masks_exist(pack, loras_folder):
     the mask step differ, and all three differ from the LoRA-free image."""
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     plain = loda_sample(pack, model, clip, positive, loda_steps=2)
     bound = bind(pack, [("dog.safetensors", "dog", 1.0)])
     results = {}
     for policy in ("off", "text_rows", "unmasked"):
-        patched, _ = apply(pack, model, bound, positive, stage1=policy)
+        patched, _ = apply_bound(pack, model, bound, positive, stage1=policy)
         results[policy] = loda_sample(pack, patched, clip, positive, loda_steps=2)
         assert not torch.equal(results[policy][0]["samples"], plain[0]["samples"]), policy
     assert torch.equal(results["off"][1], plain[1])  # the MASK output: the same masks
@@ -403,7 +377,9 @@ def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists(pack, loras_fol
     model, clip = tiny("sd15")
     for kind in ("lora", "loha", "lokr"):
         write_tiny_lora(loras_folder / f"{kind}.safetensors", model, seed=1, kind=kind)
-        patched, _ = apply(pack, model, bind(pack, [(f"{kind}.safetensors", "dog", 1.0)]), encode(pack, clip))
+        patched, _ = apply_bound(
+            pack, model, bind(pack, [(f"{kind}.safetensors", "dog", 1.0)]), encode(pack, clip, PROMPT)
+        )
         wrappers = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][lora.WRAPPER_KEY]
         assert all(layer.residual.bypass == has_bypass for layer in wrappers[0].layers), kind
 
@@ -416,7 +392,7 @@ def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists(pack, loras_fol
 def test_a_loda_run_that_never_makes_masks_is_refused_with_bound_loras(pack, loras_folder, overrides):
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
-    positive = encode(pack, clip)
-    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), positive)
+    positive = encode(pack, clip, PROMPT)
+    patched, _ = apply_bound(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), positive)
     with pytest.raises(pack.error, match="never makes them"):
         loda_sample(pack, patched, clip, positive, **overrides)

@@ -22,6 +22,7 @@ import re
 
 import pytest
 import torch
+from pack_nodes import apply_bound, bind, encode
 
 from comfy_harness.loda_settings import LODA_NODE_SETTINGS
 from comfy_harness.tiny_dit_models import (
@@ -118,42 +119,9 @@ def site(family, path):
     return next((s for pattern, s in SPECS[family]["sites"] if re.fullmatch(pattern, path)), "global")
 
 
-@pytest.fixture
-def loras_folder(pack, tmp_path):
-    """A fresh folder registered first in ComfyUI's `loras` folder list for this test."""
-    import folder_paths
-
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    paths = folder_paths.folder_names_and_paths["loras"][0]
-    paths.insert(0, str(folder))
-    folder_paths.filename_list_cache.clear()
-    yield folder
-    paths.remove(str(folder))
-    folder_paths.filename_list_cache.clear()
-
-
 def build(family):
     with torch.inference_mode():
         return SPECS[family]["build"]()
-
-
-def encode(pack, clip, text=PROMPT):
-    with torch.inference_mode():
-        return pack.glue("prompt").ConceptSplitTextEncode.execute(clip, text).result[0]
-
-
-def bind(pack, bindings):
-    node = pack.glue("bound_lora").BindLoraToConcept
-    bound = None
-    for name, word, strength in bindings:
-        bound = node.execute(name, word, strength, bound).result[0]
-    return bound
-
-
-def apply(pack, model, bound, positive, **options):
-    with torch.inference_mode():
-        return pack.glue("bound_lora").ApplyBoundLoras.execute(model, bound, positive, **options).result
 
 
 def loda_sample(pack, model, clip, positive, cfg=2.0, steps=3, **overrides):
@@ -288,10 +256,10 @@ def test_each_bound_lora_acts_only_on_its_concepts_rows_and_equals_the_hand_comp
         deltas[word] = write_tiny_dit_lora(
             loras_folder / f"{word}.safetensors", model, family, seed=10 + seed, naming=naming, kind=kind
         )
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     strengths = {"dog": 1.0, "cat": 0.7}
     bound = bind(pack, [(f"{w}.safetensors", w, strengths[w]) for w in ("dog", "cat")])
-    patched, info = apply(pack, model, bound, positive)
+    patched, info = apply_bound(pack, model, bound, positive)
     paths = sorted(set(deltas["dog"]) | set(deltas["cat"]))
     spy = Spy(pack, paths)
     loda_sample(pack, spied(patched, spy), clip, positive)
@@ -337,15 +305,15 @@ def test_empty_or_zero_strength_bindings_are_bit_identical_and_the_shared_model_
     model, clip = build(family)
     write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1, naming="diffusers")
     write_tiny_dit_lora(loras_folder / "cat.safetensors", model, family, seed=2, naming="kohya", kind="loha")
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     options_before = repr(model.model_options)
     plain = loda_sample(pack, model, clip, positive)[0]["samples"]
     for bindings in ((), [("dog.safetensors", "dog", 0.0)]):
-        patched, info = apply(pack, model, bind(pack, bindings) if bindings else (), positive)
+        patched, info = apply_bound(pack, model, bind(pack, bindings) if bindings else (), positive)
         assert torch.equal(loda_sample(pack, patched, clip, positive)[0]["samples"], plain), info
     both = bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 1.0)])
-    patched, _ = apply(pack, model, both, positive)
+    patched, _ = apply_bound(pack, model, both, positive)
     bound = loda_sample(pack, patched, clip, positive)[0]["samples"]
     assert not torch.equal(bound, plain)
     after = model.model.state_dict()
@@ -361,12 +329,12 @@ def test_stage1_text_rows_acts_before_the_masks_and_off_keeps_them(pack, loras_f
     "text_rows" the LoRA's text-token layers (and the text rows of joint layers) act in stage 1, so the maps differ."""
     model, clip = build(family)
     write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1)
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     plain = loda_sample(pack, model, clip, positive, loda_steps=2)
     bound = bind(pack, [("dog.safetensors", "dog", 1.0)])
     results = {}
     for policy in ("off", "text_rows"):
-        patched, _ = apply(pack, model, bound, positive, stage1=policy)
+        patched, _ = apply_bound(pack, model, bound, positive, stage1=policy)
         results[policy] = loda_sample(pack, patched, clip, positive, loda_steps=2)
         assert not torch.equal(results[policy][0]["samples"], plain[0]["samples"]), policy
     assert torch.equal(results["off"][1], plain[1]) and torch.equal(results["off"][2].maps, plain[2].maps)
@@ -410,7 +378,7 @@ def test_a_lora_for_another_base_model_is_refused(pack, loras_folder, lora_base,
         write_tiny_dit_lora(loras_folder / "other.safetensors", source, lora_base, seed=1, naming="diffusers")
     model, clip = _sdxl() if model_base == "sdxl" else build(model_base)
     with pytest.raises(pack.error, match="matches no layer|does not fit") as raised:
-        apply(pack, model, bind(pack, [("other.safetensors", "dog", 1.0)]), encode(pack, clip))
+        apply_bound(pack, model, bind(pack, [("other.safetensors", "dog", 1.0)]), encode(pack, clip, PROMPT))
     text = str(raised.value)
     assert "Seen:" in text and "Expected:" in text and "Fix:" in text
 
@@ -429,7 +397,7 @@ def test_additive_adapters_use_comfyuis_bypass_h_where_it_exists_fused_rows_too(
     model, clip = build(family)
     naming = "plain" if family == "qwenimage" else "diffusers"
     write_tiny_dit_lora(loras_folder / "dog.safetensors", model, family, seed=1, naming=naming)
-    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip))
+    patched, _ = apply_bound(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip, PROMPT))
     wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][lora.WRAPPER_KEY][0]
     assert all(layer.residual.bypass == has_bypass for layer in wrapper.layers)
     assert any(layer.residual.offset is not None for layer in wrapper.layers) == (family != "qwenimage")
@@ -441,5 +409,5 @@ def test_a_family_without_bound_lora_sites_is_refused(pack, loras_folder, monkey
     flux = pack.glue("families").model_family(model)
     monkeypatch.setattr(type(flux), "bound_lora_sites", None)  # a DiT family that has not said where its rows are
     with pytest.raises(pack.error, match="not supported on Flux.1 yet") as raised:
-        apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip))
+        apply_bound(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), encode(pack, clip, PROMPT))
     assert "SDXL" in str(raised.value) and "Qwen-Image" in str(raised.value)

@@ -12,27 +12,14 @@ import math
 
 import pytest
 import torch
-from test_bound_lora import SIZE, Spy, apply, assert_layer, bind, encode, loda_sample, spied, tiny
+from pack_nodes import apply_bound, bind, encode
+from test_bound_lora import PROMPT, SIZE, Spy, assert_layer, loda_sample, spied, tiny
 from test_loda import attn2_blocks, sample_custom
 
 from comfy_harness.tiny_loras import write_tiny_lora
 
 LATENT = SIZE // 8  # 14: the latent grid the drawn masks are resized to
 POSITIONS = (2, 5)  # dog, cat in PROMPT
-
-
-@pytest.fixture
-def loras_folder(pack, tmp_path):
-    import folder_paths
-
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    paths = folder_paths.folder_names_and_paths["loras"][0]
-    paths.insert(0, str(folder))
-    folder_paths.filename_list_cache.clear()
-    yield folder
-    paths.remove(str(folder))
-    folder_paths.filename_list_cache.clear()
 
 
 def drawn_masks(side=SIZE):
@@ -83,7 +70,7 @@ def counted(model, counter):
 @pytest.mark.parametrize("side", [56, SIZE, 224])
 def test_replace_outputs_the_drawn_masks_resized_to_the_latent_grid(pack, side):
     model, clip = tiny("sd15")
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     drawn = drawn_masks(side)
     latent, masks, maps, report = loda_sample(pack, model, clip, positive, concept_masks=drawn, mask_mode="replace")
     expected = to_image(by_blocks(drawn))
@@ -113,7 +100,7 @@ def test_the_fixing_bias_acts_exactly_inside_the_drawn_masks(pack, monkeypatch):
     monkeypatch.setattr(loda_core.FixingBias, "attention_bias", recording)
     model, clip = tiny("sd15")
     drawn = drawn_masks()
-    loda_sample(pack, model, clip, encode(pack, clip), concept_masks=drawn, boost=5.0, suppression=-3.0)
+    loda_sample(pack, model, clip, encode(pack, clip, PROMPT), concept_masks=drawn, boost=5.0, suppression=-3.0)
     reference = by_blocks(drawn).float()  # (K, 14, 14)
     grids = set()
     for call, bias in recorded:
@@ -138,8 +125,8 @@ def test_replace_with_the_runs_own_masks_is_bit_identical_and_unset_inputs_chang
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
     write_tiny_lora(loras_folder / "cat.safetensors", model, seed=2, kind="loha")
-    positive = encode(pack, clip)
-    patched, _ = apply(
+    positive = encode(pack, clip, PROMPT)
+    patched, _ = apply_bound(
         pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 0.8)]), positive
     )
     found = loda_sample(pack, patched, clip, positive, batch=2)
@@ -156,7 +143,7 @@ def test_replace_with_the_runs_own_masks_is_bit_identical_and_unset_inputs_chang
 
 def test_constrain_gives_the_intersection_of_loda_masks_and_the_drawn_ones(pack):
     model, clip = tiny("sd15")
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     found = loda_sample(pack, model, clip, positive)[1]  # (2, SIZE, SIZE): LODA's masks at image size
     # a band of latent rows per concept through the middle of its found mask: overlaps it, neither holds the other
     drawn = torch.zeros(2, SIZE, SIZE)
@@ -185,9 +172,9 @@ def run_bound_with_masks(pack, folder, batch, drawn, **overrides):
         write_tiny_lora(folder / "dog.safetensors", model, seed=10, kind="lora"),
         write_tiny_lora(folder / "cat.safetensors", model, seed=11, kind="loha"),
     ]
-    positive = overrides.pop("positive", None) or encode(pack, clip)
+    positive = overrides.pop("positive", None) or encode(pack, clip, PROMPT)
     bound = bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 0.7)])
-    patched, _ = apply(pack, overrides.pop("model", model), bound, positive)
+    patched, _ = apply_bound(pack, overrides.pop("model", model), bound, positive)
     spy = Spy(pack, sorted(set(deltas[0]) | set(deltas[1])))
     result = loda_sample(pack, spied(pack, patched, spy), clip, positive, batch=batch, concept_masks=drawn, **overrides)
     return model, spy, deltas, result, patched
@@ -243,7 +230,7 @@ def test_bound_loras_with_a_controlnet_both_act_and_the_residuals_stay_exact(pac
     with torch.inference_mode():
         _, clip, vae = build_tiny_model("sd15", 0)
         control = build_tiny_controlnet("sd15")
-        plain_positive = encode(pack, clip)
+        plain_positive = encode(pack, clip, PROMPT)
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         hint = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5))
         positive, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(
@@ -313,11 +300,11 @@ def test_bound_loras_chain_after_another_packs_attention_patch_and_both_act(pack
         assert all(p is foreign for p in options["patches_replace"]["attn2"].values())
     assert foreign.calls > 0
     check_residuals(model, spy, deltas, by_blocks(drawn)[None])
-    positive = encode(pack, clip)
+    positive = encode(pack, clip, PROMPT)
     calls = foreign.calls
     patch_only = loda_sample(pack, other, clip, positive, concept_masks=drawn, **settings)[0]["samples"]
     assert foreign.calls > calls
-    loras, _ = apply(
+    loras, _ = apply_bound(
         pack, model, bind(pack, [("dog.safetensors", "dog", 1.0), ("cat.safetensors", "cat", 0.7)]), positive
     )
     loras_only = loda_sample(pack, loras, clip, positive, concept_masks=drawn, **settings)[0]["samples"]
@@ -374,7 +361,7 @@ def test_bad_masks_are_refused_before_any_model_call(pack, case, message):
     counter = CountingCalls()
     masks, extra = _bad(case)
     with pytest.raises(pack.error, match=message) as raised:
-        loda_sample(pack, counted(model, counter), clip, encode(pack, clip), concept_masks=masks, **extra)
+        loda_sample(pack, counted(model, counter), clip, encode(pack, clip, PROMPT), concept_masks=masks, **extra)
     assert counter.calls == 0
     text = str(raised.value)
     assert "Seen:" in text and "Expected:" in text and "Fix:" in text
@@ -395,9 +382,9 @@ def test_the_samplercustom_path_checks_the_masks_against_its_latent_before_any_m
         **dict(LODA_NODE_SETTINGS, loda_steps=1, concept_masks=drawn, mask_mode="replace"),
     ).result
     with pytest.raises(pack.error, match=r"4 mask\(s\) for 2 concepts \(dog, cat\) and 3 image\(s\)"):
-        sample_custom(counted(model, counter), clip, sampler, encode(pack, clip), steps=3, batch=3)
+        sample_custom(counted(model, counter), clip, sampler, encode(pack, clip, PROMPT), steps=3, batch=3)
     assert counter.calls == 0
-    sample_custom(model, clip, sampler, encode(pack, clip), steps=3, batch=2)  # B·K masks: image-major
+    sample_custom(model, clip, sampler, encode(pack, clip, PROMPT), steps=3, batch=2)  # B·K masks: image-major
     assert torch.equal(result.masks, by_blocks(drawn).unflatten(0, (2, 2)))
     with pytest.raises(pack.error, match="mask 2 of 2 is all zero"):  # value errors already at the node
         nodes_module.LodaSamplerSelect.execute(
@@ -415,8 +402,8 @@ def test_replace_with_loda_steps_0_acts_from_step_0_without_the_extra_mask_forwa
     drawn = drawn_masks()
     model, clip = tiny("sd15")
     write_tiny_lora(loras_folder / "dog.safetensors", model, seed=1)
-    positive = encode(pack, clip)
-    patched, _ = apply(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), positive)
+    positive = encode(pack, clip, PROMPT)
+    patched, _ = apply_bound(pack, model, bind(pack, [("dog.safetensors", "dog", 1.0)]), positive)
     counter, spy = CountingCalls(), Spy(pack, ())
     latent, masks, _, report = loda_sample(
         pack, counted(spied(pack, patched, spy), counter), clip, positive, batch=2, loda_steps=0, concept_masks=drawn

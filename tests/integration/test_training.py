@@ -263,7 +263,7 @@ def test_gradient_matches_merged_weight_reference(pack):
     # Two float32 implementations of one UNet forward (they differ only in attn2): the loss is a mean of squares, so
     # their rounding (~1e-6 of the output) changes it relatively; 1e-5 of it stays below what a wrong row or strength
     # changes (the adapter's whole effect on this loss is ~5e-4 of it). The gradients below are the sharper check.
-    assert abs(float(loss.detach()) - captured["loss"]) < 1e-5 * float(loss)
+    assert abs(float(loss.detach()) - captured["loss"]) < 1e-5 * float(loss.detach())
     checked = 0
     for path, (grad_a, grad_b) in captured["grads"].items():
         module = mapping[f"{path}.attn2.to_v.weight"][: -len(".to_v.weight")]

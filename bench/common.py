@@ -113,8 +113,13 @@ def _peak_bytes() -> int:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux, reported in kB) in bytes: VmHWM (peak RSS) or VmRSS."""
     with open(f"/proc/{os.getpid()}/status") as handle:
-        line = next(line for line in handle if line.startswith("VmHWM:"))
+        line = next(line for line in handle if line.startswith(f"{field}:"))
     return int(line.split()[1]) * 1024
 
 
@@ -157,9 +162,7 @@ def current_bytes() -> int:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
-    with open(f"/proc/{os.getpid()}/status") as handle:
-        line = next(line for line in handle if line.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
+    return _proc_status_bytes("VmRSS")
 
 
 @contextmanager

@@ -3,7 +3,7 @@ clear error (issue 11).
 
 ComfyUI checks a widget value against its min/max only with `<` and `>`, which NaN passes, and only for values typed
 into the prompt: a value linked from another node is not checked at all. So every number input is checked here
-again, before anything runs.
+again, before anything runs. The same holds for a combo's choice (`check_choice`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def check_number(
         )
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ConceptSplitError.build(f"{label} is out of range", seen=repr(value), expected=expected, fix=fix)
+    return value
+
+
+def check_choice(label: str, value, choices) -> str:
+    """Return `value` if it is one of `choices` (a combo widget's list); else raise ConceptSplitError naming them.
+
+    `label`: what is chosen, for the message "Unknown {label}", e.g. "mask_mode".
+    """
+    if value not in choices:
+        raise ConceptSplitError.build(
+            f"Unknown {label}", seen=repr(value), expected=", ".join(choices), fix="pick one from the list"
+        )
     return value
 
 

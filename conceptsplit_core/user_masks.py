@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConceptSplitError
+from .number_checks import check_choice
 
 __all__ = ["MASK_MODES", "MASK_MODE_DEFAULT", "check_mask_mode", "check_mask_values", "prepare_user_masks", "combine"]
 
@@ -34,14 +35,7 @@ COVERED = 0.5  # a latent pixel is inside a drawn mask when at least this share 
 
 def check_mask_mode(mode: str) -> str:
     """Return `mode` if it is one of MASK_MODES; else raise ConceptSplitError."""
-    if mode not in MASK_MODES:
-        raise ConceptSplitError.build(
-            "Unknown mask_mode",
-            seen=repr(mode),
-            expected=", ".join(MASK_MODES),
-            fix="pick one from the list",
-        )
-    return mode
+    return check_choice("mask_mode", mode, MASK_MODES)
 
 
 def check_mask_values(masks) -> torch.Tensor:

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..conceptsplit_core.bound_lora import STAGE1_DEFAULT, STAGE1_POLICIES, BoundConcept, check_bound_words
 from ..conceptsplit_core.errors import ConceptSplitError
-from ..conceptsplit_core.number_checks import check_number
+from ..conceptsplit_core.number_checks import check_choice, check_number
 from ..conceptsplit_core.prompt_tokens import IdentifierRequest, locate_identifier_positions, locate_words_in_pieces
 from ..conceptsplit_core.widgets import WidgetRange
 from . import comfy_conditioning, comfy_lora, comfy_text
@@ -149,13 +149,7 @@ class ApplyBoundLoras(io.ComfyNode):
                 BOUND_STRENGTH_RANGE.min,
                 BOUND_STRENGTH_RANGE.max,
             )
-        if stage1 not in STAGE1_POLICIES:
-            raise ConceptSplitError.build(
-                "Unknown stage1 policy",
-                seen=repr(stage1),
-                expected=", ".join(STAGE1_POLICIES),
-                fix="pick one from the list",
-            )
+        check_choice("stage1 policy", stage1, STAGE1_POLICIES)
         family = model_family(model)
         if not family.supports_bound_loras:
             supported = ", ".join(f.display for f in FAMILIES if f.supports_bound_loras)

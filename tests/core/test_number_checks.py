@@ -11,7 +11,7 @@ import torch
 
 from conceptsplit_core.errors import ConceptSplitError
 from conceptsplit_core.loda_config import LodaConfig
-from conceptsplit_core.number_checks import check_number
+from conceptsplit_core.number_checks import check_choice, check_number
 from conceptsplit_core.tova_lora import (
     CHECKPOINT_FORMAT,
     ToVALoraSet,
@@ -180,3 +180,11 @@ def test_a_checkpoint_past_the_runs_end_is_refused(tmp_path):
             run_record=record,
             checkpoint=CheckpointPlan(path, 0, True),
         )
+
+
+def test_check_choice_returns_a_listed_value_and_names_the_list_otherwise():
+    assert check_choice("mask_mode", "constrain", ("replace", "constrain")) == "constrain"
+    with pytest.raises(ConceptSplitError, match=r"Unknown mask_mode") as raised:
+        check_choice("mask_mode", "guide", ("replace", "constrain"))
+    text = str(raised.value)
+    assert "'guide'" in text and "replace, constrain" in text and "pick one from the list" in text

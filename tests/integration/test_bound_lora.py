@@ -124,6 +124,18 @@ def exclusive_layer_masks(masks, grid, batch):
     return resized.flatten(2)[torch.arange(batch) % masks.shape[0]]
 
 
+def text_token_rows(branches, batch: int, context_length: int, positions) -> torch.Tensor:
+    """(B, K, T) bool, an independent reference for the text side: concept k acts on its token's rows (position
+    mod 77, every 77-token chunk) of the CFG chunks that hold the prompt (cond, branch 0), on no row of the others."""
+    rows = torch.zeros(batch, len(positions), context_length, dtype=torch.bool)
+    per = batch // len(branches)
+    for index, branch in enumerate(branches):
+        if branch == 0:
+            for j, position in enumerate(positions):
+                rows[index * per : (index + 1) * per, j, position::77] = True
+    return rows
+
+
 def _max(values) -> float:
     return float(values.max()) if values.numel() else 0.0
 
@@ -192,13 +204,7 @@ def test_each_bound_lora_acts_only_in_its_region_and_equals_the_hand_computed_re
             layer_deltas = [d.get(path) for d in deltas]
             batch = output.shape[0]
             if path.endswith(("attn2.to_k", "attn2.to_v")):
-                rows = torch.zeros(batch, 2, output.shape[1], dtype=torch.bool)
-                per = batch // len(call["branches"])
-                for index, branch in enumerate(call["branches"]):
-                    if branch == 0:
-                        for j, position in enumerate((2, 5)):
-                            rows[index * per : (index + 1) * per, j, position::77] = True
-                regions, kind = rows, "text"
+                regions, kind = text_token_rows(call["branches"], batch, output.shape[1], (2, 5)), "text"
             else:
                 grid = (
                     tuple(output.shape[-2:])
@@ -303,6 +309,7 @@ def _write_other_model(path):
         ("corrupt file", "cannot be read"),
         ("nan strength", "strength"),
         ("nan strength in a list from elsewhere", "bound to .dog. is not a finite number"),
+        ("unknown stage1 policy", r"Unknown stage1 policy.*'sometimes'.*off"),
         ("strength out of range in a list from elsewhere", "bound to .dog. is out of range"),
         ("plain positive", "no token record"),
     ],
@@ -331,6 +338,8 @@ def test_bad_input_is_refused_before_sampling(pack, loras_folder, case, message)
             bindings = [("bad.safetensors", "dog", 1.0)]
         elif case == "nan strength":
             bindings = [("good.safetensors", "dog", math.nan)]
+        elif case == "unknown stage1 policy":
+            apply_bound(pack, model, bind(pack, bindings), positive, stage1="sometimes")
         elif case.endswith("in a list from elsewhere"):  # BOUND_LORAS another node built: Apply checks again
             binding = pack.glue("bound_lora").LoraBinding
             strength = math.nan if case.startswith("nan") else 5.0  # the widget's range is −4 .. 4

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from pack_nodes import apply_bound, bind, encode
-from test_bound_lora import PROMPT, SIZE, Spy, assert_layer, loda_sample, spied, tiny
+from test_bound_lora import PROMPT, SIZE, Spy, assert_layer, loda_sample, spied, text_token_rows, tiny
 from test_loda import attn2_blocks, sample_custom
 
 from comfy_harness.tiny_loras import write_tiny_lora
@@ -192,12 +192,7 @@ def check_residuals(model, spy, deltas, reference):
         for path, (x, output, base) in call["layers"].items():
             batch = output.shape[0]
             if path.endswith(("attn2.to_k", "attn2.to_v")):
-                regions = torch.zeros(batch, 2, output.shape[1], dtype=torch.bool)
-                per = batch // len(call["branches"])
-                for index, branch in enumerate(call["branches"]):
-                    if branch == 0:
-                        for j, position in enumerate(POSITIONS):
-                            regions[index * per : (index + 1) * per, j, position::77] = True
+                regions = text_token_rows(call["branches"], batch, output.shape[1], POSITIONS)
             else:
                 tokens = output.shape[-2] * output.shape[-1] if output.dim() == 4 else output.shape[1]
                 step = 1 if tokens == LATENT * LATENT else 2
